@@ -1,0 +1,61 @@
+"""The application factory: routers, error handlers, and a lifespan that builds the runtime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from pns_server import __version__
+from pns_server.admin.router import router as admin_router
+from pns_server.approvals.router import router as approvals_router
+from pns_server.clients.router import router as clients_router
+from pns_server.config import Settings
+from pns_server.devices.router import router as devices_router
+from pns_server.health import router as health_router
+from pns_server.metrics import Metrics
+from pns_server.middleware import BodyLimitMiddleware
+from pns_server.otp.router import router as otp_router
+from pns_server.pairings.router import router as pairings_router
+from pns_server.problems import install_error_handlers
+from pns_server.runtime import build_runtime, close_runtime
+
+log = logging.getLogger("pns")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    runtime = await build_runtime(settings)
+    app.state.runtime = runtime
+    try:
+        yield
+    finally:
+        await close_runtime(runtime)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="PNS relay",
+        version=__version__,
+        description="Push approvals and one-time passwords for backup-client logins.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    for router in (
+        health_router,
+        clients_router,
+        pairings_router,
+        devices_router,
+        approvals_router,
+        otp_router,
+        admin_router,
+    ):
+        app.include_router(router)
+    return app

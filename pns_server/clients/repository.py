@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.models import Client, Device
+
+
+class ClientRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    def add(self, client: Client) -> None:
+        self.session.add(client)
+
+    async def get(self, client_id: str) -> Client | None:
+        return await self.session.get(Client, client_id)
+
+    async def device_counts(self, client_id: str) -> tuple[int, int]:
+        """(active devices, devices that can receive a push)."""
+        row = (
+            await self.session.execute(
+                select(
+                    func.count(Device.id),
+                    func.count(Device.id).filter(Device.push_status == "ok"),
+                ).where(Device.client_id == client_id)
+            )
+        ).one()
+        return int(row[0]), int(row[1])

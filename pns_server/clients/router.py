@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from pns_server.clients import service
+from pns_server.clients.schemas import ClientCreate, ClientCreated, ClientInfo
+from pns_server.deps import CurrentClient, SessionDep, SettingsDep
+
+router = APIRouter(tags=["clients"])
+
+
+@router.post("/v1/clients", status_code=status.HTTP_201_CREATED, response_model=ClientCreated)
+async def register_client(
+    body: ClientCreate, session: SessionDep, settings: SettingsDep
+) -> ClientCreated:
+    return await service.register(session, settings, body)
+
+
+@router.get("/v1/client", response_model=ClientInfo)
+async def get_client(client: CurrentClient, session: SessionDep) -> ClientInfo:
+    return await service.describe(session, client)

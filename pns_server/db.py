@@ -1,0 +1,84 @@
+"""Async engine and sessions. Only `Database.session()` commits; it publishes realtime
+topics after the commit so a woken long-poll always reads the new state."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+TOPICS_KEY = "pns_topics"
+
+Publisher = Callable[[Iterable[str]], Awaitable[None]]
+
+
+def publish_after_commit(session: AsyncSession, topic: str) -> None:
+    """Queue a realtime topic; it is published only if the transaction commits."""
+    session.info.setdefault(TOPICS_KEY, set()).add(topic)
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us emit BEGIN ourselves: pysqlite's implicit BEGIN is DEFERRED, and two deferred
+        # writers deadlock on the lock upgrade instead of waiting for busy_timeout.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=30)
+        _configure_sqlite(engine)
+        return engine
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=30
+    )
+
+
+class Database:
+    def __init__(self, engine: AsyncEngine, publish: Publisher | None = None) -> None:
+        self.engine = engine
+        self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
+        self._publish = publish
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def set_publisher(self, publish: Publisher) -> None:
+        self._publish = publish
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A unit of work: commits when the block succeeds, rolls back when it raises."""
+        async with self.sessionmaker() as session:
+            try:
+                yield session
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+            topics = session.info.pop(TOPICS_KEY, None)
+        if topics and self._publish is not None:
+            await self._publish(topics)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,103 @@
+"""Dependency aliases, in one short file: `SessionDep`, `CurrentClient`, `CurrentDevice`..."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.config import Settings
+from pns_server.db import Database
+from pns_server.errors import Unauthenticated
+from pns_server.models import Client, Device
+from pns_server.runtime import Runtime
+from pns_server.security import constant_time_equals, hash_token
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_database(request: Request) -> Database:
+    return get_runtime(request).db
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    # scope="function" below: commit happens before the response is sent, never after.
+    async with get_database(request).session() as session:
+        yield session
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated(
+            "Send 'Authorization: Bearer <token>'.", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return token.strip()
+
+
+def _invalid_token() -> Unauthenticated:
+    return Unauthenticated(
+        "The bearer token is unknown or revoked.", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+async def _client_by_token(session: AsyncSession, token: str) -> Client:
+    client = await session.scalar(select(Client).where(Client.token_hash == hash_token(token)))
+    if client is None:
+        raise _invalid_token()
+    return client
+
+
+async def _device_by_token(session: AsyncSession, token: str) -> Device:
+    device = await session.scalar(select(Device).where(Device.token_hash == hash_token(token)))
+    if device is None:
+        raise _invalid_token()
+    return device
+
+
+async def current_client(request: Request, session: SessionDep) -> Client:
+    return await _client_by_token(session, bearer_token(request))
+
+
+async def current_client_detached(request: Request, db: DatabaseDep) -> Client:
+    """For long-polls: authenticate with a short session so the wait holds no connection."""
+    token = bearer_token(request)
+    async with db.session() as session:
+        return await _client_by_token(session, token)
+
+
+async def current_device(request: Request, session: SessionDep) -> Device:
+    return await _device_by_token(session, bearer_token(request))
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
+    token = bearer_token(request)
+    expected = settings.admin_token
+    if expected is None or not constant_time_equals(token, expected.get_secret_value()):
+        raise Unauthenticated(
+            "An admin token is required (PNS_ADMIN_TOKEN).", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+CurrentClient = Annotated[Client, Depends(current_client)]
+CurrentClientNoSession = Annotated[Client, Depends(current_client_detached)]
+CurrentDevice = Annotated[Device, Depends(current_device)]
+AdminDep = Annotated[None, Depends(require_admin)]

@@ -1,0 +1,49 @@
+"""Prometheus metrics on a per-app registry (several apps can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "pns_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.http_seconds = Histogram(
+            "pns_http_request_seconds", "HTTP request duration", ["method", "route"], registry=r
+        )
+        self.otp_verifications = Counter(
+            "pns_otp_verifications_total", "OTP and recovery-code checks", ["result"], registry=r
+        )
+        self.approvals_created = Counter(
+            "pns_approvals_created_total", "Push approvals created", registry=r
+        )
+        self.approvals_decided = Counter(
+            "pns_approvals_decided_total",
+            "Approvals reaching a final state",
+            ["status"],
+            registry=r,
+        )
+        self.approval_decision_seconds = Histogram(
+            "pns_approval_decision_seconds",
+            "From creation to decision",
+            registry=r,
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+        )
+        self.push_sends = Counter(
+            "pns_push_sends_total", "Push sends", ["service", "outcome"], registry=r
+        )
+        self.push_send_seconds = Histogram(
+            "pns_push_send_seconds", "Push send duration", ["service"], registry=r
+        )
+        self.outbox_pending = Gauge("pns_outbox_pending", "Deliveries not yet sent", registry=r)
+        self.longpoll_waiters = Gauge(
+            "pns_longpoll_waiters", "Long-polls waiting right now", registry=r
+        )
+        self.devices = Gauge("pns_devices", "Active devices", ["kind", "push"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,93 @@
+"""Render every error, ours and the framework's, as RFC 9457 problem+json."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pns_server.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    PnsError,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem_response(error: PnsError) -> JSONResponse:
+    return JSONResponse(
+        error.to_problem(), status_code=error.status, media_type=PROBLEM_JSON, headers=error.headers
+    )
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        where, rest = parts[0], parts[1:]
+        return ".".join(rest) if rest and where == "body" else ".".join(parts)
+    return ".".join(parts)
+
+
+def validation_problem(exc: RequestValidationError) -> PnsError:
+    errors = []
+    for err in exc.errors():
+        # Never echo the submitted value: it may be a secret (a code, a token).
+        errors.append(
+            {
+                "field": _field_name(tuple(err.get("loc", ()))) or "body",
+                "message": str(err.get("msg", "invalid")),
+                "type": str(err.get("type", "value_error")),
+            }
+        )
+    names = ", ".join(sorted({e["field"] for e in errors})) or "the body"
+    return InvalidRequest(f"Fix these fields and retry: {names}.", errors=errors)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PnsError)
+    async def _pns(_request: Request, exc: PnsError) -> JSONResponse:
+        return problem_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem_response(validation_problem(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error: PnsError
+        if exc.status_code == 400:
+            # The framework's "error parsing the body" (e.g. invalid UTF-8) is a bad body.
+            error = InvalidRequest(
+                "The body must be JSON encoded as UTF-8.",
+                errors=[{"field": "body", "message": str(exc.detail), "type": "json_invalid"}],
+            )
+        elif exc.status_code == 404:
+            error = NotFound("No such resource; check the path against the API reference.")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed("This path does not accept that method.")
+        elif exc.status_code == 413:
+            error = PayloadTooLarge("The request body is too large.")
+        elif exc.status_code == 415:
+            error = UnsupportedMediaType("Send the body as application/json.")
+        else:
+            error = PnsError(str(exc.detail))
+            error.status = exc.status_code  # type: ignore[misc]
+        error.headers.update(exc.headers or {})
+        return problem_response(error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error: %s", type(exc).__name__)
+        return problem_response(
+            ServiceUnavailable("The server hit an unexpected error; retry shortly.")
+        )

@@ -1,0 +1,1 @@
+"""Push providers behind one small protocol; built in the app's lifespan."""

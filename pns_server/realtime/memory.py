@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pns_server.realtime.base import LocalFanout
+
+
+class MemoryNotifier(LocalFanout):
+    """One process: publishing wakes this process's waiters directly."""
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closing = True
+        self.wake_all()
+
+    async def publish(self, topics: Iterable[str]) -> None:
+        for topic in topics:
+            self.wake(topic)

@@ -1,0 +1,77 @@
+"""Everything built at start-up and shared by requests; lives on `app.state.runtime`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pns_server.config import Settings
+from pns_server.db import Database, create_engine
+from pns_server.migrate import upgrade_to_head
+from pns_server.push.base import PushSender
+from pns_server.push.log import LogPushSender
+from pns_server.realtime import create_notifier
+from pns_server.realtime.memory import MemoryNotifier
+from pns_server.realtime.postgres import PostgresNotifier
+from pns_server.security import SecretBox, load_or_create_key_file
+
+log = logging.getLogger("pns")
+
+BackgroundFactory = Callable[["Runtime"], Awaitable[Any]]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    notifier: MemoryNotifier | PostgresNotifier
+    box: SecretBox
+    senders: dict[str, PushSender] = field(default_factory=dict)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    # Filled by domain packages at start-up (dispatcher, purger, metrics...).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def sender_for(self, service: str) -> PushSender:
+        return self.senders.get(service) or self.senders["log"]
+
+
+def secret_keys(settings: Settings) -> list[str]:
+    if settings.secret_key is not None:
+        keys = [settings.secret_key.get_secret_value()]
+    else:
+        keys = [load_or_create_key_file(settings.data_dir / "secret.key")]
+    return keys
+
+
+async def build_runtime(settings: Settings) -> Runtime:
+    if settings.is_embedded:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    elif (path := settings.sqlite_path) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    box = SecretBox(secret_keys(settings))
+    if settings.migrate_on_start:
+        await asyncio.to_thread(upgrade_to_head, settings.sqlalchemy_url)
+    engine = create_engine(settings.sqlalchemy_url, pool_size=settings.db_pool_size)
+    notifier = create_notifier(settings.sqlalchemy_url)
+    await notifier.start()
+    db = Database(engine, notifier.publish)
+    runtime = Runtime(settings=settings, db=db, notifier=notifier, box=box)
+    runtime.senders["log"] = LogPushSender()
+    return runtime
+
+
+async def close_runtime(runtime: Runtime) -> None:
+    await runtime.notifier.close()
+    for task in runtime.tasks:
+        task.cancel()
+    for task in runtime.tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    for sender in runtime.senders.values():
+        with contextlib.suppress(Exception):
+            await sender.close()
+    await runtime.db.dispose()
