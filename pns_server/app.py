@@ -28,7 +28,7 @@ log = logging.getLogger("pns")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    runtime = await build_runtime(settings)
+    runtime = await build_runtime(settings, app.state.metrics)
     app.state.runtime = runtime
     try:
         yield

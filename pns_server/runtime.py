@@ -11,6 +11,7 @@ from typing import Any
 
 from pns_server.config import Settings
 from pns_server.db import Database, create_engine
+from pns_server.metrics import Metrics
 from pns_server.migrate import upgrade_to_head
 from pns_server.push.base import PushSender
 from pns_server.push.log import LogPushSender
@@ -30,6 +31,7 @@ class Runtime:
     db: Database
     notifier: MemoryNotifier | PostgresNotifier
     box: SecretBox
+    metrics: Metrics
     senders: dict[str, PushSender] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     # Filled by domain packages at start-up (dispatcher, purger, metrics...).
@@ -47,7 +49,7 @@ def secret_keys(settings: Settings) -> list[str]:
     return keys
 
 
-async def build_runtime(settings: Settings) -> Runtime:
+async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:
     if settings.is_embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     elif (path := settings.sqlite_path) is not None:
@@ -59,7 +61,9 @@ async def build_runtime(settings: Settings) -> Runtime:
     notifier = create_notifier(settings.sqlalchemy_url)
     await notifier.start()
     db = Database(engine, notifier.publish)
-    runtime = Runtime(settings=settings, db=db, notifier=notifier, box=box)
+    runtime = Runtime(
+        settings=settings, db=db, notifier=notifier, box=box, metrics=metrics or Metrics()
+    )
     runtime.senders["log"] = LogPushSender()
     return runtime
 

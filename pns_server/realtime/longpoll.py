@@ -1,0 +1,48 @@
+"""The long-poll loop: subscribe, read, wait; never holding a database connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from pns_server.realtime.base import LocalFanout
+
+T = TypeVar("T")
+
+# A waiter re-reads at least this often even without a wake-up: a safety net for a NOTIFY
+# lost to a network blip, cheap enough at thousands of waiters.
+RECHECK_SECONDS = 15.0
+
+
+async def long_poll(
+    notifier: LocalFanout,
+    topic: str,
+    read: Callable[[], Awaitable[T]],
+    is_settled: Callable[[T], bool],
+    wait: float,
+    deadline_of: Callable[[T], datetime | None] = lambda _v: None,
+) -> T:
+    """Return `read()` once it is settled, or after `wait` seconds.
+
+    `read` must open and close its own short session. We subscribe *before* the first
+    read, so a change committed between the read and the wait still wakes us.
+    `deadline_of` names a moment the state changes by itself (an expiry): we re-read just
+    after it, so expiry is reported without anyone touching the row."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + max(0.0, wait)
+    async with notifier.subscribe(topic) as subscription:
+        value = await read()
+        while not is_settled(value) and not notifier.closing:
+            left = give_up - loop.time()
+            if left <= 0:
+                break
+            timeout = min(left, RECHECK_SECONDS)
+            deadline = deadline_of(value)
+            if deadline is not None:
+                until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05
+                timeout = min(timeout, max(until_deadline, 0.0))
+            await subscription.wait(timeout)
+            value = await read()
+    return value
