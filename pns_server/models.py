@@ -176,6 +176,8 @@ class Approval(Base):
     response_signature: Mapped[str | None] = mapped_column(Text)
     response_public_key: Mapped[str | None] = mapped_column(Text)
     fraud: Mapped[bool] = mapped_column(Boolean, default=False)
+    # App devices (push + poll) at creation; an idempotent retry reports the same number.
+    devices_notified: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Delivery(Base):

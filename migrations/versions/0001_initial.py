@@ -141,6 +141,7 @@ def upgrade() -> None:
         sa.Column("response_signature", sa.Text(), nullable=True),
         sa.Column("response_public_key", sa.Text(), nullable=True),
         sa.Column("fraud", sa.Boolean(), nullable=False),
+        sa.Column("devices_notified", sa.Integer(), nullable=False),
         sa.ForeignKeyConstraint(
             ["client_id"],
             ["clients.id"],
