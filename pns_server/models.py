@@ -130,6 +130,8 @@ class Pairing(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Wrong confirmation codes so far (kind=totp); the pairing expires at the limit.
+    failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class RecoveryCode(Base):
