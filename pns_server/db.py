@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from pns_server.errors import PnsError
+
 TOPICS_KEY = "pns_topics"
 
 Publisher = Callable[[Iterable[str]], Awaitable[None]]
@@ -69,16 +71,26 @@ class Database:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A unit of work: commits when the block succeeds, rolls back when it raises."""
+        kept_error: PnsError | None = None
         async with self.sessionmaker() as session:
             try:
                 yield session
                 await session.commit()
+            except PnsError as error:
+                # `commit=True`: the work done before the error must persist (failure counters).
+                if not error.commit:
+                    await session.rollback()
+                    raise
+                await session.commit()
+                kept_error = error
             except BaseException:
                 await session.rollback()
                 raise
             topics = session.info.pop(TOPICS_KEY, None)
         if topics and self._publish is not None:
             await self._publish(topics)
+        if kept_error is not None:
+            raise kept_error
 
     async def dispose(self) -> None:
         await self.engine.dispose()
