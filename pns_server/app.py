@@ -15,11 +15,13 @@ from pns_server.clients.router import router as clients_router
 from pns_server.config import Settings
 from pns_server.devices.router import router as devices_router
 from pns_server.health import router as health_router
+from pns_server.logging import RequestObserver
 from pns_server.metrics import Metrics
 from pns_server.middleware import BodyLimitMiddleware
 from pns_server.otp.router import router as otp_router
 from pns_server.pairings.router import router as pairings_router
 from pns_server.problems import install_error_handlers
+from pns_server.ratelimit import CallerLimit
 from pns_server.runtime import build_runtime, close_runtime
 
 log = logging.getLogger("pns")
@@ -48,14 +50,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Added last = outermost: even a refused body gets a request id and an access line.
+    app.add_middleware(RequestObserver, metrics=app.state.metrics)
+    app.include_router(health_router)
     for router in (
-        health_router,
         clients_router,
         pairings_router,
         devices_router,
         approvals_router,
         otp_router,
-        admin_router,
     ):
-        app.include_router(router)
+        # Per-caller (bearer token) limit on every client and device API call.
+        app.include_router(router, dependencies=[CallerLimit])
+    app.include_router(admin_router)
     return app

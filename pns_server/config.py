@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     public_url: str = "http://127.0.0.1:8080"
     secret_key: SecretStr | None = None
+    # Keys still accepted for decryption while `pns-server rotate-key` re-encrypts under the new.
+    old_secret_keys: Annotated[list[SecretStr], NoDecode] = []
     registration_key: SecretStr | None = None
     admin_token: SecretStr | None = None
     allowed_editions: Annotated[list[str], NoDecode] = ["pro", "lite"]
@@ -87,12 +89,26 @@ class Settings(BaseSettings):
 
     shutdown_timeout: float = Field(default=10.0, ge=0)
     retention_days: int = Field(default=30, ge=1)
+    retention_interval_seconds: int = Field(default=3600, ge=10)
+    metrics_refresh_seconds: float = Field(default=15.0, gt=0)
+
+    # Abuse limits (fixed windows, counted in the database so they hold across replicas).
+    rate_register_per_hour: int = Field(default=30, ge=1)
+    rate_pairing_per_minute: int = Field(default=20, ge=1)
+    rate_client_per_minute: int = Field(default=600, ge=1)
 
     @field_validator("allowed_editions", mode="before")
     @classmethod
     def _split_editions(cls, value: object) -> object:
         if isinstance(value, str):
             return [e.strip().lower() for e in value.split(",") if e.strip()]
+        return value
+
+    @field_validator("old_secret_keys", mode="before")
+    @classmethod
+    def _split_old_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
     @field_validator("min_ios_version", "min_android_version")

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy import func, select
+
+from pns_server.db import Database
+from pns_server.models import Delivery, Device
+
+log = logging.getLogger(__name__)
+OUTBOX_PENDING_STATUSES = ("queued", "sending")
 
 
 class Metrics:
@@ -47,3 +58,35 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def track_waiters(self, count: Callable[[], int]) -> None:
+        """Read at scrape time: the notifier knows its waiters, nothing to keep in sync."""
+        self.longpoll_waiters.set_function(count)
+
+    async def refresh_from_database(self, db: Database) -> None:
+        """The database-backed gauges: two cheap COUNT queries."""
+        push = func.coalesce(Device.push_service, "none")
+        async with db.session() as session:
+            device_rows = (
+                await session.execute(
+                    select(Device.kind, push, func.count()).group_by(Device.kind, push)
+                )
+            ).all()
+            pending = await session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(Delivery.status.in_(OUTBOX_PENDING_STATUSES))
+            )
+        # clear() first: a label set whose last device is gone must read 0, not its old value.
+        self.devices.clear()
+        for kind, service, count in device_rows:
+            self.devices.labels(kind, service).set(count)
+        self.outbox_pending.set(pending or 0)
+
+    async def refresh_periodically(self, db: Database, interval: float) -> None:
+        while True:
+            try:
+                await self.refresh_from_database(db)
+            except Exception as exc:
+                log.warning("metrics refresh failed: %s", type(exc).__name__)
+            await asyncio.sleep(interval)

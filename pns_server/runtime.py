@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pns_server import retention
 from pns_server.config import Settings
 from pns_server.db import Database, create_engine
 from pns_server.metrics import Metrics
@@ -46,6 +47,8 @@ def secret_keys(settings: Settings) -> list[str]:
         keys = [settings.secret_key.get_secret_value()]
     else:
         keys = [load_or_create_key_file(settings.data_dir / "secret.key")]
+    # The new key encrypts; old ones still decrypt until `pns-server rotate-key` has run.
+    keys += [k.get_secret_value() for k in settings.old_secret_keys]
     return keys
 
 
@@ -65,7 +68,27 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
         settings=settings, db=db, notifier=notifier, box=box, metrics=metrics or Metrics()
     )
     runtime.senders["log"] = LogPushSender()
+    start_operations_tasks(runtime)
     return runtime
+
+
+def start_operations_tasks(runtime: Runtime) -> None:
+    settings, db = runtime.settings, runtime.db
+    runtime.metrics.track_waiters(lambda: runtime.notifier.waiter_count)
+    runtime.tasks.append(
+        asyncio.create_task(
+            runtime.metrics.refresh_periodically(db, settings.metrics_refresh_seconds),
+            name="pns-metrics",
+        )
+    )
+    runtime.tasks.append(
+        asyncio.create_task(
+            retention.run_periodically(
+                db, settings.retention_days, settings.retention_interval_seconds
+            ),
+            name="pns-retention",
+        )
+    )
 
 
 async def close_runtime(runtime: Runtime) -> None:

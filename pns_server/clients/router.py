@@ -5,11 +5,17 @@ from fastapi import APIRouter, status
 from pns_server.clients import service
 from pns_server.clients.schemas import ClientCreate, ClientCreated, ClientInfo
 from pns_server.deps import CurrentClient, SessionDep, SettingsDep
+from pns_server.ratelimit import RegisterLimit
 
 router = APIRouter(tags=["clients"])
 
 
-@router.post("/v1/clients", status_code=status.HTTP_201_CREATED, response_model=ClientCreated)
+@router.post(
+    "/v1/clients",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ClientCreated,
+    dependencies=[RegisterLimit],
+)
 async def register_client(
     body: ClientCreate, session: SessionDep, settings: SettingsDep
 ) -> ClientCreated:

@@ -1,0 +1,205 @@
+"""Logs: JSON lines for machines, a short text format on a terminal, secrets redacted.
+
+One access line per request (method, route template, status, duration, request id), and the
+request id on every line logged while the request runs. Redaction is defence in depth: code
+should never log a secret, but if it does, anything shaped like one is masked here."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import secrets
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pns_server.config import Settings
+from pns_server.metrics import Metrics
+
+access_log = logging.getLogger("pns.access")
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "pns_request_id", default=None
+)
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNMATCHED_ROUTE = "<unmatched>"
+
+REDACTED = "[redacted]"
+_SECRET_FIELDS = (
+    r"client_token|device_token|pairing_token|registration_key|admin_token|secret_key"
+    r"|secret|token|password|code|codes|match_code|signature|otp|authorization"
+)
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    # Our bearer tokens, wherever they appear.
+    (re.compile(r"\b(pns[cdp]_)[A-Za-z0-9_\-]{8,}"), r"\1" + REDACTED),
+    (re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+"), r"\1 " + REDACTED),
+    # key=value, "key": "value", key: value for fields that carry secrets.
+    (
+        re.compile(rf"(?i)([\"']?\b(?:{_SECRET_FIELDS})[\"']?\s*[:=]\s*[\"']?)([^\"'\s,&;}}\]]+)"),
+        r"\1" + REDACTED,
+    ),
+]
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites the message before any handler formats it (attach to every handler)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        record.msg = redact(message)
+        record.args = None
+        return True
+
+
+_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id is not None:
+            entry["request_id"] = request_id
+        entry.update(_extras(record))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return redact(json.dumps(entry, default=str, ensure_ascii=False))
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = _extras(record)
+        request_id = request_id_var.get()
+        if request_id is not None and "request_id" not in extras:
+            extras["request_id"] = request_id
+        if extras:
+            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        return redact(line)
+
+
+def wants_json(settings: Settings, stream: TextIO) -> bool:
+    if settings.log_format != "auto":
+        return settings.log_format == "json"
+    return not stream.isatty()
+
+
+def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
+    """Root handler only; uvicorn's loggers propagate to it (serve passes log_config=None)."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if wants_json(settings, stream) else TextFormatter())
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    # Our own access line replaces uvicorn's, which logs raw paths (with ids) and no timing.
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            return candidate if _VALID_REQUEST_ID.match(candidate) else None
+    return None
+
+
+def route_template(scope: Scope) -> str:
+    route: BaseRoute | None = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED_ROUTE
+
+
+class RequestObserver:
+    """Pure ASGI (no BaseHTTPMiddleware: it breaks long-polls): request id in and out, one
+    access line and the HTTP metrics per request, labelled by route template."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = incoming_request_id(scope) or secrets.token_hex(8)
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = [
+                    (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
+                ]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._observe(scope, status, time.perf_counter() - started, request_id)
+            request_id_var.reset(token)
+
+    def _observe(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
+        method = str(scope.get("method", ""))
+        route = route_template(scope)
+        self.metrics.http_requests.labels(method, route, str(status)).inc()
+        self.metrics.http_seconds.labels(method, route).observe(seconds)
+        client = scope.get("client")
+        access_log.info(
+            "%s %s %s %.1fms",
+            method,
+            route,
+            status,
+            seconds * 1000,
+            extra={
+                "method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 1),
+                "request_id": request_id,
+                "client_ip": client[0] if client else None,
+            },
+        )

@@ -1,0 +1,137 @@
+"""Abuse limits: fixed-window counters in the `rate_limits` table.
+
+Each hit is one atomic upsert (`INSERT ... ON CONFLICT DO UPDATE ... RETURNING count`), so
+every replica sharing the database counts against the same window. The counter lives in
+its own short transaction: a limit check never holds a connection while a long-poll waits.
+
+Route owners attach the ready-made dependencies:
+`dependencies=[RegisterLimit]`, `[PairingLimit]` (per IP) or `[CallerLimit]` (per token)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from fastapi import Depends, Request
+from sqlalchemy import case
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.config import Settings
+from pns_server.db import Database
+from pns_server.errors import RateLimited
+from pns_server.models import RateLimitBucket
+from pns_server.security import hash_token
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    name: str
+    limit: int
+    window_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    count: int
+    limit: int
+    retry_after: int
+
+    @property
+    def allowed(self) -> bool:
+        return self.count <= self.limit
+
+
+def window_start(now: datetime, window_seconds: int) -> datetime:
+    epoch = int(now.timestamp())
+    return datetime.fromtimestamp(epoch - epoch % window_seconds, UTC)
+
+
+async def count_hit(session: AsyncSession, key: str, window: datetime) -> int:
+    """Add one hit to `key` in `window` (a new window restarts at 1); returns the count."""
+    is_postgres = session.get_bind().dialect.name == "postgresql"
+    insert = postgresql.insert if is_postgres else sqlite.insert
+    table = RateLimitBucket.__table__
+    values = insert(RateLimitBucket).values(key=key, window_start=window, count=1)
+    upsert = values.on_conflict_do_update(
+        index_elements=[table.c.key],
+        set_={
+            # Both expressions read the row as it was before this UPDATE.
+            "count": case(
+                (table.c.window_start == values.excluded.window_start, table.c.count + 1),
+                else_=1,
+            ),
+            "window_start": values.excluded.window_start,
+        },
+    ).returning(table.c.count)
+    return int((await session.execute(upsert)).scalar_one())
+
+
+async def hit(db: Database, limit: Limit, subject: str, now: datetime | None = None) -> Hit:
+    now = now or datetime.now(UTC)
+    start = window_start(now, limit.window_seconds)
+    async with db.session() as session:
+        count = await count_hit(session, f"{limit.name}:{subject}", start)
+    window_end = start + timedelta(seconds=limit.window_seconds)
+    retry_after = max(1, math.ceil((window_end - now).total_seconds()))
+    return Hit(count=count, limit=limit.limit, retry_after=retry_after)
+
+
+async def enforce(db: Database, limit: Limit, subject: str) -> None:
+    result = await hit(db, limit, subject)
+    if not result.allowed:
+        raise RateLimited(
+            f"Too many requests ({limit.limit} per {limit.window_seconds} s); "
+            f"retry in {result.retry_after} s.",
+            headers={"Retry-After": str(result.retry_after)},
+            retry_after=result.retry_after,
+        )
+
+
+def register_limit(settings: Settings) -> Limit:
+    return Limit("register", settings.rate_register_per_hour, 3600)
+
+
+def pairing_limit(settings: Settings) -> Limit:
+    return Limit("pairing", settings.rate_pairing_per_minute, 60)
+
+
+def caller_limit(settings: Settings) -> Limit:
+    return Limit("caller", settings.rate_client_per_minute, 60)
+
+
+def client_ip(request: Request) -> str:
+    # uvicorn's proxy_headers (FORWARDED_ALLOW_IPS) already replaced this with the real
+    # client address when the request came through a trusted proxy.
+    return request.client.host if request.client else "unknown"
+
+
+def _runtime_parts(request: Request) -> tuple[Database, Settings]:
+    return request.app.state.runtime.db, request.app.state.settings
+
+
+async def limit_registration_per_ip(request: Request) -> None:
+    db, settings = _runtime_parts(request)
+    await enforce(db, register_limit(settings), client_ip(request))
+
+
+async def limit_pairing_per_ip(request: Request) -> None:
+    db, settings = _runtime_parts(request)
+    await enforce(db, pairing_limit(settings), client_ip(request))
+
+
+async def limit_per_caller(request: Request) -> None:
+    """Per bearer token (one client or device); keyed by the token's hash, so it needs no
+    lookup and never stores the token. Unauthenticated calls are left to the auth check."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return
+    db, settings = _runtime_parts(request)
+    await enforce(db, caller_limit(settings), hash_token(token.strip())[:32])
+
+
+RegisterLimit = Depends(limit_registration_per_ip)
+PairingLimit = Depends(limit_pairing_per_ip)
+CallerLimit = Depends(limit_per_caller)
