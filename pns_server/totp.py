@@ -49,7 +49,8 @@ def matching_step(params: TotpParams, code: str, at: datetime, window: int = 1) 
 
     Compares in constant time and checks every candidate, so timing does not reveal which
     step matched."""
-    if len(code) != params.digits or not code.isdigit():
+    # isdigit() alone admits non-ASCII digits, which compare_digest refuses with a TypeError.
+    if len(code) != params.digits or not (code.isascii() and code.isdigit()):
         return None
     now = time_step(params, at)
     found: int | None = None
@@ -60,10 +61,16 @@ def matching_step(params: TotpParams, code: str, at: datetime, window: int = 1) 
 
 
 def otpauth_uri(params: TotpParams, issuer: str, label: str) -> str:
-    """Google Authenticator Key Uri Format: otpauth://totp/Issuer:label?secret=...&issuer=..."""
+    """Google Authenticator Key Uri Format: otpauth://totp/Issuer:label?secret=...&issuer=...
+
+    Apps split the label at its first colon, so a colon inside the issuer would move the
+    split: it is dropped. A colon in the account label stays, percent-encoded, after the
+    split point. Spaces are %20 (not "+"), and the secret goes without base32 padding,
+    as the format asks."""
+    issuer = " ".join(issuer.replace(":", " ").split())
     query = urlencode(
         {
-            "secret": params.secret,
+            "secret": params.secret.rstrip("="),
             "issuer": issuer,
             "algorithm": params.algorithm,
             "digits": params.digits,
