@@ -136,6 +136,12 @@ class PairingNotPending(PnsError):
     title = "Pairing not pending"
 
 
+class PairingWrongKind(PnsError):
+    status = 409
+    code = "pairing_wrong_kind"
+    title = "Pairing of another kind"
+
+
 class OtpInvalid(PnsError):
     status = 401
     code = "otp_invalid"

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+from sqlalchemy import CursorResult, delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.models import Device
+
+
+class DeviceRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    def add(self, device: Device) -> None:
+        self.session.add(device)
+
+    async def get(self, device_id: str) -> Device | None:
+        return await self.session.get(Device, device_id)
+
+    async def list_for_client(self, client_id: str) -> Sequence[Device]:
+        rows = await self.session.scalars(
+            select(Device)
+            .where(Device.client_id == client_id)
+            .order_by(Device.created_at, Device.id)
+        )
+        return rows.all()
+
+    async def delete(self, device_id: str, *, client_id: str) -> bool:
+        """Delete one of the client's devices; the database cascades its deliveries.
+
+        A bulk DELETE (not `session.delete`) so the database, not the ORM, owns the cascade."""
+        result = await self.session.execute(
+            delete(Device).where(Device.id == device_id, Device.client_id == client_id)
+        )
+        return cast(CursorResult[tuple[()]], result).rowcount == 1

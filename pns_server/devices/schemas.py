@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from pns_server.config import parse_version
+from pns_server.schemas import RequestModel, ResponseModel, Timestamp
+from pns_server.security import parse_public_key
+
+# Plausible shapes only: the push services own the real format and may lengthen it.
+_APNS_TOKEN = re.compile(r"^(?:[0-9A-Fa-f]{2}){32,100}$")
+_FCM_TOKEN = re.compile(r"^[A-Za-z0-9_:\-]{32,4096}$")
+
+
+def check_push_token(service: str, token: str) -> str:
+    if service == "apns" and not _APNS_TOKEN.match(token):
+        raise ValueError("an APNs device token is 64 to 200 hexadecimal characters")
+    if service == "fcm" and not _FCM_TOKEN.match(token):
+        raise ValueError("an FCM registration token is 32 to 4096 characters of [A-Za-z0-9_:-]")
+    return token
+
+
+class PushRegistration(RequestModel):
+    service: Literal["apns", "fcm"]
+    token: str = Field(min_length=1, max_length=4096)
+    environment: Literal["production", "sandbox"] | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _token_shape(cls, value: str, info: ValidationInfo) -> str:
+        service = info.data.get("service")
+        return check_push_token(service, value) if service else value
+
+
+class DeviceCreate(RequestModel):
+    pairing_token: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200)
+    platform: Literal["ios", "android"]
+    os_version: str = Field(min_length=1, max_length=32)
+    app_version: str | None = Field(default=None, max_length=32)
+    push: PushRegistration | None = None
+    public_key: str = Field(min_length=1, max_length=2000)
+
+    @field_validator("os_version")
+    @classmethod
+    def _version_number(cls, value: str) -> str:
+        parse_version(value)
+        return value
+
+    @field_validator("public_key")
+    @classmethod
+    def _p256_key(cls, value: str) -> str:
+        parse_public_key(value)
+        return value
+
+
+class TotpBlock(ResponseModel):
+    secret: str
+    algorithm: str
+    digits: int
+    period: int
+
+
+class DeviceCreated(ResponseModel):
+    device_id: str
+    device_token: str
+    totp: TotpBlock
+
+
+class DeviceOut(ResponseModel):
+    device_id: str
+    kind: Literal["app", "totp"]
+    name: str
+    platform: Literal["ios", "android"] | None
+    os_version: str | None
+    push: Literal["apns", "fcm"] | None
+    push_status: Literal["ok", "invalid_token", "none"]
+    public_key: str | None
+    created_at: Timestamp
+    last_used_at: Timestamp | None
+
+
+class DeviceList(ResponseModel):
+    devices: list[DeviceOut]

@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.audit import record
+from pns_server.config import Settings, parse_version
+from pns_server.db import publish_after_commit
+from pns_server.devices.repository import DeviceRepository
+from pns_server.devices.schemas import (
+    DeviceCreate,
+    DeviceCreated,
+    DeviceList,
+    DeviceOut,
+    PushRegistration,
+    TotpBlock,
+)
+from pns_server.errors import (
+    InvalidRequest,
+    NotFound,
+    PairingExpired,
+    PairingInvalid,
+    PlatformUnsupported,
+)
+from pns_server.models import Client, Device, Pairing
+from pns_server.pairings.repository import PairingRepository
+from pns_server.security import (
+    DEVICE_TOKEN_PREFIX,
+    SecretBox,
+    hash_token,
+    new_id,
+    new_token,
+    parse_public_key,
+)
+from pns_server.totp import TotpParams, new_secret
+
+PUSH_SERVICE_OF_PLATFORM = {"ios": "apns", "android": "fcm"}
+
+
+def pairing_topic(pairing_id: str) -> str:
+    return f"pairing:{pairing_id}"
+
+
+def device_out(device: Device) -> DeviceOut:
+    public_key = base64.b64encode(device.public_key).decode() if device.public_key else None
+    return DeviceOut.model_validate(
+        {
+            "device_id": device.id,
+            "kind": device.kind,
+            "name": device.name,
+            "platform": device.platform,
+            "os_version": device.os_version,
+            "push": device.push_service,
+            "push_status": device.push_status,
+            "public_key": public_key,
+            "created_at": device.created_at,
+            "last_used_at": device.last_used_at,
+        }
+    )
+
+
+def check_platform_version(settings: Settings, platform: str, os_version: str) -> None:
+    minimum = settings.min_ios_version if platform == "ios" else settings.min_android_version
+    if parse_version(os_version) < parse_version(minimum):
+        name = "iOS" if platform == "ios" else "Android"
+        raise PlatformUnsupported(
+            f"{name} {os_version} is too old for this relay; it needs {name} {minimum} or later.",
+            platform=platform,
+            min_version=minimum,
+        )
+
+
+def check_push_service(platform: str | None, push: PushRegistration, *, field: str) -> None:
+    expected = PUSH_SERVICE_OF_PLATFORM.get(platform or "")
+    if push.service != expected:
+        needed = f"'{expected}' on {platform}" if expected else "none: this device has no push"
+        raise InvalidRequest(
+            f"Push service '{push.service}' does not fit the device's platform; use {needed}.",
+            errors=[
+                {
+                    "field": field,
+                    "message": f"must be {expected} for platform {platform}",
+                    "type": "platform_mismatch",
+                }
+            ],
+        )
+
+
+def apply_push(device: Device, push: PushRegistration | None) -> None:
+    if push is None:
+        device.push_service = device.push_token = device.push_environment = None
+        device.push_status = "none"
+        return
+    device.push_service = push.service
+    device.push_token = push.token
+    # Only APNs has separate sandbox and production gateways.
+    device.push_environment = (push.environment or "production") if push.service == "apns" else None
+    device.push_status = "ok"
+
+
+async def claim_app_pairing(session: AsyncSession, pairing_token: str) -> Pairing:
+    """The pending app pairing this token opens, else 404 (unknown or used) / 410 (expired)."""
+    pairing = await PairingRepository(session).get_by_token_hash(hash_token(pairing_token))
+    if pairing is None or pairing.kind != "app" or pairing.status == "completed":
+        raise PairingInvalid("This pairing code is unknown or was already used; scan a new one.")
+    if pairing.status != "pending" or pairing.expires_at <= datetime.now(UTC):
+        raise PairingExpired("This pairing code has expired; start a new pairing on the client.")
+    return pairing
+
+
+async def enrol_app_device(
+    session: AsyncSession, settings: Settings, box: SecretBox, data: DeviceCreate
+) -> DeviceCreated:
+    # Every check on the request comes first, so a refused phone does not burn the code.
+    check_platform_version(settings, data.platform, data.os_version)
+    if data.push is not None:
+        check_push_service(data.platform, data.push, field="push.service")
+    pairing = await claim_app_pairing(session, data.pairing_token)
+
+    now = datetime.now(UTC)
+    token = new_token(DEVICE_TOKEN_PREFIX)
+    totp = TotpParams(secret=new_secret())
+    device = Device(
+        id=new_id(),
+        client_id=pairing.client_id,
+        kind="app",
+        name=data.name,
+        platform=data.platform,
+        os_version=data.os_version,
+        app_version=data.app_version,
+        token_hash=hash_token(token),
+        public_key=parse_public_key(data.public_key),
+        totp_secret=box.encrypt(totp.secret),
+        totp_algorithm=totp.algorithm,
+        totp_digits=totp.digits,
+        totp_period=totp.period,
+        created_at=now,
+    )
+    apply_push(device, data.push)
+    DeviceRepository(session).add(device)
+    await session.flush()
+    if not await PairingRepository(session).complete(pairing.id, device.id, now):
+        # Lost a race with another phone holding the same code; the rollback drops our device.
+        raise PairingInvalid("This pairing code was already used; scan a new one.")
+    publish_after_commit(session, pairing_topic(pairing.id))
+    record(
+        session,
+        "device.paired",
+        client_id=device.client_id,
+        actor="device",
+        actor_id=device.id,
+        subject_id=device.id,
+        kind="app",
+        platform=device.platform,
+        os_version=device.os_version,
+        push=device.push_service,
+        pairing_id=pairing.id,
+    )
+    return DeviceCreated(
+        device_id=device.id,
+        device_token=token,
+        totp=TotpBlock(
+            secret=totp.secret, algorithm=totp.algorithm, digits=totp.digits, period=totp.period
+        ),
+    )
+
+
+async def list_devices(session: AsyncSession, client: Client) -> DeviceList:
+    devices: Sequence[Device] = await DeviceRepository(session).list_for_client(client.id)
+    return DeviceList(devices=[device_out(d) for d in devices])
+
+
+async def remove_for_client(session: AsyncSession, client: Client, device_id: str) -> None:
+    if not await DeviceRepository(session).delete(device_id, client_id=client.id):
+        raise NotFound("No such device for this client.")
+    record(
+        session,
+        "device.removed",
+        client_id=client.id,
+        actor="client",
+        actor_id=client.id,
+        subject_id=device_id,
+    )
+
+
+async def update_push(session: AsyncSession, device: Device, push: PushRegistration) -> None:
+    check_push_service(device.platform, push, field="service")
+    apply_push(device, push)
+    record(
+        session,
+        "device.push_updated",
+        client_id=device.client_id,
+        actor="device",
+        actor_id=device.id,
+        subject_id=device.id,
+        push=push.service,
+    )
+
+
+async def remove_self(session: AsyncSession, device: Device) -> None:
+    await DeviceRepository(session).delete(device.id, client_id=device.client_id)
+    record(
+        session,
+        "device.removed",
+        client_id=device.client_id,
+        actor="device",
+        actor_id=device.id,
+        subject_id=device.id,
+    )
