@@ -5,6 +5,7 @@ from fastapi import APIRouter, Response, status
 from pns_server.deps import CurrentClient, CurrentDevice, RuntimeDep, SessionDep
 from pns_server.devices import service
 from pns_server.devices.schemas import DeviceCreate, DeviceCreated, DeviceList, PushRegistration
+from pns_server.ratelimit import PairingLimit
 
 router = APIRouter(tags=["devices"])
 
@@ -20,7 +21,12 @@ async def remove_device(device_id: str, client: CurrentClient, session: SessionD
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/v1/devices", status_code=status.HTTP_201_CREATED, response_model=DeviceCreated)
+@router.post(
+    "/v1/devices",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DeviceCreated,
+    dependencies=[PairingLimit],
+)
 async def enrol_device(
     body: DeviceCreate, session: SessionDep, runtime: RuntimeDep
 ) -> DeviceCreated:

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from pns_server.ratelimit import Limit, hit
+from tests.support.factories import register_client
+
+
+class TestFixedWindow:
+    async def test_counts_within_a_window_and_restarts_in_the_next(self, app: FastAPI) -> None:
+        db = app.state.runtime.db
+        limit = Limit("test", 2, 60)
+        now = datetime(2026, 11, 30, 9, 0, 10, tzinfo=UTC)
+        counts = [(await hit(db, limit, "1.2.3.4", now)).count for _ in range(3)]
+        assert counts == [1, 2, 3]
+        third = await hit(db, limit, "1.2.3.4", now)
+        assert not third.allowed
+        assert third.retry_after == 50
+        later = await hit(db, limit, "1.2.3.4", now + timedelta(seconds=60))
+        assert later.count == 1 and later.allowed
+
+    async def test_subjects_are_counted_apart(self, app: FastAPI) -> None:
+        db = app.state.runtime.db
+        limit = Limit("test", 1, 60)
+        assert (await hit(db, limit, "a")).allowed
+        assert (await hit(db, limit, "b")).allowed
+        assert not (await hit(db, limit, "a")).allowed
+
+    async def test_concurrent_hits_are_all_counted(self, app: FastAPI) -> None:
+        db = app.state.runtime.db
+        limit = Limit("test", 1000, 3600)
+        now = datetime.now(UTC)
+        results = await asyncio.gather(*(hit(db, limit, "x", now) for _ in range(20)))
+        assert sorted(r.count for r in results) == list(range(1, 21))
+
+
+@pytest.mark.parametrize("settings_overrides", [{"rate_register_per_hour": 2}])
+async def test_registration_is_limited_per_ip(http: httpx.AsyncClient) -> None:
+    for _ in range(2):
+        await register_client(http)
+    response = await http.post("/v1/clients", json={"name": "x", "edition": "pro"})
+    assert response.status_code == 429
+    assert response.json()["code"] == "rate_limited"
+    assert 1 <= int(response.headers["retry-after"]) <= 3600
+
+
+@pytest.mark.parametrize("settings_overrides", [{"rate_client_per_minute": 3}])
+async def test_api_calls_are_limited_per_caller(http: httpx.AsyncClient) -> None:
+    client = await register_client(http)
+    other = await register_client(http)
+    statuses = [
+        (await http.get("/v1/client", headers=client.headers)).status_code for _ in range(4)
+    ]
+    assert statuses == [200, 200, 200, 429]
+    assert (await http.get("/v1/client", headers=other.headers)).status_code == 200
