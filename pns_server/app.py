@@ -21,6 +21,7 @@ from pns_server.middleware import BodyLimitMiddleware
 from pns_server.otp.router import router as otp_router
 from pns_server.pairings.router import router as pairings_router
 from pns_server.problems import install_error_handlers
+from pns_server.push.dispatcher import start_dispatcher
 from pns_server.ratelimit import CallerLimit
 from pns_server.runtime import build_runtime, close_runtime
 
@@ -32,9 +33,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     runtime = await build_runtime(settings, app.state.metrics)
     app.state.runtime = runtime
+    dispatcher = start_dispatcher(runtime)
     try:
         yield
     finally:
+        # Let pushes already in flight finish before the connections go away.
+        await dispatcher.stop(timeout=min(5.0, settings.shutdown_timeout))
         await close_runtime(runtime)
 
 

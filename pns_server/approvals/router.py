@@ -1,3 +1,111 @@
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from pns_server.approvals import service
+from pns_server.approvals.schemas import (
+    ApprovalCreate,
+    ApprovalCreated,
+    ApprovalState,
+    DecisionResult,
+    DeviceApproval,
+    DeviceApprovalList,
+    DeviceDecision,
+)
+from pns_server.deps import (
+    CurrentClient,
+    CurrentClientNoSession,
+    CurrentDevice,
+    RuntimeDep,
+    SessionDep,
+    SettingsDep,
+)
+from pns_server.realtime.longpoll import long_poll
+
+router = APIRouter(tags=["approvals"])
+
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+]
+Wait = Annotated[float, Query(ge=0, le=60, description="seconds to wait while pending")]
+
+
+@router.post("/v1/approvals", status_code=status.HTTP_201_CREATED, response_model=ApprovalCreated)
+async def create_approval(
+    body: ApprovalCreate,
+    client: CurrentClient,
+    session: SessionDep,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> ApprovalCreated:
+    created = await service.create(
+        session, settings, runtime.metrics, client, body, idempotency_key
+    )
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return created.body
+
+
+@router.get("/v1/approvals/{approval_id}", response_model=ApprovalState)
+async def get_approval(
+    approval_id: str, client: CurrentClientNoSession, runtime: RuntimeDep, wait: Wait = 0
+) -> ApprovalState:
+    async def read() -> ApprovalState:
+        async with runtime.db.session() as session:
+            return await service.state(session, runtime.metrics, client.id, approval_id)
+
+    first: list[ApprovalState] = []
+
+    def is_settled(value: ApprovalState) -> bool:
+        # A delivery outcome also ends the wait: the client can offer OTP at once.
+        if not first:
+            first.append(value)
+        return value.status != "pending" or value.delivery != first[0].delivery
+
+    runtime.metrics.longpoll_waiters.inc()
+    try:
+        return await long_poll(
+            runtime.notifier,
+            service.approval_topic(approval_id),
+            read,
+            is_settled,
+            wait,
+            deadline_of=lambda value: value.expires_at if value.status == "pending" else None,
+        )
+    finally:
+        runtime.metrics.longpoll_waiters.dec()
+
+
+@router.delete("/v1/approvals/{approval_id}", response_model=ApprovalState)
+async def cancel_approval(
+    approval_id: str, client: CurrentClient, session: SessionDep, runtime: RuntimeDep
+) -> ApprovalState:
+    return await service.cancel(session, runtime.metrics, client, approval_id)
+
+
+@router.get("/v1/device/approvals", response_model=DeviceApprovalList)
+async def list_device_approvals(device: CurrentDevice, session: SessionDep) -> DeviceApprovalList:
+    return await service.device_pending(session, device)
+
+
+@router.get("/v1/device/approvals/{approval_id}", response_model=DeviceApproval)
+async def get_device_approval(
+    approval_id: str, device: CurrentDevice, session: SessionDep, runtime: RuntimeDep
+) -> DeviceApproval:
+    return await service.device_view(session, runtime.metrics, device, approval_id)
+
+
+@router.post("/v1/device/approvals/{approval_id}/response", response_model=DecisionResult)
+async def answer_approval(
+    approval_id: str,
+    body: DeviceDecision,
+    device: CurrentDevice,
+    session: SessionDep,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+) -> DecisionResult:
+    return await service.respond(session, settings, runtime.metrics, device, approval_id, body)

@@ -1,0 +1,326 @@
+"""The outbox worker: claims due deliveries with a lease, sends them, records the outcome.
+
+Every server process runs one. Claims are one UPDATE over a `FOR UPDATE SKIP LOCKED`
+sub-select on PostgreSQL (SQLite serialises writers), so no delivery is sent twice while
+its lease holds; a process that dies mid-send leaves a lease that expires and is reclaimed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.approvals.service import OUTBOX_TOPIC, approval_topic, expire_due, now_utc
+from pns_server.db import publish_after_commit
+from pns_server.models import Approval, Client, Delivery, Device
+from pns_server.push.base import Outcome, PushMessage, PushResult
+from pns_server.realtime.base import Subscription
+from pns_server.runtime import Runtime
+
+log = logging.getLogger("pns.push")
+
+OPEN = ("queued", "sending")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery_id: str
+    lease_until: datetime
+    attempts: int
+    message: PushMessage | None  # None: nothing to send, `skip` says why
+    skip: tuple[str, str | None] | None = None  # (final status, last_error)
+
+
+@dataclass(frozen=True)
+class Sent:
+    job: Claimed
+    result: PushResult
+
+
+def push_text(client_name: str, approval: Approval) -> tuple[str, str]:
+    """A short human text: who asks and for what; never a code, token or secret."""
+    who = approval.username or "Someone"
+    where = approval.hostname or client_name
+    return (
+        f"{client_name}: approve {approval.action}?",
+        f"{who} wants to {approval.action} on {where}. Open the app to answer.",
+    )
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        batch_size: int = 50,
+        concurrency: int = 32,
+        poll_interval: float = 1.0,
+        retry_base: float = 1.0,
+        retry_max: float = 60.0,
+    ) -> None:
+        self.runtime = runtime
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self._limit = asyncio.Semaphore(concurrency)
+        self._stopping = asyncio.Event()
+        self._subscription: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self._run(), name="pns-dispatcher")
+        return self._task
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Finish the sends in flight (up to `timeout`), then stop."""
+        self._stopping.set()
+        if self._subscription is not None:
+            self._subscription.wake()
+        task = self._task
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except (TimeoutError, Exception):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _should_run(self) -> bool:
+        return not self._stopping.is_set() and not self.runtime.notifier.closing
+
+    async def _run(self) -> None:
+        async with self.runtime.notifier.subscribe(OUTBOX_TOPIC) as subscription:
+            self._subscription = subscription
+            while self._should_run():
+                try:
+                    handled = await self.run_once()
+                except Exception:
+                    log.exception("push dispatcher round failed; retrying shortly")
+                    handled = 0
+                if handled < self.batch_size and self._should_run():
+                    await subscription.wait(self.poll_interval)
+
+    # --- one round -----------------------------------------------------------------------
+
+    async def run_once(self, now: datetime | None = None) -> int:
+        """Expire what is due, claim a batch, send it, record it; returns deliveries handled."""
+        now = now or now_utc()
+        async with self.runtime.db.session() as session:
+            await expire_due(session, self.runtime.metrics)
+        jobs = await self._claim(now)
+        if jobs:
+            sent = await asyncio.gather(*(self._send(job) for job in jobs if job.message))
+            await self._record(now, [job for job in jobs if job.message is None], sent)
+        await self._count_pending()
+        return len(jobs)
+
+    async def _claim(self, now: datetime) -> list[Claimed]:
+        lease = now + timedelta(seconds=self.runtime.settings.push_lease_seconds)
+        async with self.runtime.db.session() as session:
+            due = or_(
+                and_(Delivery.status == "queued", Delivery.next_attempt_at <= now),
+                and_(Delivery.status == "sending", Delivery.lease_until < now),
+            )
+            pick = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at)
+            pick = pick.limit(self.batch_size)
+            if self.runtime.db.dialect == "postgresql":
+                pick = pick.with_for_update(skip_locked=True)
+            claimed = await session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(pick.scalar_subquery()))
+                .values(status="sending", lease_until=lease, attempts=Delivery.attempts + 1)
+                .returning(Delivery.id)
+                .execution_options(synchronize_session=False)
+            )
+            ids = list(claimed.scalars())
+            if not ids:
+                return []
+            rows = await session.execute(
+                select(Delivery, Device, Approval, Client.name)
+                .join(Device, Device.id == Delivery.device_id)
+                .join(Approval, Approval.id == Delivery.approval_id)
+                .join(Client, Client.id == Approval.client_id)
+                .where(Delivery.id.in_(ids))
+            )
+            return [self._prepare(now, lease, *row) for row in rows]
+
+    def _prepare(
+        self,
+        now: datetime,
+        lease: datetime,
+        delivery: Delivery,
+        device: Device,
+        approval: Approval,
+        client_name: str,
+    ) -> Claimed:
+        def skip(status: str, error: str | None) -> Claimed:
+            return Claimed(delivery.id, lease, delivery.attempts, None, (status, error))
+
+        if approval.status != "pending":
+            return skip("dropped", None)
+        if approval.expires_at <= now:
+            return skip("failed", "the approval expired before the push went out")
+        if device.push_status != "ok" or not device.push_token:
+            return skip("failed", "the device has no valid push token")
+        title, body = push_text(client_name, approval)
+        message = PushMessage(
+            approval_id=approval.id,
+            device_id=device.id,
+            service=delivery.service,
+            token=device.push_token,
+            environment=device.push_environment or "production",
+            title=title,
+            body=body,
+            expires_at=approval.expires_at,
+            data={"approval_id": approval.id, "type": "approval"},
+        )
+        return Claimed(delivery.id, lease, delivery.attempts, message)
+
+    async def _send(self, job: Claimed) -> Sent:
+        message = job.message
+        assert message is not None
+        sender = self.runtime.sender_for(message.service)
+        # The sender has its own timeout; this one only guards against a sender that forgets.
+        guard = self.runtime.settings.push_timeout_seconds * 2
+        async with self._limit:
+            started = time.perf_counter()
+            try:
+                result = await asyncio.wait_for(sender.send(message), guard)
+            except TimeoutError:
+                result = PushResult(Outcome.RETRY, reason="timed out")
+            except Exception as exc:
+                log.warning("push sender %s raised %s", sender.service, type(exc).__name__)
+                result = PushResult(Outcome.RETRY, reason=f"sender error: {type(exc).__name__}")
+            elapsed = time.perf_counter() - started
+        metrics = self.runtime.metrics
+        metrics.push_sends.labels(service=message.service, outcome=result.outcome.value).inc()
+        metrics.push_send_seconds.labels(service=message.service).observe(elapsed)
+        if result.outcome is Outcome.CONFIG_ERROR:
+            log.error(
+                "PUSH CONFIGURATION ERROR via %s: %s (status %s) — check the credentials and "
+                "topic settings; pushes through this provider will keep failing",
+                message.service,
+                result.reason,
+                result.status_code,
+            )
+            self.runtime.extras["push_config_error"] = {
+                "service": message.service,
+                "reason": result.reason,
+                "at": now_utc().isoformat(),
+            }
+        return Sent(job, result)
+
+    # --- recording -----------------------------------------------------------------------
+
+    def backoff(self, attempts: int, retry_after: float | None) -> float:
+        exponential = min(self.retry_max, self.retry_base * 2.0 ** max(0, attempts - 1))
+        jittered = exponential * random.uniform(0.5, 1.0)
+        return max(jittered, retry_after or 0.0)
+
+    async def _record(
+        self, now: datetime, skipped: Sequence[Claimed], sent: Sequence[Sent]
+    ) -> None:
+        async with self.runtime.db.session() as session:
+            for job in skipped:
+                assert job.skip is not None
+                await self._finish(session, job, job.skip[0], job.skip[1])
+            for outcome in sent:
+                await self._apply(session, now, outcome)
+
+    async def _finish(
+        self, session: AsyncSession, job: Claimed, status: str, error: str | None, **extra: Any
+    ) -> bool:
+        """Conditional on our lease: a reclaimed delivery belongs to its new owner."""
+        result = await session.execute(
+            update(Delivery)
+            .where(
+                Delivery.id == job.delivery_id,
+                Delivery.status == "sending",
+                Delivery.lease_until == job.lease_until,
+            )
+            .values(status=status, last_error=error, lease_until=None, **extra)
+            .execution_options(synchronize_session=False)
+        )
+        changed = int(cast(CursorResult[Any], result).rowcount) == 1
+        if changed and job.message is not None:
+            publish_after_commit(session, approval_topic(job.message.approval_id))
+        return changed
+
+    async def _apply(self, session: AsyncSession, now: datetime, sent: Sent) -> None:
+        job, result = sent.job, sent.result
+        message = job.message
+        assert message is not None
+        reason = result.reason or result.outcome.value
+        if result.outcome is Outcome.DELIVERED:
+            await self._finish(session, job, "sent", None, sent_at=now_utc())
+        elif result.outcome is Outcome.INVALID_TOKEN:
+            if await self._finish(session, job, "failed", f"invalid push token: {reason}"):
+                await self._retire_token(session, message)
+        elif result.outcome is Outcome.CONFIG_ERROR:
+            await self._finish(session, job, "failed", f"push configuration error: {reason}")
+        else:
+            await self._retry_or_give_up(session, now, job, reason, result.retry_after)
+
+    async def _retire_token(self, session: AsyncSession, message: PushMessage) -> None:
+        # Only the token we sent to: a token rotated meanwhile stays valid.
+        await session.execute(
+            update(Device)
+            .where(Device.id == message.device_id, Device.push_token == message.token)
+            .values(push_status="invalid_token")
+            .execution_options(synchronize_session=False)
+        )
+        log.warning("device %s: push token rejected by the provider; retired", message.device_id)
+
+    async def _retry_or_give_up(
+        self,
+        session: AsyncSession,
+        now: datetime,
+        job: Claimed,
+        reason: str,
+        retry_after: float | None,
+    ) -> None:
+        message = job.message
+        assert message is not None
+        approval = await session.scalar(
+            select(Approval.status).where(Approval.id == message.approval_id)
+        )
+        next_at = now_utc() + timedelta(seconds=self.backoff(job.attempts, retry_after))
+        if approval != "pending":
+            await self._finish(session, job, "failed", f"{reason}; gave up: approval {approval}")
+        elif next_at >= message.expires_at:
+            await self._finish(
+                session, job, "failed", f"{reason}; gave up: the approval expires first"
+            )
+        else:
+            await self._finish(session, job, "queued", reason, next_attempt_at=next_at)
+
+    async def _count_pending(self) -> None:
+        async with self.runtime.db.session() as session:
+            pending = await session.scalar(
+                select(func.count(Delivery.id)).where(Delivery.status.in_(OPEN))
+            )
+        self.runtime.metrics.outbox_pending.set(pending or 0)
+
+
+def start_dispatcher(runtime: Runtime) -> Dispatcher:
+    dispatcher = Dispatcher(runtime)
+    runtime.tasks.append(dispatcher.start())
+    runtime.extras["dispatcher"] = dispatcher
+    return dispatcher

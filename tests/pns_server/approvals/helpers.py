@@ -1,0 +1,79 @@
+"""Steps the approval tests share: ask for an approval, answer it as the phone."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from sqlalchemy import update
+
+from pns_server.models import Approval
+from pns_server.runtime import Runtime
+from tests.support.factories import PairedDevice, RegisteredClient
+
+LOGIN = {"username": "admin", "hostname": "FILESRV01", "ip": "203.0.113.7", "action": "login"}
+
+
+def runtime_of(app: FastAPI) -> Runtime:
+    runtime: Runtime = app.state.runtime
+    return runtime
+
+
+def rfc3339(moment: datetime | None = None) -> str:
+    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def signed_answer(
+    device: PairedDevice,
+    approval_id: str,
+    decision: str = "approve",
+    match_code: str | None = None,
+    *,
+    fraud: bool = False,
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    timestamp = timestamp or rfc3339()
+    message = f"pns-approval-v1|{approval_id}|{decision}|{match_code or ''}|{timestamp}"
+    return {
+        "decision": decision,
+        "match_code": match_code,
+        "fraud": fraud,
+        "timestamp": timestamp,
+        "signature": device.sign(message),
+    }
+
+
+async def request_approval(
+    http: httpx.AsyncClient, client: RegisteredClient, **fields: Any
+) -> dict[str, Any]:
+    response = await http.post("/v1/approvals", json={**LOGIN, **fields}, headers=client.headers)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def answer(
+    http: httpx.AsyncClient,
+    device: PairedDevice,
+    approval_id: str,
+    decision: str = "approve",
+    match_code: str | None = None,
+    **options: Any,
+) -> httpx.Response:
+    return await http.post(
+        f"/v1/device/approvals/{approval_id}/response",
+        json=signed_answer(device, approval_id, decision, match_code, **options),
+        headers=device.headers,
+    )
+
+
+async def move_expiry(app: FastAPI, approval_id: str, seconds_from_now: float) -> datetime:
+    """Shorten an approval's life without waiting out the 10 s minimum TTL."""
+    expires_at = datetime.now(UTC) + timedelta(seconds=seconds_from_now)
+    async with runtime_of(app).db.session() as session:
+        await session.execute(
+            update(Approval).where(Approval.id == approval_id).values(expires_at=expires_at)
+        )
+    return expires_at
