@@ -1,16 +1,19 @@
-"""`pns-server`: serve, migrate (admin subcommands join here)."""
+"""`pns-server`: serve, migrate, admin, rotate-key, check-push."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import asyncio
+import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from pns_server import __version__
 from pns_server.config import Settings
+from pns_server.logging import configure_logging
 
 Command = Callable[[Settings, argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Command, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -55,19 +58,19 @@ def describe_startup(settings: Settings) -> str:
 
 @command("serve", "run the relay (migrates the database first unless PNS_MIGRATE_ON_START=false)")
 def serve(settings: Settings, _args: argparse.Namespace) -> int:
-    import uvicorn
-
     from pns_server.app import create_app
+    from pns_server.shutdown import run_server
 
     print(describe_startup(settings), flush=True)
-    uvicorn.run(
+    run_server(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # our root handler (JSON or text, redacted) takes uvicorn's lines
         access_log=False,
         proxy_headers=True,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout) or None,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     return 0
 
@@ -83,6 +86,155 @@ def migrate(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+T = TypeVar("T")
+
+
+def run_in_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Operator commands talk to the database directly, through the same services."""
+    from pns_server.db import Database, create_engine
+
+    async def go() -> T:
+        db = Database(create_engine(settings.sqlalchemy_url, pool_size=2))
+        try:
+            async with db.session() as session:
+                return await work(session)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(go())
+
+
+def _admin_arguments(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    actions = parser.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("clients", parents=[common], help="list clients")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--cursor", help="next_cursor of the previous page")
+    for name, help_text in (
+        ("client", "show a client, its devices and recent audit events"),
+        ("unlock", "clear a client's fraud push lock and OTP lock"),
+        ("delete", "delete a client and all its data"),
+        ("revoke-device", "remove a device"),
+    ):
+        action = actions.add_parser(name, parents=[common], help=help_text)
+        action.add_argument("id")
+        if name == "delete":
+            action.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    audit = actions.add_parser("audit", parents=[common], help="show the audit trail")
+    audit.add_argument("--client-id")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--cursor", type=int)
+
+
+def _print_result(args: argparse.Namespace, result: Any) -> None:
+    data: dict[str, Any] = (
+        result.model_dump(mode="json") if result is not None else {"result": "ok"}
+    )
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif args.action == "clients":
+        for c in data["clients"]:
+            locked = " LOCKED" if c["locked_until"] or c["otp_locked_until"] else ""
+            print(
+                f"{c['client_id']}  {c['name']:<24} {c['edition']:<6} "
+                f"devices={c['devices']} push={c['push_devices']}{locked}"
+            )
+        if data["next_cursor"]:
+            print(f"more: --cursor {data['next_cursor']}")
+    elif args.action == "audit":
+        for e in data["events"]:
+            print(f"{e['at']}  {e['event']:<22} {e['actor']:<7} client={e['client_id']}")
+        if data["next_cursor"]:
+            print(f"more: --cursor {data['next_cursor']}")
+    else:
+        for key, value in data.items():
+            if isinstance(value, list):
+                print(f"{key}:")
+                for item in value:
+                    print("  " + json.dumps(item))
+            else:
+                print(f"{key}: {value}")
+
+
+def _confirmed(args: argparse.Namespace) -> bool:
+    if args.action != "delete" or args.yes:
+        return True
+    if not sys.stdin.isatty():
+        sys.stderr.write("refusing to delete without --yes (no terminal to ask on)\n")
+        return False
+    answer = input(f"Delete client {args.id} and all its devices and data? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+@command("admin", "inspect and manage clients and devices", _admin_arguments)
+def admin(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pns_server.admin import service
+    from pns_server.errors import PnsError
+
+    via = "cli"
+    work: dict[str, Callable[[Any], Awaitable[Any]]] = {
+        "clients": lambda s: service.list_clients(s, args.limit, args.cursor),
+        "client": lambda s: service.describe_client(s, args.id),
+        "unlock": lambda s: service.unlock_client(s, args.id, via=via),
+        "delete": lambda s: service.delete_client(s, args.id, via=via),
+        "revoke-device": lambda s: service.revoke_device(s, args.id, via=via),
+        "audit": lambda s: service.audit_trail(s, args.client_id, args.limit, args.cursor),
+    }
+    if not _confirmed(args):
+        return 1
+    if (path := settings.sqlite_path) is not None and not path.exists():
+        sys.stderr.write(f"error: no database at {path}; run `pns-server migrate` first\n")
+        return 1
+    try:
+        result = run_in_session(settings, work[args.action])
+    except PnsError as exc:
+        sys.stderr.write(f"error: {exc.detail}\n")
+        return 1
+    except SQLAlchemyError as exc:
+        sys.stderr.write(f"error: the database failed: {type(exc).__name__}: {exc}\n")
+        return 1
+    _print_result(args, result)
+    return 0
+
+
+@command(
+    "rotate-key",
+    "re-encrypt every TOTP secret under PNS_SECRET_KEY (old keys in PNS_OLD_SECRET_KEYS)",
+)
+def rotate_key(settings: Settings, _args: argparse.Namespace) -> int:
+    from pns_server.admin.keys import rotate_secrets
+    from pns_server.db import Database, create_engine
+    from pns_server.runtime import secret_keys
+    from pns_server.security import SecretBox
+
+    if settings.secret_key is None:
+        sys.stderr.write("set PNS_SECRET_KEY to the new key and PNS_OLD_SECRET_KEYS to the old\n")
+        return 2
+    box = SecretBox(secret_keys(settings))
+
+    async def go() -> int:
+        db = Database(create_engine(settings.sqlalchemy_url, pool_size=2))
+        try:
+            report = await rotate_secrets(db, box)
+        except ValueError as exc:
+            sys.stderr.write(
+                f"error: {exc}; add the key that sealed it to PNS_OLD_SECRET_KEYS and rerun\n"
+            )
+            return 1
+        finally:
+            await db.dispose()
+        print(
+            f"re-encrypted {report.devices} device and {report.pairings} pairing secrets "
+            f"under key {box.primary_key_id}; PNS_OLD_SECRET_KEYS can now be removed"
+        )
+        return 0
+
+    return asyncio.run(go())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pns-server", description="PNS push-approval relay")
     parser.add_argument("--version", action="version", version=__version__)
@@ -96,9 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings)
     _help, func, _arguments = COMMANDS[args.command]
     return func(settings, args)
 

@@ -130,6 +130,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     # Our own access line replaces uvicorn's, which logs raw paths (with ids) and no timing.
     logging.getLogger("uvicorn.access").disabled = True
 

@@ -1,0 +1,58 @@
+"""Graceful shutdown: on SIGTERM answer every waiting long-poll at once, then stop.
+
+Uvicorn runs the lifespan shutdown only after open connections close, and a long-poll keeps
+its connection open for up to a minute. So the signal handler itself releases the waiters:
+each long-poll returns its current status with a 200 (the client polls again, on another
+replica), the outbox dispatcher finishes its round and stops, and uvicorn, which has
+stopped accepting, sees the connections close well within PNS_SHUTDOWN_TIMEOUT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger("pns")
+
+
+def release_waiters(app: FastAPI) -> None:
+    runtime = getattr(app.state, "runtime", None)
+    if runtime is None:
+        return
+    # `closing` also makes every long-poll that starts from now on answer at once.
+    runtime.notifier.closing = True
+    runtime.notifier.wake_all()
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.pns_app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Unlike the base class we do not re-raise the signal after shutting down: a
+        # graceful stop on SIGTERM is a success and exits 0, as orchestrators expect.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+        log.info("signal %s: releasing long-polls and shutting down", signal.Signals(sig).name)
+        if self._loop is not None and not self._loop.is_closed():
+            # A signal handler runs between bytecodes: hand the work to the loop.
+            self._loop.call_soon_threadsafe(release_waiters, self.pns_app)
+
+
+def run_server(app: FastAPI, **config: Any) -> None:
+    server = GracefulServer(uvicorn.Config(app, **config), app)
+    server.run()
