@@ -1,3 +1,42 @@
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+from fastapi import APIRouter, Response, status
+
+from pns_server.deps import CurrentClient, RuntimeDep, SessionDep
+from pns_server.otp import service
+from pns_server.otp.schemas import (
+    OtpAccepted,
+    OtpVerify,
+    RecoveryCodeAccepted,
+    RecoveryCodesCreated,
+    RecoveryCodeVerify,
+)
+
+router = APIRouter(tags=["otp"])
+
+
+@router.post("/v1/otp/verify", response_model=OtpAccepted)
+async def verify_otp(
+    body: OtpVerify, client: CurrentClient, session: SessionDep, runtime: RuntimeDep
+) -> OtpAccepted:
+    return await service.verify_otp(session, runtime, client, body.code)
+
+
+@router.post(
+    "/v1/recovery-codes",
+    status_code=status.HTTP_201_CREATED,
+    response_model=RecoveryCodesCreated,
+)
+async def create_recovery_codes(
+    client: CurrentClient, session: SessionDep, runtime: RuntimeDep, response: Response
+) -> RecoveryCodesCreated:
+    # Shown once: no cache along the way may keep a copy.
+    response.headers["Cache-Control"] = "no-store"
+    return await service.create_recovery_codes(session, runtime, client)
+
+
+@router.post("/v1/recovery-codes/verify", response_model=RecoveryCodeAccepted)
+async def verify_recovery_code(
+    body: RecoveryCodeVerify, client: CurrentClient, session: SessionDep, runtime: RuntimeDep
+) -> RecoveryCodeAccepted:
+    return await service.verify_recovery_code(session, runtime, client, body.code)

@@ -1,0 +1,203 @@
+"""One-time passwords and recovery codes: the rules. Lockout policy: see throttle.py.
+
+Every check takes the client row first (`lock_throttle`), refuses at once when locked, then
+looks at the code. Codes, secrets and code hashes never reach logs, audit or error details."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.audit import record
+from pns_server.errors import OtpInvalid, OtpReplayed, PnsError, RecoveryCodeInvalid
+from pns_server.models import Client, Device
+from pns_server.otp import recovery_codes, throttle
+from pns_server.otp.repository import OtpRepository
+from pns_server.otp.schemas import OtpAccepted, RecoveryCodeAccepted, RecoveryCodesCreated
+from pns_server.runtime import Runtime
+from pns_server.security import SecretBox
+from pns_server.totp import TotpParams, matching_step
+
+log = logging.getLogger(__name__)
+
+WrongCode = Callable[..., PnsError]
+
+
+async def verify_otp(
+    session: AsyncSession, runtime: Runtime, client: Client, code: str
+) -> OtpAccepted:
+    """Accept a current code (±1 step) of any of the client's app or TOTP devices, once.
+
+    A code that matches but whose step the device already used is `otp_replayed`; it does
+    not count as a failure (it proves nothing an attacker could guess, and a double-click
+    by the user must not eat an attempt). Anything else that does not match counts."""
+    now = datetime.now(UTC)
+    repo = OtpRepository(session)
+    await ensure_unlocked(repo, runtime, client.id, now)
+    typed = "".join(code.split())  # people type "123 456"
+    matches = [
+        (device, step)
+        for device in await repo.otp_devices(client.id)
+        if (step := matching_device_step(runtime.box, device, typed, now)) is not None
+    ]
+    for device, step in matches:
+        if device.last_otp_step is not None and step <= device.last_otp_step:
+            continue
+        if await repo.claim_step(device.id, step, now):
+            await repo.reset_after_success(client.id)
+            record(
+                session,
+                "otp.accepted",
+                client_id=client.id,
+                actor="client",
+                actor_id=client.id,
+                subject_id=device.id,
+                kind=device.kind,
+            )
+            runtime.metrics.otp_verifications.labels(result="accepted").inc()
+            return OtpAccepted(device_id=device.id)
+    if matches:
+        runtime.metrics.otp_verifications.labels(result="replayed").inc()
+        raise OtpReplayed("This code was already used; wait for the next one and enter it.")
+    await fail(session, runtime, client.id, now, wrong_otp)
+
+
+def matching_device_step(box: SecretBox, device: Device, code: str, now: datetime) -> int | None:
+    try:
+        secret = box.decrypt(device.totp_secret)
+    except ValueError:
+        # A secret sealed with a key that is no longer configured: this device cannot match.
+        log.warning("TOTP secret of device %s does not decrypt with the configured keys", device.id)
+        return None
+    params = TotpParams(
+        secret=secret,
+        algorithm=device.totp_algorithm,
+        digits=device.totp_digits,
+        period=device.totp_period,
+    )
+    return matching_step(params, code, now)
+
+
+async def create_recovery_codes(
+    session: AsyncSession, runtime: Runtime, client: Client
+) -> RecoveryCodesCreated:
+    """A fresh set of codes replacing every earlier one (used or not), in one transaction."""
+    codes = recovery_codes.generate_set()
+    hashes = await asyncio.to_thread(
+        lambda: [recovery_codes.hash_code(client.id, code) for code in codes]
+    )
+    repo = OtpRepository(session)
+    await repo.lock_throttle(client.id)
+    await repo.replace_recovery_codes(client.id, hashes, datetime.now(UTC))
+    record(
+        session,
+        "recovery.generated",
+        client_id=client.id,
+        actor="client",
+        actor_id=client.id,
+        count=len(codes),
+    )
+    return RecoveryCodesCreated(codes=codes)
+
+
+async def verify_recovery_code(
+    session: AsyncSession, runtime: Runtime, client: Client, code: str
+) -> RecoveryCodeAccepted:
+    """Accept an unused recovery code once; wrong or used codes count toward the OTP lock."""
+    canonical = recovery_codes.normalise(code)
+    # Hash before taking the client row: scrypt is the slow part, keep it out of the lock.
+    code_hash = (
+        await asyncio.to_thread(recovery_codes.hash_code, client.id, canonical)
+        if canonical is not None
+        else None
+    )
+    now = datetime.now(UTC)
+    repo = OtpRepository(session)
+    await ensure_unlocked(repo, runtime, client.id, now)
+    if code_hash is not None and await repo.use_recovery_code(client.id, code_hash, now):
+        await repo.reset_after_success(client.id)
+        remaining = await repo.unused_recovery_codes(client.id)
+        record(
+            session,
+            "recovery.used",
+            client_id=client.id,
+            actor="client",
+            actor_id=client.id,
+            remaining=remaining,
+        )
+        runtime.metrics.otp_verifications.labels(result="accepted").inc()
+        return RecoveryCodeAccepted(remaining=remaining)
+    await fail(session, runtime, client.id, now, wrong_recovery_code)
+
+
+async def unlock(session: AsyncSession, client_id: str) -> bool:
+    """Administrative unlock of OTP and recovery codes, including the 100-failure cap."""
+    return await OtpRepository(session).reset_throttle(client_id)
+
+
+async def ensure_unlocked(
+    repo: OtpRepository, runtime: Runtime, client_id: str, now: datetime
+) -> None:
+    refusal = throttle.refusal_if_locked(await repo.lock_throttle(client_id), now)
+    if refusal is not None:
+        runtime.metrics.otp_verifications.labels(result="locked").inc()
+        raise refusal
+
+
+def wrong_otp(**extra: Any) -> PnsError:
+    return OtpInvalid(
+        "The code is wrong or too old; enter the current code (check the device's clock).",
+        commit=True,
+        **extra,
+    )
+
+
+def wrong_recovery_code(**extra: Any) -> PnsError:
+    return RecoveryCodeInvalid(
+        "This recovery code is unknown or already used; check it or use another one.",
+        commit=True,
+        **extra,
+    )
+
+
+async def fail(
+    session: AsyncSession, runtime: Runtime, client_id: str, now: datetime, wrong: WrongCode
+) -> NoReturn:
+    """Count a wrong code (committed although the request fails) and lock when due."""
+    repo = OtpRepository(session)
+    settings = runtime.settings
+    counters = await repo.record_failure(client_id)
+    runtime.metrics.otp_verifications.labels(result="invalid").inc()
+    if throttle.is_capped(counters):
+        record_lock(session, client_id, counters.failures_since_success, None)
+        raise wrong(attempts_left=0, locked_until=None, admin_unlock_required=True)
+    if counters.consecutive_failures >= settings.otp_max_failures:
+        until = now + throttle.lock_duration(settings, counters.lock_count)
+        counters = await repo.impose_lock(client_id, until)
+        record_lock(session, client_id, counters.failures_since_success, until)
+        raise wrong(
+            attempts_left=0,
+            locked_until=until,
+            retry_after=throttle.retry_after(until, now),
+            admin_unlock_required=False,
+        )
+    raise wrong(attempts_left=throttle.attempts_left(settings, counters))
+
+
+def record_lock(
+    session: AsyncSession, client_id: str, failures: int, until: datetime | None
+) -> None:
+    record(
+        session,
+        "otp.locked",
+        client_id=client_id,
+        actor="system",
+        failures_since_success=failures,
+        locked_until=None if until is None else until.isoformat(),
+        admin_unlock_required=until is None,
+    )
