@@ -1,0 +1,794 @@
+"""The backup client's API: `PnsClient` (blocking) and `AsyncPnsClient` (asyncio).
+
+Both are thin: requests are built and answers parsed by `client_sdk._core`, so the two
+offer exactly the same methods with the same behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import math
+import ssl
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+
+from client_sdk._core import (
+    DEFAULT_LONG_POLL,
+    DEFAULT_RETRIES,
+    MAX_WAIT,
+    Call,
+    ClientCore,
+    fallback_reason,
+    is_otp_shaped,
+    normalise_otp,
+    ping_call,
+    register_call,
+)
+from client_sdk._exceptions import (
+    AlreadyDecided,
+    OtpInvalid,
+    OtpReplayed,
+    PnsError,
+    PushUnavailable,
+    RecoveryCodeInvalid,
+)
+from client_sdk._http import AsyncSender, SyncSender, TimeoutTypes
+from client_sdk._keys import KeyStore
+from client_sdk._models import (
+    Approval,
+    ApprovalRequested,
+    ClientInfo,
+    ClientRegistration,
+    CodePrompt,
+    Device,
+    LoginResult,
+    OtpResult,
+    Pairing,
+    Ping,
+    RecoveryCodes,
+    RecoveryResult,
+)
+
+__all__ = ["AsyncPnsClient", "PnsClient"]
+
+T = TypeVar("T")
+# While pushes are still queued the server may not wake a long-poll for delivery progress;
+# poll this often so a failed delivery reaches the UI quickly.
+DELIVERY_PROGRESS_WAIT = 2
+RETRYABLE_CODE_ERRORS = (OtpInvalid, OtpReplayed, RecoveryCodeInvalid)
+
+
+def _next_wait(deadline: float | None, chunk: int) -> int:
+    if deadline is None:
+        return chunk
+    return max(0, min(chunk, math.ceil(deadline - time.monotonic())))
+
+
+def _progress_chunk(approval: Approval | None, chunk: int, watching: bool) -> int:
+    delivery = approval.delivery if approval is not None else None
+    if watching and delivery is not None and delivery.queued > 0:
+        return min(chunk, DELIVERY_PROGRESS_WAIT)
+    return chunk
+
+
+def _done(approval: Approval, stop_early: bool) -> bool:
+    if approval.is_final:
+        return True
+    return stop_early and fallback_reason(approval) is not None
+
+
+def _after_wait_reason(approval: Approval, user_chose: bool) -> str:
+    reason = fallback_reason(approval) or "timeout"
+    if reason == "cancelled" and user_chose:
+        return "user_choice"
+    return reason
+
+
+class _Base:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        key_store: KeyStore | None,
+        long_poll_seconds: int,
+    ) -> None:
+        if not 1 <= long_poll_seconds <= MAX_WAIT:
+            raise ValueError(f"long_poll_seconds must be 1..{MAX_WAIT}")
+        self.base_url = base_url.rstrip("/")
+        self._core = ClientCore(token, key_store)
+        self.long_poll_seconds = long_poll_seconds
+
+    @property
+    def key_store(self) -> KeyStore:
+        """The device public keys pinned so far (see `KeyStore`)."""
+        return self._core.key_store
+
+
+class PnsClient(_Base):
+    """A blocking client for a backup-client installation.
+
+        registration = PnsClient.register("https://pns.example.com", name="FILESRV01",
+                                          edition="pro")
+        with PnsClient("https://pns.example.com", token=registration.client_token,
+                       key_store=KeyStore("pns-keys.json")) as client:
+            pairing = client.start_pairing("app")
+            show_qr(pairing.qr_payload)
+            pairing = client.wait_for_pairing(pairing.pairing_id)
+
+    `timeout` is per request (long-polls get their `wait` on top of the read timeout);
+    `retries` is how often idempotent requests are retried on connection failures.
+    The client is safe to share between threads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        key_store: KeyStore | None = None,
+        timeout: TimeoutTypes = None,
+        retries: int = DEFAULT_RETRIES,
+        long_poll_seconds: int = DEFAULT_LONG_POLL,
+        transport: httpx.BaseTransport | None = None,
+        verify: bool | ssl.SSLContext = True,
+    ) -> None:
+        super().__init__(base_url, token, key_store, long_poll_seconds)
+        self._sender = SyncSender(
+            self.base_url,
+            self._core.headers,
+            timeout=timeout,
+            retries=retries,
+            transport=transport,
+            verify=verify,
+        )
+
+    def _send(self, call: Call[T]) -> T:
+        return self._sender.send(call)
+
+    def close(self) -> None:
+        self._sender.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- service and registration --
+
+    @classmethod
+    def register(
+        cls,
+        base_url: str,
+        *,
+        name: str,
+        edition: str,
+        hostname: str | None = None,
+        registration_key: str | None = None,
+        timeout: TimeoutTypes = None,
+        transport: httpx.BaseTransport | None = None,
+        verify: bool | ssl.SSLContext = True,
+    ) -> ClientRegistration:
+        """Register this installation; keep `client_token` secret and reuse it.
+
+        reg = PnsClient.register(url, name="FILESRV01", edition="pro")
+        client = PnsClient(url, token=reg.client_token)
+        """
+        with cls(base_url, timeout=timeout, transport=transport, verify=verify) as client:
+            return client._send(register_call(name, edition, hostname, registration_key))
+
+    def ping(self) -> Ping:
+        """Reach the server and measure clock skew (TOTP and signatures need a fair clock).
+
+        if abs(client.ping().clock_skew) > 30: warn("fix this machine's clock")
+        """
+        return self._send(ping_call())
+
+    def me(self) -> ClientInfo:
+        """This installation's record: `client.me().devices`."""
+        return self._send(self._core.me())
+
+    # -- pairing and devices --
+
+    def start_pairing(self, kind: str = "app", label: str | None = None) -> Pairing:
+        """Start pairing a device; show `qr_payload` as a QR code.
+
+        pairing = client.start_pairing("totp", label="Google Authenticator")
+        """
+        return self._send(self._core.start_pairing(kind, label))
+
+    def get_pairing(self, pairing_id: str, wait: float = 0) -> Pairing:
+        """A pairing's status; with `wait` (0..60 s) the server holds the answer until it
+        changes. `client.get_pairing(pid, wait=20).status`"""
+        return self._send(self._core.get_pairing(pairing_id, wait))
+
+    def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
+        """Long-poll until the pairing is completed or expired, or `timeout` seconds have
+        passed (then the latest, still pending, state is returned). The new device's key
+        is pinned. `device = client.wait_for_pairing(pid).device`"""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pairing = self.get_pairing(pairing_id, _next_wait(deadline, self.long_poll_seconds))
+            if not pairing.is_pending or _next_wait(deadline, 1) == 0:
+                return pairing
+
+    def confirm_totp_pairing(self, pairing_id: str, code: str) -> Device:
+        """Activate a TOTP pairing with the first code the app shows.
+
+        `device = client.confirm_totp_pairing(pairing.pairing_id, "123456")`"""
+        return self._send(self._core.confirm_totp_pairing(pairing_id, code))
+
+    def list_devices(self) -> list[Device]:
+        """Every device of this installation; pins the keys of devices seen for the first
+        time. `for d in client.list_devices(): print(d.name)`"""
+        return self._send(self._core.list_devices())
+
+    def remove_device(self, device_id: str) -> None:
+        """Remove a device (its pending pushes are dropped). `client.remove_device(did)`"""
+        self._send(self._core.remove_device(device_id))
+
+    # -- codes --
+
+    def verify_otp(self, code: str) -> OtpResult:
+        """Check a one-time password against every active device.
+
+        try:
+            client.verify_otp("123456")
+        except OtpInvalid as exc:
+            print(exc.attempts_left)
+        """
+        return self._send(self._core.verify_otp(code))
+
+    def create_recovery_codes(self) -> RecoveryCodes:
+        """Ten new single-use codes (the old ones stop working); show them once."""
+        return self._send(self._core.create_recovery_codes())
+
+    def verify_recovery_code(self, code: str) -> RecoveryResult:
+        """Use a recovery code. `client.verify_recovery_code("abcd-efgh-ij").remaining`"""
+        return self._send(self._core.verify_recovery_code(code))
+
+    # -- approvals --
+
+    def request_approval(
+        self,
+        *,
+        username: str,
+        hostname: str | None = None,
+        ip: str | None = None,
+        action: str = "login",
+        message: str | None = None,
+        ttl_seconds: int = 60,
+        number_matching: bool = True,
+        idempotency_key: str | None = None,
+    ) -> ApprovalRequested:
+        """Ask the user's phone to approve a login; show `match_code` on screen.
+
+            req = client.request_approval(username="admin", hostname="FILESRV01")
+            print("Type", req.match_code, "on your phone")
+
+        Retries after network failures reuse the same Idempotency-Key (random unless
+        given), so they never create a second approval."""
+        return self._send(
+            self._core.request_approval(
+                username=username,
+                hostname=hostname,
+                ip=ip,
+                action=action,
+                message=message,
+                ttl_seconds=ttl_seconds,
+                number_matching=number_matching,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def get_approval(
+        self, approval_id: str, wait: float = 0, *, match_code: str | None = None
+    ) -> Approval:
+        """An approval's state; with `wait` (0..60 s) a long-poll. A decided approval's
+        signature is verified against the pinned device key (`ApprovalSignatureError`
+        if it does not verify); `match_code` defaults to the one this client was given."""
+        approval = self._send(self._core.get_approval(approval_id, wait))
+        return self._verified(approval, match_code)
+
+    def _verified(self, approval: Approval, match_code: str | None) -> Approval:
+        checked = self._core.check_signature(approval, match_code=match_code)
+        if checked is None:
+            self.list_devices()
+            checked = self._core.check_signature(approval, match_code=match_code, refreshed=True)
+        assert checked is not None
+        return checked
+
+    def wait_for_approval(
+        self,
+        approval_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[Approval], Any] | None = None,
+        *,
+        match_code: str | None = None,
+    ) -> Approval:
+        """Long-poll until the approval is approved, rejected, expired or cancelled (or
+        `timeout` seconds passed: then the latest pending state is returned).
+
+        `on_progress` receives every new state, delivery counts included, so a UI can
+        offer the one-time password as soon as `approval.delivery.all_failed`.
+
+            result = client.wait_for_approval(req.approval_id, on_progress=print)
+            if result.approved: ...
+        """
+        return self._wait(approval_id, timeout, on_progress, match_code, stop_early=False)
+
+    def _wait(
+        self,
+        approval_id: str,
+        timeout: float | None,
+        on_progress: Callable[[Approval], Any] | None,
+        match_code: str | None,
+        *,
+        stop_early: bool,
+    ) -> Approval:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: Approval | None = None
+        while True:
+            chunk = _progress_chunk(last, self.long_poll_seconds, on_progress is not None)
+            approval = self.get_approval(
+                approval_id, _next_wait(deadline, chunk), match_code=match_code
+            )
+            if on_progress is not None and approval != last:
+                on_progress(approval)
+            last = approval
+            if _done(approval, stop_early) or _next_wait(deadline, 1) == 0:
+                return approval
+
+    def cancel_approval(self, approval_id: str) -> Approval:
+        """Withdraw a pending approval (e.g. the user chose to type a code instead).
+        Raises `AlreadyDecided` if it was already answered."""
+        return self._send(self._core.cancel_approval(approval_id))
+
+    def login(
+        self,
+        *,
+        username: str,
+        ask_code: Callable[[CodePrompt], str | None],
+        show_match_code: Callable[[ApprovalRequested], Any] | None = None,
+        on_progress: Callable[[Approval], Any] | None = None,
+        use_code: threading.Event | None = None,
+        hostname: str | None = None,
+        ip: str | None = None,
+        action: str = "login",
+        message: str | None = None,
+        ttl_seconds: int = 60,
+        number_matching: bool = True,
+        max_code_attempts: int = 3,
+    ) -> LoginResult:
+        """The whole second factor of a login: push first, one-time password as fallback.
+
+        Sends a push approval and hands it to `show_match_code` (display its `match_code`),
+        waits for the phone, and returns on a verified approval. On rejection, expiry,
+        failed delivery, push being unavailable, or the user setting `use_code` (or any
+        thread calling `cancel_approval`), it asks `ask_code` for a one-time password or a
+        recovery code (up to `max_code_attempts` times) and verifies it. `ask_code`
+        returning None or "" means the user gave up. `OtpLocked` propagates.
+
+            result = client.login(
+                username="admin",
+                show_match_code=lambda req: print("Type", req.match_code, "on your phone"),
+                ask_code=lambda prompt: input(f"Code ({prompt.reason}): "),
+            )
+            if result.success: grant_access()
+        """
+        approval: Approval | None = None
+        try:
+            requested = self.request_approval(
+                username=username,
+                hostname=hostname,
+                ip=ip,
+                action=action,
+                message=message,
+                ttl_seconds=ttl_seconds,
+                number_matching=number_matching,
+            )
+        except PushUnavailable:
+            reason = "push_unavailable"
+        else:
+            if show_match_code is not None:
+                show_match_code(requested)
+            approval, reason = self._push_phase(requested, on_progress, use_code)
+            if approval.approved:
+                return LoginResult(True, "push", approval, approval.device_id)
+        return self._code_phase(ask_code, reason, approval, max_code_attempts)
+
+    def _push_phase(
+        self,
+        requested: ApprovalRequested,
+        on_progress: Callable[[Approval], Any] | None,
+        use_code: threading.Event | None,
+    ) -> tuple[Approval, str]:
+        stop = threading.Event()
+        if use_code is not None:
+            watcher = threading.Thread(
+                target=self._cancel_when_set,
+                args=(requested.approval_id, use_code, stop),
+                name="pns-login-watch",
+                daemon=True,
+            )
+            watcher.start()
+        try:
+            approval = self._wait(
+                requested.approval_id,
+                None,
+                on_progress,
+                requested.match_code,
+                stop_early=True,
+            )
+        finally:
+            stop.set()
+        user_chose = use_code is not None and use_code.is_set()
+        reason = _after_wait_reason(approval, user_chose)
+        if not approval.is_final:
+            approval = self._cancel_or_refresh(approval, requested.match_code)
+        return approval, reason
+
+    def _cancel_when_set(
+        self, approval_id: str, use_code: threading.Event, stop: threading.Event
+    ) -> None:
+        while not stop.is_set():
+            if use_code.wait(0.1):
+                # Cancelling wakes the long-poll at once, which then falls back to the code.
+                self._cancel_quietly(approval_id)
+                return
+
+    def _cancel_quietly(self, approval_id: str) -> None:
+        with contextlib.suppress(PnsError):
+            self.cancel_approval(approval_id)
+
+    def _cancel_or_refresh(self, approval: Approval, match_code: str | None) -> Approval:
+        """Cancel a push we give up on; if the phone answered first, keep its answer."""
+        try:
+            return self.cancel_approval(approval.approval_id)
+        except AlreadyDecided:
+            return self.get_approval(approval.approval_id, match_code=match_code)
+        except PnsError:
+            return approval
+
+    def _code_phase(
+        self,
+        ask_code: Callable[[CodePrompt], str | None],
+        reason: str,
+        approval: Approval | None,
+        attempts: int,
+    ) -> LoginResult:
+        error: Exception | None = None
+        for attempt in range(1, attempts + 1):
+            code = (ask_code(CodePrompt(reason, attempt, error)) or "").strip()
+            if not code:
+                break
+            try:
+                if is_otp_shaped(code):
+                    otp = self.verify_otp(normalise_otp(code))
+                    return LoginResult(True, "otp", approval, otp.device_id, reason)
+                used = self.verify_recovery_code(code)
+                return LoginResult(True, "recovery_code", approval, None, reason, used.remaining)
+            except RETRYABLE_CODE_ERRORS as exc:
+                error = exc
+        return LoginResult(False, None, approval, None, reason)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class AsyncPnsClient(_Base):
+    """The asyncio twin of `PnsClient`: the same methods, awaited.
+
+        async with AsyncPnsClient(url, token=token) as client:
+            pairing = await client.start_pairing("app")
+            pairing = await client.wait_for_pairing(pairing.pairing_id)
+
+    Callbacks given to `login` and `wait_for_approval` may be plain functions or
+    coroutines."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        key_store: KeyStore | None = None,
+        timeout: TimeoutTypes = None,
+        retries: int = DEFAULT_RETRIES,
+        long_poll_seconds: int = DEFAULT_LONG_POLL,
+        transport: httpx.AsyncBaseTransport | None = None,
+        verify: bool | ssl.SSLContext = True,
+    ) -> None:
+        super().__init__(base_url, token, key_store, long_poll_seconds)
+        self._sender = AsyncSender(
+            self.base_url,
+            self._core.headers,
+            timeout=timeout,
+            retries=retries,
+            transport=transport,
+            verify=verify,
+        )
+
+    async def _send(self, call: Call[T]) -> T:
+        return await self._sender.send(call)
+
+    async def aclose(self) -> None:
+        await self._sender.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @classmethod
+    async def register(
+        cls,
+        base_url: str,
+        *,
+        name: str,
+        edition: str,
+        hostname: str | None = None,
+        registration_key: str | None = None,
+        timeout: TimeoutTypes = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        verify: bool | ssl.SSLContext = True,
+    ) -> ClientRegistration:
+        """Register this installation. `reg = await AsyncPnsClient.register(url, name=...,
+        edition="pro")`"""
+        async with cls(base_url, timeout=timeout, transport=transport, verify=verify) as client:
+            return await client._send(register_call(name, edition, hostname, registration_key))
+
+    async def ping(self) -> Ping:
+        """Reach the server and measure clock skew. `(await client.ping()).clock_skew`"""
+        return await self._send(ping_call())
+
+    async def me(self) -> ClientInfo:
+        """This installation's record. `(await client.me()).devices`"""
+        return await self._send(self._core.me())
+
+    async def start_pairing(self, kind: str = "app", label: str | None = None) -> Pairing:
+        """Start pairing a device. `pairing = await client.start_pairing("app")`"""
+        return await self._send(self._core.start_pairing(kind, label))
+
+    async def get_pairing(self, pairing_id: str, wait: float = 0) -> Pairing:
+        """A pairing's status, optionally long-polled. `await client.get_pairing(pid, 20)`"""
+        return await self._send(self._core.get_pairing(pairing_id, wait))
+
+    async def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
+        """Long-poll until completed or expired (or `timeout`); pins the new device's key.
+        `device = (await client.wait_for_pairing(pid)).device`"""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _next_wait(deadline, self.long_poll_seconds)
+            pairing = await self.get_pairing(pairing_id, wait)
+            if not pairing.is_pending or _next_wait(deadline, 1) == 0:
+                return pairing
+
+    async def confirm_totp_pairing(self, pairing_id: str, code: str) -> Device:
+        """Activate a TOTP pairing. `await client.confirm_totp_pairing(pid, "123456")`"""
+        return await self._send(self._core.confirm_totp_pairing(pairing_id, code))
+
+    async def list_devices(self) -> list[Device]:
+        """Every device of this installation; pins new keys. `await client.list_devices()`"""
+        return await self._send(self._core.list_devices())
+
+    async def remove_device(self, device_id: str) -> None:
+        """Remove a device. `await client.remove_device(device_id)`"""
+        await self._send(self._core.remove_device(device_id))
+
+    async def verify_otp(self, code: str) -> OtpResult:
+        """Check a one-time password. `await client.verify_otp("123456")`"""
+        return await self._send(self._core.verify_otp(code))
+
+    async def create_recovery_codes(self) -> RecoveryCodes:
+        """Ten new single-use codes. `(await client.create_recovery_codes()).codes`"""
+        return await self._send(self._core.create_recovery_codes())
+
+    async def verify_recovery_code(self, code: str) -> RecoveryResult:
+        """Use a recovery code. `await client.verify_recovery_code("abcd-efgh-ij")`"""
+        return await self._send(self._core.verify_recovery_code(code))
+
+    async def request_approval(
+        self,
+        *,
+        username: str,
+        hostname: str | None = None,
+        ip: str | None = None,
+        action: str = "login",
+        message: str | None = None,
+        ttl_seconds: int = 60,
+        number_matching: bool = True,
+        idempotency_key: str | None = None,
+    ) -> ApprovalRequested:
+        """Ask the phone to approve. `req = await client.request_approval(username="admin")`"""
+        return await self._send(
+            self._core.request_approval(
+                username=username,
+                hostname=hostname,
+                ip=ip,
+                action=action,
+                message=message,
+                ttl_seconds=ttl_seconds,
+                number_matching=number_matching,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    async def get_approval(
+        self, approval_id: str, wait: float = 0, *, match_code: str | None = None
+    ) -> Approval:
+        """An approval's state, signature verified. `await client.get_approval(aid, 20)`"""
+        approval = await self._send(self._core.get_approval(approval_id, wait))
+        return await self._verified(approval, match_code)
+
+    async def _verified(self, approval: Approval, match_code: str | None) -> Approval:
+        checked = self._core.check_signature(approval, match_code=match_code)
+        if checked is None:
+            await self.list_devices()
+            checked = self._core.check_signature(approval, match_code=match_code, refreshed=True)
+        assert checked is not None
+        return checked
+
+    async def wait_for_approval(
+        self,
+        approval_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[Approval], Any] | None = None,
+        *,
+        match_code: str | None = None,
+    ) -> Approval:
+        """Long-poll until a final status (or `timeout`), reporting progress.
+        `result = await client.wait_for_approval(req.approval_id, on_progress=print)`"""
+        return await self._wait(approval_id, timeout, on_progress, match_code, stop_early=False)
+
+    async def _wait(
+        self,
+        approval_id: str,
+        timeout: float | None,
+        on_progress: Callable[[Approval], Any] | None,
+        match_code: str | None,
+        *,
+        stop_early: bool,
+    ) -> Approval:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: Approval | None = None
+        while True:
+            chunk = _progress_chunk(last, self.long_poll_seconds, on_progress is not None)
+            approval = await self.get_approval(
+                approval_id, _next_wait(deadline, chunk), match_code=match_code
+            )
+            if on_progress is not None and approval != last:
+                await _maybe_await(on_progress(approval))
+            last = approval
+            if _done(approval, stop_early) or _next_wait(deadline, 1) == 0:
+                return approval
+
+    async def cancel_approval(self, approval_id: str) -> Approval:
+        """Withdraw a pending approval. `await client.cancel_approval(aid)`"""
+        return await self._send(self._core.cancel_approval(approval_id))
+
+    async def login(
+        self,
+        *,
+        username: str,
+        ask_code: Callable[[CodePrompt], str | Awaitable[str | None] | None],
+        show_match_code: Callable[[ApprovalRequested], Any] | None = None,
+        on_progress: Callable[[Approval], Any] | None = None,
+        use_code: asyncio.Event | None = None,
+        hostname: str | None = None,
+        ip: str | None = None,
+        action: str = "login",
+        message: str | None = None,
+        ttl_seconds: int = 60,
+        number_matching: bool = True,
+        max_code_attempts: int = 3,
+    ) -> LoginResult:
+        """Push first, one-time password as fallback; see `PnsClient.login`.
+
+        result = await client.login(username="admin", show_match_code=show,
+                                    ask_code=prompt_for_code, use_code=otp_button)
+        """
+        approval: Approval | None = None
+        try:
+            requested = await self.request_approval(
+                username=username,
+                hostname=hostname,
+                ip=ip,
+                action=action,
+                message=message,
+                ttl_seconds=ttl_seconds,
+                number_matching=number_matching,
+            )
+        except PushUnavailable:
+            reason = "push_unavailable"
+        else:
+            if show_match_code is not None:
+                await _maybe_await(show_match_code(requested))
+            approval, reason = await self._push_phase(requested, on_progress, use_code)
+            if approval.approved:
+                return LoginResult(True, "push", approval, approval.device_id)
+        return await self._code_phase(ask_code, reason, approval, max_code_attempts)
+
+    async def _push_phase(
+        self,
+        requested: ApprovalRequested,
+        on_progress: Callable[[Approval], Any] | None,
+        use_code: asyncio.Event | None,
+    ) -> tuple[Approval, str]:
+        watcher = (
+            asyncio.create_task(self._cancel_when_set(requested.approval_id, use_code))
+            if use_code is not None
+            else None
+        )
+        try:
+            approval = await self._wait(
+                requested.approval_id,
+                None,
+                on_progress,
+                requested.match_code,
+                stop_early=True,
+            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        user_chose = use_code is not None and use_code.is_set()
+        reason = _after_wait_reason(approval, user_chose)
+        if not approval.is_final:
+            approval = await self._cancel_or_refresh(approval, requested.match_code)
+        return approval, reason
+
+    async def _cancel_when_set(self, approval_id: str, use_code: asyncio.Event) -> None:
+        await use_code.wait()
+        await self._cancel_quietly(approval_id)
+
+    async def _cancel_quietly(self, approval_id: str) -> None:
+        with contextlib.suppress(PnsError):
+            await self.cancel_approval(approval_id)
+
+    async def _cancel_or_refresh(self, approval: Approval, match_code: str | None) -> Approval:
+        """Cancel a push we give up on; if the phone answered first, keep its answer."""
+        try:
+            return await self.cancel_approval(approval.approval_id)
+        except AlreadyDecided:
+            return await self.get_approval(approval.approval_id, match_code=match_code)
+        except PnsError:
+            return approval
+
+    async def _code_phase(
+        self,
+        ask_code: Callable[[CodePrompt], str | Awaitable[str | None] | None],
+        reason: str,
+        approval: Approval | None,
+        attempts: int,
+    ) -> LoginResult:
+        error: Exception | None = None
+        for attempt in range(1, attempts + 1):
+            answer = await _maybe_await(ask_code(CodePrompt(reason, attempt, error)))
+            code = (answer or "").strip()
+            if not code:
+                break
+            try:
+                if is_otp_shaped(code):
+                    otp = await self.verify_otp(normalise_otp(code))
+                    return LoginResult(True, "otp", approval, otp.device_id, reason)
+                used = await self.verify_recovery_code(code)
+                return LoginResult(True, "recovery_code", approval, None, reason, used.remaining)
+            except RETRYABLE_CODE_ERRORS as exc:
+                error = exc
+        return LoginResult(False, None, approval, None, reason)

@@ -1,0 +1,782 @@
+"""The no-I/O core: every request is built and every response parsed here.
+
+`PnsClient`, `AsyncPnsClient`, `DeviceClient` and `AsyncDeviceClient` only move the
+`ApiRequest`s built here over the network and hand the answers back to `Call.parse`, so
+the two twins cannot drift apart and everything here is testable without a server."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import parse_qs, quote, urlparse
+
+import httpx
+
+from client_sdk._exceptions import (
+    ApprovalSignatureError,
+    ConnectError,
+    RequestTimeout,
+    TransportError,
+    UnexpectedResponse,
+    error_class_for,
+)
+from client_sdk._keys import KeyStore, same_public_key, verify_approval_signature
+from client_sdk._models import (
+    Approval,
+    ApprovalRequested,
+    ApprovalResponse,
+    ClientInfo,
+    ClientRegistration,
+    Delivery,
+    Device,
+    DeviceApproval,
+    DeviceDecision,
+    OtpResult,
+    Pairing,
+    Ping,
+    RecoveryCodes,
+    RecoveryResult,
+    TotpParameters,
+)
+
+T = TypeVar("T")
+RetryMode = Literal["never", "connect", "always"]
+
+SDK_VERSION = "0.1.0"
+USER_AGENT = f"pns-client-sdk/{SDK_VERSION}"
+MAX_WAIT = 60
+# Long-polls are cut into waits this long: well under the 60 s idle timeout of common proxies.
+DEFAULT_LONG_POLL = 25
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+DEFAULT_RETRIES = 2
+_REMEMBERED_MATCH_CODES = 64
+
+
+# --- requests and replies -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """One HTTP request, described. `wait` is the long-poll the server may hold it for."""
+
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    wait: float = 0.0
+    retry: RetryMode = "never"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A response plus the local wall-clock times (epoch seconds) around the exchange."""
+
+    response: httpx.Response
+    sent_at: float
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    request: ApiRequest
+    parse: Callable[[Reply], T]
+
+
+def timeout_for(request: ApiRequest, base: httpx.Timeout) -> httpx.Timeout:
+    """The read timeout must outlast the long-poll the server was asked to hold."""
+    if request.wait <= 0 or base.read is None:
+        return base
+    return httpx.Timeout(
+        connect=base.connect, read=base.read + request.wait, write=base.write, pool=base.pool
+    )
+
+
+def should_retry(
+    request: ApiRequest, error: httpx.TransportError, attempt: int, limit: int
+) -> bool:
+    """GETs are retried only when nothing reached the server; a request carrying an
+    Idempotency-Key may be retried after any transport failure (the server dedupes it)."""
+    if attempt >= limit or request.retry == "never":
+        return False
+    if request.retry == "always":
+        return True
+    return isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to sleep before retry number `attempt` (0-based): 0.2, 0.4, 0.8 ... capped."""
+    return min(0.2 * 2.0**attempt, 2.0) * random.uniform(0.5, 1.0)
+
+
+def transport_error(error: httpx.TransportError) -> TransportError:
+    name = type(error).__name__
+    if isinstance(error, httpx.TimeoutException):
+        return RequestTimeout(f"timed out talking to the PNS server ({name})")
+    if isinstance(error, httpx.ConnectError):
+        return ConnectError(f"cannot connect to the PNS server: {error}")
+    return TransportError(f"network error talking to the PNS server ({name}): {error}")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def raise_for_problem(response: httpx.Response) -> None:
+    """Raise the mapped `ApiError` for a 4xx/5xx answer."""
+    status = response.status_code
+    if status < 400:
+        return
+    problem: dict[str, Any] = {}
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            problem = body
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    code = problem.get("code")
+    code = code if isinstance(code, str) else ""
+    detail = problem.get("detail")
+    if not isinstance(detail, str):
+        detail = response.reason_phrase or "error"
+    cls = error_class_for(code, status)
+    raise cls(status, code, detail, problem, retry_after=_retry_after(response))
+
+
+def json_body(reply: Reply, expect: int | tuple[int, ...] = 200) -> dict[str, Any]:
+    response = reply.response
+    raise_for_problem(response)
+    wanted = (expect,) if isinstance(expect, int) else expect
+    if response.status_code not in wanted:
+        raise UnexpectedResponse(
+            f"expected HTTP {wanted}, got {response.status_code}", status=response.status_code
+        )
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnexpectedResponse(
+            "the server's answer is not JSON", status=response.status_code
+        ) from exc
+    if not isinstance(body, dict):
+        raise UnexpectedResponse("the server's answer is not a JSON object", status=200)
+    return body
+
+
+def no_content(reply: Reply) -> None:
+    raise_for_problem(reply.response)
+    if reply.response.status_code not in (200, 202, 204):
+        raise UnexpectedResponse(
+            f"unexpected HTTP {reply.response.status_code}", status=reply.response.status_code
+        )
+
+
+# --- field readers ------------------------------------------------------------------
+
+
+def _bad(name: str) -> UnexpectedResponse:
+    return UnexpectedResponse(f"the server's answer has a missing or invalid {name!r}", status=200)
+
+
+def _str(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise _bad(name)
+    return value
+
+
+def _opt_str(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _bad(name)
+    return value
+
+
+def _int(data: Mapping[str, Any], name: str, default: int | None = None) -> int:
+    value = data.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(name)
+    return value
+
+
+def _bool(data: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise _bad(name)
+    return value
+
+
+def parse_time(value: str) -> datetime:
+    """RFC 3339 (with Z or an offset, any fraction) to an aware UTC datetime."""
+    parsed = datetime.fromisoformat(value.strip().replace("z", "Z"))
+    if parsed.tzinfo is None:
+        raise ValueError("timestamp without a timezone")
+    return parsed.astimezone(UTC)
+
+
+def _time(data: Mapping[str, Any], name: str) -> datetime:
+    try:
+        return parse_time(_str(data, name))
+    except ValueError as exc:
+        raise _bad(name) from exc
+
+
+def _opt_time(data: Mapping[str, Any], name: str) -> datetime | None:
+    return None if data.get(name) is None else _time(data, name)
+
+
+def _obj(data: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise _bad(name)
+    return value
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC with a Z, whole seconds."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- model parsers ----------------------------------------------------------------
+
+
+def parse_device(data: Mapping[str, Any]) -> Device:
+    return Device(
+        device_id=_str(data, "device_id"),
+        kind=_str(data, "kind"),
+        name=_str(data, "name"),
+        platform=_opt_str(data, "platform"),
+        os_version=_opt_str(data, "os_version"),
+        push=_opt_str(data, "push"),
+        push_status=_opt_str(data, "push_status") or "none",
+        public_key=_opt_str(data, "public_key"),
+        created_at=_time(data, "created_at"),
+        last_used_at=_opt_time(data, "last_used_at"),
+    )
+
+
+def parse_pairing(data: Mapping[str, Any]) -> Pairing:
+    device = _obj(data, "device")
+    return Pairing(
+        pairing_id=_str(data, "pairing_id"),
+        kind=_str(data, "kind"),
+        status=_str(data, "status"),
+        expires_at=_time(data, "expires_at"),
+        device=parse_device(device) if device is not None else None,
+        qr_payload=_opt_str(data, "qr_payload"),
+        otpauth_uri=_opt_str(data, "otpauth_uri"),
+    )
+
+
+def parse_approval(data: Mapping[str, Any]) -> Approval:
+    response = _obj(data, "response")
+    delivery = _obj(data, "delivery")
+    return Approval(
+        approval_id=_str(data, "approval_id"),
+        status=_str(data, "status"),
+        reason=_opt_str(data, "reason"),
+        created_at=_time(data, "created_at"),
+        expires_at=_time(data, "expires_at"),
+        decided_at=_opt_time(data, "decided_at"),
+        device_id=_opt_str(data, "device_id"),
+        response=ApprovalResponse(
+            decision=_str(response, "decision"),
+            match_code=_opt_str(response, "match_code"),
+            timestamp=_str(response, "timestamp"),
+            signature=_str(response, "signature"),
+            public_key=_opt_str(response, "public_key"),
+        )
+        if response is not None
+        else None,
+        delivery=Delivery(
+            queued=_int(delivery, "queued", 0),
+            sent=_int(delivery, "sent", 0),
+            failed=_int(delivery, "failed", 0),
+            last_error=_opt_str(delivery, "last_error"),
+        )
+        if delivery is not None
+        else None,
+    )
+
+
+def parse_device_approval(data: Mapping[str, Any]) -> DeviceApproval:
+    return DeviceApproval(
+        approval_id=_str(data, "approval_id"),
+        status=_str(data, "status"),
+        created_at=_time(data, "created_at"),
+        expires_at=_time(data, "expires_at"),
+        client_name=_opt_str(data, "client_name"),
+        context=_obj(data, "context") or {},
+        number_matching=_bool(data, "number_matching", True),
+    )
+
+
+def _wait_param(wait: float) -> int:
+    if wait < 0 or wait > MAX_WAIT:
+        raise ValueError(f"wait must be between 0 and {MAX_WAIT} seconds")
+    return int(wait)
+
+
+def _path_id(value: str) -> str:
+    if not value:
+        raise ValueError("an id must not be empty")
+    return quote(value, safe="")
+
+
+# --- the backup client's calls --------------------------------------------------------
+
+
+def register_call(
+    name: str, edition: str, hostname: str | None, registration_key: str | None
+) -> Call[ClientRegistration]:
+    body: dict[str, Any] = {"name": name, "edition": edition}
+    if hostname is not None:
+        body["hostname"] = hostname
+    if registration_key is not None:
+        body["registration_key"] = registration_key
+
+    def parse(reply: Reply) -> ClientRegistration:
+        data = json_body(reply, 201)
+        return ClientRegistration(
+            client_id=_str(data, "client_id"),
+            client_token=_str(data, "client_token"),
+            edition=_str(data, "edition"),
+        )
+
+    return Call(ApiRequest("POST", "/v1/clients", json=body), parse)
+
+
+def ping_call() -> Call[Ping]:
+    def parse(reply: Reply) -> Ping:
+        data = json_body(reply)
+        server_time = _time(data, "time")
+        midpoint = (reply.sent_at + reply.received_at) / 2
+        return Ping(
+            server_time=server_time,
+            clock_skew=server_time.timestamp() - midpoint,
+            round_trip=max(0.0, reply.received_at - reply.sent_at),
+            version=_str(data, "version"),
+        )
+
+    return Call(ApiRequest("GET", "/v1/ping", retry="connect"), parse)
+
+
+class ClientCore:
+    """Builds the backup client's calls; pins device keys and checks approval signatures."""
+
+    def __init__(self, token: str | None, key_store: KeyStore | None = None) -> None:
+        self.token = token
+        self.key_store = key_store if key_store is not None else KeyStore()
+        self._match_codes: OrderedDict[str, str | None] = OrderedDict()
+
+    def headers(self) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    # -- clients and devices --
+
+    def me(self) -> Call[ClientInfo]:
+        def parse(reply: Reply) -> ClientInfo:
+            data = json_body(reply)
+            return ClientInfo(
+                client_id=_str(data, "client_id"),
+                name=_str(data, "name"),
+                edition=_str(data, "edition"),
+                hostname=_opt_str(data, "hostname"),
+                created_at=_time(data, "created_at"),
+                devices=_int(data, "devices", 0),
+                push_devices=_int(data, "push_devices", 0),
+                locked_until=_opt_time(data, "locked_until"),
+            )
+
+        return Call(ApiRequest("GET", "/v1/client", retry="connect"), parse)
+
+    def _pin(self, device: Device | None) -> None:
+        if device is not None and device.public_key:
+            self.key_store.pin(device.device_id, device.public_key)
+
+    def start_pairing(self, kind: str, label: str | None) -> Call[Pairing]:
+        if kind not in ("app", "totp"):
+            raise ValueError('kind must be "app" or "totp"')
+        body: dict[str, Any] = {"kind": kind}
+        if label is not None:
+            body["label"] = label
+        return Call(
+            ApiRequest("POST", "/v1/pairings", json=body),
+            lambda reply: parse_pairing(json_body(reply, 201)),
+        )
+
+    def get_pairing(self, pairing_id: str, wait: float) -> Call[Pairing]:
+        def parse(reply: Reply) -> Pairing:
+            pairing = parse_pairing(json_body(reply))
+            self._pin(pairing.device)
+            return pairing
+
+        request = ApiRequest(
+            "GET",
+            f"/v1/pairings/{_path_id(pairing_id)}",
+            params={"wait": _wait_param(wait)},
+            wait=_wait_param(wait),
+            retry="connect",
+        )
+        return Call(request, parse)
+
+    def confirm_totp_pairing(self, pairing_id: str, code: str) -> Call[Device]:
+        def parse(reply: Reply) -> Device:
+            device = _obj(json_body(reply), "device")
+            if device is None:
+                raise _bad("device")
+            return parse_device(device)
+
+        return Call(
+            ApiRequest("POST", f"/v1/pairings/{_path_id(pairing_id)}/confirm", json={"code": code}),
+            parse,
+        )
+
+    def list_devices(self) -> Call[list[Device]]:
+        def parse(reply: Reply) -> list[Device]:
+            items = json_body(reply).get("devices")
+            if not isinstance(items, list):
+                raise _bad("devices")
+            devices = [parse_device(item) for item in items if isinstance(item, dict)]
+            for device in devices:
+                self._pin(device)
+            return devices
+
+        return Call(ApiRequest("GET", "/v1/devices", retry="connect"), parse)
+
+    def remove_device(self, device_id: str) -> Call[None]:
+        def parse(reply: Reply) -> None:
+            no_content(reply)
+            self.key_store.forget(device_id)
+
+        return Call(ApiRequest("DELETE", f"/v1/devices/{_path_id(device_id)}"), parse)
+
+    # -- codes --
+
+    def verify_otp(self, code: str) -> Call[OtpResult]:
+        def parse(reply: Reply) -> OtpResult:
+            data = json_body(reply)
+            return OtpResult(result=_str(data, "result"), device_id=_opt_str(data, "device_id"))
+
+        return Call(ApiRequest("POST", "/v1/otp/verify", json={"code": code}), parse)
+
+    def create_recovery_codes(self) -> Call[RecoveryCodes]:
+        def parse(reply: Reply) -> RecoveryCodes:
+            codes = json_body(reply, (200, 201)).get("codes")
+            if not isinstance(codes, list) or not all(isinstance(c, str) for c in codes):
+                raise _bad("codes")
+            return RecoveryCodes(codes=tuple(codes))
+
+        return Call(ApiRequest("POST", "/v1/recovery-codes"), parse)
+
+    def verify_recovery_code(self, code: str) -> Call[RecoveryResult]:
+        def parse(reply: Reply) -> RecoveryResult:
+            data = json_body(reply)
+            return RecoveryResult(result=_str(data, "result"), remaining=_int(data, "remaining"))
+
+        return Call(ApiRequest("POST", "/v1/recovery-codes/verify", json={"code": code}), parse)
+
+    # -- approvals --
+
+    def request_approval(
+        self,
+        *,
+        username: str,
+        hostname: str | None,
+        ip: str | None,
+        action: str,
+        message: str | None,
+        ttl_seconds: int,
+        number_matching: bool,
+        idempotency_key: str | None,
+    ) -> Call[ApprovalRequested]:
+        key = idempotency_key or str(uuid.uuid4())
+        body: dict[str, Any] = {
+            "username": username,
+            "action": action,
+            "ttl_seconds": ttl_seconds,
+            "number_matching": number_matching,
+        }
+        for name, value in (("hostname", hostname), ("ip", ip), ("message", message)):
+            if value is not None:
+                body[name] = value
+
+        def parse(reply: Reply) -> ApprovalRequested:
+            data = json_body(reply, (200, 201))
+            requested = ApprovalRequested(
+                approval_id=_str(data, "approval_id"),
+                status=_str(data, "status"),
+                expires_at=_time(data, "expires_at"),
+                match_code=_opt_str(data, "match_code"),
+                devices_notified=_int(data, "devices_notified", 0),
+                idempotency_key=key,
+            )
+            self._remember_match_code(requested.approval_id, requested.match_code)
+            return requested
+
+        request = ApiRequest(
+            "POST", "/v1/approvals", json=body, headers={"Idempotency-Key": key}, retry="always"
+        )
+        return Call(request, parse)
+
+    def _remember_match_code(self, approval_id: str, match_code: str | None) -> None:
+        self._match_codes[approval_id] = match_code
+        while len(self._match_codes) > _REMEMBERED_MATCH_CODES:
+            self._match_codes.popitem(last=False)
+
+    def get_approval(self, approval_id: str, wait: float) -> Call[Approval]:
+        request = ApiRequest(
+            "GET",
+            f"/v1/approvals/{_path_id(approval_id)}",
+            params={"wait": _wait_param(wait)},
+            wait=_wait_param(wait),
+            retry="connect",
+        )
+        return Call(request, lambda reply: parse_approval(json_body(reply)))
+
+    def cancel_approval(self, approval_id: str) -> Call[Approval]:
+        def parse(reply: Reply) -> Approval:
+            data = json_body(reply)
+            if "created_at" in data:
+                return parse_approval(data)
+            # A server answering only {"approval_id", "status"}: fill what we know.
+            now = datetime.now(UTC)
+            return Approval(
+                approval_id=_str(data, "approval_id"),
+                status=_str(data, "status"),
+                reason=_opt_str(data, "reason"),
+                created_at=now,
+                expires_at=now,
+                decided_at=_opt_time(data, "decided_at"),
+                device_id=None,
+                response=None,
+                delivery=None,
+            )
+
+        return Call(ApiRequest("DELETE", f"/v1/approvals/{_path_id(approval_id)}"), parse)
+
+    # -- signatures --
+
+    def check_signature(
+        self, approval: Approval, *, match_code: str | None = None, refreshed: bool = False
+    ) -> Approval | None:
+        """Verify a decided approval against the pinned key of its device.
+
+        Returns the approval (marked `verified` when it carries a response), or None when
+        the device's key is not pinned yet and `refreshed` is False: fetch the device list
+        (which pins) and call again with `refreshed=True`."""
+        if approval.status not in ("approved", "rejected"):
+            return approval
+        response = approval.response
+
+        def fail(why: str) -> ApprovalSignatureError:
+            return ApprovalSignatureError(
+                f"approval {approval.approval_id} is {approval.status} but {why}; the relay "
+                "or its database may have been tampered with",
+                approval_id=approval.approval_id,
+                device_id=approval.device_id,
+            )
+
+        if response is None:
+            if approval.status == "approved":
+                raise fail("carries no signed device response")
+            return approval
+        if not approval.device_id:
+            raise fail("names no device")
+        pinned = self.key_store.get(approval.device_id)
+        if pinned is None:
+            if not refreshed:
+                return None
+            raise fail(f"device {approval.device_id} is not one of this client's devices")
+        if response.public_key and not same_public_key(pinned, response.public_key):
+            raise fail("the server reports a different key than the one pinned at pairing")
+        if not verify_approval_signature(
+            pinned,
+            response.signature,
+            approval.approval_id,
+            response.decision,
+            response.match_code,
+            response.timestamp,
+        ):
+            raise fail("its signature does not verify against the pinned device key")
+        if approval.status == "approved":
+            if response.decision != "approve":
+                raise fail(f"the device answered {response.decision!r}")
+            expected = match_code
+            if expected is None:
+                expected = self._match_codes.get(approval.approval_id)
+            if expected is not None and response.match_code != expected:
+                raise fail("the device typed a different match code than the one shown")
+        return replace(approval, verified=True)
+
+
+# --- login helper rules ---------------------------------------------------------------
+
+
+def fallback_reason(approval: Approval) -> str | None:
+    """Why a push login cannot succeed any more, or None while it still can."""
+    if approval.status == "approved":
+        return None
+    if approval.status == "rejected":
+        return "rejected"
+    if approval.status == "expired":
+        return "expired"
+    if approval.status == "cancelled":
+        return "cancelled"
+    if approval.delivery is not None and approval.delivery.all_failed:
+        return "delivery_failed"
+    return None
+
+
+_OTP_SHAPE = re.compile(r"^\d{6,8}$")
+
+
+def is_otp_shaped(code: str) -> bool:
+    """OTPs are 6-8 digits; anything else a user types at the prompt is a recovery code."""
+    return bool(_OTP_SHAPE.match(code.replace(" ", "")))
+
+
+def normalise_otp(code: str) -> str:
+    return code.replace(" ", "")
+
+
+# --- the device's calls ---------------------------------------------------------------
+
+
+def parse_qr_payload(qr_payload: str) -> tuple[str, str]:
+    """`pns://pair?server=<url>&token=<token>` -> (server URL, pairing token)."""
+    parsed = urlparse(qr_payload.strip())
+    if parsed.scheme != "pns" or parsed.netloc != "pair":
+        raise ValueError("not a PNS pairing code (expected pns://pair?...)")
+    query = parse_qs(parsed.query)
+    servers, tokens = query.get("server", []), query.get("token", [])
+    if len(servers) != 1 or len(tokens) != 1 or not tokens[0]:
+        raise ValueError("the pairing code must carry exactly one server and one token")
+    server = servers[0]
+    if urlparse(server).scheme not in ("http", "https"):
+        raise ValueError("the pairing code's server is not an http(s) URL")
+    return server.rstrip("/"), tokens[0]
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    device_id: str
+    device_token: str
+    totp: TotpParameters
+
+
+def enrol_call(
+    *,
+    pairing_token: str,
+    name: str,
+    platform: str,
+    os_version: str,
+    app_version: str,
+    push: Mapping[str, str] | None,
+    public_key: str,
+) -> Call[Enrolment]:
+    body: dict[str, Any] = {
+        "pairing_token": pairing_token,
+        "name": name,
+        "platform": platform,
+        "os_version": os_version,
+        "app_version": app_version,
+        "public_key": public_key,
+    }
+    if push is not None:
+        body["push"] = dict(push)
+
+    def parse(reply: Reply) -> Enrolment:
+        data = json_body(reply, 201)
+        totp = _obj(data, "totp")
+        if totp is None:
+            raise _bad("totp")
+        return Enrolment(
+            device_id=_str(data, "device_id"),
+            device_token=_str(data, "device_token"),
+            totp=TotpParameters(
+                secret=_str(totp, "secret"),
+                algorithm=_opt_str(totp, "algorithm") or "SHA1",
+                digits=_int(totp, "digits", 6),
+                period=_int(totp, "period", 30),
+            ),
+        )
+
+    return Call(ApiRequest("POST", "/v1/devices", json=body), parse)
+
+
+def device_headers(token: str | None) -> dict[str, str]:
+    headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def update_push_call(service: str, token: str, environment: str | None) -> Call[None]:
+    body = {"service": service, "token": token}
+    if environment is not None:
+        body["environment"] = environment
+    return Call(ApiRequest("PUT", "/v1/device/push", json=body), no_content)
+
+
+def remove_self_call() -> Call[None]:
+    return Call(ApiRequest("DELETE", "/v1/device"), no_content)
+
+
+def pending_call() -> Call[list[DeviceApproval]]:
+    def parse(reply: Reply) -> list[DeviceApproval]:
+        items = json_body(reply).get("approvals")
+        if not isinstance(items, list):
+            raise _bad("approvals")
+        return [parse_device_approval(item) for item in items if isinstance(item, dict)]
+
+    return Call(ApiRequest("GET", "/v1/device/approvals", retry="connect"), parse)
+
+
+def device_approval_call(approval_id: str) -> Call[DeviceApproval]:
+    return Call(
+        ApiRequest("GET", f"/v1/device/approvals/{_path_id(approval_id)}", retry="connect"),
+        lambda reply: parse_device_approval(json_body(reply)),
+    )
+
+
+def respond_call(
+    approval_id: str,
+    *,
+    decision: str,
+    match_code: str | None,
+    fraud: bool,
+    timestamp: str,
+    signature: str,
+) -> Call[DeviceDecision]:
+    body = {
+        "decision": decision,
+        "match_code": match_code,
+        "fraud": fraud,
+        "timestamp": timestamp,
+        "signature": signature,
+    }
+
+    def parse(reply: Reply) -> DeviceDecision:
+        data = json_body(reply)
+        return DeviceDecision(approval_id=_str(data, "approval_id"), status=_str(data, "status"))
+
+    return Call(
+        ApiRequest("POST", f"/v1/device/approvals/{_path_id(approval_id)}/response", json=body),
+        parse,
+    )

@@ -1,0 +1,410 @@
+"""The phone's side: `DeviceClient` (blocking) and `AsyncDeviceClient` (asyncio).
+
+The reference for mobile apps: pair from the QR code, keep a P-256 key, rotate the push
+token, fetch pending approvals and answer them with a signed response."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+import pyotp
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from client_sdk._core import (
+    DEFAULT_RETRIES,
+    Call,
+    Enrolment,
+    device_approval_call,
+    device_headers,
+    enrol_call,
+    format_time,
+    parse_qr_payload,
+    pending_call,
+    remove_self_call,
+    respond_call,
+    update_push_call,
+)
+from client_sdk._http import AsyncSender, SyncSender, TimeoutTypes
+from client_sdk._keys import public_key_b64, sign_approval
+from client_sdk._models import DeviceApproval, DeviceDecision, TotpParameters
+
+__all__ = ["AsyncDeviceClient", "DeviceClient"]
+
+T = TypeVar("T")
+STATE_VERSION = 1
+_DIGESTS: dict[str, Callable[..., Any]] = {
+    "SHA1": hashlib.sha1,
+    "SHA256": hashlib.sha256,
+    "SHA512": hashlib.sha512,
+}
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+
+
+def _load_key(pem: str) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError("the device state does not hold a P-256 private key")
+    return key
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+class _DeviceBase:
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        device_id: str | None = None,
+        device_token: str | None = None,
+        private_key: ec.EllipticCurvePrivateKey | None = None,
+        totp: TotpParameters | None = None,
+    ) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.device_id = device_id
+        self._token = device_token
+        self.private_key = private_key if private_key is not None else _new_key()
+        self.totp = totp
+
+    def _headers(self) -> dict[str, str]:
+        return device_headers(self._token)
+
+    @property
+    def public_key(self) -> str:
+        """Base64 DER SubjectPublicKeyInfo, as registered with the server."""
+        return public_key_b64(self.private_key)
+
+    def _enrolled(self, enrolment: Enrolment) -> None:
+        self.device_id = enrolment.device_id
+        self._token = enrolment.device_token
+        self.totp = enrolment.totp
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything needed to resume this device later, JSON-serialisable. It holds the
+        private key and the TOTP secret: store it like a password (e.g. the OS keychain).
+
+            keychain.save(json.dumps(device.to_state()))
+            device = DeviceClient.from_state(json.loads(keychain.load()))
+        """
+        return {
+            "version": STATE_VERSION,
+            "server_url": self.server_url,
+            "device_id": self.device_id,
+            "device_token": self._token,
+            "private_key_pem": _pem(self.private_key),
+            "totp": self.totp.to_dict() if self.totp is not None else None,
+        }
+
+    @staticmethod
+    def _state_kwargs(state: Mapping[str, Any]) -> dict[str, Any]:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported device state version {state.get('version')!r}")
+        totp = state.get("totp")
+        return {
+            "server_url": state["server_url"],
+            "device_id": state.get("device_id"),
+            "device_token": state.get("device_token"),
+            "private_key": _load_key(state["private_key_pem"]),
+            "totp": TotpParameters(**totp) if isinstance(totp, dict) else None,
+        }
+
+    def current_otp(self, at: datetime | None = None) -> str:
+        """The one-time password this device shows now (or at `at`).
+
+        `client.verify_otp(device.current_otp())`"""
+        if self.totp is None:
+            raise RuntimeError("this device is not paired yet")
+        digest = _DIGESTS.get(self.totp.algorithm.upper())
+        if digest is None:
+            raise ValueError(f"unsupported TOTP algorithm {self.totp.algorithm!r}")
+        totp = pyotp.TOTP(
+            self.totp.secret, digits=self.totp.digits, digest=digest, interval=self.totp.period
+        )
+        return str(totp.at(at or datetime.now(UTC)))
+
+    def _respond(
+        self,
+        approval_id: str,
+        decision: str,
+        match_code: str | None,
+        fraud: bool,
+        at: datetime | None,
+    ) -> Call[DeviceDecision]:
+        timestamp = format_time(at or datetime.now(UTC))
+        signature = sign_approval(self.private_key, approval_id, decision, match_code, timestamp)
+        return respond_call(
+            approval_id,
+            decision=decision,
+            match_code=match_code,
+            fraud=fraud,
+            timestamp=timestamp,
+            signature=signature,
+        )
+
+
+class DeviceClient(_DeviceBase):
+    """A paired phone, blocking.
+
+    device = DeviceClient.pair(qr_text, name="Ann's iPhone", platform="ios",
+                               os_version="17.2", app_version="4.3.0")
+    for approval in device.pending():
+        device.approve(approval.approval_id, input("Code shown on the server: "))
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        device_id: str | None = None,
+        device_token: str | None = None,
+        private_key: ec.EllipticCurvePrivateKey | None = None,
+        totp: TotpParameters | None = None,
+        timeout: TimeoutTypes = None,
+        retries: int = DEFAULT_RETRIES,
+        transport: httpx.BaseTransport | None = None,
+        verify: bool | ssl.SSLContext = True,
+    ) -> None:
+        super().__init__(
+            server_url,
+            device_id=device_id,
+            device_token=device_token,
+            private_key=private_key,
+            totp=totp,
+        )
+        self._sender = SyncSender(
+            self.server_url,
+            self._headers,
+            timeout=timeout,
+            retries=retries,
+            transport=transport,
+            verify=verify,
+        )
+
+    @classmethod
+    def pair(
+        cls,
+        qr_payload: str,
+        *,
+        name: str,
+        platform: str,
+        os_version: str,
+        app_version: str,
+        push: Mapping[str, str] | None = None,
+        server_url: str | None = None,
+        **options: Any,
+    ) -> Self:
+        """Complete a pairing from the scanned `pns://pair?...` text with a new P-256 key.
+
+        `push` is `{"service": "apns"|"fcm", "token": ..., "environment": ...}`, or None
+        for a phone that only polls. `server_url` overrides the QR code's server."""
+        qr_server, pairing_token = parse_qr_payload(qr_payload)
+        device = cls(server_url or qr_server, **options)
+        try:
+            device._enrolled(
+                device._send(
+                    enrol_call(
+                        pairing_token=pairing_token,
+                        name=name,
+                        platform=platform,
+                        os_version=os_version,
+                        app_version=app_version,
+                        push=push,
+                        public_key=device.public_key,
+                    )
+                )
+            )
+        except BaseException:
+            device.close()
+            raise
+        return device
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], **options: Any) -> Self:
+        """Resume a device saved with `to_state()`."""
+        return cls(**cls._state_kwargs(state), **options)
+
+    def _send(self, call: Call[T]) -> T:
+        return self._sender.send(call)
+
+    def close(self) -> None:
+        self._sender.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def update_push_token(self, service: str, token: str, environment: str | None = None) -> None:
+        """Tell the server the OS rotated the push token. `device.update_push_token("fcm", t)`"""
+        self._send(update_push_call(service, token, environment))
+
+    def remove(self) -> None:
+        """Unpair this phone; its token stops working. `device.remove()`"""
+        self._send(remove_self_call())
+
+    def pending(self) -> list[DeviceApproval]:
+        """Approvals waiting for this phone (the poll fallback when push is late)."""
+        return self._send(pending_call())
+
+    def approval(self, approval_id: str) -> DeviceApproval:
+        """One approval's details (never its match code). `device.approval(aid).context`"""
+        return self._send(device_approval_call(approval_id))
+
+    def approve(
+        self, approval_id: str, match_code: str | None, *, at: datetime | None = None
+    ) -> DeviceDecision:
+        """Approve with the code the user typed (None for a plain push); signed.
+        A wrong code rejects the request. `device.approve(aid, "417").status`"""
+        return self._send(self._respond(approval_id, "approve", match_code, False, at))
+
+    def reject(
+        self, approval_id: str, fraud: bool = False, *, at: datetime | None = None
+    ) -> DeviceDecision:
+        """Reject; `fraud=True` reports an attack and locks push for a while.
+        `device.reject(aid, fraud=True)`"""
+        return self._send(self._respond(approval_id, "reject", None, fraud, at))
+
+
+class AsyncDeviceClient(_DeviceBase):
+    """The asyncio twin of `DeviceClient`.
+
+    device = await AsyncDeviceClient.pair(qr_text, name="Pixel", platform="android",
+                                          os_version="14", app_version="4.3.0")
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        device_id: str | None = None,
+        device_token: str | None = None,
+        private_key: ec.EllipticCurvePrivateKey | None = None,
+        totp: TotpParameters | None = None,
+        timeout: TimeoutTypes = None,
+        retries: int = DEFAULT_RETRIES,
+        transport: httpx.AsyncBaseTransport | None = None,
+        verify: bool | ssl.SSLContext = True,
+    ) -> None:
+        super().__init__(
+            server_url,
+            device_id=device_id,
+            device_token=device_token,
+            private_key=private_key,
+            totp=totp,
+        )
+        self._sender = AsyncSender(
+            self.server_url,
+            self._headers,
+            timeout=timeout,
+            retries=retries,
+            transport=transport,
+            verify=verify,
+        )
+
+    @classmethod
+    async def pair(
+        cls,
+        qr_payload: str,
+        *,
+        name: str,
+        platform: str,
+        os_version: str,
+        app_version: str,
+        push: Mapping[str, str] | None = None,
+        server_url: str | None = None,
+        **options: Any,
+    ) -> Self:
+        """Complete a pairing from the scanned QR text; see `DeviceClient.pair`."""
+        qr_server, pairing_token = parse_qr_payload(qr_payload)
+        device = cls(server_url or qr_server, **options)
+        try:
+            device._enrolled(
+                await device._send(
+                    enrol_call(
+                        pairing_token=pairing_token,
+                        name=name,
+                        platform=platform,
+                        os_version=os_version,
+                        app_version=app_version,
+                        push=push,
+                        public_key=device.public_key,
+                    )
+                )
+            )
+        except BaseException:
+            await device.aclose()
+            raise
+        return device
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], **options: Any) -> Self:
+        """Resume a device saved with `to_state()`."""
+        return cls(**cls._state_kwargs(state), **options)
+
+    async def _send(self, call: Call[T]) -> T:
+        return await self._sender.send(call)
+
+    async def aclose(self) -> None:
+        await self._sender.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def update_push_token(
+        self, service: str, token: str, environment: str | None = None
+    ) -> None:
+        """Rotate the push token. `await device.update_push_token("apns", hex_token)`"""
+        await self._send(update_push_call(service, token, environment))
+
+    async def remove(self) -> None:
+        """Unpair this phone. `await device.remove()`"""
+        await self._send(remove_self_call())
+
+    async def pending(self) -> list[DeviceApproval]:
+        """Approvals waiting for this phone. `await device.pending()`"""
+        return await self._send(pending_call())
+
+    async def approval(self, approval_id: str) -> DeviceApproval:
+        """One approval's details. `await device.approval(aid)`"""
+        return await self._send(device_approval_call(approval_id))
+
+    async def approve(
+        self, approval_id: str, match_code: str | None, *, at: datetime | None = None
+    ) -> DeviceDecision:
+        """Approve with the typed code; signed. `await device.approve(aid, "417")`"""
+        return await self._send(self._respond(approval_id, "approve", match_code, False, at))
+
+    async def reject(
+        self, approval_id: str, fraud: bool = False, *, at: datetime | None = None
+    ) -> DeviceDecision:
+        """Reject (optionally as fraud). `await device.reject(aid, fraud=True)`"""
+        return await self._send(self._respond(approval_id, "reject", None, fraud, at))
