@@ -1,0 +1,322 @@
+"""Apple Push Notification service over HTTP/2 (httpx), with provider-token or certificate auth.
+
+httpx rather than aioapns: every request here has a timeout, a reset stream fails only that
+stream, and response bodies are read so HTTP/2 flow-control windows are always replenished
+(aioapns hangs on RST_STREAM and stalls after ~64 KiB of error bodies on one connection)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from pns_server.push.base import Outcome, PushMessage, PushResult
+
+log = logging.getLogger("pns.push.apns")
+
+MAX_PAYLOAD_BYTES = 4096
+CATEGORY = "PNS_APPROVAL"
+# Apple refuses provider tokens older than an hour and answers TooManyProviderTokenUpdates
+# when they change more often than every 20 minutes.
+TOKEN_REFRESH_AFTER = 50 * 60
+TOKEN_MIN_AGE = 20 * 60
+
+INVALID_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"})
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The .p8 file from Apple's developer portal: a PKCS#8 PEM P-256 key."""
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError("not an APNs auth key (expected a P-256 .p8 key)")
+    return key
+
+
+class ProviderToken:
+    """The ES256 JWT Apple wants: signed once, reused, refreshed after ~50 minutes."""
+
+    def __init__(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        key_id: str,
+        team_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = key
+        self._key_id = key_id
+        self._team_id = team_id
+        self._clock = clock
+        self._token = ""
+        self._issued_at = 0.0
+        self._forced_refreshes = 0
+
+    def current(self) -> str:
+        if not self._token or self._clock() - self._issued_at >= TOKEN_REFRESH_AFTER:
+            self._sign()
+        return self._token
+
+    def refresh_after_rejection(self, rejected: str) -> bool:
+        """Apple said `rejected` expired: re-sign once, unless someone already did.
+
+        A second forced refresh inside 20 minutes would earn TooManyProviderTokenUpdates
+        (and means our clock is wrong, which a new signature cannot fix)."""
+        if rejected != self._token:
+            return True  # another send already refreshed it
+        if self._forced_refreshes and self._clock() - self._issued_at < TOKEN_MIN_AGE:
+            return False
+        self._forced_refreshes += 1
+        self._sign()
+        return True
+
+    def _sign(self) -> None:
+        now = self._clock()
+        header = _b64url(json.dumps({"alg": "ES256", "kid": self._key_id}).encode())
+        claims = _b64url(json.dumps({"iss": self._team_id, "iat": int(now)}).encode())
+        signing_input = f"{header}.{claims}".encode()
+        r, s = decode_dss_signature(self._key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+        signature = _b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+        self._token = f"{header}.{claims}.{signature}"
+        self._issued_at = now
+
+
+def build_payload(message: PushMessage) -> bytes | None:
+    """The aps payload, its body text shortened to fit 4096 bytes; None if it cannot fit."""
+
+    def encode(body: str) -> bytes:
+        payload: dict[str, Any] = {key: value for key, value in message.data.items()}
+        payload.update(
+            aps={
+                "alert": {"title": message.title, "body": body},
+                "sound": "default",
+                "category": CATEGORY,
+            },
+            approval_id=message.approval_id,
+        )
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+    encoded = encode(message.body)
+    if len(encoded) <= MAX_PAYLOAD_BYTES:
+        return encoded
+    body = message.body
+    while body:
+        overflow = len(encode(body + "…")) - MAX_PAYLOAD_BYTES
+        if overflow <= 0:
+            return encode(body + "…")
+        # Cut at least one character; JSON escaping makes bytes-per-char uneven.
+        body = body[: max(0, len(body) - max(1, overflow // 4))]
+    encoded = encode("")
+    return encoded if len(encoded) <= MAX_PAYLOAD_BYTES else None
+
+
+def ssl_context(ca_file: Path | None, cert_file: Path | None = None) -> ssl.SSLContext:
+    """System trust plus PNS_PUSH_CA_FILE (TLS-inspecting proxies), plus a client certificate."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    if cert_file is not None:
+        context.load_cert_chain(str(cert_file))
+    return context
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _token_tail(token: str) -> str:
+    return "…" + token[-6:]
+
+
+@dataclass
+class _Host:
+    base_url: str
+    client: httpx.AsyncClient
+    last_response_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ApnsConfig:
+    topic: str
+    production_url: str
+    sandbox_url: str
+    timeout: float
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    max_in_flight: int = 500
+
+
+class ApnsSender:
+    """One HTTP/2 connection per APNs host, many sends in flight on it at once."""
+
+    service = "apns"
+
+    def __init__(self, config: ApnsConfig, token: ProviderToken | None = None) -> None:
+        if (token is None) == (config.cert_file is None):
+            raise ValueError("APNs needs exactly one of a provider token or a certificate")
+        self.config = config
+        self._token = token
+        self._context = ssl_context(config.ca_file, config.cert_file)
+        self._hosts: dict[str, _Host] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._in_flight = asyncio.Semaphore(config.max_in_flight)
+
+    def _host(self, environment: str) -> _Host:
+        base_url = (
+            self.config.sandbox_url if environment == "sandbox" else self.config.production_url
+        ).rstrip("/")
+        host = self._hosts.get(base_url)
+        if host is None:
+            client = httpx.AsyncClient(
+                base_url=base_url,
+                http1=False,
+                http2=True,
+                verify=self._context,
+                # No read timeout: in httpcore one read timeout fails every stream on the
+                # connection. Each send has its own deadline instead (see _post).
+                timeout=httpx.Timeout(self.config.timeout, read=None),
+                # One connection per host, as Apple asks; sends multiplex over it.
+                limits=httpx.Limits(max_connections=1, keepalive_expiry=None),
+            )
+            host = self._hosts[base_url] = _Host(base_url, client)
+        return host
+
+    def _recycle(self, host: _Host) -> None:
+        """Drop a connection that answered nothing for a whole send timeout (a black hole)."""
+        if self._hosts.get(host.base_url) is not host:
+            return
+        del self._hosts[host.base_url]
+        log.warning("APNs connection to %s answered nothing: reconnecting", host.base_url)
+        closing = asyncio.create_task(host.client.aclose())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    def _headers(self, message: PushMessage, jwt: str | None) -> dict[str, str]:
+        headers = {
+            "apns-topic": self.config.topic,
+            "apns-push-type": "alert",
+            "apns-priority": "10",
+            "apns-expiration": str(int(message.expires_at.timestamp())),
+            "apns-collapse-id": message.approval_id,
+            "content-type": "application/json",
+        }
+        if jwt is not None:
+            headers["authorization"] = f"bearer {jwt}"
+        return headers
+
+    async def send(self, message: PushMessage) -> PushResult:
+        payload = build_payload(message)
+        if payload is None:
+            log.error(
+                "APNs payload for approval %s cannot fit in %d bytes: not sent",
+                message.approval_id,
+                MAX_PAYLOAD_BYTES,
+            )
+            return PushResult(Outcome.CONFIG_ERROR, "PayloadTooLarge")
+        async with self._in_flight:
+            result, jwt = await self._post(message, payload)
+            if (
+                result.reason == "ExpiredProviderToken"
+                and self._token is not None
+                and jwt is not None
+                and self._token.refresh_after_rejection(jwt)
+            ):
+                log.info("APNs provider token expired: signed a new one, sending again")
+                result, _jwt = await self._post(message, payload)
+        self._log(message, result)
+        return result
+
+    async def _post(self, message: PushMessage, payload: bytes) -> tuple[PushResult, str | None]:
+        jwt = self._token.current() if self._token is not None else None
+        host = self._host(message.environment)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                response = await host.client.post(
+                    f"/3/device/{message.token}",
+                    content=payload,
+                    headers=self._headers(message, jwt),
+                )
+        except (httpx.TimeoutException, TimeoutError):
+            if host.last_response_at < started:
+                self._recycle(host)
+            return PushResult(Outcome.RETRY, "Timeout"), jwt
+        except httpx.RemoteProtocolError as exc:
+            return PushResult(Outcome.RETRY, f"StreamReset: {exc}"[:200]), jwt
+        except httpx.TransportError as exc:
+            return PushResult(Outcome.RETRY, f"{type(exc).__name__}: {exc}"[:200]), jwt
+        host.last_response_at = time.monotonic()
+        return self.classify(response), jwt
+
+    @staticmethod
+    def classify(response: httpx.Response) -> PushResult:
+        status = response.status_code
+        if status == 200:
+            return PushResult(Outcome.DELIVERED, status_code=status)
+        reason = _reason(response)
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status == 410 or (status == 400 and reason in INVALID_TOKEN_REASONS):
+            return PushResult(Outcome.INVALID_TOKEN, reason, status)
+        if status == 429 or status >= 500:
+            return PushResult(Outcome.RETRY, reason, status, retry_after)
+        # 403 (credentials), 400 BadTopic and friends, 413: retrying cannot help.
+        return PushResult(Outcome.CONFIG_ERROR, reason, status)
+
+    def _log(self, message: PushMessage, result: PushResult) -> None:
+        where = (message.approval_id, message.device_id, _token_tail(message.token))
+        if result.outcome is Outcome.CONFIG_ERROR:
+            log.error(
+                "APNs refused our configuration (%s %s) for approval %s device %s token %s: "
+                "check PNS_APNS_KEY_FILE/KEY_ID/TEAM_ID/TOPIC or PNS_APNS_CERT_FILE",
+                result.status_code,
+                result.reason,
+                *where,
+            )
+        elif result.outcome is Outcome.RETRY:
+            log.warning(
+                "APNs send will be retried (%s %s): approval %s device %s token %s",
+                result.status_code,
+                result.reason,
+                *where,
+            )
+        elif result.outcome is Outcome.INVALID_TOKEN:
+            log.info(
+                "APNs says the token is dead (%s): approval %s device %s token %s",
+                result.reason,
+                *where,
+            )
+
+    async def close(self) -> None:
+        hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:
+            await host.client.aclose()
+        for task in list(self._closing):
+            await task
+
+
+def _reason(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    reason = body.get("reason") if isinstance(body, dict) else None
+    return str(reason) if reason is not None else None
