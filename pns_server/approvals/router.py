@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from pns_server.approvals import service
 from pns_server.approvals.schemas import (
@@ -22,7 +22,9 @@ from pns_server.deps import (
     SessionDep,
     SettingsDep,
 )
+from pns_server.ratelimit import Limit, enforce
 from pns_server.realtime.longpoll import long_poll
+from pns_server.security import hash_token
 
 router = APIRouter(tags=["approvals"])
 
@@ -32,7 +34,24 @@ IdempotencyKey = Annotated[
 Wait = Annotated[float, Query(ge=0, le=60, description="seconds to wait while pending")]
 
 
-@router.post("/v1/approvals", status_code=status.HTTP_201_CREATED, response_model=ApprovalCreated)
+async def limit_approvals_per_client(request: Request) -> None:
+    """PNS_APPROVAL_RATE_PER_MINUTE per client token, counted in its own short transaction
+    before the request's unit of work begins (refused attempts count too)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return
+    runtime = request.app.state.runtime
+    limit = Limit("approvals", runtime.settings.approval_rate_per_minute, 60)
+    await enforce(runtime.db, limit, hash_token(token.strip())[:32])
+
+
+@router.post(
+    "/v1/approvals",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ApprovalCreated,
+    dependencies=[Depends(limit_approvals_per_client)],
+)
 async def create_approval(
     body: ApprovalCreate,
     client: CurrentClient,
