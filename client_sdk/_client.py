@@ -58,9 +58,6 @@ from client_sdk._models import (
 __all__ = ["AsyncPnsClient", "PnsClient"]
 
 T = TypeVar("T")
-# While pushes are still queued the server may not wake a long-poll for delivery progress;
-# poll this often so a failed delivery reaches the UI quickly.
-DELIVERY_PROGRESS_WAIT = 2
 RETRYABLE_CODE_ERRORS = (OtpInvalid, OtpReplayed, RecoveryCodeInvalid)
 
 
@@ -68,13 +65,6 @@ def _next_wait(deadline: float | None, chunk: int) -> int:
     if deadline is None:
         return chunk
     return max(0, min(chunk, math.ceil(deadline - time.monotonic())))
-
-
-def _progress_chunk(approval: Approval | None, chunk: int, watching: bool) -> int:
-    delivery = approval.delivery if approval is not None else None
-    if watching and delivery is not None and delivery.queued > 0:
-        return min(chunk, DELIVERY_PROGRESS_WAIT)
-    return chunk
 
 
 def _done(approval: Approval, stop_early: bool) -> bool:
@@ -339,9 +329,8 @@ class PnsClient(_Base):
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Approval | None = None
         while True:
-            chunk = _progress_chunk(last, self.long_poll_seconds, on_progress is not None)
             approval = self.get_approval(
-                approval_id, _next_wait(deadline, chunk), match_code=match_code
+                approval_id, _next_wait(deadline, self.long_poll_seconds), match_code=match_code
             )
             if on_progress is not None and approval != last:
                 on_progress(approval)
@@ -669,9 +658,8 @@ class AsyncPnsClient(_Base):
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Approval | None = None
         while True:
-            chunk = _progress_chunk(last, self.long_poll_seconds, on_progress is not None)
             approval = await self.get_approval(
-                approval_id, _next_wait(deadline, chunk), match_code=match_code
+                approval_id, _next_wait(deadline, self.long_poll_seconds), match_code=match_code
             )
             if on_progress is not None and approval != last:
                 await _maybe_await(on_progress(approval))

@@ -330,13 +330,8 @@ class AlreadyDecided(ApiError):
     @property
     def approval_status(self) -> str | None:
         """The decision that won: approved, rejected, expired or cancelled."""
-        value = self.problem.get("status_name", self.problem.get("approval_status"))
-        if isinstance(value, str):
-            return value
-        # API.md says the problem carries "its status"; the problem's own `status` is the
-        # HTTP status, so servers may send the decision as a string there.
-        status = self.problem.get("status")
-        return status if isinstance(status, str) else None
+        value = self.problem.get("approval_status")
+        return value if isinstance(value, str) else None
 
 
 def _all_subclasses(cls: type[ApiError]) -> list[type[ApiError]]:
