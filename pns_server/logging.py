@@ -31,6 +31,19 @@ REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNMATCHED_ROUTE = "<unmatched>"
 
+QUIET_LIBRARIES = (
+    "aiosqlite",
+    "asyncpg",
+    "sqlalchemy",
+    "httpx",
+    "httpcore",
+    "hpack",
+    "h2",
+    "urllib3",
+    "google",
+    "firebase_admin",
+    "alembic.runtime.plugins",
+)
 REDACTED = "[redacted]"
 _SECRET_FIELDS = (
     r"client_token|device_token|pairing_token|registration_key|admin_token|secret_key"
@@ -130,7 +143,10 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # Drivers and HTTP libraries log statement parameters and headers at debug level: push
+    # tokens, sealed secrets, provider credentials. PNS_LOG_LEVEL=debug is for our code only.
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Our own access line replaces uvicorn's, which logs raw paths (with ids) and no timing.
     logging.getLogger("uvicorn.access").disabled = True
 

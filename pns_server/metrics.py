@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select
@@ -58,10 +57,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-    def track_waiters(self, count: Callable[[], int]) -> None:
-        """Read at scrape time: the notifier knows its waiters, nothing to keep in sync."""
-        self.longpoll_waiters.set_function(count)
 
     async def refresh_from_database(self, db: Database) -> None:
         """The database-backed gauges: two cheap COUNT queries."""

@@ -74,7 +74,6 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
 
 def start_operations_tasks(runtime: Runtime) -> None:
     settings, db = runtime.settings, runtime.db
-    runtime.metrics.track_waiters(lambda: runtime.notifier.waiter_count)
     runtime.tasks.append(
         asyncio.create_task(
             runtime.metrics.refresh_periodically(db, settings.metrics_refresh_seconds),

@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pyotp
+import pytest
+
+from pns_server.config import Settings
+from pns_server.logging import JsonFormatter, RedactingFilter, TextFormatter, redact, wants_json
+from tests.conftest import ADMIN_TOKEN, SECRET_KEY, server_env
+from tests.support.factories import (
+    bearer,
+    pair_app_device,
+    pair_totp_device,
+    pairing_token_from,
+    register_client,
+)
+from tests.support.server import LiveServer
+
+
+class TestRedact:
+    @pytest.mark.parametrize(
+        ("line", "secret"),
+        [
+            ("client pnsc_AbCdEf0123456789xyz registered", "pnsc_AbCdEf0123456789xyz"),
+            ("url pns://pair?token=pnsp_zzzzzzzzzzzz1234", "pnsp_zzzzzzzzzzzz1234"),
+            ("Authorization: Bearer some-admin-token", "some-admin-token"),
+            ('{"code": "123456"}', "123456"),
+            ("otp code=654321 refused", "654321"),
+            ("otpauth://totp/PNS:x?secret=JBSWY3DPEHPK3PXP&issuer=PNS", "JBSWY3DPEHPK3PXP"),
+            ("{'token': 'abababab', 'service': 'apns'}", "abababab"),
+            ('"registration_key": "let-me-in"', "let-me-in"),
+        ],
+    )
+    def test_masks_secret_shaped_values(self, line: str, secret: str) -> None:
+        masked = redact(line)
+        assert secret not in masked
+        assert "[redacted]" in masked
+
+    def test_leaves_ordinary_lines_alone(self) -> None:
+        line = "GET /v1/approvals/{approval_id} 200 3.1ms"
+        assert redact(line) == line
+
+    def test_filter_redacts_arguments_and_exceptions(self) -> None:
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(JsonFormatter())
+        handler.addFilter(RedactingFilter())
+        logger = logging.getLogger("pns.test.redaction")
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            logger.warning("token for %s is %s", "x", "pnsd_secretsecretsecret")
+            try:
+                raise ValueError("bad token pnsc_leakedleakedleaked")
+            except ValueError:
+                logger.exception("failed")
+        finally:
+            logger.removeHandler(handler)
+        output = stream.getvalue()
+        assert "secretsecret" not in output and "leakedleaked" not in output
+        first = json.loads(output.splitlines()[0])
+        assert first["level"] == "warning" and first["logger"] == "pns.test.redaction"
+
+
+def test_format_follows_the_setting_and_the_terminal(tmp_path: Path) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    auto = Settings(data_dir=tmp_path)
+    assert wants_json(auto, io.StringIO()) is True
+    assert wants_json(auto, Tty()) is False
+    assert wants_json(Settings(data_dir=tmp_path, log_format="json"), Tty()) is True
+    record = logging.LogRecord("pns", logging.INFO, "", 0, "hello", None, None)
+    record.route = "/v1/ping"
+    assert TextFormatter().format(record).endswith("hello route=/v1/ping")
+
+
+class TestRequestId:
+    async def test_generated_when_absent(self, http: httpx.AsyncClient) -> None:
+        response = await http.get("/healthz")
+        assert re.fullmatch(r"[0-9a-f]{16}", response.headers["x-request-id"])
+
+    async def test_valid_incoming_id_is_kept(self, http: httpx.AsyncClient) -> None:
+        response = await http.get("/healthz", headers={"X-Request-ID": "lb-1234.abc"})
+        assert response.headers["x-request-id"] == "lb-1234.abc"
+
+    async def test_invalid_incoming_id_is_replaced(self, http: httpx.AsyncClient) -> None:
+        response = await http.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
+        assert response.headers["x-request-id"] != "bad id\twith spaces"
+
+    async def test_access_line_per_request(
+        self, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.INFO, logger="pns.access"):
+            await http.get("/v1/pairings/abc123", headers={"X-Request-ID": "req-42"})
+        [line] = [r for r in caplog.records if r.name == "pns.access"]
+        assert line.route == "/v1/pairings/{pairing_id}"  # type: ignore[attr-defined]
+        assert line.status == 401  # type: ignore[attr-defined]
+        assert line.request_id == "req-42"  # type: ignore[attr-defined]
+        assert line.method == "GET"  # type: ignore[attr-defined]
+
+
+class TestHttpMetrics:
+    async def test_labelled_by_route_template_never_raw_path(self, http: httpx.AsyncClient) -> None:
+        client = await register_client(http)
+        for approval_id in ("a1", "b2"):
+            await http.get(f"/v1/approvals/{approval_id}", headers=client.headers)
+        await http.get("/no/such/path")
+        text = (await http.get("/metrics")).text
+        assert (
+            'pns_http_requests_total{method="GET",route="/v1/approvals/{approval_id}",'
+            'status="404"} 2.0' in text
+        )
+        assert 'route="<unmatched>"' in text
+        assert "a1" not in text and "b2" not in text
+        assert (
+            'pns_http_request_seconds_count{method="GET",route="/v1/approvals/{approval_id}"}'
+            in text
+        )
+
+    async def test_gauges_from_the_database_and_the_notifier(
+        self, http: httpx.AsyncClient, app
+    ) -> None:
+        client = await register_client(http)
+        await pair_app_device(http, client)
+        await pair_totp_device(http, client)
+        await app.state.metrics.refresh_from_database(app.state.runtime.db)
+        text = (await http.get("/metrics")).text
+        assert 'pns_devices{kind="app",push="apns"} 1.0' in text
+        assert 'pns_devices{kind="totp",push="none"} 1.0' in text
+        assert "pns_longpoll_waiters 0.0" in text
+        assert "pns_outbox_pending" in text
+
+
+def _appears(secret: str, log: str) -> bool:
+    return re.search(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", log) is not None
+
+
+@pytest.mark.slow
+async def test_a_full_flow_leaves_no_secret_in_the_logs(database_url: str, tmp_path: Path) -> None:
+    env = server_env(database_url, tmp_path, PNS_LOG_LEVEL="debug", PNS_LOG_FORMAT="json")
+    server = LiveServer(env, tmp_path / "server.log").start()
+    secrets: list[str] = [SECRET_KEY, ADMIN_TOKEN]
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            client = await register_client(http)
+            secrets.append(client.token)
+            started = await http.post("/v1/pairings", json={"kind": "app"}, headers=client.headers)
+            secrets.append(pairing_token_from(started.json()["qr_payload"]))
+            device = await pair_app_device(http, client)
+            secrets += [device.token, device.totp_secret, "ab" * 32]
+            _totp_device, totp_secret = await pair_totp_device(http, client)
+            secrets += [totp_secret, pyotp.TOTP(totp_secret).now()]
+
+            code = device.otp()
+            verified = await http.post(
+                "/v1/otp/verify", json={"code": code}, headers=client.headers
+            )
+            assert verified.status_code == 200, verified.text
+            secrets.append(code)
+            wrong = "000000" if code != "000000" else "111111"
+            await http.post("/v1/otp/verify", json={"code": wrong}, headers=client.headers)
+            secrets.append(wrong)
+
+            codes = (await http.post("/v1/recovery-codes", headers=client.headers)).json()["codes"]
+            secrets += codes
+            used = await http.post(
+                "/v1/recovery-codes/verify", json={"code": codes[0]}, headers=client.headers
+            )
+            assert used.status_code == 200, used.text
+
+            created = await http.post(
+                "/v1/approvals", json={"username": "admin"}, headers=client.headers
+            )
+            assert created.status_code == 201, created.text
+            approval = created.json()
+            timestamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            approval_id, match_code = approval["approval_id"], approval["match_code"]
+            message = f"pns-approval-v1|{approval_id}|approve|{match_code}|{timestamp}"
+            signature = device.sign(message)
+            secrets.append(signature)
+            answered = await http.post(
+                f"/v1/device/approvals/{approval['approval_id']}/response",
+                json={
+                    "decision": "approve",
+                    "match_code": approval["match_code"],
+                    "fraud": False,
+                    "timestamp": timestamp,
+                    "signature": signature,
+                },
+                headers=device.headers,
+            )
+            assert answered.status_code == 200, answered.text
+            await http.get("/v1/admin/clients", headers=bearer(ADMIN_TOKEN))
+            await http.get("/v1/client", headers=bearer("pnsc_made_up_token_never_valid"))
+            secrets.append("pnsc_made_up_token_never_valid")
+    finally:
+        server.stop()
+    log = server.log()
+    access = [json.loads(line) for line in log.splitlines() if '"pns.access"' in line]
+    assert len(access) >= 12
+    assert {"method", "route", "status", "duration_ms", "request_id"} <= set(access[0])
+    leaked = [s for s in secrets if _appears(s, log)]
+    assert leaked == []
