@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import server_env
+from tests.support.factories import pair_app_device, register_client
+from tests.support.server import LiveServer
+
+pytestmark = pytest.mark.slow
+WAITERS = re.compile(r"^pns_longpoll_waiters (\d+)", re.MULTILINE)
+
+
+async def _waiters(http: httpx.AsyncClient) -> int:
+    match = WAITERS.search((await http.get("/metrics")).text)
+    return int(float(match.group(1))) if match else 0
+
+
+async def test_sigterm_answers_every_long_poll_and_exits_cleanly(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = server_env(database_url, tmp_path, PNS_SHUTDOWN_TIMEOUT="10")
+    server = LiveServer(env, tmp_path / "server.log").start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            client = await register_client(http)
+            other = await register_client(http)
+            await pair_app_device(http, other)
+            pairings = [
+                (
+                    await http.post("/v1/pairings", json={"kind": "app"}, headers=client.headers)
+                ).json()["pairing_id"]
+                for _ in range(3)
+            ]
+            approval = await http.post("/v1/approvals", json={}, headers=other.headers)
+            assert approval.status_code == 201, approval.text
+            polls = [
+                asyncio.create_task(http.get(f"/v1/pairings/{p}?wait=60", headers=client.headers))
+                for p in pairings
+            ]
+            polls.append(
+                asyncio.create_task(
+                    http.get(
+                        f"/v1/approvals/{approval.json()['approval_id']}?wait=60",
+                        headers=other.headers,
+                    )
+                )
+            )
+            deadline = time.monotonic() + 15
+            while await _waiters(http) < len(polls):
+                assert time.monotonic() < deadline, "long-polls never started waiting"
+                await asyncio.sleep(0.05)
+
+            assert server.process is not None
+            stopped_at = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            responses = await asyncio.gather(*polls)
+            answered_in = time.monotonic() - stopped_at
+            code = await asyncio.to_thread(server.process.wait, 20)
+            exited_in = time.monotonic() - stopped_at
+    finally:
+        server.stop()
+    assert [r.status_code for r in responses] == [200] * len(polls)
+    assert [r.json()["status"] for r in responses] == ["pending"] * len(polls)
+    # Far below the 60 s the polls asked for: they were released, not timed out.
+    assert answered_in < 10
+    assert code == 0, server.log()
+    assert exited_in < 10 + 5
