@@ -1,0 +1,68 @@
+"""The otp repository's guards on their own, without the client-row lock the service takes
+first: the conditional UPDATEs alone must let exactly one concurrent transaction win."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import httpx
+
+from pns_server.db import Database
+from pns_server.otp import recovery_codes
+from pns_server.otp.repository import OtpRepository
+from tests.support.factories import RegisteredClient, pair_app_device
+
+STEP = 60_000_000
+
+
+async def test_claim_step_wins_once_across_sessions(
+    http: httpx.AsyncClient, client: RegisteredClient, db: Database
+) -> None:
+    device = await pair_app_device(http, client)
+
+    async def claim(step: int) -> bool:
+        async with db.session() as session:
+            return await OtpRepository(session).claim_step(
+                device.device_id, step, datetime.now(UTC)
+            )
+
+    assert sorted(await asyncio.gather(*(claim(STEP) for _ in range(4)))) == [
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert await claim(STEP - 1) is False
+    assert await claim(STEP + 1) is True
+
+
+async def test_failure_counts_are_not_lost_under_concurrency(
+    http: httpx.AsyncClient, client: RegisteredClient, db: Database
+) -> None:
+    async def fail() -> int:
+        async with db.session() as session:
+            return (
+                await OtpRepository(session).record_failure(client.client_id)
+            ).failures_since_success
+
+    counts = await asyncio.gather(*(fail() for _ in range(6)))
+    assert sorted(counts) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_recovery_code_used_once_across_sessions(
+    client: RegisteredClient, db: Database
+) -> None:
+    code_hash = recovery_codes.hash_code(client.client_id, "abcd-efgh-jk")
+    async with db.session() as session:
+        await OtpRepository(session).replace_recovery_codes(
+            client.client_id, [code_hash], datetime.now(UTC)
+        )
+
+    async def use() -> bool:
+        async with db.session() as session:
+            return await OtpRepository(session).use_recovery_code(
+                client.client_id, code_hash, datetime.now(UTC)
+            )
+
+    assert sorted(await asyncio.gather(use(), use(), use())) == [False, False, True]
