@@ -92,9 +92,8 @@ class TestErrorMapping:
                 problem(429, "rate_limited"),
             ]
         )
-        with client_for(lambda _r: next(responses)) as client:
-            with pytest.raises(OtpInvalid) as otp:
-                client.verify_otp("1")
+        with client_for(lambda _r: next(responses)) as client, pytest.raises(OtpInvalid) as otp:
+            client.verify_otp("1")
             assert otp.value.attempts_left == 3
             with pytest.raises(OtpLocked) as locked:
                 client.verify_otp("1")
@@ -115,9 +114,11 @@ class TestErrorMapping:
             assert limited.value.retry_after == 7.0
 
     def test_unknown_code_is_plain_api_error(self) -> None:
-        with client_for(lambda _r: problem(418, "teapot_v9")) as client:
-            with pytest.raises(ApiError) as info:
-                client.me()
+        with (
+            client_for(lambda _r: problem(418, "teapot_v9")) as client,
+            pytest.raises(ApiError) as info,
+        ):
+            client.me()
         assert type(info.value) is ApiError
         assert info.value.code == "teapot_v9"
 
@@ -128,14 +129,18 @@ class TestErrorMapping:
         assert info.value.code == ""
 
     def test_non_json_success_is_unexpected(self) -> None:
-        with client_for(lambda _r: httpx.Response(200, text="<html>login portal</html>")) as c:
-            with pytest.raises(UnexpectedResponse):
-                c.me()
+        with (
+            client_for(lambda _r: httpx.Response(200, text="<html>login portal</html>")) as c,
+            pytest.raises(UnexpectedResponse),
+        ):
+            c.me()
 
     def test_missing_field_is_unexpected(self) -> None:
-        with client_for(lambda _r: httpx.Response(200, json={"time": "x"})) as client:
-            with pytest.raises(UnexpectedResponse, match="time"):
-                client.ping()
+        with (
+            client_for(lambda _r: httpx.Response(200, json={"time": "x"})) as client,
+            pytest.raises(UnexpectedResponse, match="time"),
+        ):
+            client.ping()
 
 
 class TestTransport:
@@ -335,16 +340,17 @@ class TestSignatureVerification:
     def test_relay_substituting_key_and_signature_is_caught(self) -> None:
         real, forged = new_key(), new_key()
         body = approval_body(forged)  # signed by the attacker's key, which it also echoes
-        with self.serve(body, [device_body(real)]) as client:
-            with pytest.raises(ApprovalSignatureError):
-                client.get_approval("appr1")
+        with self.serve(body, [device_body(real)]) as client, pytest.raises(ApprovalSignatureError):
+            client.get_approval("appr1")
 
     def test_signature_by_pinned_key_over_other_text_is_caught(self) -> None:
         key = new_key()
         wrong = sign_approval(key, "other-approval", "approve", "417", "2026-11-30T09:12:18Z")
-        with self.serve(approval_body(key, signature=wrong), [device_body(key)]) as client:
-            with pytest.raises(ApprovalSignatureError):
-                client.get_approval("appr1")
+        with (
+            self.serve(approval_body(key, signature=wrong), [device_body(key)]) as client,
+            pytest.raises(ApprovalSignatureError),
+        ):
+            client.get_approval("appr1")
 
     def test_approved_without_response_is_caught(self) -> None:
         body = approval_body(new_key())
@@ -355,20 +361,23 @@ class TestSignatureVerification:
     def test_approval_of_a_reject_decision_is_caught(self) -> None:
         key = new_key()
         body = approval_body(key, decision="reject", match_code=None)
-        with self.serve(body, [device_body(key)]) as client:
-            with pytest.raises(ApprovalSignatureError):
-                client.get_approval("appr1")
+        with self.serve(body, [device_body(key)]) as client, pytest.raises(ApprovalSignatureError):
+            client.get_approval("appr1")
 
     def test_wrong_match_code_approved_by_relay_is_caught(self) -> None:
         key = new_key()
-        with self.serve(approval_body(key, match_code="999"), [device_body(key)]) as client:
-            with pytest.raises(ApprovalSignatureError, match="match code"):
-                client.get_approval("appr1", match_code="417")
+        with (
+            self.serve(approval_body(key, match_code="999"), [device_body(key)]) as client,
+            pytest.raises(ApprovalSignatureError, match="match code"),
+        ):
+            client.get_approval("appr1", match_code="417")
 
     def test_device_unknown_to_the_client_is_caught(self) -> None:
-        with self.serve(approval_body(new_key()), []) as client:
-            with pytest.raises(ApprovalSignatureError, match="not one of"):
-                client.get_approval("appr1")
+        with (
+            self.serve(approval_body(new_key()), []) as client,
+            pytest.raises(ApprovalSignatureError, match="not one of"),
+        ):
+            client.get_approval("appr1")
 
     def test_pending_needs_no_signature(self) -> None:
         body = approval_body(new_key(), status="pending")

@@ -130,14 +130,18 @@ class TestSyncClient:
         assert isinstance(refused.value, RegistrationRefused)
         assert refused.value.status == 403
 
-        with PnsClient(live_server.url, token="pnsc_not-a-real-token") as stranger:
-            with pytest.raises(Unauthenticated):
-                stranger.me()
+        with (
+            PnsClient(live_server.url, token="pnsc_not-a-real-token") as stranger,
+            pytest.raises(Unauthenticated),
+        ):
+            stranger.me()
 
         registration = PnsClient.register(live_server.url, name="FILESRV02", edition="lite")
-        with PnsClient(live_server.url, registration.client_token) as client:
-            with pytest.raises(InvalidRequest) as invalid:
-                client.verify_otp("")
+        with (
+            PnsClient(live_server.url, registration.client_token) as client,
+            pytest.raises(InvalidRequest) as invalid,
+        ):
+            client.verify_otp("")
             assert any(e.get("field") == "code" for e in invalid.value.errors)
 
             bogus = f"pns://pair?server={live_server.url}&token=pnsp_unknown"
@@ -164,9 +168,7 @@ class TestSyncClient:
 
 class TestAsyncClient:
     async def test_pairing_codes_and_errors(self, live_server: LiveServer) -> None:
-        registration = await AsyncPnsClient.register(
-            live_server.url, name="NAS", edition="pro"
-        )
+        registration = await AsyncPnsClient.register(live_server.url, name="NAS", edition="pro")
         async with AsyncPnsClient(live_server.url, registration.client_token) as client:
             assert abs((await client.ping()).clock_skew) < 5
             pairing = await client.start_pairing("app", label=None)
