@@ -1,0 +1,320 @@
+"""The outbox dispatcher, driven round by round on a real database with scripted senders."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select, update
+
+from pns_server.models import Delivery, Device
+from pns_server.push.base import Outcome, PushMessage, PushResult
+from pns_server.push.dispatcher import Dispatcher
+from pns_server.push.log import LogPushSender
+from tests.pns_server.approvals.helpers import answer, request_approval, runtime_of
+from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
+
+
+class ScriptedSender:
+    """A stand-in for a provider (APNs here): answers each send with the next scripted result."""
+
+    service = "apns"
+
+    def __init__(self, *results: PushResult | Exception, delay: float = 0.0) -> None:
+        self.script = list(results)
+        self.delay = delay
+        self.sent: list[PushMessage] = []
+        self.started = asyncio.Event()
+
+    async def send(self, message: PushMessage) -> PushResult:
+        self.sent.append(message)
+        self.started.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        result = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def client(http: httpx.AsyncClient) -> RegisteredClient:
+    return await register_client(http, name="FILESRV01")
+
+
+@pytest.fixture
+async def phone(http: httpx.AsyncClient, client: RegisteredClient) -> PairedDevice:
+    return await pair_app_device(http, client)
+
+
+@pytest.fixture
+async def manual(app: FastAPI) -> AsyncIterator[Dispatcher]:
+    """The app's own dispatcher stopped, so each test drives rounds itself."""
+    runtime = runtime_of(app)
+    await runtime.extras["dispatcher"].stop()
+    yield Dispatcher(runtime, retry_base=1.0)
+
+
+async def deliveries(app: FastAPI, approval_id: str) -> list[Delivery]:
+    async with runtime_of(app).db.session() as session:
+        rows = await session.scalars(select(Delivery).where(Delivery.approval_id == approval_id))
+        return list(rows)
+
+
+async def test_log_sender_gets_one_message_per_push_device(
+    app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+) -> None:
+    android = await pair_app_device(http, client, name="Pixel", platform="android", os_version="14")
+    await pair_app_device(http, client, name="Poll only", push=None)
+    body = await request_approval(http, client)
+    url = f"/v1/approvals/{body['approval_id']}?wait=10"
+    state = (await http.get(f"/v1/approvals/{body['approval_id']}", headers=client.headers)).json()
+    while state["delivery"]["sent"] < 2:
+        state = (await http.get(url, headers=client.headers)).json()
+    log_sender = runtime_of(app).senders["log"]
+    assert isinstance(log_sender, LogPushSender)
+    mine = [m for m in log_sender.sent if m.approval_id == body["approval_id"]]
+    assert sorted(m.device_id for m in mine) == sorted([phone.device_id, android.device_id])
+    for message in mine:
+        assert "FILESRV01" in message.title and "login" in message.title
+        assert body["match_code"] not in message.title + message.body + str(message.data)
+        assert message.data["approval_id"] == body["approval_id"]
+    assert state["delivery"] == {"queued": 0, "sent": 2, "failed": 0, "last_error": None}
+    metrics = runtime_of(app).metrics.render().decode()
+    assert 'pns_push_sends_total{outcome="delivered",service="apns"} 1.0' in metrics
+
+
+async def test_retry_with_backoff_then_delivered(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    sender = ScriptedSender(
+        PushResult(Outcome.RETRY, reason="TooManyRequests", status_code=429),
+        PushResult(Outcome.DELIVERED),
+    )
+    runtime_of(app).senders["apns"] = sender
+    body = await request_approval(http, client)
+    before = datetime.now(UTC)
+    assert await manual.run_once() == 1
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert (delivery.status, delivery.attempts, delivery.last_error) == (
+        "queued",
+        1,
+        "TooManyRequests",
+    )
+    # Backoff: 1 s with jitter in [0.5, 1].
+    assert before + timedelta(seconds=0.5) <= delivery.next_attempt_at
+    assert delivery.next_attempt_at <= datetime.now(UTC) + timedelta(seconds=1)
+    state = (await http.get(f"/v1/approvals/{body['approval_id']}", headers=client.headers)).json()
+    assert state["delivery"]["queued"] == 1
+    assert state["delivery"]["last_error"] == "TooManyRequests"
+
+    assert await manual.run_once() == 0  # not due yet
+    assert await manual.run_once(now=delivery.next_attempt_at + timedelta(seconds=0.01)) == 1
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert (delivery.status, delivery.attempts, delivery.last_error) == ("sent", 2, None)
+    assert len(sender.sent) == 2
+
+
+async def test_retry_after_past_expiry_gives_up(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    runtime_of(app).senders["apns"] = ScriptedSender(
+        PushResult(Outcome.RETRY, reason="ServiceUnavailable", retry_after=3600)
+    )
+    body = await request_approval(http, client)
+    await manual.run_once()
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert delivery.status == "failed"
+    assert delivery.last_error is not None and "gave up" in delivery.last_error
+    state = (await http.get(f"/v1/approvals/{body['approval_id']}", headers=client.headers)).json()
+    assert state["delivery"]["failed"] == 1
+    assert state["status"] == "pending"  # the phone can still poll and answer
+
+
+async def test_backoff_grows_and_honours_retry_after(manual: Dispatcher) -> None:
+    assert 0.5 <= manual.backoff(1, None) <= 1.0
+    assert 4.0 <= manual.backoff(4, None) <= 8.0
+    assert manual.backoff(30, None) <= manual.retry_max
+    assert manual.backoff(1, 30.0) == 30.0
+
+
+async def test_invalid_token_retires_the_device(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    sender = ScriptedSender(
+        PushResult(Outcome.INVALID_TOKEN, reason="Unregistered", status_code=410)
+    )
+    runtime_of(app).senders["apns"] = sender
+    body = await request_approval(http, client)
+    await manual.run_once()
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert delivery.status == "failed"
+    assert delivery.last_error is not None and "Unregistered" in delivery.last_error
+    async with runtime_of(app).db.session() as session:
+        device = await session.get(Device, phone.device_id)
+        assert device is not None and device.push_status == "invalid_token"
+    # Never sent to again, yet the phone still counts: it can poll.
+    again = await request_approval(http, client)
+    assert again["devices_notified"] == 1
+    assert await deliveries(app, again["approval_id"]) == []
+    await manual.run_once()
+    assert len(sender.sent) == 1
+
+
+async def test_config_error_fails_loudly(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runtime_of(app).senders["apns"] = ScriptedSender(
+        PushResult(Outcome.CONFIG_ERROR, reason="InvalidProviderToken", status_code=403)
+    )
+    body = await request_approval(http, client)
+    await manual.run_once()
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert delivery.status == "failed"
+    assert any("CONFIGURATION" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    metrics = runtime_of(app).metrics.render().decode()
+    assert 'pns_push_sends_total{outcome="config_error",service="apns"} 1.0' in metrics
+    async with runtime_of(app).db.session() as session:
+        device = await session.get(Device, phone.device_id)
+        assert device is not None and device.push_status == "ok"
+
+
+async def test_sender_exception_is_retried(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    runtime_of(app).senders["apns"] = ScriptedSender(ConnectionResetError("boom"))
+    body = await request_approval(http, client)
+    await manual.run_once()
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert delivery.status == "queued"
+    assert delivery.last_error == "sender error: ConnectionResetError"
+
+
+async def test_expired_lease_is_reclaimed_and_a_live_one_is_not(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    sender = ScriptedSender(PushResult(Outcome.DELIVERED))
+    runtime_of(app).senders["apns"] = sender
+    body = await request_approval(http, client)
+    [delivery] = await deliveries(app, body["approval_id"])
+    now = datetime.now(UTC)
+
+    async def lease(until: datetime) -> None:
+        async with runtime_of(app).db.session() as session:
+            await session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery.id)
+                .values(status="sending", lease_until=until, attempts=1)
+            )
+
+    # Another process claimed it and is still within its lease: hands off.
+    await lease(now + timedelta(seconds=30))
+    assert await manual.run_once() == 0
+    # That process died: the lease runs out and we take over.
+    await lease(now - timedelta(seconds=1))
+    assert await manual.run_once() == 1
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert (delivery.status, delivery.attempts) == ("sent", 2)
+    assert [m.approval_id for m in sender.sent] == [body["approval_id"]]
+
+
+async def test_decided_approval_is_not_pushed(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    sender = ScriptedSender(PushResult(Outcome.DELIVERED))
+    runtime_of(app).senders["apns"] = sender
+    body = await request_approval(http, client)
+    await answer(http, phone, body["approval_id"], "reject")
+    assert await manual.run_once() == 0
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert delivery.status == "dropped"
+    assert sender.sent == []
+
+
+async def test_expired_approval_gives_up(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    sender = ScriptedSender(PushResult(Outcome.DELIVERED))
+    runtime_of(app).senders["apns"] = sender
+    body = await request_approval(http, client, ttl_seconds=10)
+    # The first round comes after expiry (a backlog, a restart): nothing is sent.
+    await manual.run_once(now=datetime.now(UTC) + timedelta(seconds=11))
+    assert sender.sent == []
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert delivery.status == "failed"
+    assert delivery.last_error is not None and "expired" in delivery.last_error
+
+
+async def test_one_claim_per_delivery_across_dispatchers(
+    app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, manual: Dispatcher
+) -> None:
+    sender = ScriptedSender(PushResult(Outcome.DELIVERED), delay=0.05)
+    runtime_of(app).senders["apns"] = sender
+    for index in range(6):
+        await pair_app_device(http, client, name=f"phone {index}")
+    body = await request_approval(http, client)
+    others = [Dispatcher(runtime_of(app), batch_size=2) for _ in range(3)]
+    await asyncio.gather(*(d.run_once() for d in others), manual.run_once())
+    while any(d.status != "sent" for d in await deliveries(app, body["approval_id"])):
+        await manual.run_once()
+    assert sorted(m.device_id for m in sender.sent) == sorted(
+        d.device_id for d in await deliveries(app, body["approval_id"])
+    )
+    assert len(sender.sent) == 6
+
+
+async def test_stop_lets_the_send_in_flight_finish(
+    app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+) -> None:
+    runtime = runtime_of(app)
+    await runtime.extras["dispatcher"].stop()
+    sender = ScriptedSender(PushResult(Outcome.DELIVERED), delay=0.3)
+    runtime.senders["apns"] = sender
+    dispatcher = Dispatcher(runtime)
+    dispatcher.start()
+    body = await request_approval(http, client)
+    await asyncio.wait_for(sender.started.wait(), 10)
+    await dispatcher.stop(timeout=5)
+    assert not dispatcher.running
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert delivery.status == "sent"
