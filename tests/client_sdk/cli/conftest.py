@@ -1,10 +1,12 @@
 """The CLIs against a real relay process. Their behaviour does not depend on the database,
-so these run on SQLite only to keep the suite fast."""
+so one relay on SQLite serves a whole module (each test registers its own installation):
+starting a server per test would cost seconds each."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,12 +18,18 @@ import pytest
 
 from client_sdk.cli import client as client_cli
 from client_sdk.cli import device as device_cli
+from tests.conftest import server_env
 from tests.support.server import LiveServer
 
 
-@pytest.fixture
-def db_kind() -> str:
-    return "sqlite"
+@pytest.fixture(scope="module")
+def relay(sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    data_dir = tmp_path_factory.mktemp("relay")
+    database = data_dir / "pns.db"
+    shutil.copyfile(sqlite_template, database)
+    env = server_env(f"sqlite:///{database}", data_dir, PNS_RATE_REGISTER_PER_HOUR="1000")
+    with LiveServer(env, data_dir / "server.log") as server:
+        yield server
 
 
 @dataclass
@@ -62,7 +70,7 @@ class Cli:
 
 @pytest.fixture
 def cli(
-    live_server: LiveServer,
+    relay: LiveServer,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -70,7 +78,7 @@ def cli(
     home = tmp_path / "config"
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
     monkeypatch.delenv("PNS_SERVER", raising=False)
-    yield Cli(live_server, home, capsys)
+    yield Cli(relay, home, capsys)
 
 
 @pytest.fixture

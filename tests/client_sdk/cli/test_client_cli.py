@@ -95,7 +95,11 @@ class TestSetUp:
 class TestLogin:
     def start_login(self, cli: Cli, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
         process = cli.spawn(
-            "client_sdk.cli.client", *extra, "login", "--username", "admin",
+            "client_sdk.cli.client",
+            *extra,
+            "login",
+            "--username",
+            "admin",
             stdin=subprocess.DEVNULL,
         )
         stream = process.stderr if "--json" in extra else process.stdout
