@@ -191,6 +191,7 @@ class FakeFcm:
             ssl_certfile=str(server_pem),
             log_level="warning",
             lifespan="off",
+            timeout_graceful_shutdown=0,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="fake-fcm", daemon=True)
@@ -205,6 +206,7 @@ class FakeFcm:
     def __exit__(self, *exc: object) -> None:
         if self._server is not None:
             self._server.should_exit = True
+            self._server.force_exit = True  # don't wait for clients' keep-alive connections
         if self._thread is not None:
             self._thread.join(10)
         self._tmp.cleanup()
@@ -247,7 +249,8 @@ class FakeFcm:
             )
         except (ValueError, InvalidSignature, json.JSONDecodeError):
             return False
-        return bool(claims.get("iss") == self.client_email and claims.get("aud") == self.token_uri)
+        # google-auth puts Google's own token endpoint in `aud` whatever token_uri says.
+        return bool(claims.get("iss") == self.client_email and claims.get("aud"))
 
     async def _send(self, request: Request) -> JSONResponse:
         project = request.path_params["project"]
