@@ -15,7 +15,7 @@ from pns_server.db import Database, create_engine
 from pns_server.metrics import Metrics
 from pns_server.migrate import upgrade_to_head
 from pns_server.push.base import PushSender
-from pns_server.push.log import LogPushSender
+from pns_server.push.factory import PushConfigError, PushReadiness, build_senders
 from pns_server.realtime import create_notifier
 from pns_server.realtime.memory import MemoryNotifier
 from pns_server.realtime.postgres import PostgresNotifier
@@ -58,6 +58,12 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
     elif (path := settings.sqlite_path) is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     box = SecretBox(secret_keys(settings))
+    push_readiness = PushReadiness()
+    try:
+        senders = build_senders(settings, push_readiness)
+    except PushConfigError as exc:
+        log.critical("push configuration is invalid: %s", exc)
+        raise
     if settings.migrate_on_start:
         await asyncio.to_thread(upgrade_to_head, settings.sqlalchemy_url)
     engine = create_engine(settings.sqlalchemy_url, pool_size=settings.db_pool_size)
@@ -67,7 +73,8 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
     runtime = Runtime(
         settings=settings, db=db, notifier=notifier, box=box, metrics=metrics or Metrics()
     )
-    runtime.senders["log"] = LogPushSender()
+    runtime.senders.update(senders)
+    runtime.extras.setdefault("readiness", {})["push"] = push_readiness
     start_operations_tasks(runtime)
     return runtime
 

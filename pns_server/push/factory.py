@@ -1,0 +1,215 @@
+"""Builds the push senders from Settings, refusing to start on a broken push configuration.
+
+Every problem names the variable to fix: an operator reading a crash loop at night should not
+have to guess which of a dozen settings is wrong."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pns_server.config import Settings
+from pns_server.push.apns import ApnsConfig, ApnsSender, ProviderToken, load_signing_key
+from pns_server.push.base import Outcome, PushMessage, PushResult, PushSender
+from pns_server.push.log import LogPushSender
+
+log = logging.getLogger("pns.push")
+
+
+class PushConfigError(ValueError):
+    """Start-up refusal; the message starts with the variable to fix."""
+
+
+def _check_file(variable: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise PushConfigError(f"{variable}: file not found: {path}") from None
+    except IsADirectoryError:
+        raise PushConfigError(f"{variable}: is a directory, not a file: {path}") from None
+    except PermissionError:
+        raise PushConfigError(f"{variable}: cannot read {path}: permission denied") from None
+    except OSError as exc:
+        raise PushConfigError(f"{variable}: cannot read {path}: {exc.strerror}") from None
+
+
+def _check_ca_file(settings: Settings) -> Path | None:
+    path = settings.push_ca_file
+    if path is None:
+        return None
+    _check_file("PNS_PUSH_CA_FILE", path)
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, ValueError) as exc:
+        raise PushConfigError(f"PNS_PUSH_CA_FILE: not a PEM CA bundle: {path} ({exc})") from None
+    return path
+
+
+def _apns_settings_given(settings: Settings) -> dict[str, object]:
+    names = ("apns_key_file", "apns_key_id", "apns_team_id", "apns_topic", "apns_cert_file")
+    return {name: getattr(settings, name) for name in names if getattr(settings, name)}
+
+
+def _require(settings: Settings, needed: tuple[str, ...], because: str) -> None:
+    for name in needed:
+        if not getattr(settings, name):
+            raise PushConfigError(f"PNS_{name.upper()}: required when {because}")
+
+
+def build_apns(settings: Settings, ca_file: Path | None) -> ApnsSender | None:
+    given = _apns_settings_given(settings)
+    if not given:
+        return None
+    token: ProviderToken | None = None
+    if settings.apns_key_file and settings.apns_cert_file:
+        raise PushConfigError(
+            "PNS_APNS_CERT_FILE: set either PNS_APNS_KEY_FILE (token auth) or "
+            "PNS_APNS_CERT_FILE (certificate auth), not both"
+        )
+    if settings.apns_cert_file:
+        _require(settings, ("apns_topic",), "PNS_APNS_CERT_FILE is set")
+        _check_file("PNS_APNS_CERT_FILE", settings.apns_cert_file)
+        try:
+            ssl.create_default_context().load_cert_chain(str(settings.apns_cert_file))
+        except (ssl.SSLError, ValueError) as exc:
+            raise PushConfigError(
+                f"PNS_APNS_CERT_FILE: not a PEM certificate with its unencrypted private key: "
+                f"{settings.apns_cert_file} ({exc})"
+            ) from None
+    else:
+        because = "any of " + ", ".join(f"PNS_{name.upper()}" for name in given) + " is set"
+        _require(settings, ("apns_key_file", "apns_key_id", "apns_team_id", "apns_topic"), because)
+        assert settings.apns_key_file and settings.apns_key_id and settings.apns_team_id
+        _check_file("PNS_APNS_KEY_FILE", settings.apns_key_file)
+        try:
+            key = load_signing_key(settings.apns_key_file)
+        except (ValueError, TypeError) as exc:
+            raise PushConfigError(
+                f"PNS_APNS_KEY_FILE: not an APNs .p8 auth key: {settings.apns_key_file} ({exc})"
+            ) from None
+        token = ProviderToken(key, settings.apns_key_id, settings.apns_team_id)
+    assert settings.apns_topic
+    config = ApnsConfig(
+        topic=settings.apns_topic,
+        production_url=settings.apns_url,
+        sandbox_url=settings.apns_sandbox_url,
+        timeout=settings.push_timeout_seconds,
+        ca_file=ca_file,
+        cert_file=settings.apns_cert_file,
+    )
+    return ApnsSender(config, token)
+
+
+def build_fcm(settings: Settings, ca_file: Path | None) -> PushSender | None:
+    path = settings.fcm_credentials_file
+    if path is None:
+        if settings.fcm_url:
+            raise PushConfigError("PNS_FCM_CREDENTIALS_FILE: required when PNS_FCM_URL is set")
+        return None
+    raw = _check_file("PNS_FCM_CREDENTIALS_FILE", path)
+    from pns_server.push.fcm import FcmSender  # firebase-admin is heavy: import only if used
+
+    try:
+        return FcmSender(
+            path,
+            timeout=settings.push_timeout_seconds,
+            fcm_url=settings.fcm_url,
+            ca_file=ca_file,
+        )
+    except (ValueError, KeyError) as exc:
+        hint = "" if raw.strip().startswith(b"{") else " (expected a JSON file)"
+        raise PushConfigError(
+            f"PNS_FCM_CREDENTIALS_FILE: not a Firebase service-account key: {path}{hint} ({exc})"
+        ) from None
+
+
+@dataclass
+class ProviderStatus:
+    """What /readyz shows per provider: the last configuration error and the last success."""
+
+    service: str
+    detail: str
+    last_delivered_at: str | None = None
+    last_config_error: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        state = "ok"
+        if self.last_config_error is not None and (
+            self.last_delivered_at is None or self.last_config_error["at"] > self.last_delivered_at
+        ):
+            state = "config_error"
+        return {
+            "status": state,
+            "provider": self.detail,
+            "last_delivered_at": self.last_delivered_at,
+            "last_config_error": self.last_config_error,
+        }
+
+
+class TrackedSender:
+    """Records outcomes for /readyz; counting and logging stay with the dispatcher."""
+
+    def __init__(self, sender: PushSender, status: ProviderStatus) -> None:
+        self.inner = sender
+        self.service = sender.service
+        self.status = status
+
+    async def send(self, message: PushMessage) -> PushResult:
+        result = await self.inner.send(message)
+        now = datetime.now(UTC).isoformat()
+        if result.outcome is Outcome.DELIVERED:
+            self.status.last_delivered_at = now
+        elif result.outcome is Outcome.CONFIG_ERROR:
+            self.status.last_config_error = {
+                "at": now,
+                "reason": result.reason,
+                "status_code": result.status_code,
+            }
+        return result
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass
+class PushReadiness:
+    statuses: list[ProviderStatus] = field(default_factory=list)
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.statuses:
+            return {"mode": "log only: no APNs or FCM configuration"}
+        return {status.service: status.as_dict() for status in self.statuses}
+
+
+def build_senders(
+    settings: Settings, readiness: PushReadiness | None = None
+) -> dict[str, PushSender]:
+    """Always includes "log"; APNs and FCM only when configured (and then fully valid)."""
+    ca_file = _check_ca_file(settings)
+    senders: dict[str, PushSender] = {"log": LogPushSender()}
+    readiness = readiness if readiness is not None else PushReadiness()
+    apns = build_apns(settings, ca_file)
+    if apns is not None:
+        auth = "certificate" if settings.apns_cert_file else f"key {settings.apns_key_id}"
+        detail = f"APNs topic {settings.apns_topic}, {auth}, {settings.apns_url}"
+        status = ProviderStatus("apns", detail)
+        senders["apns"] = TrackedSender(apns, status)
+        readiness.statuses.append(status)
+    fcm = build_fcm(settings, ca_file)
+    if fcm is not None:
+        project = getattr(fcm, "project_id", "?")
+        status = ProviderStatus("fcm", f"FCM project {project}, {settings.fcm_url or 'Google'}")
+        senders["fcm"] = TrackedSender(fcm, status)
+        readiness.statuses.append(status)
+    if readiness.statuses:
+        log.info("push: %s", "; ".join(s.detail for s in readiness.statuses))
+    else:
+        log.warning(
+            "push: no APNs or FCM configured (PNS_APNS_*, PNS_FCM_CREDENTIALS_FILE): "
+            "pushes are only written to this log"
+        )
+    return senders
