@@ -235,6 +235,74 @@ def rotate_key(settings: Settings, _args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _check_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", metavar="ID", help="also send a test push to this device")
+
+
+@command(
+    "check-push",
+    "validate the APNs/FCM configuration and optionally send a test push",
+    _check_push_arguments,
+)
+def check_push(settings: Settings, args: argparse.Namespace) -> int:
+    from pns_server.push.factory import PushConfigError, build_senders
+
+    try:
+        senders = build_senders(settings)
+    except PushConfigError as exc:
+        sys.stderr.write(f"push configuration is invalid: {exc}\n")
+        return 2
+    providers = sorted(name for name in senders if name != "log")
+    print("push providers configured: " + (", ".join(providers) or "none (log sender only)"))
+    if not args.device:
+        return asyncio.run(_close_senders(senders, 0))
+    return asyncio.run(_send_test_push(settings, senders, args.device))
+
+
+async def _close_senders(senders: dict[str, Any], code: int) -> int:
+    for sender in senders.values():
+        await sender.close()
+    return code
+
+
+async def _send_test_push(settings: Settings, senders: dict[str, Any], device_id: str) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from pns_server.db import Database, create_engine
+    from pns_server.models import Device
+    from pns_server.push.base import PushMessage
+    from pns_server.security import new_id
+
+    db = Database(create_engine(settings.sqlalchemy_url, pool_size=1))
+    try:
+        async with db.session() as session:
+            device = await session.get(Device, device_id)
+    finally:
+        await db.dispose()
+    if device is None or not device.push_service or not device.push_token:
+        sys.stderr.write(f"error: no device {device_id} with a push token\n")
+        return await _close_senders(senders, 1)
+    sender = senders.get(device.push_service)
+    if sender is None:
+        sys.stderr.write(f"error: the device uses {device.push_service}, which is not configured\n")
+        return await _close_senders(senders, 1)
+    message = PushMessage(
+        approval_id="test-" + new_id(),
+        device_id=device.id,
+        service=device.push_service,
+        token=device.push_token,
+        environment=device.push_environment or "production",
+        title="PNS test",
+        body="Push notifications reach this device.",
+        expires_at=datetime.now(UTC) + timedelta(minutes=1),
+        data={"type": "test"},
+    )
+    result = await sender.send(message)
+    print(f"test push to {device.id} via {device.push_service}: {result.outcome.value}", end="")
+    print(f" ({result.reason})" if result.reason else "")
+    return await _close_senders(senders, 0 if result.ok else 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pns-server", description="PNS push-approval relay")
     parser.add_argument("--version", action="version", version=__version__)

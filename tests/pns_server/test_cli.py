@@ -167,3 +167,26 @@ class TestRotateKey:
         wrong = make_settings(database_url, tmp_path, secret_key=NEW_KEY)
         assert await run_async(wrong, "rotate-key") == 1
         assert "PNS_OLD_SECRET_KEYS" in capsys.readouterr().err
+
+
+class TestCheckPush:
+    def test_reports_log_only_without_providers(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert run(Settings(data_dir=tmp_path), "check-push") == 0
+        assert "none (log sender only)" in capsys.readouterr().out
+
+    def test_broken_configuration_names_the_variable(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        settings = Settings(data_dir=tmp_path, fcm_credentials_file=tmp_path / "missing.json")
+        assert run(settings, "check-push") == 2
+        assert "PNS_FCM_CREDENTIALS_FILE" in capsys.readouterr().err
+
+    async def test_device_on_an_unconfigured_service_fails(
+        self, http: httpx.AsyncClient, settings: Settings, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        client = await register_client(http)
+        device = await pair_app_device(http, client)
+        assert await run_async(settings, "check-push", "--device", device.device_id) == 1
+        assert "apns, which is not configured" in capsys.readouterr().err
