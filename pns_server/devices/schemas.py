@@ -46,6 +46,9 @@ class DeviceCreate(RequestModel):
     @field_validator("os_version")
     @classmethod
     def _version_number(cls, value: str) -> str:
+        # `\d` also matches non-ASCII digits, which no OS reports as its version.
+        if not value.isascii():
+            raise ValueError("not a version number: use digits and dots, like 17.2")
         parse_version(value)
         return value
 
