@@ -153,3 +153,31 @@ def test_wheel_serves_from_an_empty_venv_on_fresh_postgres(
         check=True,
     ).stdout
     assert located.startswith(str(venv))
+
+
+def test_grafana_dashboard_uses_only_metrics_we_export() -> None:
+    import json
+
+    from pns_server.metrics import Metrics
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(pns_[a-z_]+)", e)}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    exported = {
+        family.name + suffix
+        for family in Metrics().registry.collect()
+        for suffix in suffixes[family.type]
+    }
+    assert used <= exported, used - exported
+    # Every metric the issue names has a panel.
+    for required in (
+        "pns_http_requests_total",
+        "pns_approvals_decided_total",
+        "pns_push_sends_total",
+        "pns_outbox_pending",
+        "pns_longpoll_waiters",
+        "pns_otp_verifications_total",
+        "pns_devices",
+    ):
+        assert required in used
