@@ -277,6 +277,14 @@ async def refresh_expiry(
     return approval
 
 
+async def reread(
+    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, approval: Approval
+) -> Approval:
+    """The row as the winner left it: after a lost UPDATE our loaded copy is stale."""
+    fresh = await repo.get(approval.id, approval.client_id)
+    return await refresh_expiry(session, repo, metrics, fresh or approval)
+
+
 async def expire_due(session: AsyncSession, metrics: Metrics, limit: int = 100) -> int:
     """Expire what nobody is watching, so the audit trail and outbox stay truthful."""
     repo = ApprovalRepository(session)
@@ -348,10 +356,7 @@ async def cancel(
     repo = ApprovalRepository(session)
     approval = await load_for_client(session, metrics, client.id, approval_id)
     if not await repo.decide(approval.id, now_utc(), status="cancelled"):
-        fresh = await refresh_expiry(
-            session, repo, metrics, await repo.get(approval.id, client.id) or approval
-        )
-        raise already_decided(fresh)
+        raise already_decided(await reread(session, repo, metrics, approval))
     await on_final(
         session,
         repo,
@@ -488,7 +493,7 @@ async def respond(
         fraud=answer.fraud,
     )
     if not won:
-        raise already_decided(await refresh_expiry(session, repo, metrics, approval))
+        raise already_decided(await reread(session, repo, metrics, approval))
     device.last_used_at = now
     if status == "approved":
         await repo.reset_push_count(device.client_id)
