@@ -124,7 +124,7 @@ class TestSyncClient:
                 device.pending()
             device.close()
 
-    def test_refusals_map_to_their_exceptions(self, live_server: LiveServer) -> None:
+    def test_refusals_and_device_state(self, live_server: LiveServer) -> None:
         with pytest.raises(EditionUnsupported) as refused:
             PnsClient.register(live_server.url, name="PC", edition="home")
         assert isinstance(refused.value, RegistrationRefused)
@@ -153,9 +153,7 @@ class TestSyncClient:
             with pytest.raises(PlatformUnsupported):
                 DeviceClient.pair(pairing.qr_payload or "", **old_ios)
 
-    def test_device_state_survives_a_restart_of_the_app(self, live_server: LiveServer) -> None:
-        registration = PnsClient.register(live_server.url, name="FILESRV03", edition="pro")
-        with PnsClient(live_server.url, registration.client_token) as client:
+            # The phone app saves its state and resumes after a restart.
             pairing = client.start_pairing("app")
             first = DeviceClient.pair(pairing.qr_payload or "", **IPHONE)
             state = first.to_state()
