@@ -314,7 +314,7 @@ class TestEnrol:
         for public_key in [
             "not base64!",
             base64.b64encode(b"not a DER key").decode(),
-            public_key_b64(p384),  # type: ignore[arg-type]
+            public_key_b64(p384),
             public_key_b64(new_key())[:-8],
             "",
         ]:
@@ -381,6 +381,33 @@ async def test_one_token_pairs_once_across_processes(
             )
             assert sorted(r.status_code for r in responses) == [201, 404, 404, 404]
     assert len(await devices_of(http, client)) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+async def test_long_poll_wakes_when_another_process_pairs(
+    http: httpx.AsyncClient, client: RegisteredClient, app: FastAPI, live_server: LiveServer
+) -> None:
+    """The phone reaches another replica: LISTEN/NOTIFY must still wake this one's waiter."""
+    started = await start_app_pairing(http, client)
+    loop = asyncio.get_running_loop()
+    finished: list[float] = []
+    waiter = asyncio.create_task(
+        http.get(f"/v1/pairings/{started['pairing_id']}?wait=30", headers=client.headers)
+    )
+    waiter.add_done_callback(lambda _t: finished.append(loop.time()))
+    notifier = runtime_of(app).notifier
+    async with asyncio.timeout(5):
+        while notifier.waiter_count < 1:
+            await asyncio.sleep(0.005)
+    paired_at = loop.time()
+    token = pairing_token_from(started["qr_payload"])
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=30) as other_process:
+        assert (await other_process.post("/v1/devices", json=phone_body(token))).status_code == 201
+    response = await waiter
+    assert response.json()["status"] == "completed"
+    # Far below the waiter's 15 s safety re-read: the notification did the waking.
+    assert finished[0] - paired_at < 2.0
 
 
 class TestListDevices:
