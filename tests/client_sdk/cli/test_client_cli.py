@@ -6,10 +6,13 @@ import json
 import re
 import stat
 import subprocess
+import xml.etree.ElementTree as ET
 from urllib.parse import parse_qs, urlparse
 
 import pyotp
 import pytest
+import zxingcpp
+from PIL import Image
 
 from tests.client_sdk.cli.conftest import Cli
 from tests.support.postgres import free_port
@@ -75,6 +78,17 @@ class TestSetUp:
 
         code, body = registered.client("confirm", pairing["pairing_id"], pyotp.TOTP(secret).now())
         assert code == 0 and body["device"]["kind"] == "totp"
+
+    def test_pair_writes_png_and_svg_qr_codes(self, registered: Cli, tmp_path) -> None:
+        png, svg = tmp_path / "pair.png", tmp_path / "pair.svg"
+        code, pairing = registered.client(
+            "pair", "--no-wait", "--qr-png", str(png), "--qr-svg", str(svg)
+        )
+        assert code == 0
+        with Image.open(png) as image:
+            decoded = [b.text for b in zxingcpp.read_barcodes(image.convert("L"))]
+        assert decoded == [pairing["qr_payload"]]
+        assert ET.parse(svg).getroot().tag.endswith("svg")
 
     def test_pair_waits_and_says_which_device_joined(self, registered: Cli) -> None:
         process = registered.spawn("client_sdk.cli.client", "pair", "--no-qr", "--timeout", "30")
