@@ -166,6 +166,26 @@ class TestLogin:
         assert result["outcome"] == "rejected"
         assert result["approval"]["reason"] == "number_mismatch"
 
+    def test_watch_prompts_and_approves_with_the_typed_number(self, registered: Cli) -> None:
+        registered.pair_phone()
+        process, _, match_code = self.start_login(registered, "--json")
+        watcher = registered.spawn(
+            "client_sdk.cli.device",
+            "watch",
+            "--count",
+            "1",
+            "--interval",
+            "0.2",
+            stdin=subprocess.PIPE,
+        )
+        shown, _ = watcher.communicate(f"{match_code}\n", timeout=30)
+        assert watcher.returncode == 0
+        assert "New request: login by admin" in shown
+        assert "-> approved" in shown
+
+        out, _ = process.communicate(timeout=30)
+        assert json.loads(out)["outcome"] == "approved"
+
     def test_no_phone_offers_the_code_at_once(self, registered: Cli) -> None:
         process = registered.spawn(
             "client_sdk.cli.client", "login", "--username", "admin", stdin=subprocess.PIPE
