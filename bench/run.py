@@ -1,0 +1,57 @@
+"""`python -m bench.run [--full] [--only NAME ...] [--db sqlite postgres]`
+
+Runs each scenario on each database, prints its table and writes bench/results/<name>.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bench.harness import Databases, raise_open_files_limit, table, write_result
+from bench.scenarios import FULL, QUICK, SCENARIOS
+
+
+async def main(args: argparse.Namespace) -> int:
+    size = FULL if args.full else QUICK
+    open_files = raise_open_files_limit()
+    dbs = Databases()
+    failures = 0
+    try:
+        kinds = dbs.kinds(args.db)
+        for name in args.only or list(SCENARIOS):
+            rows = []
+            started = time.monotonic()
+            for kind in kinds:
+                tmp = dbs.tmp / f"{name}-{kind}"
+                tmp.mkdir(parents=True, exist_ok=True)
+                try:
+                    rows += await SCENARIOS[name](dbs, kind, tmp, size)
+                except Exception as exc:  # one broken scenario must not hide the others
+                    failures += 1
+                    rows.append({"database": kind, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            parameters = {"run": "full" if args.full else "quick", **size.__dict__}
+            parameters["open_files_limit"] = open_files
+            path = write_result(name, parameters, rows)
+            took = time.monotonic() - started
+            print(table(f"{name} ({parameters['run']}, {took:.0f} s) -> {path}", rows), flush=True)
+    finally:
+        dbs.close()
+        shutil.rmtree(dbs.tmp, ignore_errors=True)
+    return 1 if failures else 0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__)
+    parser.add_argument("--full", action="store_true", help="the long run (10,000 waits, ...)")
+    parser.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="scenarios to run")
+    parser.add_argument("--db", nargs="*", default=["sqlite", "postgres"])
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(asyncio.run(main(parse(sys.argv[1:]))))
