@@ -32,6 +32,13 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## Benchmarks against real relay processes on SQLite and PostgreSQL (docs/benchmarks.md).
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-full: $(STAMP)
+	$(BIN)/python -m bench.run --full
+
 ## Watch the whole flow: a relay, a simulated phone, approved / rejected / OTP logins.
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
