@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -51,8 +52,6 @@ class TestCreate:
         state = (
             await http.get(f"/v1/approvals/{body['approval_id']}", headers=client.headers)
         ).json()
-        from datetime import datetime
-
         created = datetime.fromisoformat(state["created_at"].replace("Z", "+00:00"))
         expires = datetime.fromisoformat(state["expires_at"].replace("Z", "+00:00"))
         assert (expires - created).total_seconds() == pytest.approx(10, abs=0.01)

@@ -74,7 +74,7 @@ async def test_log_sender_gets_one_message_per_push_device(
     android = await pair_app_device(http, client, name="Pixel", platform="android", os_version="14")
     await pair_app_device(http, client, name="Poll only", push=None)
     body = await request_approval(http, client)
-    url = f"/v1/approvals/{body['approval_id']}?wait=10"
+    url = f"/v1/approvals/{body['approval_id']}?wait=1"
     state = (await http.get(f"/v1/approvals/{body['approval_id']}", headers=client.headers)).json()
     while state["delivery"]["sent"] < 2:
         state = (await http.get(url, headers=client.headers)).json()
