@@ -141,6 +141,12 @@ class PnsClient(_Base):
         return self._sender.send(call)
 
     def close(self) -> None:
+        """Close the connection pool; `with PnsClient(...)` does this for you.
+
+        Example::
+
+            client.close()
+        """
         self._sender.close()
 
     def __enter__(self) -> Self:
@@ -171,8 +177,10 @@ class PnsClient(_Base):
     ) -> ClientRegistration:
         """Register this installation; keep `client_token` secret and reuse it.
 
-        reg = PnsClient.register(url, name="FILESRV01", edition="pro")
-        client = PnsClient(url, token=reg.client_token)
+        Example::
+
+            reg = PnsClient.register(url, name="FILESRV01", edition="pro")
+            client = PnsClient(url, token=reg.client_token)
         """
         with cls(base_url, timeout=timeout, transport=transport, verify=verify) as client:
             return client._send(register_call(name, edition, hostname, registration_key))
@@ -180,32 +188,53 @@ class PnsClient(_Base):
     def ping(self) -> Ping:
         """Reach the server and measure clock skew (TOTP and signatures need a fair clock).
 
-        if abs(client.ping().clock_skew) > 30: warn("fix this machine's clock")
+        Example::
+
+            if abs(client.ping().clock_skew) > 30:
+                warn("fix this machine's clock")
         """
         return self._send(ping_call())
 
     def me(self) -> ClientInfo:
-        """This installation's record: `client.me().devices`."""
+        """This installation's record (name, edition, device counts, push lock).
+
+        Example::
+
+            print(client.me().devices, "devices paired")
+        """
         return self._send(self._core.me())
 
     # -- pairing and devices --
 
     def start_pairing(self, kind: str = "app", label: str | None = None) -> Pairing:
-        """Start pairing a device; show `qr_payload` as a QR code.
+        """Start pairing a device (`kind` "app" or "totp"); show `qr_payload` as a QR code.
 
-        pairing = client.start_pairing("totp", label="Google Authenticator")
+        Example::
+
+            pairing = client.start_pairing("totp", label="Google Authenticator")
+            show_qr(pairing.qr_payload)
         """
         return self._send(self._core.start_pairing(kind, label))
 
     def get_pairing(self, pairing_id: str, wait: float = 0) -> Pairing:
         """A pairing's status; with `wait` (0..60 s) the server holds the answer until it
-        changes. `client.get_pairing(pid, wait=20).status`"""
+        changes.
+
+        Example::
+
+            status = client.get_pairing(pairing.pairing_id, wait=20).status
+        """
         return self._send(self._core.get_pairing(pairing_id, wait))
 
     def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
         """Long-poll until the pairing is completed or expired, or `timeout` seconds have
         passed (then the latest, still pending, state is returned). The new device's key
-        is pinned. `device = client.wait_for_pairing(pid).device`"""
+        is pinned.
+
+        Example::
+
+            device = client.wait_for_pairing(pairing.pairing_id, timeout=300).device
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             pairing = self.get_pairing(pairing_id, _next_wait(deadline, self.long_poll_seconds))
@@ -215,16 +244,30 @@ class PnsClient(_Base):
     def confirm_totp_pairing(self, pairing_id: str, code: str) -> Device:
         """Activate a TOTP pairing with the first code the app shows.
 
-        `device = client.confirm_totp_pairing(pairing.pairing_id, "123456")`"""
+        Example::
+
+            device = client.confirm_totp_pairing(pairing.pairing_id, "123456")
+        """
         return self._send(self._core.confirm_totp_pairing(pairing_id, code))
 
     def list_devices(self) -> list[Device]:
         """Every device of this installation; pins the keys of devices seen for the first
-        time. `for d in client.list_devices(): print(d.name)`"""
+        time.
+
+        Example::
+
+            for device in client.list_devices():
+                print(device.name, device.push_status)
+        """
         return self._send(self._core.list_devices())
 
     def remove_device(self, device_id: str) -> None:
-        """Remove a device (its pending pushes are dropped). `client.remove_device(did)`"""
+        """Remove a device (its pending pushes are dropped).
+
+        Example::
+
+            client.remove_device(device.device_id)
+        """
         self._send(self._core.remove_device(device_id))
 
     # -- codes --
@@ -232,19 +275,31 @@ class PnsClient(_Base):
     def verify_otp(self, code: str) -> OtpResult:
         """Check a one-time password against every active device.
 
-        try:
-            client.verify_otp("123456")
-        except OtpInvalid as exc:
-            print(exc.attempts_left)
+        Example::
+
+            try:
+                client.verify_otp("123456")
+            except OtpInvalid as exc:
+                print(exc.attempts_left)
         """
         return self._send(self._core.verify_otp(code))
 
     def create_recovery_codes(self) -> RecoveryCodes:
-        """Ten new single-use codes (the old ones stop working); show them once."""
+        """Ten new single-use codes (the old ones stop working); show them once.
+
+        Example::
+
+            print("\n".join(client.create_recovery_codes().codes))
+        """
         return self._send(self._core.create_recovery_codes())
 
     def verify_recovery_code(self, code: str) -> RecoveryResult:
-        """Use a recovery code. `client.verify_recovery_code("abcd-efgh-ij").remaining`"""
+        """Use a recovery code; each works once.
+
+        Example::
+
+            left = client.verify_recovery_code("abcd-efgh-ij").remaining
+        """
         return self._send(self._core.verify_recovery_code(code))
 
     # -- approvals --
@@ -263,11 +318,14 @@ class PnsClient(_Base):
     ) -> ApprovalRequested:
         """Ask the user's phone to approve a login; show `match_code` on screen.
 
+        Retries after network failures reuse the same Idempotency-Key (random unless
+        given), so they never create a second approval.
+
+        Example::
+
             req = client.request_approval(username="admin", hostname="FILESRV01")
             print("Type", req.match_code, "on your phone")
-
-        Retries after network failures reuse the same Idempotency-Key (random unless
-        given), so they never create a second approval."""
+        """
         return self._send(
             self._core.request_approval(
                 username=username,
@@ -286,7 +344,13 @@ class PnsClient(_Base):
     ) -> Approval:
         """An approval's state; with `wait` (0..60 s) a long-poll. A decided approval's
         signature is verified against the pinned device key (`ApprovalSignatureError`
-        if it does not verify); `match_code` defaults to the one this client was given."""
+        if it does not verify); `match_code` defaults to the one this client was given.
+
+        Example::
+
+            if client.get_approval(req.approval_id, wait=20).approved:
+                grant_access()
+        """
         approval = self._send(self._core.get_approval(approval_id, wait))
         return self._verified(approval, match_code)
 
@@ -312,8 +376,11 @@ class PnsClient(_Base):
         `on_progress` receives every new state, delivery counts included, so a UI can
         offer the one-time password as soon as `approval.delivery.all_failed`.
 
-            result = client.wait_for_approval(req.approval_id, on_progress=print)
-            if result.approved: ...
+        Example::
+
+            result = client.wait_for_approval(req.approval_id, timeout=60, on_progress=print)
+            if result.approved:
+                grant_access()
         """
         return self._wait(approval_id, timeout, on_progress, match_code, stop_early=False)
 
@@ -340,7 +407,12 @@ class PnsClient(_Base):
 
     def cancel_approval(self, approval_id: str) -> Approval:
         """Withdraw a pending approval (e.g. the user chose to type a code instead).
-        Raises `AlreadyDecided` if it was already answered."""
+        Raises `AlreadyDecided` if it was already answered.
+
+        Example::
+
+            approval = client.cancel_approval(req.approval_id)  # status "cancelled"
+        """
         return self._send(self._core.cancel_approval(approval_id))
 
     def login(
@@ -367,6 +439,8 @@ class PnsClient(_Base):
         thread calling `cancel_approval`), it asks `ask_code` for a one-time password or a
         recovery code (up to `max_code_attempts` times) and verifies it. `ask_code`
         returning None or "" means the user gave up. `OtpLocked` propagates.
+
+        Example::
 
             result = client.login(
                 username="admin",
@@ -512,6 +586,12 @@ class AsyncPnsClient(_Base):
         return await self._sender.send(call)
 
     async def aclose(self) -> None:
+        """Close the connection pool; `async with AsyncPnsClient(...)` does this for you.
+
+        Example::
+
+            await client.aclose()
+        """
         await self._sender.aclose()
 
     async def __aenter__(self) -> Self:
@@ -538,30 +618,60 @@ class AsyncPnsClient(_Base):
         transport: httpx.AsyncBaseTransport | None = None,
         verify: bool | ssl.SSLContext = True,
     ) -> ClientRegistration:
-        """Register this installation. `reg = await AsyncPnsClient.register(url, name=...,
-        edition="pro")`"""
+        """Register this installation; keep `client_token` secret and reuse it.
+
+        Example::
+
+            reg = await AsyncPnsClient.register(url, name="FILESRV01", edition="pro")
+            client = AsyncPnsClient(url, token=reg.client_token)
+        """
         async with cls(base_url, timeout=timeout, transport=transport, verify=verify) as client:
             return await client._send(register_call(name, edition, hostname, registration_key))
 
     async def ping(self) -> Ping:
-        """Reach the server and measure clock skew. `(await client.ping()).clock_skew`"""
+        """Reach the server and measure clock skew.
+
+        Example::
+
+            skew = (await client.ping()).clock_skew
+        """
         return await self._send(ping_call())
 
     async def me(self) -> ClientInfo:
-        """This installation's record. `(await client.me()).devices`"""
+        """This installation's record (name, edition, device counts, push lock).
+
+        Example::
+
+            print((await client.me()).devices, "devices paired")
+        """
         return await self._send(self._core.me())
 
     async def start_pairing(self, kind: str = "app", label: str | None = None) -> Pairing:
-        """Start pairing a device. `pairing = await client.start_pairing("app")`"""
+        """Start pairing a device (`kind` "app" or "totp"); show `qr_payload` as a QR code.
+
+        Example::
+
+            pairing = await client.start_pairing("app")
+            show_qr(pairing.qr_payload)
+        """
         return await self._send(self._core.start_pairing(kind, label))
 
     async def get_pairing(self, pairing_id: str, wait: float = 0) -> Pairing:
-        """A pairing's status, optionally long-polled. `await client.get_pairing(pid, 20)`"""
+        """A pairing's status; with `wait` (0..60 s) a long-poll.
+
+        Example::
+
+            status = (await client.get_pairing(pairing.pairing_id, wait=20)).status
+        """
         return await self._send(self._core.get_pairing(pairing_id, wait))
 
     async def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
         """Long-poll until completed or expired (or `timeout`); pins the new device's key.
-        `device = (await client.wait_for_pairing(pid)).device`"""
+
+        Example::
+
+            device = (await client.wait_for_pairing(pairing.pairing_id, timeout=300)).device
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = _next_wait(deadline, self.long_poll_seconds)
@@ -570,27 +680,58 @@ class AsyncPnsClient(_Base):
                 return pairing
 
     async def confirm_totp_pairing(self, pairing_id: str, code: str) -> Device:
-        """Activate a TOTP pairing. `await client.confirm_totp_pairing(pid, "123456")`"""
+        """Activate a TOTP pairing with the first code the app shows.
+
+        Example::
+
+            device = await client.confirm_totp_pairing(pairing.pairing_id, "123456")
+        """
         return await self._send(self._core.confirm_totp_pairing(pairing_id, code))
 
     async def list_devices(self) -> list[Device]:
-        """Every device of this installation; pins new keys. `await client.list_devices()`"""
+        """Every device of this installation; pins the keys of new devices.
+
+        Example::
+
+            for device in await client.list_devices():
+                print(device.name, device.push_status)
+        """
         return await self._send(self._core.list_devices())
 
     async def remove_device(self, device_id: str) -> None:
-        """Remove a device. `await client.remove_device(device_id)`"""
+        """Remove a device (its pending pushes are dropped).
+
+        Example::
+
+            await client.remove_device(device.device_id)
+        """
         await self._send(self._core.remove_device(device_id))
 
     async def verify_otp(self, code: str) -> OtpResult:
-        """Check a one-time password. `await client.verify_otp("123456")`"""
+        """Check a one-time password against every active device.
+
+        Example::
+
+            result = await client.verify_otp("123456")
+        """
         return await self._send(self._core.verify_otp(code))
 
     async def create_recovery_codes(self) -> RecoveryCodes:
-        """Ten new single-use codes. `(await client.create_recovery_codes()).codes`"""
+        """Ten new single-use codes (the old ones stop working); show them once.
+
+        Example::
+
+            codes = (await client.create_recovery_codes()).codes
+        """
         return await self._send(self._core.create_recovery_codes())
 
     async def verify_recovery_code(self, code: str) -> RecoveryResult:
-        """Use a recovery code. `await client.verify_recovery_code("abcd-efgh-ij")`"""
+        """Use a recovery code; each works once.
+
+        Example::
+
+            left = (await client.verify_recovery_code("abcd-efgh-ij")).remaining
+        """
         return await self._send(self._core.verify_recovery_code(code))
 
     async def request_approval(
@@ -605,7 +746,13 @@ class AsyncPnsClient(_Base):
         number_matching: bool = True,
         idempotency_key: str | None = None,
     ) -> ApprovalRequested:
-        """Ask the phone to approve. `req = await client.request_approval(username="admin")`"""
+        """Ask the user's phone to approve a login; show `match_code` on screen.
+
+        Example::
+
+            req = await client.request_approval(username="admin", hostname="FILESRV01")
+            print("Type", req.match_code, "on your phone")
+        """
         return await self._send(
             self._core.request_approval(
                 username=username,
@@ -622,7 +769,12 @@ class AsyncPnsClient(_Base):
     async def get_approval(
         self, approval_id: str, wait: float = 0, *, match_code: str | None = None
     ) -> Approval:
-        """An approval's state, signature verified. `await client.get_approval(aid, 20)`"""
+        """An approval's state (with `wait`, a long-poll); a decided one's signature is verified.
+
+        Example::
+
+            approval = await client.get_approval(req.approval_id, wait=20)
+        """
         approval = await self._send(self._core.get_approval(approval_id, wait))
         return await self._verified(approval, match_code)
 
@@ -643,7 +795,11 @@ class AsyncPnsClient(_Base):
         match_code: str | None = None,
     ) -> Approval:
         """Long-poll until a final status (or `timeout`), reporting progress.
-        `result = await client.wait_for_approval(req.approval_id, on_progress=print)`"""
+
+        Example::
+
+            result = await client.wait_for_approval(req.approval_id, on_progress=print)
+        """
         return await self._wait(approval_id, timeout, on_progress, match_code, stop_early=False)
 
     async def _wait(
@@ -668,7 +824,12 @@ class AsyncPnsClient(_Base):
                 return approval
 
     async def cancel_approval(self, approval_id: str) -> Approval:
-        """Withdraw a pending approval. `await client.cancel_approval(aid)`"""
+        """Withdraw a pending approval; `AlreadyDecided` if it was already answered.
+
+        Example::
+
+            approval = await client.cancel_approval(req.approval_id)
+        """
         return await self._send(self._core.cancel_approval(approval_id))
 
     async def login(
@@ -689,8 +850,11 @@ class AsyncPnsClient(_Base):
     ) -> LoginResult:
         """Push first, one-time password as fallback; see `PnsClient.login`.
 
-        result = await client.login(username="admin", show_match_code=show,
-                                    ask_code=prompt_for_code, use_code=otp_button)
+        Example::
+
+            result = await client.login(
+                username="admin", show_match_code=show, ask_code=prompt_for_code
+            )
         """
         approval: Approval | None = None
         try:

@@ -98,6 +98,8 @@ class _DeviceBase:
         """Everything needed to resume this device later, JSON-serialisable. It holds the
         private key and the TOTP secret: store it like a password (e.g. the OS keychain).
 
+        Example::
+
             keychain.save(json.dumps(device.to_state()))
             device = DeviceClient.from_state(json.loads(keychain.load()))
         """
@@ -126,7 +128,10 @@ class _DeviceBase:
     def current_otp(self, at: datetime | None = None) -> str:
         """The one-time password this device shows now (or at `at`).
 
-        `client.verify_otp(device.current_otp())`"""
+        Example::
+
+            client.verify_otp(device.current_otp())
+        """
         if self.totp is None:
             raise RuntimeError("this device is not paired yet")
         digest = _DIGESTS.get(self.totp.algorithm.upper())
@@ -211,7 +216,13 @@ class DeviceClient(_DeviceBase):
         """Complete a pairing from the scanned `pns://pair?...` text with a new P-256 key.
 
         `push` is `{"service": "apns"|"fcm", "token": ..., "environment": ...}`, or None
-        for a phone that only polls. `server_url` overrides the QR code's server."""
+        for a phone that only polls. `server_url` overrides the QR code's server.
+
+        Example::
+
+            device = DeviceClient.pair(qr_text, name="Ann's iPhone", platform="ios",
+                                       os_version="17.2", app_version="4.3.0")
+        """
         qr_server, pairing_token = parse_qr_payload(qr_payload)
         device = cls(server_url or qr_server, **options)
         try:
@@ -235,13 +246,24 @@ class DeviceClient(_DeviceBase):
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], **options: Any) -> Self:
-        """Resume a device saved with `to_state()`."""
+        """Resume a device saved with `to_state()`.
+
+        Example::
+
+            device = DeviceClient.from_state(json.loads(keychain.load()))
+        """
         return cls(**cls._state_kwargs(state), **options)
 
     def _send(self, call: Call[T]) -> T:
         return self._sender.send(call)
 
     def close(self) -> None:
+        """Close the connection pool; `with DeviceClient(...)` does this for you.
+
+        Example::
+
+            device.close()
+        """
         self._sender.close()
 
     def __enter__(self) -> Self:
@@ -256,33 +278,63 @@ class DeviceClient(_DeviceBase):
         self.close()
 
     def update_push_token(self, service: str, token: str, environment: str | None = None) -> None:
-        """Tell the server the OS rotated the push token. `device.update_push_token("fcm", t)`"""
+        """Tell the server the OS rotated the push token.
+
+        Example::
+
+            device.update_push_token("fcm", new_fcm_token)
+        """
         self._send(update_push_call(service, token, environment))
 
     def remove(self) -> None:
-        """Unpair this phone; its token stops working. `device.remove()`"""
+        """Unpair this phone; its token stops working.
+
+        Example::
+
+            device.remove()
+        """
         self._send(remove_self_call())
 
     def pending(self) -> list[DeviceApproval]:
-        """Approvals waiting for this phone (the poll fallback when push is late)."""
+        """Approvals waiting for this phone (the poll fallback when push is late).
+
+        Example::
+
+            for approval in device.pending():
+                print(approval.client_name, approval.context)
+        """
         return self._send(pending_call())
 
     def approval(self, approval_id: str) -> DeviceApproval:
-        """One approval's details (never its match code). `device.approval(aid).context`"""
+        """One approval's details (never its match code).
+
+        Example::
+
+            context = device.approval(approval_id).context
+        """
         return self._send(device_approval_call(approval_id))
 
     def approve(
         self, approval_id: str, match_code: str | None, *, at: datetime | None = None
     ) -> DeviceDecision:
         """Approve with the code the user typed (None for a plain push); signed.
-        A wrong code rejects the request. `device.approve(aid, "417").status`"""
+        A wrong code rejects the request.
+
+        Example::
+
+            status = device.approve(approval_id, "417").status
+        """
         return self._send(self._respond(approval_id, "approve", match_code, False, at))
 
     def reject(
         self, approval_id: str, fraud: bool = False, *, at: datetime | None = None
     ) -> DeviceDecision:
         """Reject; `fraud=True` reports an attack and locks push for a while.
-        `device.reject(aid, fraud=True)`"""
+
+        Example::
+
+            device.reject(approval_id, fraud=True)
+        """
         return self._send(self._respond(approval_id, "reject", None, fraud, at))
 
 
@@ -335,7 +387,13 @@ class AsyncDeviceClient(_DeviceBase):
         server_url: str | None = None,
         **options: Any,
     ) -> Self:
-        """Complete a pairing from the scanned QR text; see `DeviceClient.pair`."""
+        """Complete a pairing from the scanned QR text; see `DeviceClient.pair`.
+
+        Example::
+
+            device = await AsyncDeviceClient.pair(qr_text, name="Pixel", platform="android",
+                                                  os_version="14", app_version="4.3.0")
+        """
         qr_server, pairing_token = parse_qr_payload(qr_payload)
         device = cls(server_url or qr_server, **options)
         try:
@@ -359,13 +417,24 @@ class AsyncDeviceClient(_DeviceBase):
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], **options: Any) -> Self:
-        """Resume a device saved with `to_state()`."""
+        """Resume a device saved with `to_state()`.
+
+        Example::
+
+            device = AsyncDeviceClient.from_state(json.loads(keychain.load()))
+        """
         return cls(**cls._state_kwargs(state), **options)
 
     async def _send(self, call: Call[T]) -> T:
         return await self._sender.send(call)
 
     async def aclose(self) -> None:
+        """Close the connection pool; `async with AsyncDeviceClient(...)` does this for you.
+
+        Example::
+
+            await device.aclose()
+        """
         await self._sender.aclose()
 
     async def __aenter__(self) -> Self:
@@ -382,29 +451,59 @@ class AsyncDeviceClient(_DeviceBase):
     async def update_push_token(
         self, service: str, token: str, environment: str | None = None
     ) -> None:
-        """Rotate the push token. `await device.update_push_token("apns", hex_token)`"""
+        """Tell the server the OS rotated the push token.
+
+        Example::
+
+            await device.update_push_token("apns", hex_token, environment="production")
+        """
         await self._send(update_push_call(service, token, environment))
 
     async def remove(self) -> None:
-        """Unpair this phone. `await device.remove()`"""
+        """Unpair this phone; its token stops working.
+
+        Example::
+
+            await device.remove()
+        """
         await self._send(remove_self_call())
 
     async def pending(self) -> list[DeviceApproval]:
-        """Approvals waiting for this phone. `await device.pending()`"""
+        """Approvals waiting for this phone (the poll fallback when push is late).
+
+        Example::
+
+            approvals = await device.pending()
+        """
         return await self._send(pending_call())
 
     async def approval(self, approval_id: str) -> DeviceApproval:
-        """One approval's details. `await device.approval(aid)`"""
+        """One approval's details (never its match code).
+
+        Example::
+
+            context = (await device.approval(approval_id)).context
+        """
         return await self._send(device_approval_call(approval_id))
 
     async def approve(
         self, approval_id: str, match_code: str | None, *, at: datetime | None = None
     ) -> DeviceDecision:
-        """Approve with the typed code; signed. `await device.approve(aid, "417")`"""
+        """Approve with the code the user typed (None for a plain push); signed.
+
+        Example::
+
+            decision = await device.approve(approval_id, "417")
+        """
         return await self._send(self._respond(approval_id, "approve", match_code, False, at))
 
     async def reject(
         self, approval_id: str, fraud: bool = False, *, at: datetime | None = None
     ) -> DeviceDecision:
-        """Reject (optionally as fraud). `await device.reject(aid, fraud=True)`"""
+        """Reject; `fraud=True` reports an attack and locks push for a while.
+
+        Example::
+
+            await device.reject(approval_id, fraud=True)
+        """
         return await self._send(self._respond(approval_id, "reject", None, fraud, at))

@@ -16,14 +16,18 @@ PUBLIC_CLASSES = ["PnsClient", "AsyncPnsClient", "DeviceClient", "AsyncDeviceCli
 
 
 def public_methods(cls: type) -> list[str]:
-    names = []
-    for name, member in vars(cls).items():
-        if name.startswith("_"):
+    """Public methods defined on `cls` or inherited from the SDK's private base classes."""
+    names = set()
+    for owner in cls.__mro__:
+        if not owner.__module__.startswith("client_sdk"):
             continue
-        if isinstance(member, classmethod | staticmethod):
-            member = member.__func__
-        if inspect.isfunction(member):
-            names.append(name)
+        for name, member in vars(owner).items():
+            if name.startswith("_"):
+                continue
+            if isinstance(member, classmethod | staticmethod):
+                member = member.__func__
+            if inspect.isfunction(member):
+                names.add(name)
     return sorted(names)
 
 
@@ -54,15 +58,26 @@ def test_package_ships_py_typed() -> None:
     assert (Path(client_sdk.__file__).parent / "py.typed").is_file()
 
 
-@pytest.mark.xfail(
-    reason="the SDK's docstrings show examples as indented code without an 'Example' "
-    "marker or doctest prompt; drop this mark once they carry one",
-    strict=False,
-)
-@pytest.mark.parametrize(
-    ("cls_name", "method"),
-    [(c, m) for c in PUBLIC_CLASSES for m in public_methods(getattr(client_sdk, c))],
-)
+# KeyStore lives in client_sdk/_keys.py, whose docstrings have no examples yet; strict, so
+# the mark must go as soon as they do.
+EXAMPLES_PENDING = {"KeyStore"}
+
+
+def example_cases() -> list[object]:
+    return [
+        pytest.param(
+            c,
+            m,
+            marks=pytest.mark.xfail(reason="no example in _keys.py yet", strict=True)
+            if c in EXAMPLES_PENDING
+            else (),
+        )
+        for c in PUBLIC_CLASSES
+        for m in public_methods(getattr(client_sdk, c))
+    ]
+
+
+@pytest.mark.parametrize(("cls_name", "method"), example_cases())
 def test_every_public_method_has_an_example(cls_name: str, method: str) -> None:
     doc = inspect.getdoc(getattr(getattr(client_sdk, cls_name), method)) or ""
     assert ">>>" in doc or "Example" in doc, f"{cls_name}.{method} has no example"
