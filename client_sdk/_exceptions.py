@@ -25,7 +25,8 @@
         ├── PairingError
         │   ├── PairingInvalid         pairing_invalid
         │   ├── PairingExpired         pairing_expired
-        │   └── PairingNotPending      pairing_not_pending
+        │   ├── PairingNotPending      pairing_not_pending
+        │   └── PairingWrongKind       pairing_wrong_kind (`kind`)
         ├── CodeRefused                a one-time password or recovery code was not accepted
         │   ├── OtpInvalid             otp_invalid (`attempts_left`)
         │   ├── OtpReplayed            otp_replayed
@@ -77,6 +78,7 @@ __all__ = [
     "PairingExpired",
     "PairingInvalid",
     "PairingNotPending",
+    "PairingWrongKind",
     "PayloadTooLarge",
     "PlainPushNotAllowed",
     "PlatformUnsupported",
@@ -255,6 +257,18 @@ class PairingExpired(PairingError):
 
 class PairingNotPending(PairingError):
     codes = ("pairing_not_pending",)
+
+
+class PairingWrongKind(PairingError):
+    """The pairing is of another kind: only a TOTP pairing is confirmed with a code."""
+
+    codes = ("pairing_wrong_kind",)
+
+    @property
+    def kind(self) -> str | None:
+        """The pairing's actual kind, e.g. "app"."""
+        value = self.problem.get("kind")
+        return value if isinstance(value, str) else None
 
 
 class CodeRefused(ApiError):

@@ -33,7 +33,9 @@ from client_sdk import (
     UnexpectedResponse,
     parse_qr_payload,
 )
+from client_sdk._exceptions import error_class_for
 from client_sdk._keys import public_key_b64, sign_approval
+from pns_server import errors as server_errors
 from tests.support.factories import new_key
 
 URL = "http://pns.test"
@@ -53,6 +55,14 @@ def client_for(handler: Handler, **kwargs: Any) -> PnsClient:
     return PnsClient(URL, token="tok", transport=httpx.MockTransport(handler), **kwargs)
 
 
+def _is_server_error(obj: object) -> bool:
+    return (
+        isinstance(obj, type)
+        and issubclass(obj, server_errors.PnsError)
+        and obj is not server_errors.PnsError
+    )
+
+
 class TestErrorMapping:
     @pytest.mark.parametrize(
         ("status", "code", "cls"),
@@ -64,6 +74,7 @@ class TestErrorMapping:
             (404, "pairing_invalid", client_sdk.PairingInvalid),
             (410, "pairing_expired", client_sdk.PairingExpired),
             (409, "pairing_not_pending", client_sdk.PairingNotPending),
+            (409, "pairing_wrong_kind", client_sdk.PairingWrongKind),
             (401, "otp_replayed", client_sdk.OtpReplayed),
             (401, "recovery_code_invalid", client_sdk.RecoveryCodeInvalid),
             (409, "no_app_devices", NoAppDevices),
@@ -92,8 +103,9 @@ class TestErrorMapping:
                 problem(429, "rate_limited"),
             ]
         )
-        with client_for(lambda _r: next(responses)) as client, pytest.raises(OtpInvalid) as otp:
-            client.verify_otp("1")
+        with client_for(lambda _r: next(responses)) as client:
+            with pytest.raises(OtpInvalid) as otp:
+                client.verify_otp("1")
             assert otp.value.attempts_left == 3
             with pytest.raises(OtpLocked) as locked:
                 client.verify_otp("1")
@@ -112,6 +124,25 @@ class TestErrorMapping:
             with pytest.raises(RateLimited) as limited:
                 client.me()
             assert limited.value.retry_after == 7.0
+
+    def test_wrong_kind_names_the_pairing_kind(self) -> None:
+        with (
+            client_for(lambda _r: problem(409, "pairing_wrong_kind", kind="app")) as client,
+            pytest.raises(client_sdk.PairingError) as info,
+        ):
+            client.confirm_totp_pairing("pair1", "123456")
+        assert isinstance(info.value, client_sdk.PairingWrongKind)
+        assert info.value.kind == "app"
+
+    @pytest.mark.parametrize(
+        "server_error",
+        [cls for cls in vars(server_errors).values() if _is_server_error(cls)],
+        ids=lambda cls: cls.code,
+    )
+    def test_every_server_code_has_its_own_class(self, server_error: type) -> None:
+        sdk_class = error_class_for(server_error.code, server_error.status)
+        assert sdk_class is not ApiError, f"no SDK exception for {server_error.code!r}"
+        assert sdk_class.__name__ in client_sdk.__all__
 
     def test_unknown_code_is_plain_api_error(self) -> None:
         with (
