@@ -20,7 +20,7 @@ from pns_server.metrics import Metrics
 from pns_server.middleware import BodyLimitMiddleware
 from pns_server.otp.router import router as otp_router
 from pns_server.pairings.router import router as pairings_router
-from pns_server.problems import install_error_handlers
+from pns_server.problems import PROBLEM_RESPONSES, install_error_handlers
 from pns_server.push.dispatcher import start_dispatcher
 from pns_server.ratelimit import CallerLimit
 from pns_server.runtime import build_runtime, close_runtime
@@ -65,6 +65,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         otp_router,
     ):
         # Per-caller (bearer token) limit on every client and device API call.
-        app.include_router(router, dependencies=[CallerLimit])
-    app.include_router(admin_router)
+        app.include_router(router, dependencies=[CallerLimit], responses=PROBLEM_RESPONSES)
+    app.include_router(admin_router, responses=PROBLEM_RESPONSES)
     return app

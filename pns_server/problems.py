@@ -23,6 +23,26 @@ from pns_server.errors import (
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 
+# Declared on every API router so the OpenAPI schema tells the truth: any 4xx is a problem.
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "code": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {
+        "description": "RFC 9457 problem; `code` is the stable machine-readable reason",
+        "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
+    }
+}
+
 
 def problem_response(error: PnsError) -> JSONResponse:
     return JSONResponse(
