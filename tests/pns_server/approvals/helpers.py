@@ -77,3 +77,14 @@ async def move_expiry(app: FastAPI, approval_id: str, seconds_from_now: float) -
             update(Approval).where(Approval.id == approval_id).values(expires_at=expires_at)
         )
     return expires_at
+
+
+async def settle_deliveries(
+    http: httpx.AsyncClient, client: RegisteredClient, approval_id: str
+) -> dict[str, Any]:
+    """Wait until no push is queued: a push outcome also ends a long-poll early."""
+    url = f"/v1/approvals/{approval_id}"
+    state: dict[str, Any] = (await http.get(url, headers=client.headers)).json()
+    while state["status"] == "pending" and state["delivery"]["queued"]:
+        state = (await http.get(url, params={"wait": 1}, headers=client.headers)).json()
+    return state

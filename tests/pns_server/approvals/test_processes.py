@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import server_env
-from tests.pns_server.approvals.helpers import LOGIN, signed_answer
+from tests.pns_server.approvals.helpers import LOGIN, settle_deliveries, signed_answer
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
 from tests.support.server import LiveServer
 
@@ -159,10 +159,7 @@ async def long_poll_on_one_process_wakes_on_answer_at_the_other(
 ) -> None:
     approval = (await http_a.post("/v1/approvals", json=LOGIN, headers=client.headers)).json()
     url = f"/v1/approvals/{approval['approval_id']}?wait=40"
-    now = f"/v1/approvals/{approval['approval_id']}"
-    state = (await http_a.get(now, headers=client.headers)).json()
-    while state["delivery"]["queued"]:  # let the pushes settle; they end waits too
-        state = (await http_a.get(url, headers=client.headers)).json()
+    await settle_deliveries(http_a, client, approval["approval_id"])
     waiting = asyncio.create_task(http_a.get(url, headers=client.headers))
     await asyncio.sleep(0.5)  # the wait is parked on A (a lost wake-up would cost 15 s)
     assert not waiting.done()

@@ -19,6 +19,7 @@ from tests.pns_server.approvals.helpers import (
     move_expiry,
     request_approval,
     runtime_of,
+    settle_deliveries,
 )
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
 
@@ -123,7 +124,7 @@ class TestLongPoll:
         self, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
     ) -> None:
         body = await request_approval(http, client)
-        await asyncio.sleep(0.2)  # let the log sender's delivery settle; it also wakes polls
+        await settle_deliveries(http, client, body["approval_id"])
         waiting = asyncio.create_task(
             http.get(f"/v1/approvals/{body['approval_id']}?wait=30", headers=client.headers)
         )
@@ -152,10 +153,7 @@ class TestLongPoll:
         self, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
     ) -> None:
         body = await request_approval(http, client)
-        url = f"/v1/approvals/{body['approval_id']}"
-        state = (await http.get(url, headers=client.headers)).json()
-        while state["delivery"]["queued"]:  # the push outcome would end the wait early
-            state = (await http.get(url + "?wait=1", headers=client.headers)).json()
+        await settle_deliveries(http, client, body["approval_id"])
         response = await http.get(
             f"/v1/approvals/{body['approval_id']}?wait=0.5", headers=client.headers
         )
@@ -165,6 +163,7 @@ class TestLongPoll:
         self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
     ) -> None:
         body = await request_approval(http, client)
+        await settle_deliveries(http, client, body["approval_id"])
         expires_at = await move_expiry(app, body["approval_id"], 1.0)
         response = await http.get(
             f"/v1/approvals/{body['approval_id']}?wait=20", headers=client.headers
