@@ -115,13 +115,26 @@ class KeyStore:
         return {str(k): str(v) for k, v in keys.items() if isinstance(v, str)}
 
     def get(self, device_id: str) -> str | None:
+        """The pinned key of `device_id` (base64 DER), or None if it was never seen.
+
+        Example::
+
+            store.get(device.device_id)
+        """
         with self._lock:
             return self._keys.get(device_id)
 
     def pin(self, device_id: str, public_key: str) -> bool:
         """Remember `public_key` for `device_id` unless one is pinned already.
 
-        Returns True when the stored pin now equals `public_key`."""
+        Returns True when the stored pin now equals `public_key`; False means the relay
+        now shows another key for a known device: treat it as tampering.
+
+        Example::
+
+            if not store.pin(device.device_id, device.public_key):
+                raise RuntimeError("device key changed")
+        """
         with self._lock:
             current = self._keys.get(device_id)
             if current is not None:
@@ -131,11 +144,24 @@ class KeyStore:
             return True
 
     def forget(self, device_id: str) -> None:
+        """Drop a pin, e.g. after the device was removed and may pair again.
+
+        Example::
+
+            store.forget(device_id)
+        """
         with self._lock:
             if self._keys.pop(device_id, None) is not None:
                 self._save()
 
     def as_dict(self) -> Mapping[str, str]:
+        """A copy of every pin, device id to base64 DER public key.
+
+        Example::
+
+            for device_id, key in store.as_dict().items():
+                print(device_id, key[:16])
+        """
         with self._lock:
             return dict(self._keys)
 

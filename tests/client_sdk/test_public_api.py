@@ -58,22 +58,9 @@ def test_package_ships_py_typed() -> None:
     assert (Path(client_sdk.__file__).parent / "py.typed").is_file()
 
 
-# KeyStore lives in client_sdk/_keys.py, whose docstrings have no examples yet; strict, so
-# the mark must go as soon as they do.
-EXAMPLES_PENDING = {"KeyStore"}
-
-
 def example_cases() -> list[object]:
     return [
-        pytest.param(
-            c,
-            m,
-            marks=pytest.mark.xfail(reason="no example in _keys.py yet", strict=True)
-            if c in EXAMPLES_PENDING
-            else (),
-        )
-        for c in PUBLIC_CLASSES
-        for m in public_methods(getattr(client_sdk, c))
+        pytest.param(c, m) for c in PUBLIC_CLASSES for m in public_methods(getattr(client_sdk, c))
     ]
 
 
