@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -10,10 +11,14 @@ from typing import TypeVar
 from pns_server.realtime.base import LocalFanout
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # A waiter re-reads at least this often even without a wake-up: a safety net for a NOTIFY
 # lost to a network blip, cheap enough at thousands of waiters.
 RECHECK_SECONDS = 15.0
+# After a failed re-read (database restarting), try again this soon rather than failing the
+# wait: the caller would otherwise miss the decision made once the database is back.
+RETRY_READ_SECONDS = 0.5
 
 
 async def long_poll(
@@ -44,5 +49,11 @@ async def long_poll(
                 until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05
                 timeout = min(timeout, max(until_deadline, 0.0))
             await subscription.wait(timeout)
-            value = await read()
+            try:
+                value = await read()
+            except Exception:
+                if loop.time() >= give_up:
+                    raise
+                log.warning("long-poll re-read failed; retrying while the wait lasts")
+                await asyncio.sleep(min(RETRY_READ_SECONDS, max(give_up - loop.time(), 0.0)))
     return value
