@@ -332,8 +332,11 @@ def signed_answer(phone: PairedDevice, approval_id: str, match_code: str | None)
     }
 
 
-async def create_approval(http: httpx.AsyncClient, party: Party) -> dict[str, Any]:
-    response = await http.post("/v1/approvals", json=LOGIN, headers=party.client.headers)
+async def create_approval(
+    http: httpx.AsyncClient, party: Party, ttl_seconds: int = 60
+) -> dict[str, Any]:
+    body = {**LOGIN, "ttl_seconds": ttl_seconds}
+    response = await http.post("/v1/approvals", json=body, headers=party.client.headers)
     response.raise_for_status()
     body: dict[str, Any] = response.json()
     return body

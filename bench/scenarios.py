@@ -229,7 +229,7 @@ async def longpoll_capacity(
         pid = server.process.pid
         async with http_client(server.url) as http:
             parties = await new_parties(http, size.wait_parties, 1, "none")
-            approvals = [await create_approval(http, p) for p in parties]
+            approvals = [await create_approval(http, p, ttl_seconds=300) for p in parties]
             rss_before = rss_kib(pid)
             ramp_started = time.perf_counter()
             batch = 250
