@@ -63,6 +63,6 @@ async def audit(
     session: SessionDep,
     client_id: str | None = None,
     limit: Limit = 100,
-    cursor: Annotated[int | None, Query(ge=1)] = None,
+    cursor: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,  # BIGINT range
 ) -> AuditPage:
     return await service.audit_trail(session, client_id, limit, cursor)
