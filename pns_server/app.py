@@ -22,7 +22,7 @@ from pns_server.otp.router import router as otp_router
 from pns_server.pairings.router import router as pairings_router
 from pns_server.problems import PROBLEM_RESPONSES, install_error_handlers
 from pns_server.push.dispatcher import start_dispatcher
-from pns_server.ratelimit import CallerLimit
+from pns_server.ratelimit import CallerLimit, LocalWindows
 from pns_server.runtime import build_runtime, close_runtime
 
 log = logging.getLogger("pns")
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.local_limits = LocalWindows()
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Added last = outermost: even a refused body gets a request id and an access line.

@@ -5,11 +5,17 @@ every replica sharing the database counts against the same window. The counter l
 its own short transaction: a limit check never holds a connection while a long-poll waits.
 
 Route owners attach the ready-made dependencies:
-`dependencies=[RegisterLimit]`, `[PairingLimit]` (per IP) or `[CallerLimit]` (per token)."""
+`dependencies=[RegisterLimit]`, `[PairingLimit]` (per IP) or `[CallerLimit]` (per token).
+
+The per-token API limit guards load, not a secret, so it is counted in process memory
+(`LocalWindows`): a database round trip on every call would cost more than it protects, and
+with N replicas a caller gets at most N times the limit. Limits that guard secrets
+(registration, pairing tokens, OTP attempts) stay in the database."""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -79,7 +85,35 @@ async def hit(db: Database, limit: Limit, subject: str, now: datetime | None = N
 
 
 async def enforce(db: Database, limit: Limit, subject: str) -> None:
-    result = await hit(db, limit, subject)
+    raise_if_exceeded(limit, await hit(db, limit, subject))
+
+
+class LocalWindows:
+    """Fixed-window counters in this process's memory, pruned as windows pass."""
+
+    MAX_KEYS = 100_000
+
+    def __init__(self) -> None:
+        self._counts: dict[str, tuple[int, int]] = {}  # key -> (window start epoch, count)
+
+    def hit(self, limit: Limit, subject: str, now: float) -> Hit:
+        start = int(now) - int(now) % limit.window_seconds
+        key = f"{limit.name}:{subject}"
+        window, count = self._counts.get(key, (start, 0))
+        count = count + 1 if window == start else 1
+        if len(self._counts) >= self.MAX_KEYS:
+            self._prune(start)
+        self._counts[key] = (start, count)
+        retry_after = max(1, math.ceil(start + limit.window_seconds - now))
+        return Hit(count=count, limit=limit.limit, retry_after=retry_after)
+
+    def _prune(self, current_window: int) -> None:
+        self._counts = {k: v for k, v in self._counts.items() if v[0] >= current_window}
+        if len(self._counts) >= self.MAX_KEYS:
+            self._counts.clear()  # a flood of distinct keys: forget rather than grow
+
+
+def raise_if_exceeded(limit: Limit, result: Hit) -> None:
     if not result.allowed:
         raise RateLimited(
             f"Too many requests ({limit.limit} per {limit.window_seconds} s); "
@@ -122,14 +156,17 @@ async def limit_pairing_per_ip(request: Request) -> None:
 
 
 async def limit_per_caller(request: Request) -> None:
-    """Per bearer token (one client or device); keyed by the token's hash, so it needs no
-    lookup and never stores the token. Unauthenticated calls are left to the auth check."""
+    """Per bearer token (one client or device), per process; keyed by the token's hash, so
+    it needs no lookup and never stores the token. Unauthenticated calls are left to the
+    auth check."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return
-    db, settings = _runtime_parts(request)
-    await enforce(db, caller_limit(settings), hash_token(token.strip())[:32])
+    settings: Settings = request.app.state.settings
+    windows: LocalWindows = request.app.state.local_limits
+    limit = caller_limit(settings)
+    raise_if_exceeded(limit, windows.hit(limit, hash_token(token.strip())[:32], time.time()))
 
 
 RegisterLimit = Depends(limit_registration_per_ip)

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from pns_server.ratelimit import Limit, hit
+from pns_server.ratelimit import Limit, LocalWindows, hit
 from tests.support.factories import register_client
 
 
@@ -58,3 +58,23 @@ async def test_api_calls_are_limited_per_caller(http: httpx.AsyncClient) -> None
     ]
     assert statuses == [200, 200, 200, 429]
     assert (await http.get("/v1/client", headers=other.headers)).status_code == 200
+
+
+class TestLocalWindows:
+    def test_counts_within_a_window_and_restarts_in_the_next(self) -> None:
+        windows = LocalWindows()
+        limit = Limit("caller", 2, 60)
+        hits = [windows.hit(limit, "a", 120.0 + i) for i in range(3)]
+        assert [h.allowed for h in hits] == [True, True, False]
+        assert hits[-1].retry_after == 58
+        assert windows.hit(limit, "a", 180.0).count == 1
+        assert windows.hit(limit, "b", 122.0).count == 1
+
+    def test_memory_stays_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(LocalWindows, "MAX_KEYS", 10)
+        windows = LocalWindows()
+        limit = Limit("caller", 5, 60)
+        for i in range(10):
+            windows.hit(limit, f"old{i}", 0.0)
+        windows.hit(limit, "new", 60.0)  # the old window's keys are pruned
+        assert len(windows._counts) == 1
