@@ -14,7 +14,10 @@ import os
 import platform
 import resource
 import secrets
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -240,15 +243,47 @@ def relays(
         **extra,
     }
     servers: list[LiveServer] = []
+    profilers: list[subprocess.Popen[bytes]] = []
     try:
         for index in range(count):
             server = LiveServer(env, tmp / f"relay-{index}-{uuid.uuid4().hex[:6]}.log")
             servers.append(server)
             server.start(timeout=60)
+        if PROFILE_DIR is not None:
+            profilers.append(start_profiler(servers[0]))
         yield servers
     finally:
+        for profiler in profilers:
+            stop_profiler(profiler)
         for server in servers:
             server.stop()
+
+
+# Set by `bench.run --profile DIR`: py-spy samples the first relay of every scenario.
+PROFILE_DIR: Path | None = None
+
+
+def start_profiler(server: LiveServer) -> subprocess.Popen[bytes]:
+    assert PROFILE_DIR is not None and server.process is not None
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    output = PROFILE_DIR / f"relay-{server.process.pid}.txt"
+    py_spy = Path(sys.executable).with_name("py-spy")
+    command = [str(py_spy), "record", "--pid", str(server.process.pid), "--format", "raw"]
+    return subprocess.Popen(
+        [*command, "--rate", "200", "--nonblocking", "--output", str(output)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
+    """py-spy writes its output on SIGINT."""
+    profiler.send_signal(signal.SIGINT)
+    try:
+        profiler.wait(30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait()
 
 
 def http_client(base_url: str, connections: int = 200) -> httpx.AsyncClient:

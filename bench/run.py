@@ -10,13 +10,37 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from bench.harness import Databases, raise_open_files_limit, table, write_result
+from bench import harness
+from bench.harness import RESULTS, Databases, raise_open_files_limit, table, write_result
 from bench.scenarios import FULL, QUICK, SCENARIOS
 
 
+def keep_relay_logs(tmp: Path, label: str) -> str:
+    """A failed scenario's relay logs outlive the temp dir: the server-side exception, if
+    any, is in them (their tracebacks are also printed)."""
+    target = RESULTS / "logs" / label
+    target.mkdir(parents=True, exist_ok=True)
+    for log in tmp.glob("*.log"):
+        shutil.copy(log, target / log.name)
+        text = log.read_text(errors="replace")
+        if "Traceback" in text:
+            print(f"-- {log.name}: server-side errors\n{text[-4000:]}", flush=True)
+    return str(target)
+
+
+def quiet_fake_teardown(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The fake providers' connections are cancelled on shutdown; that is not a failure."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
 async def main(args: argparse.Namespace) -> int:
+    asyncio.get_running_loop().set_exception_handler(quiet_fake_teardown)
     size = FULL if args.full else QUICK
+    harness.PROFILE_DIR = args.profile
     open_files = raise_open_files_limit()
     dbs = Databases()
     failures = 0
@@ -32,7 +56,9 @@ async def main(args: argparse.Namespace) -> int:
                     rows += await SCENARIOS[name](dbs, kind, tmp, size)
                 except Exception as exc:  # one broken scenario must not hide the others
                     failures += 1
-                    rows.append({"database": kind, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    kept = keep_relay_logs(tmp, f"{name}-{kind}")
+                    error = f"{type(exc).__name__}: {exc}"[:300]
+                    rows.append({"database": kind, "error": error, "relay_logs": kept})
             parameters = {"run": "full" if args.full else "quick", **size.__dict__}
             parameters["open_files_limit"] = open_files
             path = write_result(name, parameters, rows)
@@ -49,6 +75,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="the long run (10,000 waits, ...)")
     parser.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="scenarios to run")
     parser.add_argument("--db", nargs="*", default=["sqlite", "postgres"])
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="py-spy the first relay; stacks into DIR"
+    )
     return parser.parse_args(argv)
 
 
