@@ -31,7 +31,8 @@ async def test_sigterm_answers_every_long_poll_and_exits_cleanly(
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             client = await register_client(http)
             other = await register_client(http)
-            await pair_app_device(http, other)
+            # Poll-only: a push delivery would change the counts and end that wait early.
+            await pair_app_device(http, other, push=None)
             pairings = [
                 (
                     await http.post("/v1/pairings", json={"kind": "app"}, headers=client.headers)
