@@ -43,6 +43,9 @@ class Notifier(Protocol):
 class LocalFanout:
     """Per-process registry of subscriptions; both backends use it to wake local waiters."""
 
+    # How often a waiter re-reads without a wake-up; None when a wake-up cannot be lost.
+    recheck_seconds: float | None = None
+
     def __init__(self) -> None:
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
         self.closing = False

@@ -13,9 +13,6 @@ from pns_server.realtime.base import LocalFanout
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# A waiter re-reads at least this often even without a wake-up: a safety net for a NOTIFY
-# lost to a network blip, cheap enough at thousands of waiters.
-RECHECK_SECONDS = 15.0
 # After a failed re-read (database restarting), try again this soon rather than failing the
 # wait: the caller would otherwise miss the decision made once the database is back.
 RETRY_READ_SECONDS = 0.5
@@ -43,7 +40,9 @@ async def long_poll(
             left = give_up - loop.time()
             if left <= 0:
                 break
-            timeout = min(left, RECHECK_SECONDS)
+            timeout = left
+            if notifier.recheck_seconds is not None:
+                timeout = min(timeout, notifier.recheck_seconds)
             deadline = deadline_of(value)
             if deadline is not None:
                 until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05

@@ -26,6 +26,10 @@ class PostgresNotifier(LocalFanout):
     re-reads its row, so nothing published during the outage is missed) and the
     listener reconnects with backoff."""
 
+    # A NOTIFY can be lost if the publishing connection fails while the listener stays up
+    # (a reconnect of the listener already wakes everyone): a rare re-read covers that.
+    recheck_seconds: float | None = 45.0
+
     def __init__(self, sqlalchemy_url: str, *, health_interval: float = 5.0) -> None:
         super().__init__()
         self._dsn = asyncpg_dsn(sqlalchemy_url)
@@ -96,13 +100,20 @@ class PostgresNotifier(LocalFanout):
         topics = list(topics)
         for topic in topics:
             self.wake(topic)
-        try:
-            async with self._publish_lock:
-                if self._publish_conn is None or self._publish_conn.is_closed():
-                    self._publish_conn = await asyncpg.connect(self._dsn, timeout=10)
-                for topic in topics:
-                    await self._publish_conn.execute("SELECT pg_notify($1, $2)", CHANNEL, topic)
-        except Exception as exc:
-            # Other replicas' waiters still wake on their own deadline; nothing is lost.
-            log.warning("NOTIFY failed (%s); remote waiters will re-check on timeout", exc)
-            self._publish_conn = None
+        async with self._publish_lock:
+            # A connection that died while idle fails on first use: retry once on a new one.
+            for attempt in (1, 2):
+                try:
+                    await self._notify(topics)
+                    return
+                except Exception as exc:
+                    self._publish_conn = None
+                    if attempt == 2:
+                        # Remote waiters still re-read within recheck_seconds.
+                        log.warning("NOTIFY failed (%s); remote waiters will re-check", exc)
+
+    async def _notify(self, topics: list[str]) -> None:
+        if self._publish_conn is None or self._publish_conn.is_closed():
+            self._publish_conn = await asyncpg.connect(self._dsn, timeout=10)
+        for topic in topics:
+            await self._publish_conn.execute("SELECT pg_notify($1, $2)", CHANNEL, topic)
