@@ -90,7 +90,6 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=10.0, ge=0)
     retention_days: int = Field(default=30, ge=1)
     retention_interval_seconds: int = Field(default=3600, ge=10)
-    metrics_refresh_seconds: float = Field(default=15.0, gt=0)
 
     # Abuse limits (fixed windows, counted in the database so they hold across replicas).
     rate_register_per_hour: int = Field(default=30, ge=1)

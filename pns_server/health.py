@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from pns_server.deps import RuntimeDep
 from pns_server.errors import format_time
 from pns_server.migrate import current_revision, head_revision
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["service"])
 
 
@@ -69,7 +71,14 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
+    # The database-backed gauges are counted per scrape: always current, and no work at all
+    # between scrapes.
+    try:
+        async with asyncio.timeout(2):
+            await runtime.metrics.refresh_from_database(runtime.db)
+    except Exception as exc:
+        log.warning("metrics: database gauges not refreshed (%s)", type(exc).__name__)
     rendered = request.app.state.metrics.render()
     return Response(rendered, media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -77,11 +76,3 @@ class Metrics:
         for kind, service, count in device_rows:
             self.devices.labels(kind, service).set(count)
         self.outbox_pending.set(pending or 0)
-
-    async def refresh_periodically(self, db: Database, interval: float) -> None:
-        while True:
-            try:
-                await self.refresh_from_database(db)
-            except Exception as exc:
-                log.warning("metrics refresh failed: %s", type(exc).__name__)
-            await asyncio.sleep(interval)

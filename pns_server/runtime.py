@@ -83,12 +83,6 @@ def start_operations_tasks(runtime: Runtime) -> None:
     settings, db = runtime.settings, runtime.db
     runtime.tasks.append(
         asyncio.create_task(
-            runtime.metrics.refresh_periodically(db, settings.metrics_refresh_seconds),
-            name="pns-metrics",
-        )
-    )
-    runtime.tasks.append(
-        asyncio.create_task(
             retention.run_periodically(
                 db, settings.retention_days, settings.retention_interval_seconds
             ),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.approvals.service import OUTBOX_TOPIC, approval_topic, expire_due, now_utc
@@ -130,9 +130,6 @@ class Dispatcher:
         if jobs:
             sent = await asyncio.gather(*(self._send(job) for job in jobs if job.message))
             await self._record(now, [job for job in jobs if job.message is None], sent)
-            # Only a round that moved deliveries changes the gauge; idle rounds stay cheap
-            # (the metrics refresher recounts it periodically anyway).
-            await self._count_pending()
         return len(jobs)
 
     async def _sweep_expired(self) -> None:
@@ -324,13 +321,6 @@ class Dispatcher:
             )
         else:
             await self._finish(session, job, "queued", reason, next_attempt_at=next_at)
-
-    async def _count_pending(self) -> None:
-        async with self.runtime.db.session() as session:
-            pending = await session.scalar(
-                select(func.count(Delivery.id)).where(Delivery.status.in_(OPEN))
-            )
-        self.runtime.metrics.outbox_pending.set(pending or 0)
 
 
 def start_dispatcher(runtime: Runtime) -> Dispatcher:
