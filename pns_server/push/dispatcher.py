@@ -11,6 +11,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,8 +62,8 @@ class Dispatcher:
         self,
         runtime: Runtime,
         *,
-        batch_size: int = 50,
-        concurrency: int = 32,
+        batch_size: int = 200,
+        concurrency: int = 200,
         poll_interval: float = 1.0,
         retry_base: float = 1.0,
         retry_max: float = 60.0,
@@ -248,12 +249,36 @@ class Dispatcher:
     async def _record(
         self, now: datetime, skipped: Sequence[Claimed], sent: Sequence[Sent]
     ) -> None:
+        delivered = [item.job for item in sent if item.result.outcome is Outcome.DELIVERED]
         async with self.runtime.db.session() as session:
             for job in skipped:
                 assert job.skip is not None
                 await self._finish(session, job, job.skip[0], job.skip[1])
+            await self._finish_delivered(session, delivered)
             for outcome in sent:
-                await self._apply(session, now, outcome)
+                if outcome.result.outcome is not Outcome.DELIVERED:
+                    await self._apply(session, now, outcome)
+
+    async def _finish_delivered(self, session: AsyncSession, jobs: Sequence[Claimed]) -> None:
+        """The common outcome in one UPDATE per lease instead of one per delivery; like
+        `_finish`, conditional on our lease."""
+        by_lease: dict[datetime, list[str]] = defaultdict(list)
+        for job in jobs:
+            by_lease[job.lease_until].append(job.delivery_id)
+        for lease, ids in by_lease.items():
+            finished = await session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_(ids),
+                    Delivery.status == "sending",
+                    Delivery.lease_until == lease,
+                )
+                .values(status="sent", last_error=None, lease_until=None, sent_at=now_utc())
+                .returning(Delivery.approval_id)
+                .execution_options(synchronize_session=False)
+            )
+            for approval_id in set(finished.scalars()):
+                publish_after_commit(session, approval_topic(approval_id))
 
     async def _finish(
         self, session: AsyncSession, job: Claimed, status: str, error: str | None, **extra: Any
@@ -275,13 +300,13 @@ class Dispatcher:
         return changed
 
     async def _apply(self, session: AsyncSession, now: datetime, sent: Sent) -> None:
+        """Record a send that did not deliver (deliveries are finished in bulk)."""
         job, result = sent.job, sent.result
+        assert result.outcome is not Outcome.DELIVERED
         message = job.message
         assert message is not None
         reason = result.reason or result.outcome.value
-        if result.outcome is Outcome.DELIVERED:
-            await self._finish(session, job, "sent", None, sent_at=now_utc())
-        elif result.outcome is Outcome.INVALID_TOKEN:
+        if result.outcome is Outcome.INVALID_TOKEN:
             if await self._finish(session, job, "failed", f"invalid push token: {reason}"):
                 await self._retire_token(session, message)
         elif result.outcome is Outcome.CONFIG_ERROR:
