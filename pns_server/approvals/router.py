@@ -94,6 +94,7 @@ async def get_approval(
             is_settled,
             wait,
             deadline_of=lambda value: value.expires_at if value.status == "pending" else None,
+            share_key=f"{client.id}:{approval_id}",
         )
     finally:
         runtime.metrics.longpoll_waiters.dec()

@@ -218,6 +218,7 @@ async def wait_for_status(
             is_settled=lambda s: s.status != "pending",
             wait=wait,
             deadline_of=lambda s: s.expires_at if s.status == "pending" else None,
+            share_key=f"{client.id}:{pairing_id}",
         )
     finally:
         waiters.dec()

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Subscription:
@@ -13,8 +17,12 @@ class Subscription:
     def __init__(self, topic: str) -> None:
         self.topic = topic
         self._event = asyncio.Event()
+        self.since = time.monotonic()
+        # When the latest wake-up came: a read started after it sees what caused it.
+        self.woken_at = self.since
 
     def wake(self) -> None:
+        self.woken_at = time.monotonic()
         self._event.set()
 
     async def wait(self, timeout: float) -> bool:
@@ -40,6 +48,49 @@ class Notifier(Protocol):
     def waiter_count(self) -> int: ...
 
 
+@dataclass
+class _Flight:
+    started: float
+    future: asyncio.Future[Any]
+
+
+class SharedReads:
+    """Waiters of one object, woken by one publish, share one read instead of each querying.
+
+    A waiter joins only a read that *started after* its latest wake-up (`not_before`), so the
+    shared result always includes the commit that woke it: no wake-up is lost."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, _Flight] = {}
+
+    async def run(self, key: str, read: Callable[[], Awaitable[T]], not_before: float) -> T:
+        flight = self._flights.get(key)
+        if flight is not None and flight.started >= not_before:
+            try:
+                value: T = await asyncio.shield(flight.future)
+                return value
+            except asyncio.CancelledError:
+                if not flight.future.cancelled():
+                    raise  # we were cancelled ourselves
+                # the reading request went away: read for ourselves below
+        flight = _Flight(time.monotonic(), asyncio.get_running_loop().create_future())
+        self._flights[key] = flight
+        try:
+            value = await read()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                flight.future.cancel()
+            else:
+                flight.future.set_exception(exc)
+                flight.future.exception()  # joined waiters re-raise it; never "unretrieved"
+            raise
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.future.set_result(value)
+        return value
+
+
 class LocalFanout:
     """Per-process registry of subscriptions; both backends use it to wake local waiters."""
 
@@ -49,6 +100,7 @@ class LocalFanout:
     def __init__(self) -> None:
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
         self.closing = False
+        self.reads = SharedReads()
 
     @property
     def waiter_count(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -25,17 +26,26 @@ async def long_poll(
     is_settled: Callable[[T], bool],
     wait: float,
     deadline_of: Callable[[T], datetime | None] = lambda _v: None,
+    share_key: str | None = None,
 ) -> T:
     """Return `read()` once it is settled, or after `wait` seconds.
 
     `read` must open and close its own short session. We subscribe *before* the first
     read, so a change committed between the read and the wait still wakes us.
     `deadline_of` names a moment the state changes by itself (an expiry): we re-read just
-    after it, so expiry is reported without anyone touching the row."""
+    after it, so expiry is reported without anyone touching the row.
+    `share_key` (the object and the caller it is read for) lets concurrent waiters woken
+    together share one read."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + max(0.0, wait)
+
+    async def fresh(not_before: float) -> T:
+        if share_key is None:
+            return await read()
+        return await notifier.reads.run(share_key, read, not_before)
+
     async with notifier.subscribe(topic) as subscription:
-        value = await read()
+        value = await fresh(subscription.since)
         while not is_settled(value) and not notifier.closing:
             left = give_up - loop.time()
             if left <= 0:
@@ -47,9 +57,9 @@ async def long_poll(
             if deadline is not None:
                 until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05
                 timeout = min(timeout, max(until_deadline, 0.0))
-            await subscription.wait(timeout)
+            woken = await subscription.wait(timeout)
             try:
-                value = await read()
+                value = await fresh(subscription.woken_at if woken else time.monotonic())
             except Exception:
                 if loop.time() >= give_up:
                     raise

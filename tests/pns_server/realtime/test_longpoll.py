@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from pns_server.realtime.base import SharedReads
 from pns_server.realtime.longpoll import long_poll
 from pns_server.realtime.memory import MemoryNotifier
 
@@ -91,3 +95,80 @@ async def test_closing_releases_waiters_with_the_current_state() -> None:
         await asyncio.sleep(0)
     await notifier.close()
     assert await asyncio.wait_for(task, 5) == "pending"
+
+
+class TestSharedReads:
+    async def test_waiters_woken_together_share_one_read(self) -> None:
+        class DatabaseRead(Counter):
+            async def read(self) -> str:
+                value = await super().read()
+                await asyncio.sleep(0.01)  # a query's round trip: others arrive meanwhile
+                return value
+
+        notifier, row = MemoryNotifier(), DatabaseRead()
+        tasks = [
+            asyncio.create_task(long_poll(notifier, "t", row.read, settled, 30, share_key="k"))
+            for _ in range(50)
+        ]
+        while notifier.waiter_count < 50:
+            await asyncio.sleep(0)
+        reads_before = row.reads
+        row.value = "approved"
+        await notifier.publish(["t"])
+        assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == ["approved"] * 50
+        assert row.reads - reads_before < 5  # one shared read, not fifty
+
+    async def test_a_read_started_before_the_wakeup_is_not_joined(self) -> None:
+        reads = SharedReads()
+        release = asyncio.Event()
+        state = {"value": "pending"}
+
+        async def slow_read() -> str:
+            seen = state["value"]
+            await release.wait()
+            return seen
+
+        early = asyncio.create_task(reads.run("k", slow_read, not_before=0.0))
+        await asyncio.sleep(0)
+        state["value"] = "approved"  # committed after the early read looked
+        woken_at = time.monotonic()
+        late = asyncio.create_task(reads.run("k", slow_read, not_before=woken_at))
+        await asyncio.sleep(0)
+        release.set()
+        assert await early == "pending"
+        assert await late == "approved"  # it read again instead of taking the stale value
+
+    async def test_errors_reach_every_joined_waiter(self) -> None:
+        reads = SharedReads()
+        release = asyncio.Event()
+
+        async def failing() -> str:
+            await release.wait()
+            raise LookupError("gone")
+
+        first = asyncio.create_task(reads.run("k", failing, 0.0))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(reads.run("k", failing, 0.0))
+        await asyncio.sleep(0)
+        release.set()
+        for task in (first, second):
+            with pytest.raises(LookupError):
+                await task
+
+    async def test_a_cancelled_reader_leaves_the_others_to_read_themselves(self) -> None:
+        reads = SharedReads()
+        calls = 0
+
+        async def read() -> str:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.05)
+            return "approved"
+
+        leader = asyncio.create_task(reads.run("k", read, 0.0))
+        await asyncio.sleep(0)
+        follower = asyncio.create_task(reads.run("k", read, 0.0))
+        await asyncio.sleep(0)
+        leader.cancel()
+        assert await follower == "approved"
+        assert calls == 2
