@@ -30,7 +30,9 @@ class Subscription:
         if timeout <= 0 and not self._event.is_set():
             return False
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            # asyncio.timeout, not wait_for: no extra task per waiter (thousands may wait).
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
         except TimeoutError:
             return False
         self._event.clear()
