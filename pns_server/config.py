@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     migrate_on_start: bool = True
     max_body_bytes: int = Field(default=65536, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
+    db_pool_timeout_seconds: float = Field(default=30.0, gt=0)
 
     pairing_ttl_seconds: int = Field(default=600, ge=30, le=86400)
     otp_max_failures: int = Field(default=5, ge=1, le=100)

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pns_server.errors import (
@@ -22,6 +23,8 @@ from pns_server.errors import (
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
+# Pool exhausted, connection refused or dropped: the database, not the request, is at fault.
+DATABASE_UNAVAILABLE = (sa_exc.TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError)
 
 # Declared on every API router so the OpenAPI schema tells the truth: any 4xx is a problem.
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -104,6 +107,22 @@ def install_error_handlers(app: FastAPI) -> None:
             error.status = exc.status_code  # type: ignore[misc]
         error.headers.update(exc.headers or {})
         return problem_response(error)
+
+    async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        # Overload (pool exhausted) or an outage: expected under stress, so one line and no
+        # traceback (statement parameters may hold secrets).
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return problem_response(
+            ServiceUnavailable(
+                "The database is busy or unreachable; retry in a moment.",
+                headers={"Retry-After": "1"},
+            )
+        )
+
+    # Registered per class, not under Exception: those handlers run in the outermost
+    # middleware, which re-raises to the server after answering.
+    for exc_class in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(exc_class, _database_unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

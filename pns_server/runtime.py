@@ -66,7 +66,11 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
         raise
     if settings.migrate_on_start:
         await asyncio.to_thread(upgrade_to_head, settings.sqlalchemy_url)
-    engine = create_engine(settings.sqlalchemy_url, pool_size=settings.db_pool_size)
+    engine = create_engine(
+        settings.sqlalchemy_url,
+        pool_size=settings.db_pool_size,
+        pool_timeout=settings.db_pool_timeout_seconds,
+    )
     notifier = create_notifier(settings.sqlalchemy_url)
     await notifier.start()
     db = Database(engine, notifier.publish)

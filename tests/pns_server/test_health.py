@@ -71,3 +71,26 @@ async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
     )
     assert response.status_code == 413
     assert response.json()["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{"db_pool_size": 1, "db_pool_timeout_seconds": 0.2}]
+)
+async def test_an_exhausted_pool_is_503_with_retry_after(app, http: httpx.AsyncClient) -> None:
+    client = await http.post("/v1/clients", json={"name": "a", "edition": "pro"})
+    token = client.json()["client_token"]
+    # Hold every connection (PostgreSQL's pool overflows to twice its size), as a burst would.
+    engine = app.state.runtime.db.engine
+    held = [await engine.connect() for _ in range(2 if engine.dialect.name == "postgresql" else 1)]
+    try:
+        response = await http.get("/v1/client", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        for connection in held:
+            await connection.close()
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "unavailable"
+    assert response.headers["retry-after"] == "1"
+    # Once the connection is back, the same request works.
+    again = await http.get("/v1/client", headers={"Authorization": f"Bearer {token}"})
+    assert again.status_code == 200
