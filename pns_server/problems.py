@@ -43,7 +43,12 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     "4XX": {
         "description": "RFC 9457 problem; `code` is the stable machine-readable reason",
         "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
-    }
+    },
+    503: {
+        "description": "The database is busy or unreachable (`code: unavailable`); retry after "
+        "`Retry-After` seconds",
+        "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
+    },
 }
 
 

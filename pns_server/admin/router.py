@@ -10,6 +10,7 @@ from pns_server.admin import service
 from pns_server.admin.schemas import AdminClient, AdminClientDetail, AdminClientPage, AuditPage
 from pns_server.deps import AdminDep, SessionDep, SettingsDep
 from pns_server.errors import Unauthenticated
+from pns_server.problems import PROBLEM_RESPONSES
 
 
 def admin_api_enabled(settings: SettingsDep) -> None:
@@ -22,7 +23,12 @@ def admin_api_enabled(settings: SettingsDep) -> None:
         )
 
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin_api_enabled)])
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(admin_api_enabled)],
+    responses=PROBLEM_RESPONSES,
+)
 
 Limit = Annotated[int, Query(ge=1, le=500)]
 VIA = "api"

@@ -22,11 +22,13 @@ from pns_server.deps import (
     SessionDep,
     SettingsDep,
 )
-from pns_server.ratelimit import Limit, enforce
+from pns_server.problems import PROBLEM_RESPONSES
+from pns_server.ratelimit import CallerLimit, Limit, enforce
 from pns_server.realtime.longpoll import long_poll
 from pns_server.security import hash_token
 
-router = APIRouter(tags=["approvals"])
+# Every client and device call counts against the per-token limit.
+router = APIRouter(tags=["approvals"], dependencies=[CallerLimit], responses=PROBLEM_RESPONSES)
 
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)

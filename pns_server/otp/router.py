@@ -11,8 +11,11 @@ from pns_server.otp.schemas import (
     RecoveryCodesCreated,
     RecoveryCodeVerify,
 )
+from pns_server.problems import PROBLEM_RESPONSES
+from pns_server.ratelimit import CallerLimit
 
-router = APIRouter(tags=["otp"])
+# Every client and device call counts against the per-token limit.
+router = APIRouter(tags=["otp"], dependencies=[CallerLimit], responses=PROBLEM_RESPONSES)
 
 
 @router.post("/v1/otp/verify", response_model=OtpAccepted)

@@ -13,8 +13,11 @@ from pns_server.pairings.schemas import (
     PairingCreated,
     PairingStatus,
 )
+from pns_server.problems import PROBLEM_RESPONSES
+from pns_server.ratelimit import CallerLimit
 
-router = APIRouter(tags=["pairings"])
+# Every client and device call counts against the per-token limit.
+router = APIRouter(tags=["pairings"], dependencies=[CallerLimit], responses=PROBLEM_RESPONSES)
 
 WaitSeconds = Annotated[
     float,
