@@ -138,6 +138,7 @@ async def round_trip(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[d
                 rows.append(
                     {
                         "database": kind,
+                        "processes": 1,
                         "concurrency": 1,
                         "round_trips": stats["n"],
                         "p50_ms": stats["p50_ms"],
@@ -147,27 +148,44 @@ async def round_trip(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[d
                 )
                 for concurrency in size.concurrencies:
                     rows.append(
-                        await sustained(http, parties[:concurrency], fakes.apns, size, kind)
+                        await sustained([http], parties[:concurrency], fakes.apns, size, kind)
                     )
+    if kind == "postgres":
+        rows.append(await scaled_out(await dbs.fresh(kind), tmp, size))
     return rows
 
 
+async def scaled_out(url: str, tmp: Path, size: Size) -> dict[str, Any]:
+    """The same load spread over two relay processes sharing PostgreSQL (one per core)."""
+    async with providers(tmp) as fakes:
+        with relays(url, tmp, 2, **fakes.env) as servers:
+            async with (
+                http_client(servers[0].url, 400) as first,
+                http_client(servers[1].url, 400) as second,
+            ):
+                parties = await new_parties(first, max(size.concurrencies), 1, "apns")
+                return await sustained([first, second], parties, fakes.apns, size, "postgres")
+
+
 async def sustained(
-    http: httpx.AsyncClient, parties: list[Party], apns: Any, size: Size, kind: str
+    relays_http: list[httpx.AsyncClient], parties: list[Party], apns: Any, size: Size, kind: str
 ) -> dict[str, Any]:
+    """Each party loops round trips for the scenario's time, parties spread over the relays."""
     samples: list[float] = []
     stop_at = time.monotonic() + size.round_trip_seconds
 
-    async def client_loop(party: Party) -> None:
+    async def client_loop(index: int, party: Party) -> None:
+        http = relays_http[index % len(relays_http)]
         while time.monotonic() < stop_at:
             samples.append(await one_round_trip(http, party, apns))
 
     started = time.perf_counter()
-    await asyncio.gather(*(client_loop(p) for p in parties))
+    await asyncio.gather(*(client_loop(i, p) for i, p in enumerate(parties)))
     elapsed = time.perf_counter() - started
     stats = percentiles(samples)
     return {
         "database": kind,
+        "processes": len(relays_http),
         "concurrency": len(parties),
         "round_trips": stats["n"],
         "p50_ms": stats["p50_ms"],
