@@ -13,8 +13,7 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -22,7 +21,6 @@ from client_sdk._core import (
     DEFAULT_LONG_POLL,
     DEFAULT_RETRIES,
     MAX_WAIT,
-    Call,
     ClientCore,
     fallback_reason,
     is_otp_shaped,
@@ -38,7 +36,13 @@ from client_sdk._exceptions import (
     PushUnavailable,
     RecoveryCodeInvalid,
 )
-from client_sdk._http import AsyncSender, SyncSender, TimeoutTypes
+from client_sdk._http import (
+    AsyncLifecycle,
+    AsyncSender,
+    SyncLifecycle,
+    SyncSender,
+    TimeoutTypes,
+)
 from client_sdk._keys import KeyStore
 from client_sdk._models import (
     Approval,
@@ -100,7 +104,7 @@ class _Base:
         return self._core.key_store
 
 
-class PnsClient(_Base):
+class PnsClient(SyncLifecycle, _Base):
     """A blocking client for a backup-client installation.
 
         registration = PnsClient.register("https://pns.example.com", name="FILESRV01",
@@ -136,29 +140,6 @@ class PnsClient(_Base):
             transport=transport,
             verify=verify,
         )
-
-    def _send(self, call: Call[T]) -> T:
-        return self._sender.send(call)
-
-    def close(self) -> None:
-        """Close the connection pool; `with PnsClient(...)` does this for you.
-
-        Example::
-
-            client.close()
-        """
-        self._sender.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- service and registration --
 
@@ -550,7 +531,7 @@ async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-class AsyncPnsClient(_Base):
+class AsyncPnsClient(AsyncLifecycle, _Base):
     """The asyncio twin of `PnsClient`: the same methods, awaited.
 
         async with AsyncPnsClient(url, token=token) as client:
@@ -581,29 +562,6 @@ class AsyncPnsClient(_Base):
             transport=transport,
             verify=verify,
         )
-
-    async def _send(self, call: Call[T]) -> T:
-        return await self._sender.send(call)
-
-    async def aclose(self) -> None:
-        """Close the connection pool; `async with AsyncPnsClient(...)` does this for you.
-
-        Example::
-
-            await client.aclose()
-        """
-        await self._sender.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     @classmethod
     async def register(

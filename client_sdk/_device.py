@@ -9,7 +9,6 @@ import hashlib
 import ssl
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
@@ -31,7 +30,13 @@ from client_sdk._core import (
     respond_call,
     update_push_call,
 )
-from client_sdk._http import AsyncSender, SyncSender, TimeoutTypes
+from client_sdk._http import (
+    AsyncLifecycle,
+    AsyncSender,
+    SyncLifecycle,
+    SyncSender,
+    TimeoutTypes,
+)
 from client_sdk._keys import public_key_b64, sign_approval
 from client_sdk._models import DeviceApproval, DeviceDecision, TotpParameters
 
@@ -162,7 +167,7 @@ class _DeviceBase:
         )
 
 
-class DeviceClient(_DeviceBase):
+class DeviceClient(SyncLifecycle, _DeviceBase):
     """A paired phone, blocking.
 
     device = DeviceClient.pair(qr_text, name="Ann's iPhone", platform="ios",
@@ -254,29 +259,6 @@ class DeviceClient(_DeviceBase):
         """
         return cls(**cls._state_kwargs(state), **options)
 
-    def _send(self, call: Call[T]) -> T:
-        return self._sender.send(call)
-
-    def close(self) -> None:
-        """Close the connection pool; `with DeviceClient(...)` does this for you.
-
-        Example::
-
-            device.close()
-        """
-        self._sender.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def update_push_token(self, service: str, token: str, environment: str | None = None) -> None:
         """Tell the server the OS rotated the push token.
 
@@ -338,7 +320,7 @@ class DeviceClient(_DeviceBase):
         return self._send(self._respond(approval_id, "reject", None, fraud, at))
 
 
-class AsyncDeviceClient(_DeviceBase):
+class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
     """The asyncio twin of `DeviceClient`.
 
     device = await AsyncDeviceClient.pair(qr_text, name="Pixel", platform="android",
@@ -424,29 +406,6 @@ class AsyncDeviceClient(_DeviceBase):
             device = AsyncDeviceClient.from_state(json.loads(keychain.load()))
         """
         return cls(**cls._state_kwargs(state), **options)
-
-    async def _send(self, call: Call[T]) -> T:
-        return await self._sender.send(call)
-
-    async def aclose(self) -> None:
-        """Close the connection pool; `async with AsyncDeviceClient(...)` does this for you.
-
-        Example::
-
-            await device.aclose()
-        """
-        await self._sender.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def update_push_token(
         self, service: str, token: str, environment: str | None = None

@@ -6,7 +6,8 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from types import TracebackType
+from typing import Self, TypeVar
 
 import httpx
 
@@ -122,3 +123,62 @@ class AsyncSender:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+class SyncLifecycle:
+    """What every sync client shares: sending through its `SyncSender`, and closing the
+    connection pool at the end of a `with` block."""
+
+    _sender: SyncSender
+
+    def _send(self, call: Call[T]) -> T:
+        return self._sender.send(call)
+
+    def close(self) -> None:
+        """Close the connection pool; a `with` block does this for you.
+
+        Example::
+
+            client.close()
+        """
+        self._sender.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncLifecycle:
+    """The async twin of `SyncLifecycle`: `async with` closes the pool."""
+
+    _sender: AsyncSender
+
+    async def _send(self, call: Call[T]) -> T:
+        return await self._sender.send(call)
+
+    async def aclose(self) -> None:
+        """Close the connection pool; an `async with` block does this for you.
+
+        Example::
+
+            await client.aclose()
+        """
+        await self._sender.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
