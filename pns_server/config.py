@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         description="postgresql://user:pass@host/db or sqlite:///path/pns.db; "
         "empty = the embedded default, a SQLite file under PNS_DATA_DIR",
     )
+    listen_database_url: str = Field(
+        default="",
+        description="PostgreSQL only: where the LISTEN connection for long-poll wake-ups "
+        "goes; empty = PNS_DATABASE_URL. Set it when that URL is a transaction pooler",
+    )
     data_dir: Path = DEFAULT_DATA_DIR
     public_url: str = "http://127.0.0.1:8080"
     secret_key: SecretStr | None = None
@@ -144,6 +149,10 @@ class Settings(BaseSettings):
         if self.is_embedded:
             return f"sqlite+aiosqlite:///{(self.data_dir / 'pns.db').as_posix()}"
         return async_database_url(self.database_url)
+
+    @property
+    def listen_sqlalchemy_url(self) -> str | None:
+        return async_database_url(self.listen_database_url) if self.listen_database_url else None
 
     @property
     def is_sqlite(self) -> bool:

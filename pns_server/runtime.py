@@ -72,9 +72,9 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
         pool_size=settings.db_pool_size,
         pool_timeout=settings.db_pool_timeout_seconds,
     )
-    notifier = create_notifier(settings.sqlalchemy_url)
+    notifier = create_notifier(settings.sqlalchemy_url, settings.listen_sqlalchemy_url)
     await notifier.start()
-    db = Database(engine, notifier.publish)
+    db = Database(engine, notifier.publish, notifier.before_commit)
     runtime = Runtime(
         settings=settings, db=db, notifier=notifier, box=box, metrics=metrics or Metrics()
     )
