@@ -49,9 +49,15 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 
 def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) -> AsyncEngine:
+    # hide_parameters: a database error's text (logged, or raised to an operator) never
+    # carries statement parameters, which hold match codes, token hashes and sealed secrets.
     if url.startswith("sqlite"):
         engine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout
+            url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=pool_timeout,
+            hide_parameters=True,
         )
         _configure_sqlite(engine)
         return engine
@@ -61,6 +67,7 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_timeout=pool_timeout,
+        hide_parameters=True,
     )
 
 

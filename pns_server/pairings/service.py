@@ -27,7 +27,7 @@ from pns_server.pairings.schemas import (
     PairingCreated,
     PairingStatus,
 )
-from pns_server.realtime.longpoll import long_poll
+from pns_server.realtime.longpoll import Disconnected, long_poll
 from pns_server.runtime import Runtime
 from pns_server.security import PAIRING_TOKEN_PREFIX, SecretBox, hash_token, new_id, new_token
 from pns_server.totp import TotpParams, matching_step, new_secret, otpauth_uri
@@ -222,7 +222,11 @@ async def read_status(db: Database, client_id: str, pairing_id: str) -> PairingS
 
 
 async def wait_for_status(
-    runtime: Runtime, client: Client, pairing_id: str, wait: float
+    runtime: Runtime,
+    client: Client,
+    pairing_id: str,
+    wait: float,
+    disconnected: Disconnected | None = None,
 ) -> PairingStatus:
     waiters = runtime.metrics.longpoll_waiters
     waiters.inc()
@@ -235,6 +239,7 @@ async def wait_for_status(
             wait=wait,
             deadline_of=lambda s: s.expires_at if s.status == "pending" else None,
             share_key=f"{client.id}:{pairing_id}",
+            disconnected=disconnected,
         )
     finally:
         waiters.dec()
