@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import context, op
 
-from pns_server.otp.recovery_codes import pepper_input
 from pns_server.security import SealedAt, SecretBox
 
 revision: str = "0003"
@@ -26,6 +25,11 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 SEALED_TABLES = ("devices", "pairings")
+
+
+def pepper_input(client_id: str, inner_hash: str) -> bytes:
+    """Frozen copy of `pns_server.otp.recovery_codes.pepper_input` as of this revision."""
+    return f"pns-recovery-v2|{client_id}|{inner_hash}".encode()
 
 
 def _table(name: str, *columns: str) -> sa.TableClause:
