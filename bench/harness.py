@@ -45,7 +45,7 @@ from tests.support.server import LiveServer
 
 RESULTS = Path(__file__).parent / "results"
 SECRET_KEY = "bench-secret-key-0123456789abcdef"
-ADMIN_TOKEN = "bench-admin-token-0123456789"
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdefgh"
 LOGIN = {"username": "admin", "hostname": "FILESRV01", "ip": "203.0.113.7", "action": "login"}
 HUGE = str(10**9)
 

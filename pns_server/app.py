@@ -17,7 +17,7 @@ from pns_server.devices.router import router as devices_router
 from pns_server.health import router as health_router
 from pns_server.logging import RequestObserver
 from pns_server.metrics import Metrics
-from pns_server.middleware import BodyLimitMiddleware
+from pns_server.middleware import BodyLimitMiddleware, RefuseControlCharacters
 from pns_server.otp.router import router as otp_router
 from pns_server.pairings.router import router as pairings_router
 from pns_server.problems import install_error_handlers
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.local_limits = LocalWindows()
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RefuseControlCharacters)
     # Added last = outermost: even a refused body gets a request id and an access line.
     app.add_middleware(RequestObserver, metrics=app.state.metrics)
     for router in (

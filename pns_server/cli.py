@@ -78,10 +78,11 @@ def serve(settings: Settings, _args: argparse.Namespace) -> int:
 @command("migrate", "upgrade the database schema to the latest revision")
 def migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from pns_server.migrate import upgrade_to_head
+    from pns_server.runtime import secret_keys
 
     if settings.is_embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade_to_head(settings.sqlalchemy_url)
+    upgrade_to_head(settings.sqlalchemy_url, secret_keys(settings))
     print("database schema is at the latest revision")
     return 0
 
@@ -202,7 +203,7 @@ def admin(settings: Settings, args: argparse.Namespace) -> int:
 
 @command(
     "rotate-key",
-    "re-encrypt every TOTP secret under PNS_SECRET_KEY (old keys in PNS_OLD_SECRET_KEYS)",
+    "re-seal every TOTP secret under PNS_SECRET_KEY (old keys in PNS_OLD_SECRET_KEYS)",
 )
 def rotate_key(settings: Settings, _args: argparse.Namespace) -> int:
     from pns_server.admin.keys import rotate_secrets
@@ -228,8 +229,16 @@ def rotate_key(settings: Settings, _args: argparse.Namespace) -> int:
             await db.dispose()
         print(
             f"re-encrypted {report.devices} device and {report.pairings} pairing secrets "
-            f"under key {box.primary_key_id}; PNS_OLD_SECRET_KEYS can now be removed"
+            f"under key {box.primary_key_id}"
         )
+        if report.recovery_codes_on_old_keys:
+            print(
+                f"{report.recovery_codes_on_old_keys} unused recovery codes are keyed with an "
+                "old key: keep it in PNS_OLD_SECRET_KEYS until their clients create new codes "
+                "(POST /v1/recovery-codes); removing it invalidates those codes"
+            )
+        else:
+            print("PNS_OLD_SECRET_KEYS can now be removed")
         return 0
 
     return asyncio.run(go())

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("var")
+MIN_ADMIN_TOKEN_LENGTH = 32
 _VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,3}$")  # ASCII only: int() reads "١٢" too
 
 
@@ -43,6 +44,11 @@ class Settings(BaseSettings):
         default="",
         description="postgresql://user:pass@host/db or sqlite:///path/pns.db; "
         "empty = the embedded default, a SQLite file under PNS_DATA_DIR",
+    )
+    listen_database_url: str = Field(
+        default="",
+        description="PostgreSQL only: where the LISTEN connection for long-poll wake-ups "
+        "goes; empty = PNS_DATABASE_URL. Set it when that URL is a transaction pooler",
     )
     data_dir: Path = DEFAULT_DATA_DIR
     public_url: str = "http://127.0.0.1:8080"
@@ -96,6 +102,36 @@ class Settings(BaseSettings):
     rate_register_per_hour: int = Field(default=30, ge=1)
     rate_pairing_per_minute: int = Field(default=20, ge=1)
     rate_client_per_minute: int = Field(default=600, ge=1)
+    rate_admin_per_minute: int = Field(default=60, ge=1)
+
+    @field_validator("admin_token", "registration_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `PNS_ADMIN_TOKEN=` in an env file means "off", not "the empty token".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters (it opens every "
+                "client's data); generate one with: python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_send(self) -> Settings:
+        # A send may take up to twice the push timeout (the dispatcher's guard); a shorter
+        # lease lets another relay re-claim a push still in flight and send it twice.
+        if self.push_lease_seconds < 2 * self.push_timeout_seconds:
+            raise ValueError(
+                f"PNS_PUSH_LEASE_SECONDS ({self.push_lease_seconds}) must be at least twice "
+                f"PNS_PUSH_TIMEOUT_SECONDS ({self.push_timeout_seconds:g}), so no other relay "
+                "re-claims a push while it is still being sent"
+            )
+        return self
 
     @field_validator("allowed_editions", mode="before")
     @classmethod
@@ -144,6 +180,10 @@ class Settings(BaseSettings):
         if self.is_embedded:
             return f"sqlite+aiosqlite:///{(self.data_dir / 'pns.db').as_posix()}"
         return async_database_url(self.database_url)
+
+    @property
+    def listen_sqlalchemy_url(self) -> str | None:
+        return async_database_url(self.listen_database_url) if self.listen_database_url else None
 
     @property
     def is_sqlite(self) -> bool:

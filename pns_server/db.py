@@ -1,5 +1,7 @@
-"""Async engine and sessions. Only `Database.session()` commits; it publishes realtime
-topics after the commit so a woken long-poll always reads the new state."""
+"""Async engine and sessions. Only `Database.session()` commits. Realtime topics queued in
+the session go out with the commit: `before_commit` (PostgreSQL: NOTIFY inside the same
+transaction, delivered at commit) and `publish` after it (wakes this process's waiters), so
+a woken long-poll always reads the new state and no request waits on a side connection."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pns_server.errors import PnsError
 TOPICS_KEY = "pns_topics"
 
 Publisher = Callable[[Iterable[str]], Awaitable[None]]
+InTransaction = Callable[[AsyncSession, Iterable[str]], Awaitable[None]]
 
 
 def publish_after_commit(session: AsyncSession, topic: str) -> None:
@@ -46,9 +49,15 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 
 def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) -> AsyncEngine:
+    # hide_parameters: a database error's text (logged, or raised to an operator) never
+    # carries statement parameters, which hold match codes, token hashes and sealed secrets.
     if url.startswith("sqlite"):
         engine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout
+            url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=pool_timeout,
+            hide_parameters=True,
         )
         _configure_sqlite(engine)
         return engine
@@ -58,14 +67,21 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_timeout=pool_timeout,
+        hide_parameters=True,
     )
 
 
 class Database:
-    def __init__(self, engine: AsyncEngine, publish: Publisher | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        publish: Publisher | None = None,
+        before_commit: InTransaction | None = None,
+    ) -> None:
         self.engine = engine
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
         self._publish = publish
+        self._before_commit = before_commit
 
     @property
     def dialect(self) -> str:
@@ -81,13 +97,13 @@ class Database:
         async with self.sessionmaker() as session:
             try:
                 yield session
-                await session.commit()
+                await self._commit(session)
             except PnsError as error:
                 # `commit=True`: the work done before the error must persist (failure counters).
                 if not error.commit:
                     await session.rollback()
                     raise
-                await session.commit()
+                await self._commit(session)
                 kept_error = error
             except BaseException:
                 await session.rollback()
@@ -97,6 +113,12 @@ class Database:
             await self._publish(topics)
         if kept_error is not None:
             raise kept_error
+
+    async def _commit(self, session: AsyncSession) -> None:
+        topics = session.info.get(TOPICS_KEY)
+        if topics and self._before_commit is not None:
+            await self._before_commit(session, topics)
+        await session.commit()
 
     async def dispose(self) -> None:
         await self.engine.dispose()

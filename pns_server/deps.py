@@ -13,6 +13,7 @@ from pns_server.config import Settings
 from pns_server.db import Database
 from pns_server.errors import Unauthenticated
 from pns_server.models import Client, Device
+from pns_server.ratelimit import count_caller
 from pns_server.runtime import Runtime
 from pns_server.security import constant_time_equals, hash_token
 
@@ -59,7 +60,7 @@ def _invalid_token() -> Unauthenticated:
     )
 
 
-async def _client_by_token(session: AsyncSession, token: str) -> Client:
+async def client_by_token(session: AsyncSession, token: str) -> Client:
     client = await session.scalar(select(Client).where(Client.token_hash == hash_token(token)))
     if client is None:
         raise _invalid_token()
@@ -74,18 +75,24 @@ async def _device_by_token(session: AsyncSession, token: str) -> Device:
 
 
 async def current_client(request: Request, session: SessionDep) -> Client:
-    return await _client_by_token(session, bearer_token(request))
+    client = await client_by_token(session, bearer_token(request))
+    count_caller(request, "client:" + client.id)
+    return client
 
 
 async def current_client_detached(request: Request, db: DatabaseDep) -> Client:
     """For long-polls: authenticate with a short session so the wait holds no connection."""
     token = bearer_token(request)
     async with db.session() as session:
-        return await _client_by_token(session, token)
+        client = await client_by_token(session, token)
+    count_caller(request, "client:" + client.id)
+    return client
 
 
 async def current_device(request: Request, session: SessionDep) -> Device:
-    return await _device_by_token(session, bearer_token(request))
+    device = await _device_by_token(session, bearer_token(request))
+    count_caller(request, "device:" + device.id)
+    return device
 
 
 def require_admin(request: Request, settings: SettingsDep) -> None:

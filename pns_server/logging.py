@@ -108,9 +108,23 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(entry, default=str, ensure_ascii=False))
 
 
+# Line breaks (CR, LF, NEL, U+2028/9) and other control characters in a text line: escaped,
+# so a value someone typed (a username, a device name) cannot start a forged log line.
+_UNSAFE_IN_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_line(text: str) -> str:
+    return _UNSAFE_IN_LINE.sub(lambda m: _ESCAPES.get(m.group(), f"\\u{ord(m.group()):04x}"), text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s %(message)s", "%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # Only the line itself: a traceback appended after it keeps its own lines.
+        return escape_line(super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -119,7 +133,7 @@ class TextFormatter(logging.Formatter):
         if request_id is not None and "request_id" not in extras:
             extras["request_id"] = request_id
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + escape_line(" ".join(f"{k}={v}" for k, v in extras.items()))
         return redact(line)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pns_server.errors import PayloadTooLarge
+from pns_server.errors import InvalidRequest, PayloadTooLarge, PnsError
+from pns_server.schemas import has_control_character
 
 
 class BodyLimitMiddleware:
@@ -78,3 +80,57 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+class RefuseControlCharacters:
+    """422 for a path or query string carrying control characters once percent-decoded
+    (`/v1/approvals/%00`): caught here, before any handler hands them to the database,
+    which on PostgreSQL fails on NUL instead of answering "not found"."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            field = _field_with_control_character(scope)
+            if field is not None:
+                await _send_problem(
+                    send,
+                    InvalidRequest(
+                        f"Fix these fields and retry: {field}.",
+                        errors=[
+                            {
+                                "field": field,
+                                "message": "must not contain control characters",
+                                "type": "control_character",
+                            }
+                        ],
+                    ),
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def _field_with_control_character(scope: Scope) -> str | None:
+    if has_control_character(str(scope.get("path", ""))):
+        return "path"
+    query = bytes(scope.get("query_string", b"")).decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if has_control_character(name) or has_control_character(value):
+            return "query." + ("<name>" if has_control_character(name) else name)
+    return None
+
+
+async def _send_problem(send: Send, error: PnsError) -> None:
+    payload = json.dumps(error.to_problem()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

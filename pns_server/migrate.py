@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 from alembic import command
@@ -20,16 +21,19 @@ def migrations_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "migrations"  # a source checkout
 
 
-def alembic_config(sqlalchemy_url: str) -> Config:
+def alembic_config(sqlalchemy_url: str, secret_keys: Sequence[str] | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["sqlalchemy_url"] = sqlalchemy_url
+    if secret_keys is not None:
+        # Data migrations that re-seal secrets read the keys here (else from PNS_* settings).
+        cfg.attributes["secret_keys"] = list(secret_keys)
     return cfg
 
 
-def upgrade_to_head(sqlalchemy_url: str) -> None:
+def upgrade_to_head(sqlalchemy_url: str, secret_keys: Sequence[str] | None = None) -> None:
     """Blocking (alembic runs its own event loop): call it from a thread inside async code."""
-    command.upgrade(alembic_config(sqlalchemy_url), "head")
+    command.upgrade(alembic_config(sqlalchemy_url, secret_keys), "head")
 
 
 @functools.cache

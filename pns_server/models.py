@@ -23,6 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from pns_server.security import SealedAt
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -115,6 +117,11 @@ class Device(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    @property
+    def secret_site(self) -> SealedAt:
+        """What `totp_secret` is sealed to: moved to another row or client, it won't open."""
+        return SealedAt(self.__tablename__, self.id, self.client_id)
+
 
 class Pairing(Base):
     """A QR-code enrolment in progress."""
@@ -136,6 +143,10 @@ class Pairing(Base):
     # Wrong confirmation codes so far (kind=totp); the pairing expires at the limit.
     failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
+    @property
+    def secret_site(self) -> SealedAt:
+        return SealedAt(self.__tablename__, self.id, self.client_id)
+
 
 class RecoveryCode(Base):
     __tablename__ = "recovery_codes"
@@ -143,6 +154,7 @@ class RecoveryCode(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     client_id: Mapped[str] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    # Keyed hash (`h2.`, see otp/recovery_codes.py): the database alone cannot plant a code.
     code_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -131,7 +131,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error: %s", type(exc).__name__)
+        if isinstance(exc, sa_exc.StatementError):
+            # The statement (placeholders only) and the driver's error class, not its text:
+            # drivers quote the offending parameter value in their messages.
+            log.error(
+                "database error %s in: %s",
+                type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
+                " ".join(str(exc.statement).split()),
+            )
+        else:
+            log.exception("unhandled error: %s", type(exc).__name__)
         return problem_response(
             ServiceUnavailable("The server hit an unexpected error; retry shortly.")
         )

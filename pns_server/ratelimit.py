@@ -4,13 +4,15 @@ Each hit is one atomic upsert (`INSERT ... ON CONFLICT DO UPDATE ... RETURNING c
 every replica sharing the database counts against the same window. The counter lives in
 its own short transaction: a limit check never holds a connection while a long-poll waits.
 
-Route owners attach the ready-made dependencies:
-`dependencies=[RegisterLimit]`, `[PairingLimit]` (per IP) or `[CallerLimit]` (per token).
+Route owners attach the ready-made per-IP dependencies: `dependencies=[RegisterLimit]`,
+`[PairingLimit]`, `[AdminLimit]`. Per-caller limits count only callers whose token is valid
+(`count_caller`, from the authentication dependencies), so a stream of made-up tokens
+neither writes rows nor crowds out real callers.
 
-The per-token API limit guards load, not a secret, so it is counted in process memory
+The per-caller API limit guards load, not a secret, so it is counted in process memory
 (`LocalWindows`): a database round trip on every call would cost more than it protects, and
 with N replicas a caller gets at most N times the limit. Limits that guard secrets
-(registration, pairing tokens, OTP attempts) stay in the database."""
+(registration, pairing tokens, admin token, OTP attempts) stay in the database."""
 
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ from pns_server.config import Settings
 from pns_server.db import Database
 from pns_server.errors import RateLimited
 from pns_server.models import RateLimitBucket
-from pns_server.security import hash_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +76,17 @@ async def count_hit(session: AsyncSession, key: str, window: datetime) -> int:
 
 
 async def hit(db: Database, limit: Limit, subject: str, now: datetime | None = None) -> Hit:
+    async with db.session() as session:
+        return await hit_in(session, limit, subject, now)
+
+
+async def hit_in(
+    session: AsyncSession, limit: Limit, subject: str, now: datetime | None = None
+) -> Hit:
+    """Count a hit in the caller's transaction (one that commits even if the limit is hit)."""
     now = now or datetime.now(UTC)
     start = window_start(now, limit.window_seconds)
-    async with db.session() as session:
-        count = await count_hit(session, f"{limit.name}:{subject}", start)
+    count = await count_hit(session, f"{limit.name}:{subject}", start)
     window_end = start + timedelta(seconds=limit.window_seconds)
     retry_after = max(1, math.ceil((window_end - now).total_seconds()))
     return Hit(count=count, limit=limit.limit, retry_after=retry_after)
@@ -135,6 +143,10 @@ def caller_limit(settings: Settings) -> Limit:
     return Limit("caller", settings.rate_client_per_minute, 60)
 
 
+def admin_limit(settings: Settings) -> Limit:
+    return Limit("admin", settings.rate_admin_per_minute, 60)
+
+
 def client_ip(request: Request) -> str:
     # uvicorn's proxy_headers (FORWARDED_ALLOW_IPS) already replaced this with the real
     # client address when the request came through a trusted proxy.
@@ -155,20 +167,21 @@ async def limit_pairing_per_ip(request: Request) -> None:
     await enforce(db, pairing_limit(settings), client_ip(request))
 
 
-async def limit_per_caller(request: Request) -> None:
-    """Per bearer token (one client or device), per process; keyed by the token's hash, so
-    it needs no lookup and never stores the token. Unauthenticated calls are left to the
-    auth check."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return
+def count_caller(request: Request, subject: str) -> None:
+    """The per-caller API limit, in process memory; called by the authentication
+    dependencies once a token is known to be valid, so made-up tokens count toward nothing."""
     settings: Settings = request.app.state.settings
     windows: LocalWindows = request.app.state.local_limits
     limit = caller_limit(settings)
-    raise_if_exceeded(limit, windows.hit(limit, hash_token(token.strip())[:32], time.time()))
+    raise_if_exceeded(limit, windows.hit(limit, subject, time.time()))
+
+
+async def limit_admin_per_ip(request: Request) -> None:
+    """Every admin call, right or wrong token, counts: this is what slows a token search."""
+    db, settings = _runtime_parts(request)
+    await enforce(db, admin_limit(settings), client_ip(request))
 
 
 RegisterLimit = Depends(limit_registration_per_ip)
 PairingLimit = Depends(limit_pairing_per_ip)
-CallerLimit = Depends(limit_per_caller)
+AdminLimit = Depends(limit_admin_per_ip)

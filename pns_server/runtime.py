@@ -57,7 +57,8 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     elif (path := settings.sqlite_path) is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    box = SecretBox(secret_keys(settings))
+    keys = secret_keys(settings)
+    box = SecretBox(keys)
     push_readiness = PushReadiness()
     try:
         senders = build_senders(settings, push_readiness)
@@ -65,15 +66,15 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
         log.critical("push configuration is invalid: %s", exc)
         raise
     if settings.migrate_on_start:
-        await asyncio.to_thread(upgrade_to_head, settings.sqlalchemy_url)
+        await asyncio.to_thread(upgrade_to_head, settings.sqlalchemy_url, keys)
     engine = create_engine(
         settings.sqlalchemy_url,
         pool_size=settings.db_pool_size,
         pool_timeout=settings.db_pool_timeout_seconds,
     )
-    notifier = create_notifier(settings.sqlalchemy_url)
+    notifier = create_notifier(settings.sqlalchemy_url, settings.listen_sqlalchemy_url)
     await notifier.start()
-    db = Database(engine, notifier.publish)
+    db = Database(engine, notifier.publish, notifier.before_commit)
     runtime = Runtime(
         settings=settings, db=db, notifier=notifier, box=box, metrics=metrics or Metrics()
     )

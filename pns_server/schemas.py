@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, StringConstraints
+from pydantic import BaseModel, ConfigDict, PlainSerializer, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 from pns_server.errors import format_time
 
@@ -15,12 +17,32 @@ Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str)]
 # a key and its proof) is kept byte for byte: stripping it would break the signature.
 Verbatim = StringConstraints(strip_whitespace=False)
 
+# C0 and C1 control characters (NUL, CR, LF, ESC...), DEL, and lone UTF-16 surrogates
+# (which JSON can spell but UTF-8 cannot store). No text field of the API needs them; they
+# forge log lines and terminal output, and PostgreSQL refuses NUL in text outright.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def has_control_character(value: str) -> bool:
+    return CONTROL_CHARACTERS.search(value) is not None
+
 
 class RequestModel(BaseModel):
     """Request bodies: strict types (no "12" for 12), unknown fields ignored so newer
     clients keep working against older servers."""
 
     model_config = ConfigDict(strict=True, extra="ignore", str_strip_whitespace=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _refuse_control_characters(cls, value: Any) -> Any:
+        """Every text field of every request body, nested ones included: one rule, so the
+        same body is refused alike on SQLite and PostgreSQL (422, not a database error)."""
+        if isinstance(value, str) and has_control_character(value):
+            raise PydanticCustomError(
+                "control_character", "must not contain control characters (NUL, CR, LF...)"
+            )
+        return value
 
 
 class ResponseModel(BaseModel):

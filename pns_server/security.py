@@ -9,6 +9,7 @@ import hmac
 import os
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -20,6 +21,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 CLIENT_TOKEN_PREFIX = "pnsc_"
 DEVICE_TOKEN_PREFIX = "pnsd_"
 PAIRING_TOKEN_PREFIX = "pnsp_"
+# HKDF info of the keyed-hash (pepper) key; the sealing key uses another, so they differ.
+PEPPER = b"pns-pepper-v1"
 
 
 def new_id() -> str:
@@ -40,18 +43,44 @@ def constant_time_equals(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+@dataclass(frozen=True, slots=True)
+class SealedAt:
+    """Where a sealed secret lives: its table, its row and the client owning the row.
+
+    Sealed into the ciphertext as AEAD associated data, so a secret copied to another row,
+    another client, or another table no longer opens: the database alone cannot move a
+    factor from one account to another."""
+
+    table: str
+    row_id: str
+    client_id: str
+
+    def associated_data(self, key_id: str) -> bytes:
+        return "|".join(("pns-seal-v2", key_id, self.table, self.row_id, self.client_id)).encode()
+
+
 class SecretBox:
-    """AES-256-GCM for secrets at rest. Ciphertexts name their key so keys can rotate:
-    `v1.<key id>.<base64(nonce|ciphertext)>`; the first key encrypts, all decrypt."""
+    """The relay's keyring, from PNS_SECRET_KEY (and PNS_OLD_SECRET_KEYS while rotating).
+
+    - Secrets at rest: AES-256-GCM bound to where they are stored (`SealedAt`),
+      `v2.<key id>.<base64url(nonce|ciphertext)>`; the first key seals, all open.
+    - Keyed hashes (a pepper): HMAC-SHA256, `h2.<key id>.<base64url(mac)>`, for values the
+      relay must find again by lookup (recovery codes); without the key no valid one can be
+      written into the database.
+
+    Release 1 sealed with `v1.` and no binding; only the upgrade migration reads those."""
 
     def __init__(self, secret_keys: Sequence[str]) -> None:
         if not secret_keys:
             raise ValueError("at least one secret key is needed")
-        self._keys = [(self._key_id(k), AESGCM(self._derive(k))) for k in secret_keys]
+        self._keys = [
+            (self._key_id(k), AESGCM(self._derive(k, b"pns-secretbox-v1")), self._derive(k, PEPPER))
+            for k in secret_keys
+        ]
 
     @staticmethod
-    def _derive(secret: str) -> bytes:
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"pns-secretbox-v1")
+    def _derive(secret: str, info: bytes) -> bytes:
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info)
         return hkdf.derive(secret.encode())
 
     @staticmethod
@@ -62,27 +91,70 @@ class SecretBox:
     def primary_key_id(self) -> str:
         return self._keys[0][0]
 
-    def encrypt(self, plaintext: str) -> str:
-        key_id, aead = self._keys[0]
+    def seal(self, plaintext: str, at: SealedAt) -> str:
+        key_id, aead, _pepper = self._keys[0]
+        nonce = os.urandom(12)
+        sealed = aead.encrypt(nonce, plaintext.encode(), at.associated_data(key_id))
+        return f"v2.{key_id}.{base64.urlsafe_b64encode(nonce + sealed).decode()}"
+
+    def open(self, token: str, at: SealedAt) -> str:
+        """The plaintext, or ValueError when the token was not sealed for `at` by our keys."""
+        version, key_id, raw = self._parse(token)
+        if version != "v2":
+            raise ValueError("secret is not bound to its row (run `pns-server migrate`)")
+        return self._decrypt(key_id, raw, at.associated_data(key_id))
+
+    def open_legacy(self, token: str) -> str:
+        """A release-1 `v1.` secret (bound to nothing); for the upgrade migration only."""
+        version, key_id, raw = self._parse(token)
+        if version != "v1":
+            raise ValueError("not a v1 secret")
+        return self._decrypt(key_id, raw, key_id.encode())
+
+    def seal_legacy(self, plaintext: str) -> str:
+        """The release-1 format; only the downgrade migration writes it."""
+        key_id, aead, _pepper = self._keys[0]
         nonce = os.urandom(12)
         sealed = aead.encrypt(nonce, plaintext.encode(), key_id.encode())
         return f"v1.{key_id}.{base64.urlsafe_b64encode(nonce + sealed).decode()}"
 
-    def decrypt(self, token: str) -> str:
-        version, key_id, blob = token.split(".", 2)
-        if version != "v1":
-            raise ValueError("unknown secret format")
-        raw = base64.urlsafe_b64decode(blob)
-        for candidate_id, aead in self._keys:
+    @staticmethod
+    def _parse(token: str) -> tuple[str, str, bytes]:
+        try:
+            version, key_id, blob = token.split(".", 2)
+            raw = base64.urlsafe_b64decode(blob)
+        except (ValueError, binascii.Error) as exc:
+            raise ValueError("malformed sealed secret") from exc
+        if len(raw) < 12 + 16:
+            raise ValueError("malformed sealed secret")
+        return version, key_id, raw
+
+    def _decrypt(self, key_id: str, raw: bytes, associated_data: bytes) -> str:
+        for candidate_id, aead, _pepper in self._keys:
             if candidate_id == key_id:
                 try:
-                    return aead.decrypt(raw[:12], raw[12:], key_id.encode()).decode()
+                    return aead.decrypt(raw[:12], raw[12:], associated_data).decode()
                 except InvalidTag as exc:
-                    raise ValueError("secret does not decrypt with its key") from exc
+                    raise ValueError("secret does not open with its key and place") from exc
         raise ValueError(f"no configured key has id {key_id}")
 
     def key_id_of(self, token: str) -> str:
         return token.split(".", 2)[1]
+
+    def keyed_hash(self, message: bytes) -> str:
+        """HMAC-SHA256 of `message` under the primary key's pepper (55 characters)."""
+        key_id, _aead, pepper = self._keys[0]
+        return self._mac(key_id, pepper, message)
+
+    def keyed_hash_candidates(self, message: bytes) -> list[str]:
+        """The keyed hash under every configured key: values stored before a rotation are
+        still found while their key is in PNS_OLD_SECRET_KEYS."""
+        return [self._mac(key_id, pepper, message) for key_id, _aead, pepper in self._keys]
+
+    @staticmethod
+    def _mac(key_id: str, pepper: bytes, message: bytes) -> str:
+        digest = hmac.new(pepper, message, hashlib.sha256).digest()
+        return f"h2.{key_id}.{base64.urlsafe_b64encode(digest).decode().rstrip('=')}"
 
 
 def load_or_create_key_file(path: Path) -> str:

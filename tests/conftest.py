@@ -26,7 +26,7 @@ from tests.support.postgres import Cluster, postgres_available, start_cluster
 from tests.support.server import LiveServer
 
 SECRET_KEY = "test-secret-key-0123456789abcdef"
-ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdefgh"
 TEMPLATE_DB = "pns_template"
 T = TypeVar("T")
 

@@ -11,6 +11,7 @@ from pns_server.admin.schemas import AdminClient, AdminClientDetail, AdminClient
 from pns_server.deps import AdminDep, SessionDep, SettingsDep
 from pns_server.errors import Unauthenticated
 from pns_server.problems import PROBLEM_RESPONSES
+from pns_server.ratelimit import AdminLimit
 
 
 def admin_api_enabled(settings: SettingsDep) -> None:
@@ -26,7 +27,8 @@ def admin_api_enabled(settings: SettingsDep) -> None:
 router = APIRouter(
     prefix="/v1/admin",
     tags=["admin"],
-    dependencies=[Depends(admin_api_enabled)],
+    # Per IP, every call counted (right token or not): a token search is slowed, not free.
+    dependencies=[Depends(admin_api_enabled), AdminLimit],
     responses=PROBLEM_RESPONSES,
 )
 

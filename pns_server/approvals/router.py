@@ -18,17 +18,18 @@ from pns_server.deps import (
     CurrentClient,
     CurrentClientNoSession,
     CurrentDevice,
+    DatabaseDep,
     RuntimeDep,
     SessionDep,
     SettingsDep,
+    bearer_token,
+    client_by_token,
 )
 from pns_server.problems import PROBLEM_RESPONSES
-from pns_server.ratelimit import CallerLimit, Limit, enforce
-from pns_server.realtime.longpoll import long_poll
-from pns_server.security import hash_token
+from pns_server.ratelimit import Limit, hit_in, raise_if_exceeded
+from pns_server.realtime.longpoll import long_poll, until_disconnected
 
-# Every client and device call counts against the per-token limit.
-router = APIRouter(tags=["approvals"], dependencies=[CallerLimit], responses=PROBLEM_RESPONSES)
+router = APIRouter(tags=["approvals"], responses=PROBLEM_RESPONSES)
 
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
@@ -36,16 +37,16 @@ IdempotencyKey = Annotated[
 Wait = Annotated[float, Query(ge=0, le=60, description="seconds to wait while pending")]
 
 
-async def limit_approvals_per_client(request: Request) -> None:
-    """PNS_APPROVAL_RATE_PER_MINUTE per client token, counted in its own short transaction
-    before the request's unit of work begins (refused attempts count too)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return
-    runtime = request.app.state.runtime
-    limit = Limit("approvals", runtime.settings.approval_rate_per_minute, 60)
-    await enforce(runtime.db, limit, hash_token(token.strip())[:32])
+async def limit_approvals_per_client(request: Request, db: DatabaseDep) -> None:
+    """PNS_APPROVAL_RATE_PER_MINUTE per client, counted in one short transaction of its own
+    before the request's unit of work (refused attempts count too). The token is checked
+    first, in that same transaction: a made-up token counts nothing and writes no row."""
+    token = bearer_token(request)
+    limit = Limit("approvals", request.app.state.settings.approval_rate_per_minute, 60)
+    async with db.session() as session:
+        client = await client_by_token(session, token)
+        result = await hit_in(session, limit, client.id)
+    raise_if_exceeded(limit, result)
 
 
 @router.post(
@@ -73,7 +74,11 @@ async def create_approval(
 
 @router.get("/v1/approvals/{approval_id}", response_model=ApprovalState)
 async def get_approval(
-    approval_id: str, client: CurrentClientNoSession, runtime: RuntimeDep, wait: Wait = 0
+    approval_id: str,
+    request: Request,
+    client: CurrentClientNoSession,
+    runtime: RuntimeDep,
+    wait: Wait = 0,
 ) -> ApprovalState:
     async def read() -> ApprovalState:
         async with runtime.db.session() as session:
@@ -97,6 +102,7 @@ async def get_approval(
             wait,
             deadline_of=lambda value: value.expires_at if value.status == "pending" else None,
             share_key=f"{client.id}:{approval_id}",
+            disconnected=until_disconnected(request.receive),
         )
     finally:
         runtime.metrics.longpoll_waiters.dec()

@@ -6,10 +6,9 @@ from pns_server.clients import service
 from pns_server.clients.schemas import ClientCreate, ClientCreated, ClientInfo
 from pns_server.deps import CurrentClient, SessionDep, SettingsDep
 from pns_server.problems import PROBLEM_RESPONSES
-from pns_server.ratelimit import CallerLimit, RegisterLimit
+from pns_server.ratelimit import RegisterLimit
 
-# Every client and device call counts against the per-token limit.
-router = APIRouter(tags=["clients"], dependencies=[CallerLimit], responses=PROBLEM_RESPONSES)
+router = APIRouter(tags=["clients"], responses=PROBLEM_RESPONSES)
 
 
 @router.post(

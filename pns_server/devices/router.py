@@ -6,10 +6,9 @@ from pns_server.deps import CurrentClient, CurrentDevice, RuntimeDep, SessionDep
 from pns_server.devices import service
 from pns_server.devices.schemas import DeviceCreate, DeviceCreated, DeviceList, PushRegistration
 from pns_server.problems import PROBLEM_RESPONSES
-from pns_server.ratelimit import CallerLimit, PairingLimit
+from pns_server.ratelimit import PairingLimit
 
-# Every client and device call counts against the per-token limit.
-router = APIRouter(tags=["devices"], dependencies=[CallerLimit], responses=PROBLEM_RESPONSES)
+router = APIRouter(tags=["devices"], responses=PROBLEM_RESPONSES)
 
 
 @router.get("/v1/devices", response_model=DeviceList)

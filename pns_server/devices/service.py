@@ -135,12 +135,12 @@ async def enrol_app_device(
         token_hash=hash_token(token),
         public_key=parse_public_key(data.public_key),
         key_proof=data.key_proof,
-        totp_secret=box.encrypt(totp.secret),
         totp_algorithm=totp.algorithm,
         totp_digits=totp.digits,
         totp_period=totp.period,
         created_at=now,
     )
+    device.totp_secret = box.seal(totp.secret, device.secret_site)
     apply_push(device, data.push)
     DeviceRepository(session).add(device)
     await session.flush()

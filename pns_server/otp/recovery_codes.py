@@ -11,10 +11,13 @@ GROUPS = (4, 4, 2)
 LENGTH = sum(GROUPS)  # 10 symbols = 50 bits per code
 COUNT = 10
 
-# scrypt (memory-hard) because 50 bits is within reach of an offline search against a fast
-# hash; salted with the client id, so one code hashes differently for every client and a
-# hash copied to another client's rows does not verify. Deterministic, so a submitted code
-# is found with one indexed lookup instead of one slow hash per stored code.
+# Stored: HMAC(pepper from PNS_SECRET_KEY, client id | scrypt(code, salt = client id)).
+# The pepper means write access to the database is not enough to plant a code, and a leaked
+# database cannot be searched offline without the key. scrypt (memory-hard) stays inside
+# because 50 bits is within reach of a search against a fast hash if the key leaks too; it
+# is what release 1 stored, so the upgrade migration can pepper existing codes. The client
+# id in both means a hash copied to another client's rows does not verify. Deterministic,
+# so a submitted code is found with one indexed lookup instead of one slow hash per code.
 _SCRYPT_N = 2**12
 _SCRYPT_R = 8
 _SCRYPT_P = 1
@@ -53,7 +56,8 @@ def normalise(typed: str) -> str | None:
 
 
 def hash_code(client_id: str, code: str) -> str:
-    """Hex scrypt of a canonical code, bound to its client (64 hex characters)."""
+    """Hex scrypt of a canonical code, bound to its client (64 hex characters): the inner
+    hash, peppered by `pepper_input` + `SecretBox.keyed_hash` before it is stored."""
     digest = hashlib.scrypt(
         code.encode(),
         salt=b"pns-recovery-v1|" + client_id.encode(),
@@ -63,3 +67,8 @@ def hash_code(client_id: str, code: str) -> str:
         dklen=32,
     )
     return digest.hex()
+
+
+def pepper_input(client_id: str, inner_hash: str) -> bytes:
+    """What the keyed hash covers: the client and the inner scrypt hash."""
+    return f"pns-recovery-v2|{client_id}|{inner_hash}".encode()

@@ -156,13 +156,16 @@ class OtpRepository:
             ],
         )
 
-    async def use_recovery_code(self, client_id: str, code_hash: str, now: datetime) -> bool:
-        """Mark an unused code used; one conditional UPDATE, so a code works exactly once."""
+    async def use_recovery_code(
+        self, client_id: str, code_hashes: Sequence[str], now: datetime
+    ) -> bool:
+        """Mark an unused code used; one conditional UPDATE, so a code works exactly once.
+        `code_hashes`: the code's keyed hash under each configured key (at most one row)."""
         result = await self.session.execute(
             update(RecoveryCode)
             .where(
                 RecoveryCode.client_id == client_id,
-                RecoveryCode.code_hash == code_hash,
+                RecoveryCode.code_hash.in_(code_hashes),
                 RecoveryCode.used_at.is_(None),
             )
             .values(used_at=now)

@@ -12,10 +12,8 @@ from pns_server.otp.schemas import (
     RecoveryCodeVerify,
 )
 from pns_server.problems import PROBLEM_RESPONSES
-from pns_server.ratelimit import CallerLimit
 
-# Every client and device call counts against the per-token limit.
-router = APIRouter(tags=["otp"], dependencies=[CallerLimit], responses=PROBLEM_RESPONSES)
+router = APIRouter(tags=["otp"], responses=PROBLEM_RESPONSES)
 
 
 @router.post("/v1/otp/verify", response_model=OtpAccepted)

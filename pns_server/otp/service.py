@@ -69,10 +69,11 @@ async def verify_otp(
 
 def matching_device_step(box: SecretBox, device: Device, code: str, now: datetime) -> int | None:
     try:
-        secret = box.decrypt(device.totp_secret)
+        secret = box.open(device.totp_secret, device.secret_site)
     except ValueError:
-        # A secret sealed with a key that is no longer configured: this device cannot match.
-        log.warning("TOTP secret of device %s does not decrypt with the configured keys", device.id)
+        # Sealed with a key no longer configured, or sealed for another row or client (a
+        # tampered database): this device cannot match.
+        log.warning("TOTP secret of device %s does not open for its row; refused", device.id)
         return None
     params = TotpParams(
         secret=secret,
@@ -88,9 +89,10 @@ async def create_recovery_codes(
 ) -> RecoveryCodesCreated:
     """A fresh set of codes replacing every earlier one (used or not), in one transaction."""
     codes = recovery_codes.generate_set()
-    hashes = await asyncio.to_thread(
+    inner = await asyncio.to_thread(
         lambda: [recovery_codes.hash_code(client.id, code) for code in codes]
     )
+    hashes = [runtime.box.keyed_hash(recovery_codes.pepper_input(client.id, h)) for h in inner]
     repo = OtpRepository(session)
     await repo.lock_throttle(client.id)
     await repo.replace_recovery_codes(client.id, hashes, datetime.now(UTC))
@@ -111,15 +113,16 @@ async def verify_recovery_code(
     """Accept an unused recovery code once; wrong or used codes count toward the OTP lock."""
     canonical = recovery_codes.normalise(code)
     # Hash before taking the client row: scrypt is the slow part, keep it out of the lock.
-    code_hash = (
-        await asyncio.to_thread(recovery_codes.hash_code, client.id, canonical)
-        if canonical is not None
-        else None
-    )
+    candidates: list[str] = []
+    if canonical is not None:
+        inner = await asyncio.to_thread(recovery_codes.hash_code, client.id, canonical)
+        # One per configured key: codes peppered before a key rotation keep working.
+        peppered = recovery_codes.pepper_input(client.id, inner)
+        candidates = runtime.box.keyed_hash_candidates(peppered)
     now = datetime.now(UTC)
     repo = OtpRepository(session)
     await ensure_unlocked(repo, runtime, client.id, now)
-    if code_hash is not None and await repo.use_recovery_code(client.id, code_hash, now):
+    if candidates and await repo.use_recovery_code(client.id, candidates, now):
         await repo.reset_after_success(client.id)
         remaining = await repo.unused_recovery_codes(client.id)
         record(

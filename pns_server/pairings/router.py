@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 
 from pns_server.deps import CurrentClient, CurrentClientNoSession, RuntimeDep, SessionDep
 from pns_server.pairings import service
@@ -14,10 +14,9 @@ from pns_server.pairings.schemas import (
     PairingStatus,
 )
 from pns_server.problems import PROBLEM_RESPONSES
-from pns_server.ratelimit import CallerLimit
+from pns_server.realtime.longpoll import until_disconnected
 
-# Every client and device call counts against the per-token limit.
-router = APIRouter(tags=["pairings"], dependencies=[CallerLimit], responses=PROBLEM_RESPONSES)
+router = APIRouter(tags=["pairings"], responses=PROBLEM_RESPONSES)
 
 WaitSeconds = Annotated[
     float,
@@ -47,6 +46,12 @@ async def confirm_pairing(
 
 @router.get("/v1/pairings/{pairing_id}", response_model=PairingStatus)
 async def get_pairing(
-    pairing_id: str, client: CurrentClientNoSession, runtime: RuntimeDep, wait: WaitSeconds = 0
+    pairing_id: str,
+    request: Request,
+    client: CurrentClientNoSession,
+    runtime: RuntimeDep,
+    wait: WaitSeconds = 0,
 ) -> PairingStatus:
-    return await service.wait_for_status(runtime, client, pairing_id, wait)
+    return await service.wait_for_status(
+        runtime, client, pairing_id, wait, until_disconnected(request.receive)
+    )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import NoReturn
 from urllib.parse import quote, urlencode
@@ -26,10 +27,12 @@ from pns_server.pairings.schemas import (
     PairingCreated,
     PairingStatus,
 )
-from pns_server.realtime.longpoll import long_poll
+from pns_server.realtime.longpoll import Disconnected, long_poll
 from pns_server.runtime import Runtime
 from pns_server.security import PAIRING_TOKEN_PREFIX, SecretBox, hash_token, new_id, new_token
 from pns_server.totp import TotpParams, matching_step, new_secret, otpauth_uri
+
+log = logging.getLogger(__name__)
 
 
 def app_qr_payload(public_url: str, pairing_token: str) -> str:
@@ -70,7 +73,7 @@ async def start(
         label = data.label or client.name
         params = TotpParams(secret=new_secret())
         pairing.label = label
-        pairing.totp_secret = box.encrypt(params.secret)
+        pairing.totp_secret = box.seal(params.secret, pairing.secret_site)
         uri = qr_payload = otpauth_uri(params, settings.otp_issuer, label)
     PairingRepository(session).add(pairing)
     await session.flush()
@@ -121,11 +124,11 @@ async def confirm(
         raise not_found()
     now = datetime.now(UTC)
     check_confirmable(pairing, now)
-    assert pairing.totp_secret is not None
-    params = TotpParams(secret=box.decrypt(pairing.totp_secret))
+    secret = open_secret(box, pairing)
+    params = TotpParams(secret=secret) if secret is not None else None
     # People type codes as "123 456".
-    step = matching_step(params, code.replace(" ", ""), now)
-    if step is None:
+    step = matching_step(params, code.replace(" ", ""), now) if params is not None else None
+    if params is None or step is None:
         await reject_code(session, settings, pairing)
 
     device = Device(
@@ -133,7 +136,6 @@ async def confirm(
         client_id=client.id,
         kind="totp",
         name=pairing.label or client.name,
-        totp_secret=pairing.totp_secret,
         totp_algorithm=params.algorithm,
         totp_digits=params.digits,
         totp_period=params.period,
@@ -142,6 +144,8 @@ async def confirm(
         last_otp_step=step,
         created_at=now,
     )
+    # Sealed again for its new row: a sealed secret opens only where it was sealed.
+    device.totp_secret = box.seal(params.secret, device.secret_site)
     DeviceRepository(session).add(device)
     await session.flush()
     if not await pairings.complete(pairing.id, device.id, now):
@@ -158,6 +162,18 @@ async def confirm(
         pairing_id=pairing.id,
     )
     return PairingConfirmed(device=device_out(device))
+
+
+def open_secret(box: SecretBox, pairing: Pairing) -> str | None:
+    """The pairing's TOTP secret; None when it does not open for this pairing (sealed with a
+    key no longer configured, or copied here from another row): no code can confirm it."""
+    if pairing.totp_secret is None:
+        return None
+    try:
+        return box.open(pairing.totp_secret, pairing.secret_site)
+    except ValueError:
+        log.warning("TOTP secret of pairing %s does not open for its row; refused", pairing.id)
+        return None
 
 
 async def reject_code(session: AsyncSession, settings: Settings, pairing: Pairing) -> NoReturn:
@@ -206,7 +222,11 @@ async def read_status(db: Database, client_id: str, pairing_id: str) -> PairingS
 
 
 async def wait_for_status(
-    runtime: Runtime, client: Client, pairing_id: str, wait: float
+    runtime: Runtime,
+    client: Client,
+    pairing_id: str,
+    wait: float,
+    disconnected: Disconnected | None = None,
 ) -> PairingStatus:
     waiters = runtime.metrics.longpoll_waiters
     waiters.inc()
@@ -219,6 +239,7 @@ async def wait_for_status(
             wait=wait,
             deadline_of=lambda s: s.expires_at if s.status == "pending" else None,
             share_key=f"{client.id}:{pairing_id}",
+            disconnected=disconnected,
         )
     finally:
         waiters.dec()

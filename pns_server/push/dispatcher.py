@@ -128,10 +128,38 @@ class Dispatcher:
         now = now or now_utc()
         await self._sweep_expired()
         jobs = await self._claim(now)
-        if jobs:
-            sent = await asyncio.gather(*(self._send(job) for job in jobs if job.message))
-            await self._record(now, [job for job in jobs if job.message is None], sent)
+        skipped = [job for job in jobs if job.message is None]
+        if skipped:
+            await self._record(now, skipped, [])
+        await self._send_and_record(now, [job for job in jobs if job.message is not None])
         return len(jobs)
+
+    async def _send_and_record(self, now: datetime, jobs: Sequence[Claimed]) -> None:
+        """Send concurrently and record each outcome as soon as it is known, so a crash
+        re-sends at most what was still in flight. Outcomes that complete while a record
+        transaction runs are recorded together in the next one: one transaction per push
+        when pushes trickle in, a few per batch when a provider answers them all at once."""
+        if not jobs:
+            return
+        done: asyncio.Queue[Sent] = asyncio.Queue()
+
+        async def send(job: Claimed) -> None:
+            done.put_nowait(await self._send(job))
+
+        sends = [asyncio.create_task(send(job)) for job in jobs]
+        try:
+            left = len(sends)
+            while left:
+                finished = [await done.get()]
+                while not done.empty():
+                    finished.append(done.get_nowait())
+                left -= len(finished)
+                await self._record(now, [], finished)
+        finally:
+            # Only when recording failed or we are cancelled: unrecorded sends keep their
+            # lease and are claimed again once it expires.
+            for task in sends:
+                task.cancel()
 
     async def _sweep_expired(self) -> None:
         """Expire overdue approvals (audit rows, metrics) every few seconds, not every round:

@@ -8,6 +8,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 T = TypeVar("T")
 
 
@@ -44,6 +46,7 @@ class Notifier(Protocol):
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
+    async def before_commit(self, session: AsyncSession, topics: Iterable[str]) -> None: ...
     async def publish(self, topics: Iterable[str]) -> None: ...
     def subscribe(self, topic: str) -> AbstractAsyncContextManager[Subscription]: ...
     @property

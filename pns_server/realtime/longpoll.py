@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from pns_server.realtime.base import LocalFanout
+from starlette.types import Receive
+
+from pns_server.realtime.base import LocalFanout, Subscription
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -17,6 +20,19 @@ log = logging.getLogger(__name__)
 # After a failed re-read (database restarting), try again this soon rather than failing the
 # wait: the caller would otherwise miss the decision made once the database is back.
 RETRY_READ_SECONDS = 0.5
+
+
+Disconnected = Callable[[], Awaitable[None]]
+
+
+def until_disconnected(receive: Receive) -> Disconnected:
+    """Returns when the HTTP caller has gone away (ASGI `http.disconnect`)."""
+
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
 
 
 async def long_poll(
@@ -27,6 +43,7 @@ async def long_poll(
     wait: float,
     deadline_of: Callable[[T], datetime | None] = lambda _v: None,
     share_key: str | None = None,
+    disconnected: Disconnected | None = None,
 ) -> T:
     """Return `read()` once it is settled, or after `wait` seconds.
 
@@ -35,7 +52,9 @@ async def long_poll(
     `deadline_of` names a moment the state changes by itself (an expiry): we re-read just
     after it, so expiry is reported without anyone touching the row.
     `share_key` (the object and the caller it is read for) lets concurrent waiters woken
-    together share one read."""
+    together share one read.
+    `disconnected` returns once the caller has gone: the wait ends then, rather than
+    holding its slot (and re-reading) for a caller who will never see the answer."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + max(0.0, wait)
 
@@ -44,25 +63,52 @@ async def long_poll(
             return await read()
         return await notifier.reads.run(share_key, read, not_before)
 
+    gone = False
+    watcher: asyncio.Task[None] | None = None
+
+    async def watch(subscription: Subscription) -> None:
+        nonlocal gone
+        assert disconnected is not None
+        with contextlib.suppress(Exception):  # a broken receive also means nobody listens
+            await disconnected()
+        gone = True
+        subscription.wake()
+
     async with notifier.subscribe(topic) as subscription:
-        value = await fresh(subscription.since)
-        while not is_settled(value) and not notifier.closing:
-            left = give_up - loop.time()
-            if left <= 0:
-                break
-            timeout = left
-            if notifier.recheck_seconds is not None:
-                timeout = min(timeout, notifier.recheck_seconds)
-            deadline = deadline_of(value)
-            if deadline is not None:
-                until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05
-                timeout = min(timeout, max(until_deadline, 0.0))
-            woken = await subscription.wait(timeout)
-            try:
-                value = await fresh(subscription.woken_at if woken else time.monotonic())
-            except Exception:
-                if loop.time() >= give_up:
-                    raise
-                log.warning("long-poll re-read failed; retrying while the wait lasts")
-                await asyncio.sleep(min(RETRY_READ_SECONDS, max(give_up - loop.time(), 0.0)))
+        try:
+            value = await fresh(subscription.since)
+            while not is_settled(value) and not notifier.closing:
+                left = give_up - loop.time()
+                if left <= 0:
+                    break
+                if disconnected is not None and watcher is None:
+                    # Started only once a wait is due: an immediate answer costs no task.
+                    watcher = asyncio.create_task(watch(subscription))
+                woken = await subscription.wait(_timeout(notifier, value, left, deadline_of))
+                if gone:
+                    break
+                try:
+                    value = await fresh(subscription.woken_at if woken else time.monotonic())
+                except Exception:
+                    if loop.time() >= give_up:
+                        raise
+                    log.warning("long-poll re-read failed; retrying while the wait lasts")
+                    await asyncio.sleep(min(RETRY_READ_SECONDS, max(give_up - loop.time(), 0.0)))
+        finally:
+            if watcher is not None:
+                watcher.cancel()
     return value
+
+
+def _timeout(
+    notifier: LocalFanout, value: T, left: float, deadline_of: Callable[[T], datetime | None]
+) -> float:
+    """How long the next wait may last: the time left, the re-check period, the deadline."""
+    timeout = left
+    if notifier.recheck_seconds is not None:
+        timeout = min(timeout, notifier.recheck_seconds)
+    deadline = deadline_of(value)
+    if deadline is not None:
+        until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05
+        timeout = min(timeout, max(until_deadline, 0.0))
+    return timeout

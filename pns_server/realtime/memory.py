@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from pns_server.realtime.base import LocalFanout
 
 
@@ -14,6 +16,9 @@ class MemoryNotifier(LocalFanout):
     async def close(self) -> None:
         self.closing = True
         self.wake_all()
+
+    async def before_commit(self, session: AsyncSession, topics: Iterable[str]) -> None:
+        return None  # nothing leaves the process
 
     async def publish(self, topics: Iterable[str]) -> None:
         for topic in topics:

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.realtime.base import LocalFanout
 
@@ -21,22 +23,31 @@ def asyncpg_dsn(sqlalchemy_url: str) -> str:
 class PostgresNotifier(LocalFanout):
     """Many processes: NOTIFY reaches every replica's LISTEN connection.
 
-    Local waiters are also woken directly, so a decision made on this process does not
-    pay the round trip. If the LISTEN connection drops, every waiter is woken (each
-    re-reads its row, so nothing published during the outage is missed) and the
-    listener reconnects with backoff."""
+    NOTIFY is sent inside the request's own transaction (`before_commit`): PostgreSQL
+    delivers it at commit and drops it on rollback, and no request ever waits on a
+    connection of ours. The LISTEN connection is off the request path: if it drops or goes
+    silent (a NAT forgetting it), the health check notices within `health_interval` +
+    `HEALTH_TIMEOUT` seconds, every waiter is woken (each re-reads its row, so nothing
+    published meanwhile is missed) and the listener reconnects with backoff. Local waiters
+    are woken directly after commit, so a decision made on this process pays no round trip."""
 
-    # A NOTIFY can be lost if the publishing connection fails while the listener stays up
-    # (a reconnect of the listener already wakes everyone): a rare re-read covers that.
+    # The listener can miss NOTIFYs while it is silently cut off, until the health check
+    # replaces it (which wakes everyone); a rare re-read is the last line behind that.
     recheck_seconds: float | None = 45.0
+    HEALTH_TIMEOUT = 5.0
+    CONNECT_TIMEOUT = 10.0
 
-    def __init__(self, sqlalchemy_url: str, *, health_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        sqlalchemy_url: str,
+        *,
+        listen_url: str | None = None,
+        health_interval: float = 5.0,
+    ) -> None:
         super().__init__()
-        self._dsn = asyncpg_dsn(sqlalchemy_url)
+        self._dsn = asyncpg_dsn(listen_url or sqlalchemy_url)
         self._health_interval = health_interval
         self._listen: Any = None
-        self._publish_conn: Any = None
-        self._publish_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self.reconnects = 0
@@ -48,7 +59,7 @@ class PostgresNotifier(LocalFanout):
     async def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="pns-listen")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), 10)
+            await asyncio.wait_for(self._connected.wait(), self.CONNECT_TIMEOUT)
 
     async def close(self) -> None:
         self.closing = True
@@ -57,10 +68,10 @@ class PostgresNotifier(LocalFanout):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for conn in (self._listen, self._publish_conn):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close(timeout=2)
+        if self._listen is not None:
+            # terminate, not close: a silent peer would make a polite close wait.
+            with contextlib.suppress(Exception):
+                self._listen.terminate()
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.wake(payload)
@@ -70,9 +81,11 @@ class PostgresNotifier(LocalFanout):
         while not self.closing:
             lost = asyncio.Event()
             try:
-                self._listen = await asyncpg.connect(self._dsn, timeout=10)
+                self._listen = await asyncpg.connect(self._dsn, timeout=self.CONNECT_TIMEOUT)
                 self._listen.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await self._listen.add_listener(CHANNEL, self._on_notify)
+                await asyncio.wait_for(
+                    self._listen.add_listener(CHANNEL, self._on_notify), self.HEALTH_TIMEOUT
+                )
                 self._connected.set()
                 # Anything published while we were not listening: let every waiter re-check.
                 self.wake_all()
@@ -81,7 +94,9 @@ class PostgresNotifier(LocalFanout):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), self._health_interval)
                     if not lost.is_set():
-                        await asyncio.wait_for(self._listen.execute("SELECT 1"), 5)
+                        await asyncio.wait_for(
+                            self._listen.execute("SELECT 1"), self.HEALTH_TIMEOUT
+                        )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -96,24 +111,14 @@ class PostgresNotifier(LocalFanout):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    async def before_commit(self, session: AsyncSession, topics: Iterable[str]) -> None:
+        """NOTIFY every replica, in the committing transaction (delivered at commit)."""
+        await session.execute(
+            text("SELECT pg_notify(:channel, topic) FROM unnest(CAST(:topics AS text[])) topic"),
+            {"channel": CHANNEL, "topics": sorted(topics)},
+        )
+
     async def publish(self, topics: Iterable[str]) -> None:
-        topics = list(topics)
+        """After commit: wake this process's waiters (other replicas got the NOTIFY)."""
         for topic in topics:
             self.wake(topic)
-        async with self._publish_lock:
-            # A connection that died while idle fails on first use: retry once on a new one.
-            for attempt in (1, 2):
-                try:
-                    await self._notify(topics)
-                    return
-                except Exception as exc:
-                    self._publish_conn = None
-                    if attempt == 2:
-                        # Remote waiters still re-read within recheck_seconds.
-                        log.warning("NOTIFY failed (%s); remote waiters will re-check", exc)
-
-    async def _notify(self, topics: list[str]) -> None:
-        if self._publish_conn is None or self._publish_conn.is_closed():
-            self._publish_conn = await asyncpg.connect(self._dsn, timeout=10)
-        for topic in topics:
-            await self._publish_conn.execute("SELECT pg_notify($1, $2)", CHANNEL, topic)

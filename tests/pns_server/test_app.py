@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from pns_server.app import create_app
@@ -56,14 +57,26 @@ def test_every_contract_route_is_served() -> None:
     assert want - have == set()
 
 
-def test_client_and_device_routes_carry_the_per_token_limit_and_problem_docs() -> None:
+def dependency_names(dependant: Dependant) -> set[str]:
+    names = {getattr(dependant.call, "__name__", "")}
+    for sub in dependant.dependencies:
+        names |= dependency_names(sub)
+    return names
+
+
+# Each authenticates its caller and then counts it against the per-caller limit.
+COUNTING_AUTH = {"current_client", "current_client_detached", "current_device"}
+PER_IP = {"limit_registration_per_ip", "limit_pairing_per_ip"}
+
+
+def test_every_route_is_limited_and_carries_problem_docs() -> None:
     for route in create_app().routes:
         if not isinstance(route, APIRoute) or not route.path.startswith("/v1/"):
             continue
-        names = {d.dependency.__name__ for d in route.dependencies if d.dependency}
+        names = dependency_names(route.dependant)
         if route.path.startswith("/v1/admin"):
-            assert "admin_api_enabled" in names, route.path
+            assert {"admin_api_enabled", "limit_admin_per_ip"} <= names, route.path
         elif route.path != "/v1/ping":
-            assert "limit_per_caller" in names, route.path
+            assert names & (COUNTING_AUTH | PER_IP), route.path
         if route.path != "/v1/ping":
             assert {"4XX", 503} <= set(route.responses), route.path

@@ -129,16 +129,17 @@ class TestRotateKey:
         )
 
         assert await run_async(rotated, "rotate-key") == 0
-        assert "re-encrypted 2 device and 1 pairing" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "re-encrypted 2 device and 1 pairing" in out
+        assert "PNS_OLD_SECRET_KEYS can now be removed" in out
 
         new_only = SecretBox([NEW_KEY])
         async with app.state.runtime.db.session() as session:
-            sealed = list(await session.scalars(select(Device.totp_secret)))
-            sealed += [
-                s for s in await session.scalars(select(Pairing.totp_secret)) if s is not None
-            ]
-        assert len(sealed) == 3
-        plain = {new_only.decrypt(s) for s in sealed}
+            rows: list[Device | Pairing] = list(await session.scalars(select(Device)))
+            rows += [p for p in await session.scalars(select(Pairing)) if p.totp_secret]
+        assert len(rows) == 3
+        # Re-sealed for the same place: each still opens only in its own row.
+        plain = {new_only.open(r.totp_secret or "", r.secret_site) for r in rows}
         assert {app_device.totp_secret, totp_secret} <= plain
 
         # A relay that knows only the new key verifies codes from both devices.
@@ -154,6 +155,38 @@ class TestRotateKey:
         # Idempotent: a second run finds nothing left to do.
         assert await run_async(rotated, "rotate-key") == 0
         assert "re-encrypted 0 device and 0 pairing" in capsys.readouterr().out
+
+    async def test_recovery_codes_keep_their_key_and_are_counted(
+        self,
+        http: httpx.AsyncClient,
+        database_url: str,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        client = await register_client(http)
+        codes = (await http.post("/v1/recovery-codes", headers=client.headers)).json()["codes"]
+        rotated = make_settings(
+            database_url, tmp_path, secret_key=NEW_KEY, old_secret_keys=[SECRET_KEY]
+        )
+        assert await run_async(rotated, "rotate-key") == 0
+        out = capsys.readouterr().out
+        assert "10 unused recovery codes are keyed with an old key" in out
+        assert "can now be removed" not in out
+
+        async def verify(settings: Settings, code: str) -> int:
+            fresh = create_app(settings)
+            async with fresh.router.lifespan_context(fresh):
+                transport = httpx.ASGITransport(app=fresh)
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as h:
+                    response = await h.post(
+                        "/v1/recovery-codes/verify", json={"code": code}, headers=client.headers
+                    )
+            return response.status_code
+
+        # With the old key still configured the codes work; without it they are gone.
+        assert await verify(rotated, codes[0]) == 200
+        new_only = make_settings(database_url, tmp_path, secret_key=NEW_KEY)
+        assert await verify(new_only, codes[1]) == 401
 
     async def test_unknown_old_key_is_reported(
         self,

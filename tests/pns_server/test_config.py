@@ -67,3 +67,11 @@ def test_bad_min_version_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PNS_MIN_IOS_VERSION", "twelve")
     with pytest.raises(ValidationError, match="min_ios_version"):
         Settings()
+
+
+def test_a_lease_shorter_than_twice_the_push_timeout_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"PNS_PUSH_LEASE_SECONDS .* at least twice"):
+        Settings(data_dir=tmp_path, push_timeout_seconds=20, push_lease_seconds=39)
+    assert Settings(data_dir=tmp_path, push_timeout_seconds=20, push_lease_seconds=40)
+    defaults = Settings(data_dir=tmp_path)
+    assert defaults.push_lease_seconds >= 2 * defaults.push_timeout_seconds

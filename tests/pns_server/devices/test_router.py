@@ -126,7 +126,9 @@ class TestEnrol:
         assert row is not None
         assert row.token_hash == hash_token(created["device_token"])
         assert created["totp"]["secret"] not in row.totp_secret
-        assert runtime_of(app).box.decrypt(row.totp_secret) == created["totp"]["secret"]
+        assert (
+            runtime_of(app).box.open(row.totp_secret, row.secret_site) == created["totp"]["secret"]
+        )
         assert (row.push_environment, row.app_version) == ("production", "4.3.0")
         assert "device.paired" in await audit_events(app, created["device_id"])
 
@@ -174,7 +176,7 @@ class TestEnrol:
         device = await pair_app_device(http, client)
         row = await device_row(app, device.device_id)
         assert row is not None
-        server_secret = runtime_of(app).box.decrypt(row.totp_secret)
+        server_secret = runtime_of(app).box.open(row.totp_secret, row.secret_site)
         assert pyotp.TOTP(server_secret).now() == device.otp()
 
     async def test_used_token_is_404(

@@ -216,3 +216,20 @@ class TestFormat:
         assert len(one) == 64
         assert one == recovery_codes.hash_code("a" * 32, "abcd-efgh-jk")
         assert one != recovery_codes.hash_code("b" * 32, "abcd-efgh-jk")
+
+
+def test_the_migration_peppers_codes_as_the_relay_does() -> None:
+    """Revision 0003 keeps its own copy of the keyed input; it must not drift."""
+    from importlib import util
+
+    from pns_server.migrate import migrations_dir
+
+    spec = util.spec_from_file_location(
+        "rev0003", migrations_dir() / "versions" / "0003_bind_secrets.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.pepper_input("c" * 32, "ab" * 32) == recovery_codes.pepper_input(
+        "c" * 32, "ab" * 32
+    )

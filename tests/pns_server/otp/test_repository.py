@@ -62,7 +62,7 @@ async def test_recovery_code_used_once_across_sessions(
     async def use() -> bool:
         async with db.session() as session:
             return await OtpRepository(session).use_recovery_code(
-                client.client_id, code_hash, datetime.now(UTC)
+                client.client_id, [code_hash], datetime.now(UTC)
             )
 
     assert sorted(await asyncio.gather(use(), use(), use())) == [False, False, True]

@@ -135,7 +135,7 @@ class TestStartPairing:
             assert row is not None and row.totp_secret is not None
             # Encrypted at rest.
             assert secret not in row.totp_secret
-            assert runtime_of(app).box.decrypt(row.totp_secret) == secret
+            assert runtime_of(app).box.open(row.totp_secret, row.secret_site) == secret
 
     async def test_totp_label_defaults_to_client_name(
         self, http: httpx.AsyncClient, client: RegisteredClient
@@ -222,7 +222,7 @@ class TestConfirm:
             # The confirming code's step is spent, so it cannot log in afterwards.
             assert row.last_otp_step is not None
             assert abs(row.last_otp_step - int(now.timestamp()) // 30) <= 1
-            assert runtime_of(app).box.decrypt(row.totp_secret) == secret
+            assert runtime_of(app).box.open(row.totp_secret, row.secret_site) == secret
             pairing = await session.get(Pairing, started["pairing_id"])
             assert pairing is not None and pairing.totp_secret is None
 

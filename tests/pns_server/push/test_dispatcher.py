@@ -318,3 +318,58 @@ async def test_stop_lets_the_send_in_flight_finish(
     assert not dispatcher.running
     [delivery] = await deliveries(app, body["approval_id"])
     assert delivery.status == "sent"
+
+
+class HangingThirdSender:
+    """Delivers the first two pushes at once; the third hangs until the process dies."""
+
+    service = "apns"
+
+    def __init__(self) -> None:
+        self.sent: list[PushMessage] = []
+        self.hanging = asyncio.Event()
+
+    async def send(self, message: PushMessage) -> PushResult:
+        self.sent.append(message)
+        if len(self.sent) == 3:
+            self.hanging.set()
+            await asyncio.Event().wait()
+        return PushResult(Outcome.DELIVERED)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_each_outcome_is_recorded_as_it_completes_so_a_crash_resends_only_what_was_in_flight(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    for name in ("iPad", "Work iPhone"):
+        await pair_app_device(http, client, name=name)
+    sender = HangingThirdSender()
+    runtime_of(app).senders["apns"] = sender
+    body = await request_approval(http, client)
+
+    round_ = asyncio.create_task(manual.run_once())
+    await asyncio.wait_for(sender.hanging.wait(), 10)
+    async with asyncio.timeout(10):
+        while sorted(d.status for d in await deliveries(app, body["approval_id"])) != [
+            "sending",
+            "sent",
+            "sent",
+        ]:
+            await asyncio.sleep(0.02)
+    round_.cancel()  # the process dies with one push in flight
+    with pytest.raises(asyncio.CancelledError):
+        await round_
+
+    # Another relay, once the lease has run out, sends only the push that was in flight.
+    again = ScriptedSender(PushResult(Outcome.DELIVERED))
+    runtime_of(app).senders["apns"] = again
+    later = datetime.now(UTC) + timedelta(seconds=runtime_of(app).settings.push_lease_seconds + 1)
+    assert await Dispatcher(runtime_of(app)).run_once(now=later) == 1
+    assert [m.device_id for m in again.sent] == [sender.sent[2].device_id]
+    assert [d.status for d in await deliveries(app, body["approval_id"])] == ["sent"] * 3

@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from pns_server.config import async_database_url
+from pns_server.db import Database, create_engine, publish_after_commit
 from pns_server.realtime.postgres import PostgresNotifier
 
 pytestmark = pytest.mark.postgres_only
@@ -25,10 +26,26 @@ async def pair(database_url: str):
     await b.close()
 
 
-async def test_publish_on_one_replica_wakes_a_waiter_on_another(pair) -> None:
+def database_for(notifier: PostgresNotifier, database_url: str) -> Database:
+    """A replica's database: topics go out as NOTIFY inside its transactions."""
+    engine = create_engine(async_database_url(database_url), pool_size=1)
+    return Database(engine, notifier.publish, notifier.before_commit)
+
+
+async def commit_topics(notifier: PostgresNotifier, database_url: str, *topics: str) -> None:
+    db = database_for(notifier, database_url)
+    try:
+        async with db.session() as session:
+            for topic in topics:
+                publish_after_commit(session, topic)
+    finally:
+        await db.dispose()
+
+
+async def test_publish_on_one_replica_wakes_a_waiter_on_another(pair, database_url: str) -> None:
     a, b = pair
     async with b.subscribe("approval:1") as sub, b.subscribe("approval:2") as other:
-        await a.publish(["approval:1"])
+        await commit_topics(a, database_url, "approval:1")
         assert await sub.wait(5)
         assert not await other.wait(0.2)
 
@@ -55,28 +72,22 @@ async def test_a_dropped_listen_connection_wakes_waiters_and_reconnects(
         assert asyncio.get_running_loop().time() < deadline, "listener did not reconnect"
         await asyncio.sleep(0.05)
     async with b.subscribe("approval:3") as sub:
-        await a.publish(["approval:3"])
+        await commit_topics(a, database_url, "approval:3")
         assert await sub.wait(5)
 
 
-async def test_publish_reconnects_after_its_connection_was_killed(pair, database_url: str) -> None:
+async def test_notify_goes_out_with_the_commit_and_not_on_rollback(pair, database_url: str) -> None:
     a, b = pair
-    async with b.subscribe("warm-up") as sub:
-        await a.publish(["warm-up"])  # opens a's publishing connection
-        assert await sub.wait(5)
-    admin = await asyncpg.connect(database_url)
+    db = database_for(a, database_url)
     try:
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND query LIKE '%pg_notify%' "
-            "AND pid <> pg_backend_pid()"
-        )
+        async with b.subscribe("approval:7") as sub:
+            with pytest.raises(RuntimeError):
+                async with db.session() as session:
+                    publish_after_commit(session, "approval:7")
+                    raise RuntimeError("the request failed")
+            assert not await sub.wait(0.5)
+            async with db.session() as session:
+                publish_after_commit(session, "approval:7")
+            assert await sub.wait(5)
     finally:
-        await admin.close()
-    deadline = asyncio.get_running_loop().time() + 10
-    while not b.connected:  # the publisher's kill may have caught b's listener too
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.05)
-    async with b.subscribe("approval:9") as sub:
-        await a.publish(["approval:9"])
-        assert await sub.wait(5)
+        await db.dispose()
