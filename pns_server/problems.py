@@ -12,6 +12,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pns_server.errors import (
+    InternalError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -50,6 +51,15 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
     },
 }
+
+
+def internal_error() -> InternalError:
+    """A bug, not an outage: 500, so monitoring and clients do not mistake it for the 503
+    that means "the database is busy, retry"."""
+    return InternalError(
+        "The server hit an unexpected error; retry, and report it to the operator with the "
+        "X-Request-Id of this response if it persists."
+    )
 
 
 def problem_response(error: PnsError) -> JSONResponse:
@@ -131,7 +141,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # The last resort: the request observer answers these first, with the request id.
         log.exception("unhandled error: %s", type(exc).__name__)
-        return problem_response(
-            ServiceUnavailable("The server hit an unexpected error; retry shortly.")
-        )
+        return problem_response(internal_error())
