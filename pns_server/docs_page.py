@@ -115,3 +115,9 @@ def install_docs_page(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
     async def docs(request: Request) -> HTMLResponse:
         return HTMLResponse(render_docs(request.app.openapi()))
+
+
+def openapi_json(app: FastAPI) -> str:
+    """The OpenAPI document as committed in docs/openapi.json: stable key order (the
+    routes' own), two-space indent, a final newline, so a regenerated file diffs cleanly."""
+    return json.dumps(app.openapi(), indent=2, ensure_ascii=False) + "\n"
