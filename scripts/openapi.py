@@ -1,7 +1,7 @@
 """Write the relay's OpenAPI document to docs/openapi.json (`make openapi`).
 
-    python scripts/openapi.py            # regenerate
-    python scripts/openapi.py --check    # exit 1 if the committed file is stale
+python scripts/openapi.py            # regenerate
+python scripts/openapi.py --check    # exit 1 if the committed file is stale
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_every_request_and_response_field_is_in_the_reference(
     names = _field_names(schema)
     assert {"approval_id", "match_code", "Idempotency-Key", "wait"} <= names  # the check works
     missing = sorted(n for n in names if not re.search(rf"[`\"]{re.escape(n)}[`\"]", reference))
-    assert missing == [], "add these fields (as `name` or \"name\") to docs/api.md"
+    assert missing == [], 'add these fields (as `name` or "name") to docs/api.md'
 
 
 def _error_classes() -> list[type[errors.PnsError]]:
