@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format bench bench-full demo clean migrate
+.PHONY: run test lint format bench bench-full demo clean migrate openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python -m bench.run --full
+
+## Regenerate docs/openapi.json from the code (a test fails while it is stale).
+openapi: $(STAMP)
+	$(BIN)/python scripts/openapi.py
 
 ## Watch the whole flow: a relay, a simulated phone, approved / rejected / OTP logins.
 demo: $(STAMP)

@@ -132,6 +132,21 @@ def should_retry(
     return isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
 
 
+MAX_RETRY_AFTER = 5.0  # seconds: a longer wait is the caller's call, not a hidden stall
+
+
+def retry_after_unavailable(request: ApiRequest, response: httpx.Response) -> float | None:
+    """Seconds to wait before the one retry of a call the relay answered `503` with a
+    short `Retry-After` (its database was busy or briefly down); None = do not retry.
+    Only calls safe to repeat are retried: reads, and writes carrying an Idempotency-Key."""
+    if response.status_code != 503 or request.retry == "never":
+        return None
+    delay = _retry_after(response)
+    if delay is None or delay > MAX_RETRY_AFTER:
+        return None
+    return delay
+
+
 def backoff(attempt: int) -> float:
     """Seconds to sleep before retry number `attempt` (0-based): 0.2, 0.4, 0.8 ... capped."""
     return min(0.2 * 2.0**attempt, 2.0) * random.uniform(0.5, 1.0)

@@ -24,6 +24,7 @@
         ├── IdempotencyKeyReused       idempotency_key_reused
         ├── RateLimited                rate_limited (`retry_after`)
         ├── Unavailable                unavailable, or a 502/503/504 without a problem body
+        ├── ServerError                internal_error (a bug on the relay; report its request id)
         ├── RegistrationRefused
         │   ├── EditionUnsupported     edition_unsupported
         │   └── RegistrationKeyInvalid registration_key_invalid
@@ -102,6 +103,7 @@ __all__ = [
     "RegistrationRefused",
     "RelayCompromisedError",
     "RequestTimeout",
+    "ServerError",
     "SignatureInvalid",
     "StaleTimestamp",
     "TransportError",
@@ -279,6 +281,10 @@ class RateLimited(ApiError):
 
 class Unavailable(ApiError):
     codes = ("unavailable",)
+
+
+class ServerError(ApiError):
+    codes = ("internal_error",)
 
 
 class RegistrationRefused(ApiError):

@@ -18,6 +18,7 @@ from client_sdk._core import (
     Call,
     Reply,
     backoff,
+    retry_after_unavailable,
     should_retry,
     timeout_for,
     transport_error,
@@ -58,6 +59,7 @@ class SyncSender:
     def send(self, call: Call[T]) -> T:
         request = call.request
         attempt = 0
+        retried_unavailable = False
         while True:
             sent_at = time.time()
             try:
@@ -75,6 +77,12 @@ class SyncSender:
                     attempt += 1
                     continue
                 raise transport_error(exc) from exc
+            delay = None if retried_unavailable else retry_after_unavailable(request, response)
+            if delay is not None:
+                retried_unavailable = True
+                response.close()
+                time.sleep(delay)
+                continue
             return call.parse(Reply(response, sent_at, time.time()))
 
     def close(self) -> None:
@@ -102,6 +110,7 @@ class AsyncSender:
     async def send(self, call: Call[T]) -> T:
         request = call.request
         attempt = 0
+        retried_unavailable = False
         while True:
             sent_at = time.time()
             try:
@@ -119,6 +128,12 @@ class AsyncSender:
                     attempt += 1
                     continue
                 raise transport_error(exc) from exc
+            delay = None if retried_unavailable else retry_after_unavailable(request, response)
+            if delay is not None:
+                retried_unavailable = True
+                await response.aclose()
+                await asyncio.sleep(delay)
+                continue
             return call.parse(Reply(response, sent_at, time.time()))
 
     async def aclose(self) -> None:

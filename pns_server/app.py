@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from pns_server import __version__
 from pns_server.admin.router import router as admin_router
@@ -14,6 +15,7 @@ from pns_server.approvals.router import router as approvals_router
 from pns_server.clients.router import router as clients_router
 from pns_server.config import Settings
 from pns_server.devices.router import router as devices_router
+from pns_server.docs_page import install_docs_page
 from pns_server.health import router as health_router
 from pns_server.logging import RequestObserver
 from pns_server.metrics import Metrics
@@ -49,6 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Push approvals and one-time passwords for backup-client logins.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN: /docs is our own page instead,
+        # so it works on an air-gapped site (the schema stays at /openapi.json).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -56,8 +62,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RefuseControlCharacters)
-    # Added last = outermost: even a refused body gets a request id and an access line.
     app.add_middleware(RequestObserver, metrics=app.state.metrics)
+    # Added last = outermost: the access log, the metrics and the per-IP limits all see the
+    # caller's address, taken from X-Forwarded-For only when the peer is a trusted proxy.
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     for router in (
         health_router,
         clients_router,
@@ -71,4 +79,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # opaque entries, and operators' tools (and our contract test) read `app.routes`.
         # Each router carries its own dependencies and documented error responses.
         app.router.routes.extend(router.routes)
+    install_docs_page(app)
     return app

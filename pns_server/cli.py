@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -62,6 +63,8 @@ def serve(settings: Settings, _args: argparse.Namespace) -> int:
     from pns_server.shutdown import run_server
 
     print(describe_startup(settings), flush=True)
+    if (warning := settings.public_url_warning()) is not None:
+        logging.getLogger("pns").warning(warning)
     run_server(
         create_app(settings),
         host=settings.host,
@@ -69,7 +72,8 @@ def serve(settings: Settings, _args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         log_config=None,  # our root handler (JSON or text, redacted) takes uvicorn's lines
         access_log=False,
-        proxy_headers=True,
+        # create_app applies X-Forwarded-* itself, from PNS_FORWARDED_ALLOW_IPS only.
+        proxy_headers=False,
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     return 0

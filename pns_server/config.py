@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 DEFAULT_DATA_DIR = Path("var")
 MIN_ADMIN_TOKEN_LENGTH = 32
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 _VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,3}$")  # ASCII only: int() reads "١٢" too
 
 
@@ -24,6 +28,15 @@ def parse_version(value: str) -> tuple[int, ...]:
     while len(parts) > 1 and parts[-1] == 0:
         parts = parts[:-1]
     return parts
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def async_database_url(url: str) -> str:
@@ -50,8 +63,11 @@ class Settings(BaseSettings):
         description="PostgreSQL only: where the LISTEN connection for long-poll wake-ups "
         "goes; empty = PNS_DATABASE_URL. Set it when that URL is a transaction pooler",
     )
+    # Set apart from the URL so any password works unescaped (`@`, `/`, `%`, `:` included).
+    database_password: SecretStr | None = None
     data_dir: Path = DEFAULT_DATA_DIR
-    public_url: str = "http://127.0.0.1:8080"
+    # Unset = the address the relay listens on (see _default_public_url).
+    public_url: str = ""
     secret_key: SecretStr | None = None
     # Keys still accepted for decryption while `pns-server rotate-key` re-encrypts under the new.
     old_secret_keys: Annotated[list[SecretStr], NoDecode] = []
@@ -63,6 +79,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed: the TLS proxy only.
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = ["127.0.0.1", "::1"]
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"
     migrate_on_start: bool = True
@@ -140,6 +158,21 @@ class Settings(BaseSettings):
             return [e.strip().lower() for e in value.split(",") if e.strip()]
         return value
 
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _split_forwarded(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [a.strip() for a in value.split(",") if a.strip()]
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _check_forwarded(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item != "*":
+                ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+        return value
+
     @field_validator("old_secret_keys", mode="before")
     @classmethod
     def _split_old_keys(cls, value: object) -> object:
@@ -152,6 +185,21 @@ class Settings(BaseSettings):
     def _check_version(cls, value: str) -> str:
         parse_version(value)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_public_url(cls, data: object) -> object:
+        """No PNS_PUBLIC_URL: phones are sent to the host and port the relay listens on, so
+        PNS_PORT=18089 alone gives QR codes with :18089 (a wildcard host becomes loopback)."""
+        if not isinstance(data, dict) or data.get("public_url"):
+            return data
+        host = str(data.get("host") or cls.model_fields["host"].default)
+        port = data.get("port") or cls.model_fields["port"].default
+        if host in WILDCARD_HOSTS:
+            host = "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 literal
+        return {**data, "public_url": f"http://{host}:{port}"}
 
     @field_validator("public_url")
     @classmethod
@@ -171,6 +219,17 @@ class Settings(BaseSettings):
             raise ValueError("PNS_SECRET_KEY must be at least 16 characters")
         return self
 
+    def public_url_warning(self) -> str | None:
+        """Phones must reach the relay over TLS; plain http is only fine on this machine."""
+        parts = urlsplit(self.public_url)
+        if parts.scheme != "http" or is_loopback(parts.hostname or ""):
+            return None
+        return (
+            f"PNS_PUBLIC_URL is {self.public_url}: phones will send device tokens and "
+            "approvals over plain http; put the relay behind a TLS proxy and set an "
+            "https:// PNS_PUBLIC_URL"
+        )
+
     @property
     def is_embedded(self) -> bool:
         return not self.database_url
@@ -179,7 +238,12 @@ class Settings(BaseSettings):
     def sqlalchemy_url(self) -> str:
         if self.is_embedded:
             return f"sqlite+aiosqlite:///{(self.data_dir / 'pns.db').as_posix()}"
-        return async_database_url(self.database_url)
+        url = async_database_url(self.database_url)
+        if self.database_password is None:
+            return url
+        # SQLAlchemy's URL escapes the password; asyncpg and alembic unescape it.
+        with_password = make_url(url).set(password=self.database_password.get_secret_value())
+        return with_password.render_as_string(hide_password=False)
 
     @property
     def listen_sqlalchemy_url(self) -> str | None:

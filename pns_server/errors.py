@@ -214,6 +214,12 @@ class IdempotencyConflict(PnsError):
     title = "Idempotency key reused"
 
 
+class InternalError(PnsError):
+    status = 500
+    code = "internal_error"
+    title = "Internal server error"
+
+
 class ServiceUnavailable(PnsError):
     status = 503
     code = "unavailable"

@@ -21,8 +21,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pns_server.config import Settings
 from pns_server.metrics import Metrics
+from pns_server.problems import internal_error, log_unexpected, problem_response
 
 access_log = logging.getLogger("pns.access")
+error_log = logging.getLogger("pns_server.problems")
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "pns_request_id", default=None
 )
@@ -84,6 +86,8 @@ _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "taskName",
+    # uvicorn's copy of the message with ANSI colour escapes, for its own formatter only.
+    "color_message",
 }
 
 
@@ -196,10 +200,13 @@ class RequestObserver:
         started = time.perf_counter()
         status = 500
 
+        status_sent = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, status_sent
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                status_sent = True
                 headers = [
                     (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
                 ]
@@ -209,6 +216,15 @@ class RequestObserver:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if status_sent:
+                raise  # mid-body: nothing left to answer with
+            # Answered here rather than by the framework's last-resort handler, so the 500
+            # and its log line carry this request's id.
+            log_unexpected(error_log, exc)
+            status = 500
+            response = problem_response(internal_error())
+            await response(scope, receive, send_with_id)
         finally:
             self._observe(scope, status, time.perf_counter() - started, request_id)
             request_id_var.reset(token)

@@ -3,26 +3,56 @@
 from __future__ import annotations
 
 import logging
+import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from sqlalchemy import func, select
 
+from pns_server import __version__
 from pns_server.db import Database
 from pns_server.models import Delivery, Device
 
 log = logging.getLogger(__name__)
 OUTBOX_PENDING_STATUSES = ("queued", "sending")
+# Request durations include long-polls, which are held up to 60 s: buckets reach that far.
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60)
+# The `_created` timestamp series double every counter and histogram (and would name one
+# `pns_approvals_created_created`); rate() needs none of them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_* (CPU, memory, open files), python_info, python_gc_*: the usual collectors,
+        # on this app's registry rather than the process-global one.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        Info("pns_build", "The running relay", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
         self.http_requests = Counter(
             "pns_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=r
         )
         self.http_seconds = Histogram(
-            "pns_http_request_seconds", "HTTP request duration", ["method", "route"], registry=r
+            "pns_http_request_seconds",
+            "HTTP request duration (long-polls included)",
+            ["method", "route"],
+            registry=r,
+            buckets=HTTP_BUCKETS,
         )
         self.otp_verifications = Counter(
             "pns_otp_verifications_total", "OTP and recovery-code checks", ["result"], registry=r

@@ -12,6 +12,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pns_server.errors import (
+    InternalError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -22,6 +23,22 @@ from pns_server.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def log_unexpected(logger: logging.Logger, exc: Exception) -> None:
+    """One error line for a bug, without the values a statement was given."""
+    if isinstance(exc, sa_exc.StatementError):
+        # The statement (placeholders only) and the driver's error class, not its text:
+        # drivers quote the offending parameter value in their messages.
+        logger.error(
+            "database error %s in: %s",
+            type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
+            " ".join(str(exc.statement).split()),
+        )
+    else:
+        logger.exception("unhandled error: %s", type(exc).__name__)
+
+
 PROBLEM_JSON = "application/problem+json"
 # Pool exhausted, connection refused or dropped: the database, not the request, is at fault.
 DATABASE_UNAVAILABLE = (sa_exc.TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError)
@@ -50,6 +67,15 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
     },
 }
+
+
+def internal_error() -> InternalError:
+    """A bug, not an outage: 500, so monitoring and clients do not mistake it for the 503
+    that means "the database is busy, retry"."""
+    return InternalError(
+        "The server hit an unexpected error; retry, and report it to the operator with the "
+        "X-Request-Id of this response if it persists."
+    )
 
 
 def problem_response(error: PnsError) -> JSONResponse:
@@ -131,16 +157,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, sa_exc.StatementError):
-            # The statement (placeholders only) and the driver's error class, not its text:
-            # drivers quote the offending parameter value in their messages.
-            log.error(
-                "database error %s in: %s",
-                type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
-                " ".join(str(exc.statement).split()),
-            )
-        else:
-            log.exception("unhandled error: %s", type(exc).__name__)
-        return problem_response(
-            ServiceUnavailable("The server hit an unexpected error; retry shortly.")
-        )
+        # The last resort: the request observer answers these first, with the request id.
+        log_unexpected(log, exc)
+        return problem_response(internal_error())

@@ -148,8 +148,8 @@ def admin_limit(settings: Settings) -> Limit:
 
 
 def client_ip(request: Request) -> str:
-    # uvicorn's proxy_headers (FORWARDED_ALLOW_IPS) already replaced this with the real
-    # client address when the request came through a trusted proxy.
+    # The app's proxy-headers middleware already replaced this with the X-Forwarded-For
+    # address when, and only when, the peer is in PNS_FORWARDED_ALLOW_IPS.
     return request.client.host if request.client else "unknown"
 
 

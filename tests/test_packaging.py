@@ -172,7 +172,12 @@ def test_grafana_dashboard_uses_only_metrics_we_export() -> None:
     dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"\b(pns_[a-z_]+)", e)}
-    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "gauge": ("",),
+        "info": ("_info",),
+    }
     exported = {
         family.name + suffix
         for family in Metrics().registry.collect()
@@ -190,3 +195,23 @@ def test_grafana_dashboard_uses_only_metrics_we_export() -> None:
         "pns_devices",
     ):
         assert required in used
+
+
+def test_compose_passes_the_database_password_unescaped_and_trusts_only_its_gateway() -> None:
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    env = compose["services"]["relay"]["environment"]
+    # A password inside the URL would break on `@`, `/`, `:` or `%`: it travels on its own.
+    assert "POSTGRES_PASSWORD" not in env["PNS_DATABASE_URL"]
+    assert env["PNS_DATABASE_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    gateway = compose["networks"]["pns"]["ipam"]["config"][0]["gateway"]
+    assert env["PNS_FORWARDED_ALLOW_IPS"] == gateway
+    assert {"pns"} == set(compose["services"]["relay"]["networks"])
+
+
+def test_env_example_ships_no_working_password() -> None:
+    values = dict(
+        re.findall(r"^([A-Z][A-Z0-9_]+)=(.*)$", (ROOT / ".env.example").read_text(), re.M)
+    )
+    for name in ("POSTGRES_PASSWORD", "PNS_SECRET_KEY", "PNS_ADMIN_TOKEN"):
+        assert values.get(name, "") == "", f"{name} must be left for the operator to fill in"

@@ -14,11 +14,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from client_sdk._exceptions import ApiError, PnsError
+from client_sdk import __version__
+from client_sdk._exceptions import ApiError, PnsError, TransportError, Unavailable
 
+# Exit codes, the same for both commands (docs/sdk.md lists them):
 EXIT_OK = 0
-EXIT_FAILED = 1  # the operation ran and said no (rejected, wrong code, check failed)
-EXIT_USAGE = 2  # missing credentials, bad arguments
+EXIT_FAILED = 1  # the operation ran and said no (login refused, wrong code, check failed)
+EXIT_USAGE = 2  # missing credentials, bad arguments (argparse exits 2 as well)
+EXIT_UNREACHABLE = 3  # the relay could not be reached, or answered that it is unavailable
+UNAVAILABLE_STATUSES = (502, 503, 504)
 
 
 class CliError(Exception):
@@ -116,6 +120,20 @@ class Output:
             self.result({"error": {"message": message, "code": code, **extra}})
         else:
             print(f"error: {message}", file=self.stderr, flush=True)
+
+
+def exit_code_for(exc: PnsError) -> int:
+    """1 when the relay said no; 3 when there was no usable relay to ask, so a script can
+    tell "refused" from "try again later"."""
+    if isinstance(exc, TransportError | Unavailable):
+        return EXIT_UNREACHABLE
+    if isinstance(exc, ApiError) and exc.status in UNAVAILABLE_STATUSES:
+        return EXIT_UNREACHABLE
+    return EXIT_FAILED
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def explain(exc: PnsError) -> tuple[str, str | None]:

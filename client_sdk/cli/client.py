@@ -40,8 +40,10 @@ from client_sdk.cli._common import (
     SPINNER,
     CliError,
     Output,
+    add_version,
     common_options,
     config_dir,
+    exit_code_for,
     load_state,
     save_state,
 )
@@ -52,6 +54,7 @@ from client_sdk.qr import qr_text, save_png, save_svg
 __all__ = ["main"]
 
 SERVER_ENV = "PNS_SERVER"
+TOKEN_ENV = "PNS_CLIENT_TOKEN"  # wins over the state file: for containers and CI secrets
 
 FALLBACK_SENTENCES = {
     "rejected": "The request was rejected on the phone.",
@@ -88,15 +91,15 @@ class Context:
         return str(server).rstrip("/")
 
     def token(self) -> str | None:
-        token = self.state().get("client_token")
-        return str(token) if token else None
+        token = os.environ.get(TOKEN_ENV) or self.state().get("client_token")
+        return str(token).strip() if token else None
 
     def client(self) -> PnsClient:
         token = self.token()
         if token is None:
             raise CliError(
-                f"not registered yet ({self.config} has no credentials): run "
-                f"`pns-client register --name <this machine>` first"
+                f"not registered yet ({self.config} has no credentials and {TOKEN_ENV} is "
+                f"unset): run `pns-client register --name <this machine>` first"
             )
         return PnsClient(self.server(), token=token, key_store=KeyStore(self.keys_path))
 
@@ -439,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pns-client",
         description="The reference backup client for a PNS relay.",
         parents=[common],
+        epilog="Exit codes: 0 done; 1 refused (rejected, wrong code, a failed check); "
+        "2 usage error or missing credentials; 3 relay unreachable or unavailable. "
+        f"Environment: {SERVER_ENV}, {TOKEN_ENV}.",
     )
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
@@ -521,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except PnsError as exc:
         report_error(out, exc, getattr(args, "server", None))
-        return EXIT_FAILED
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         out.error("interrupted")
         return 130

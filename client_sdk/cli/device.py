@@ -28,8 +28,10 @@ from client_sdk.cli._common import (
     EXIT_OK,
     CliError,
     Output,
+    add_version,
     common_options,
     config_dir,
+    exit_code_for,
     load_state,
     save_state,
 )
@@ -211,8 +213,13 @@ def ask(out: Output, approval: DeviceApproval) -> Answer | None:
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = argparse.ArgumentParser(
-        prog="pns-device", description="A simulated phone for a PNS relay.", parents=[common]
+        prog="pns-device",
+        description="A simulated phone for a PNS relay.",
+        parents=[common],
+        epilog="Exit codes: 0 done; 1 refused or failed; 2 usage error or not paired; "
+        "3 relay unreachable or unavailable.",
     )
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
@@ -270,10 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except ApiError as exc:
         out.error(exc.detail or str(exc), code=exc.code, status=exc.status)
-        return EXIT_FAILED
+        return exit_code_for(exc)
     except PnsError as exc:
         out.error(str(exc), code=type(exc).__name__)
-        return EXIT_FAILED
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         return 130
 

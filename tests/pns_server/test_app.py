@@ -1,13 +1,22 @@
-"""The app serves every route of the HTTP contract (API.md), visible in `app.routes`."""
+"""The app serves every route of the HTTP contract (docs/api.md), visible in `app.routes`,
+and follows the operations conventions (proxy addresses, 500s, docs, metrics)."""
 
 from __future__ import annotations
 
+import platform
 import re
+import sys
+from urllib.parse import parse_qs, urlparse
 
+import httpx
+import pytest
+from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
+from pns_server import __version__
 from pns_server.app import create_app
+from tests.support.factories import register_client
 
 CONTRACT = """
 GET /healthz
@@ -80,3 +89,101 @@ def test_every_route_is_limited_and_carries_problem_docs() -> None:
             assert names & (COUNTING_AUTH | PER_IP), route.path
         if route.path != "/v1/ping":
             assert {"4XX", 503} <= set(route.responses), route.path
+
+
+# -- operations conventions ------------------------------------------------------------
+
+
+def _client_from(app: FastAPI, peer: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://pns.test")
+
+
+async def _register(http: httpx.AsyncClient, forwarded_for: str) -> int:
+    response = await http.post(
+        "/v1/clients",
+        json={"name": "FILESRV01", "edition": "pro"},
+        headers={"x-forwarded-for": forwarded_for},
+    )
+    return response.status_code
+
+
+@pytest.mark.parametrize("settings_overrides", [{"rate_register_per_hour": 2}])
+class TestForwardedAddresses:
+    """The per-IP registration limit, seen by callers behind a proxy."""
+
+    async def test_a_trusted_proxy_gives_each_caller_their_own_limit(self, app: FastAPI) -> None:
+        async with _client_from(app, "127.0.0.1") as http:
+            statuses = [await _register(http, f"203.0.113.{n}") for n in range(1, 5)]
+            assert statuses == [201, 201, 201, 201]
+            # ...and one caller is still held to the limit.
+            same = [await _register(http, "198.51.100.7, 127.0.0.1") for _ in range(3)]
+        assert same[:2] == [201, 201] and same[2] == 429
+
+    async def test_an_untrusted_peer_cannot_pick_its_address(self, app: FastAPI) -> None:
+        async with _client_from(app, "192.0.2.50") as http:
+            statuses = [await _register(http, f"203.0.113.{n}") for n in range(1, 4)]
+        # Every forged X-Forwarded-For counts against the peer's own address.
+        assert statuses == [201, 201, 429]
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{"rate_register_per_hour": 2, "forwarded_allow_ips": ["10.20.0.0/16"]}]
+)
+async def test_the_trusted_proxies_are_configurable(app: FastAPI) -> None:
+    async with _client_from(app, "10.20.3.4") as proxy:
+        assert [await _register(proxy, f"203.0.113.{n}") for n in range(1, 4)] == [201] * 3
+    async with _client_from(app, "127.0.0.1") as loopback:  # no longer trusted
+        statuses = [await _register(loopback, f"198.51.100.{n}") for n in range(1, 4)]
+    assert statuses == [201, 201, 429]
+
+
+async def test_an_unexpected_error_is_a_500_problem(app: FastAPI) -> None:
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/v1/broken-for-test", broken)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://pns.test") as http:
+        response = await http.get("/v1/broken-for-test")
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["code"] == "internal_error" and body["status"] == 500
+    assert "a bug" not in response.text  # no internals leak to the caller
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"public_url": "", "port": 18089}])
+async def test_qr_codes_carry_the_listening_port_by_default(http: httpx.AsyncClient) -> None:
+    client = await register_client(http)
+    started = await http.post("/v1/pairings", json={"kind": "app"}, headers=client.headers)
+    assert started.status_code == 201, started.text
+    server = parse_qs(urlparse(started.json()["qr_payload"]).query)["server"][0]
+    assert server == "http://127.0.0.1:18089"
+
+
+async def test_docs_page_needs_no_network(http: httpx.AsyncClient) -> None:
+    response = await http.get("/docs")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert "<script" not in page.lower()
+    external = [u for u in re.findall(r'(?:src|href)="([^"]+)"', page) if "//" in u]
+    assert external == []
+    for path in ("/v1/approvals/{approval_id}", "/v1/otp/verify", "/v1/admin/audit"):
+        assert path in page
+    assert (await http.get("/redoc")).status_code == 404  # it would load a CDN script
+
+
+async def test_metrics_carry_process_build_and_long_poll_buckets(http: httpx.AsyncClient) -> None:
+    await http.get("/v1/ping")
+    text = (await http.get("/metrics")).text
+    build = f'pns_build_info{{python="{platform.python_version()}",version="{__version__}"}} 1.0'
+    assert build in text
+    assert "python_info{" in text and "python_gc_objects_collected_total" in text
+    if sys.platform == "linux":
+        assert "process_resident_memory_bytes" in text and "process_cpu_seconds_total" in text
+    assert 'pns_http_request_seconds_bucket{le="60.0",method="GET",route="/v1/ping"}' in text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+    assert [n for n in names if n.endswith("_created")] == []

@@ -223,3 +223,24 @@ class TestCheckPush:
         device = await pair_app_device(http, client)
         assert await run_async(settings, "check-push", "--device", device.device_id) == 1
         assert "apns, which is not configured" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("public_url", "warned"), [("http://pns.example.com", True), ("https://pns.example.com", False)]
+)
+def test_serve_warns_about_a_plain_http_public_url(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    public_url: str,
+    warned: bool,
+) -> None:
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(
+        "pns_server.shutdown.run_server", lambda app, **config: served.update(config)
+    )
+    with caplog.at_level("WARNING", logger="pns"):
+        assert run(Settings(data_dir=tmp_path, public_url=public_url), "serve") == 0
+    assert served["proxy_headers"] is False  # the app applies PNS_FORWARDED_ALLOW_IPS itself
+    messages = [r.getMessage() for r in caplog.records if r.name == "pns"]
+    assert any("plain http" in m for m in messages) == warned

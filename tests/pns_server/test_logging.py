@@ -201,6 +201,8 @@ async def test_a_full_flow_leaves_no_secret_in_the_logs(database_url: str, tmp_p
             await http.get("/v1/admin/clients", headers=bearer(ADMIN_TOKEN))
             await http.get("/v1/client", headers=bearer("pnsc_made_up_token_never_valid"))
             secrets.append("pnsc_made_up_token_never_valid")
+            # Through the trusted (loopback) proxy: the log shows the caller's address.
+            await http.get("/v1/ping", headers={"x-forwarded-for": "198.51.100.23"})
     finally:
         server.stop()
     log = server.log()
@@ -209,3 +211,15 @@ async def test_a_full_flow_leaves_no_secret_in_the_logs(database_url: str, tmp_p
     assert {"method", "route", "status", "duration_ms", "request_id"} <= set(access[0])
     leaked = [s for s in secrets if _appears(s, log)]
     assert leaked == []
+    # uvicorn's own lines (start-up, shutdown) keep only the plain message.
+    assert "Started server process" in log
+    assert "color_message" not in log and "\x1b[" not in log and "\\u001b" not in log
+    pinged = [a for a in access if a["route"] == "/v1/ping"]
+    assert pinged[-1]["client_ip"] == "198.51.100.23"
+
+
+def test_json_lines_drop_uvicorns_coloured_copy() -> None:
+    record = logging.LogRecord("uvicorn.error", logging.INFO, "", 0, "Started", None, None)
+    record.color_message = "\x1b[32mStarted\x1b[0m"
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "Started" and "color_message" not in entry

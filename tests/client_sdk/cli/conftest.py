@@ -78,6 +78,7 @@ def cli(
     home = tmp_path / "config"
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
     monkeypatch.delenv("PNS_SERVER", raising=False)
+    monkeypatch.delenv("PNS_CLIENT_TOKEN", raising=False)
     yield Cli(relay, home, capsys)
 
 

@@ -14,6 +14,11 @@ import pytest
 import zxingcpp
 from PIL import Image
 
+import client_sdk
+from client_sdk import ApiError, OtpInvalid, RequestTimeout, Unavailable
+from client_sdk.cli import client as client_cli
+from client_sdk.cli import device as device_cli
+from client_sdk.cli._common import exit_code_for
 from tests.client_sdk.cli.conftest import Cli
 from tests.support.postgres import free_port
 
@@ -229,3 +234,65 @@ class TestDiagnose:
         assert code == 1
         creds = report["checks"][-1]
         assert creds["status"] == "fail" and "register" in creds["fix"]
+
+
+class TestScriptingHabits:
+    """What a script relies on: --version, exit codes, the token from the environment."""
+
+    @pytest.mark.parametrize(
+        ("main", "prog"), [(client_cli.main, "pns-client"), (device_cli.main, "pns-device")]
+    )
+    def test_version(self, main, prog: str, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as info:
+            main(["--version"])
+        assert info.value.code == 0
+        assert capsys.readouterr().out.strip() == f"{prog} {client_sdk.__version__}"
+
+    def test_usage_errors_exit_2(self, cli: Cli) -> None:
+        with pytest.raises(SystemExit) as info:
+            client_cli.main(["login", "--no-such-option"])
+        assert info.value.code == 2
+        code, report = cli.client("devices")  # no credentials anywhere
+        assert code == 2 and report["error"]["code"] == "usage"
+
+    def test_an_unreachable_relay_exits_3(self, cli: Cli) -> None:
+        closed = f"http://127.0.0.1:{free_port()}"
+        code, report = cli.client("--server", closed, "register", "--name", "X")
+        assert code == 3 and report["error"]["code"] == "ConnectError"
+        code, _ = cli.device("pair", f"pns://pair?server={closed}&token=pnsp_x")
+        assert code == 3
+
+    def test_a_refused_code_exits_1(self, registered: Cli) -> None:
+        # (A login rejected on the phone exits 1 too: TestLogin.test_rejected_says_so.)
+        code, _ = registered.client("otp", "000000")
+        assert code == 1
+
+    def test_the_token_can_come_from_the_environment(
+        self, registered: Cli, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        config = registered.config_home / "pns" / "client.json"
+        token = json.loads(config.read_text())["client_token"]
+        config.unlink()
+        monkeypatch.setenv("PNS_SERVER", registered.server.url)
+        monkeypatch.setenv("PNS_CLIENT_TOKEN", token)
+        code, listing = registered.client("devices")
+        assert code == 0 and listing["devices"] == []
+        # The environment wins over a state file, so a wrong one is refused, not ignored.
+        monkeypatch.setenv("PNS_CLIENT_TOKEN", "pnsc_not-a-real-token")
+        code, report = registered.client("devices")
+        assert code == 1 and report["error"]["code"] == "unauthenticated"
+
+
+@pytest.mark.parametrize(
+    ("error", "exit_code"),
+    [
+        (Unavailable(503, "unavailable", "busy", {}), 3),
+        (ApiError(502, "", "Bad Gateway", {}), 3),
+        (ApiError(504, "", "Gateway Timeout", {}), 3),
+        (RequestTimeout("timed out"), 3),
+        (OtpInvalid(401, "otp_invalid", "wrong", {}), 1),
+        (ApiError(500, "internal_error", "bug", {}), 1),
+    ],
+)
+def test_exit_code_for(error: Exception, exit_code: int) -> None:
+    assert exit_code_for(error) == exit_code  # type: ignore[arg-type]
