@@ -111,7 +111,7 @@ def build_fcm(settings: Settings, ca_file: Path | None) -> PushSender | None:
             raise PushConfigError("PNS_FCM_CREDENTIALS_FILE: required when PNS_FCM_URL is set")
         return None
     raw = _check_file("PNS_FCM_CREDENTIALS_FILE", path)
-    from pns_server.push.fcm import FcmSender  # firebase-admin is heavy: import only if used
+    from pns_server.push.fcm import FcmSender  # google-auth: imported only when FCM is used
 
     try:
         return FcmSender(
@@ -120,7 +120,7 @@ def build_fcm(settings: Settings, ca_file: Path | None) -> PushSender | None:
             fcm_url=settings.fcm_url,
             ca_file=ca_file,
         )
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         hint = "" if raw.strip().startswith(b"{") else " (expected a JSON file)"
         raise PushConfigError(
             f"PNS_FCM_CREDENTIALS_FILE: not a Firebase service-account key: {path}{hint} ({exc})"

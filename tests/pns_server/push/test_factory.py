@@ -146,3 +146,28 @@ class TestConfigured:
         finally:
             for sender in senders.values():
                 await sender.close()
+
+    async def test_a_refused_fcm_service_account_shows_in_readiness(
+        self, tmp_path: Path, fake_fcm: FakeFcm
+    ) -> None:
+        readiness = PushReadiness()
+        senders = build_senders(
+            settings(
+                tmp_path,
+                fcm_credentials_file=fake_fcm.write_credentials(tmp_path / "sa.json"),
+                fcm_url=fake_fcm.url,
+                push_ca_file=fake_fcm.write_ca(tmp_path / "ca.pem"),
+                push_timeout_seconds=5,
+            ),
+            readiness,
+        )
+        fake_fcm.state.reject_token_requests = True
+        try:
+            result = await senders["fcm"].send(push_message("fcm-" + "t" * 60, service="fcm"))
+        finally:
+            for sender in senders.values():
+                await sender.close()
+        assert result.reason is not None and "invalid_grant" in result.reason
+        state = readiness()["fcm"]
+        assert state["status"] == "config_error"
+        assert state["last_config_error"]["reason"].startswith("OAuth: ")
