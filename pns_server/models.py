@@ -99,6 +99,9 @@ class Device(Base):
     app_version: Mapped[str | None] = mapped_column(String(32))
     token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
     public_key: Mapped[bytes | None] = mapped_column(LargeBinary)  # DER SubjectPublicKeyInfo
+    # HMAC-SHA256 by the pairing's QR secret over the key, as the phone sent it: the relay
+    # cannot check it (it never sees the secret); the client that started the pairing does.
+    key_proof: Mapped[str | None] = mapped_column(String(64))
     push_service: Mapped[str | None] = mapped_column(String(10))  # apns | fcm | webpush
     push_token: Mapped[str | None] = mapped_column(Text)  # webpush: the endpoint URL
     # webpush: the subscription's keys (base64url); they encrypt payloads, never leave here.
@@ -171,6 +174,8 @@ class Approval(Base):
     message: Mapped[str | None] = mapped_column(String(500))
     number_matching: Mapped[bool] = mapped_column(Boolean, default=True)
     match_code: Mapped[str | None] = mapped_column(String(16))
+    # The client's random nonce; with it the phone signs pns-approval-v2 (nonce + context).
+    client_nonce: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

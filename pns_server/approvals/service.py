@@ -14,6 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.approvals.repository import ApprovalRepository
 from pns_server.approvals.schemas import (
+    SIGNATURE_V1,
+    SIGNATURE_V2,
     ApprovalContext,
     ApprovalCreate,
     ApprovalCreated,
@@ -45,7 +47,7 @@ from pns_server.models import Approval, Client, Delivery, Device
 from pns_server.security import constant_time_equals, new_id, verify_signature
 
 OUTBOX_TOPIC = "outbox"
-SIGNATURE_CONTEXT = "pns-approval-v1"
+SIGNATURE_CONTEXT = SIGNATURE_V1
 MAX_CLOCK_SKEW = timedelta(seconds=120)
 
 
@@ -63,7 +65,48 @@ def now_utc() -> datetime:
 
 
 def signed_message(approval_id: str, decision: str, match_code: str | None, timestamp: str) -> str:
-    return f"{SIGNATURE_CONTEXT}|{approval_id}|{decision}|{match_code or ''}|{timestamp}"
+    return f"{SIGNATURE_V1}|{approval_id}|{decision}|{match_code or ''}|{timestamp}"
+
+
+def context_sha256(
+    username: str | None,
+    hostname: str | None,
+    ip: str | None,
+    action: str | None,
+    message: str | None,
+) -> str:
+    """Lowercase hex SHA-256 of the login context as canonical JSON (sorted keys, no spaces,
+    no ASCII escaping, null for absent): what a v2 signature binds the answer to."""
+    canonical = json.dumps(
+        {
+            "action": action,
+            "hostname": hostname,
+            "ip": ip,
+            "message": message,
+            "username": username,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def signed_message_v2(
+    approval: Approval, decision: str, match_code: str | None, timestamp: str
+) -> str:
+    assert approval.client_nonce is not None
+    context = context_sha256(
+        approval.username, approval.hostname, approval.ip, approval.action, approval.message
+    )
+    return (
+        f"{SIGNATURE_V2}|{approval.id}|{decision}|{match_code or ''}|{timestamp}|"
+        f"{approval.client_nonce}|{context}"
+    )
+
+
+def signature_version(approval: Approval) -> str:
+    return SIGNATURE_V2 if approval.client_nonce is not None else SIGNATURE_V1
 
 
 def new_match_code(digits: int) -> str:
@@ -202,6 +245,7 @@ async def create(
         ip=data.ip,
         action=data.action,
         message=data.message,
+        client_nonce=data.client_nonce,
         number_matching=data.number_matching,
         match_code=new_match_code(settings.match_code_digits) if data.number_matching else None,
         created_at=now,
@@ -337,6 +381,7 @@ async def describe(session: AsyncSession, approval: Approval) -> ApprovalState:
             timestamp=approval.response_timestamp or "",
             signature=approval.response_signature or "",
             public_key=approval.response_public_key or "",
+            version=signature_version(approval),
         )
     return ApprovalState(
         approval_id=approval.id,
@@ -398,6 +443,7 @@ def for_device(approval: Approval, client_name: str) -> DeviceApproval:
             message=approval.message,
         ),
         number_matching=approval.number_matching,
+        client_nonce=approval.client_nonce,
     )
 
 
@@ -440,14 +486,24 @@ def check_answer_shape(answer: DeviceDecision) -> None:
         )
 
 
-def check_signature(device: Device, approval_id: str, answer: DeviceDecision) -> None:
-    message = signed_message(approval_id, answer.decision, answer.match_code, answer.timestamp)
+def check_signature(device: Device, approval: Approval, answer: DeviceDecision) -> None:
+    """v2 (nonce and context) for approvals whose client sent a nonce, v1 otherwise: a v1
+    signature never answers an approval that asked for v2."""
+    if approval.client_nonce is not None:
+        message = signed_message_v2(approval, answer.decision, answer.match_code, answer.timestamp)
+        shape = (
+            "'pns-approval-v2|<approval_id>|<decision>|<match_code or empty>|<timestamp>|"
+            "<client_nonce>|<context_sha256>'"
+        )
+    else:
+        message = signed_message(approval.id, answer.decision, answer.match_code, answer.timestamp)
+        shape = "'pns-approval-v1|<approval_id>|<decision>|<match_code or empty>|<timestamp>'"
     if device.public_key is None or not verify_signature(
-        device.public_key, message.encode(), answer.signature
+        device.public_key, message.encode("utf-8"), answer.signature
     ):
         raise SignatureInvalid(
-            "The signature does not verify with this device's registered key; sign "
-            "'pns-approval-v1|<approval_id>|<decision>|<match_code or empty>|<timestamp>'."
+            f"The signature does not verify with this device's registered key; sign {shape}.",
+            version=signature_version(approval),
         )
 
 
@@ -486,7 +542,7 @@ async def respond(
         raise NotFound("No such approval for this device's client.")
     check_answer_shape(answer)
     timestamp = parse_device_time(answer.timestamp)
-    check_signature(device, approval.id, answer)
+    check_signature(device, approval, answer)
     now = now_utc()
     check_fresh(timestamp, now)
     status, reason = outcome_of(approval, answer)

@@ -58,6 +58,7 @@ def device_out(device: Device) -> DeviceOut:
             "push": device.push_service,
             "push_status": device.push_status,
             "public_key": public_key,
+            "key_proof": device.key_proof,
             "created_at": device.created_at,
             "last_used_at": device.last_used_at,
         }
@@ -158,6 +159,7 @@ async def enrol_app_device(
         app_version=data.app_version,
         token_hash=hash_token(token),
         public_key=parse_public_key(data.public_key),
+        key_proof=data.key_proof,
         totp_secret=box.encrypt(totp.secret),
         totp_algorithm=totp.algorithm,
         totp_digits=totp.digits,
@@ -183,6 +185,7 @@ async def enrol_app_device(
         os_version=device.os_version,
         push=device.push_service,
         pairing_id=pairing.id,
+        key_proof=data.key_proof is not None,
     )
     return DeviceCreated(
         device_id=device.id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -88,3 +90,44 @@ async def settle_deliveries(
     while state["status"] == "pending" and state["delivery"]["queued"]:
         state = (await http.get(url, params={"wait": 1}, headers=client.headers)).json()
     return state
+
+
+def context_sha256(context: dict[str, Any]) -> str:
+    """Written out here rather than imported, so a change in the relay's canonical form shows."""
+    fields = {
+        name: context.get(name) for name in ("action", "hostname", "ip", "message", "username")
+    }
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def signed_answer_v2(
+    device: PairedDevice,
+    approval: dict[str, Any],
+    decision: str = "approve",
+    match_code: str | None = None,
+    *,
+    timestamp: str | None = None,
+    context: dict[str, Any] | None = None,
+    nonce: str | None = None,
+) -> dict[str, Any]:
+    """`approval` is the device's view (GET /v1/device/approvals/{id})."""
+    timestamp = timestamp or rfc3339()
+    message = "|".join(
+        (
+            "pns-approval-v2",
+            approval["approval_id"],
+            decision,
+            match_code or "",
+            timestamp,
+            nonce or approval["client_nonce"],
+            context_sha256(context or approval["context"]),
+        )
+    )
+    return {
+        "decision": decision,
+        "match_code": match_code,
+        "fraud": False,
+        "timestamp": timestamp,
+        "signature": device.sign(message),
+    }

@@ -47,6 +47,7 @@ class TestPendingList:
                 "message": "Nightly restore",
             },
             "number_matching": True,
+            "client_nonce": None,
         }
         assert body["match_code"] not in response.text.replace(body["approval_id"], "")
 

@@ -430,6 +430,7 @@ class TestListDevices:
             "push",
             "push_status",
             "public_key",
+            "key_proof",
             "created_at",
             "last_used_at",
         }
