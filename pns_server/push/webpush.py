@@ -60,9 +60,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _host_matches(pattern: str, host: str, port: int | None) -> bool:
+def _host_matches(pattern: str, host: str, port: int) -> bool:
+    """`host` or `*.domain` alone allows the https port only; `host:port` that port."""
     name, _, wanted_port = pattern.partition(":")
-    if wanted_port and str(port) != wanted_port:
+    if int(wanted_port or 443) != port:
         return False
     if name.startswith("*."):
         return host.endswith(name[1:]) and len(host) > len(name) - 1
@@ -73,7 +74,7 @@ def endpoint_problem(endpoint: str, allowed_hosts: Sequence[str]) -> str | None:
     """Why the relay must not POST to this endpoint, or None when it may."""
     try:
         parts = urlsplit(endpoint)
-        port = parts.port
+        explicit_port = parts.port
     except ValueError:
         return "the endpoint is not a valid URL"
     host = (parts.hostname or "").lower()
@@ -81,11 +82,9 @@ def endpoint_problem(endpoint: str, allowed_hosts: Sequence[str]) -> str | None:
         return "the endpoint must be an https:// URL"
     if parts.username is not None or parts.password is not None:
         return "the endpoint must not carry user information"
-    explicit_port = port is not None
-    if not any(_host_matches(p, host, port if explicit_port else None) for p in allowed_hosts):
-        if explicit_port and any(_host_matches(p, host, None) for p in allowed_hosts):
-            return f"port {port} of {host} is not an allowed push service port"
-        return f"{host} is not a known Web Push service (PNS_WEBPUSH_ENDPOINT_HOSTS)"
+    port = explicit_port or (443 if parts.scheme == "https" else 80)
+    if not any(_host_matches(p, host, port) for p in allowed_hosts):
+        return f"{host}:{port} is not a known Web Push service (PNS_WEBPUSH_ENDPOINT_HOSTS)"
     if parts.scheme == "http" and not _is_loopback(host):
         return "the endpoint must be an https:// URL (plain http only for a loopback test host)"
     return None
