@@ -30,6 +30,8 @@ from client_sdk._core import (
 )
 from client_sdk._exceptions import (
     AlreadyDecided,
+    KeyProofError,
+    NotFound,
     OtpInvalid,
     OtpReplayed,
     PnsError,
@@ -189,6 +191,8 @@ class PnsClient(SyncLifecycle, _Base):
 
     def start_pairing(self, kind: str = "app", label: str | None = None) -> Pairing:
         """Start pairing a device (`kind` "app" or "totp"); show `qr_payload` as a QR code.
+        For "app", `qr_payload` ends with `#k=<secret>`: a secret drawn here and kept in the
+        `KeyStore` until the pairing completes; show it only on this machine's screen.
 
         Example::
 
@@ -209,8 +213,10 @@ class PnsClient(SyncLifecycle, _Base):
 
     def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
         """Long-poll until the pairing is completed or expired, or `timeout` seconds have
-        passed (then the latest, still pending, state is returned). The new device's key
-        is pinned.
+        passed (then the latest, still pending, state is returned). A completed app
+        pairing's key is pinned when its key proof verifies with this pairing's QR secret
+        (kept in the `KeyStore`); otherwise `KeyProofInvalid` (the relay substituted the
+        key), `KeyProofMissing` (an app without key proofs) or `PairingSecretUnknown`.
 
         Example::
 
@@ -222,6 +228,29 @@ class PnsClient(SyncLifecycle, _Base):
             if not pairing.is_pending or _next_wait(deadline, 1) == 0:
                 return pairing
 
+    def finish_pairings(self) -> list[Pairing]:
+        """Check every app pairing started with this `KeyStore` that is still open (e.g. one
+        started in another run with `pns-client pair --no-wait`): completed ones get their
+        device key pinned once the key proof verifies, expired ones are dropped. A
+        `KeyProofError` is raised for the first pairing that cannot be pinned (it is not
+        retried).
+
+        Example::
+
+            for pairing in client.finish_pairings():
+                print(pairing.pairing_id, pairing.status, pairing.pinned)
+        """
+        done: list[Pairing] = []
+        for pairing_id in self.key_store.pending_pairings():
+            try:
+                done.append(self.get_pairing(pairing_id))
+            except NotFound:
+                self.key_store.forget_pairing(pairing_id)
+            except KeyProofError:
+                self.key_store.forget_pairing(pairing_id)
+                raise
+        return done
+
     def confirm_totp_pairing(self, pairing_id: str, code: str) -> Device:
         """Activate a TOTP pairing with the first code the app shows.
 
@@ -232,8 +261,8 @@ class PnsClient(SyncLifecycle, _Base):
         return self._send(self._core.confirm_totp_pairing(pairing_id, code))
 
     def list_devices(self) -> list[Device]:
-        """Every device of this installation; pins the keys of devices seen for the first
-        time.
+        """Every device of this installation, as the relay reports them (never pinned:
+        only a pairing this client started pins a key).
 
         Example::
 
@@ -323,9 +352,10 @@ class PnsClient(SyncLifecycle, _Base):
     def get_approval(
         self, approval_id: str, wait: float = 0, *, match_code: str | None = None
     ) -> Approval:
-        """An approval's state; with `wait` (0..60 s) a long-poll. A decided approval's
-        signature is verified against the pinned device key (`ApprovalSignatureError`
-        if it does not verify); `match_code` defaults to the one this client was given.
+        """An approval's state; with `wait` (0..60 s) a long-poll. An `approved` answer is
+        believed only if this client requested the approval and the device key it pinned
+        at pairing signed this login's nonce and context, in time, with the match code shown
+        (`match_code`, if given, must match too); otherwise `ApprovalSignatureError`.
 
         Example::
 
@@ -333,15 +363,7 @@ class PnsClient(SyncLifecycle, _Base):
                 grant_access()
         """
         approval = self._send(self._core.get_approval(approval_id, wait))
-        return self._verified(approval, match_code)
-
-    def _verified(self, approval: Approval, match_code: str | None) -> Approval:
-        checked = self._core.check_signature(approval, match_code=match_code)
-        if checked is None:
-            self.list_devices()
-            checked = self._core.check_signature(approval, match_code=match_code, refreshed=True)
-        assert checked is not None
-        return checked
+        return self._core.check_approval(approval, approval_id, match_code=match_code)
 
     def wait_for_approval(
         self,
@@ -447,7 +469,8 @@ class PnsClient(SyncLifecycle, _Base):
             if show_match_code is not None:
                 show_match_code(requested)
             approval, reason = self._push_phase(requested, on_progress, use_code)
-            if approval.approved:
+            # get_approval raised already for an "approved" that does not verify.
+            if approval.approved and approval.verified:
                 return LoginResult(True, "push", approval, approval.device_id)
         return self._code_phase(ask_code, reason, approval, max_code_attempts)
 
@@ -624,7 +647,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._send(self._core.get_pairing(pairing_id, wait))
 
     async def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
-        """Long-poll until completed or expired (or `timeout`); pins the new device's key.
+        """Long-poll until completed or expired (or `timeout`); pins the new device's key
+        when its key proof verifies (see `PnsClient.wait_for_pairing`).
 
         Example::
 
@@ -637,6 +661,25 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
             if not pairing.is_pending or _next_wait(deadline, 1) == 0:
                 return pairing
 
+    async def finish_pairings(self) -> list[Pairing]:
+        """Pin the keys of pairings started with this `KeyStore` that completed meanwhile;
+        see `PnsClient.finish_pairings`.
+
+        Example::
+
+            pairings = await client.finish_pairings()
+        """
+        done: list[Pairing] = []
+        for pairing_id in self.key_store.pending_pairings():
+            try:
+                done.append(await self.get_pairing(pairing_id))
+            except NotFound:
+                self.key_store.forget_pairing(pairing_id)
+            except KeyProofError:
+                self.key_store.forget_pairing(pairing_id)
+                raise
+        return done
+
     async def confirm_totp_pairing(self, pairing_id: str, code: str) -> Device:
         """Activate a TOTP pairing with the first code the app shows.
 
@@ -647,7 +690,7 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._send(self._core.confirm_totp_pairing(pairing_id, code))
 
     async def list_devices(self) -> list[Device]:
-        """Every device of this installation; pins the keys of new devices.
+        """Every device of this installation, as the relay reports them (never pinned).
 
         Example::
 
@@ -734,15 +777,7 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
             approval = await client.get_approval(req.approval_id, wait=20)
         """
         approval = await self._send(self._core.get_approval(approval_id, wait))
-        return await self._verified(approval, match_code)
-
-    async def _verified(self, approval: Approval, match_code: str | None) -> Approval:
-        checked = self._core.check_signature(approval, match_code=match_code)
-        if checked is None:
-            await self.list_devices()
-            checked = self._core.check_signature(approval, match_code=match_code, refreshed=True)
-        assert checked is not None
-        return checked
+        return self._core.check_approval(approval, approval_id, match_code=match_code)
 
     async def wait_for_approval(
         self,
@@ -831,7 +866,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
             if show_match_code is not None:
                 await _maybe_await(show_match_code(requested))
             approval, reason = await self._push_phase(requested, on_progress, use_code)
-            if approval.approved:
+            # get_approval raised already for an "approved" that does not verify.
+            if approval.approved and approval.verified:
                 return LoginResult(True, "push", approval, approval.device_id)
         return await self._code_phase(ask_code, reason, approval, max_code_attempts)
 

@@ -7,8 +7,11 @@ the two twins cannot drift apart and everything here is testable without a serve
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
+import secrets
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -22,12 +25,25 @@ import httpx
 from client_sdk._exceptions import (
     ApprovalSignatureError,
     ConnectError,
+    KeyProofError,
+    KeyProofInvalid,
+    KeyProofMissing,
+    PairingSecretUnknown,
     RequestTimeout,
     TransportError,
     UnexpectedResponse,
     error_class_for,
 )
-from client_sdk._keys import KeyStore, same_public_key, verify_approval_signature
+from client_sdk._keys import (
+    PAIRING_SECRET_BYTES,
+    KeyStore,
+    b64url,
+    b64url_decode,
+    context_sha256,
+    same_public_key,
+    verify_approval_signature,
+    verify_key_proof,
+)
 from client_sdk._models import (
     Approval,
     ApprovalRequested,
@@ -56,7 +72,12 @@ MAX_WAIT = 60
 DEFAULT_LONG_POLL = 25
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 DEFAULT_RETRIES = 2
-_REMEMBERED_MATCH_CODES = 64
+_REMEMBERED_APPROVALS = 64
+CLIENT_NONCE_BYTES = 32
+# How far a phone's signed timestamp may sit outside the login's own window (clock skew).
+SIGNED_TIME_SLACK = 120.0
+
+logger = logging.getLogger("client_sdk")
 
 
 # --- requests and replies -------------------------------------------------------------
@@ -264,6 +285,7 @@ def parse_device(data: Mapping[str, Any]) -> Device:
         public_key=_opt_str(data, "public_key"),
         created_at=_time(data, "created_at"),
         last_used_at=_opt_time(data, "last_used_at"),
+        key_proof=_opt_str(data, "key_proof"),
     )
 
 
@@ -297,6 +319,7 @@ def parse_approval(data: Mapping[str, Any]) -> Approval:
             timestamp=_str(response, "timestamp"),
             signature=_str(response, "signature"),
             public_key=_opt_str(response, "public_key"),
+            version=_opt_str(response, "version"),
         )
         if response is not None
         else None,
@@ -320,6 +343,7 @@ def parse_device_approval(data: Mapping[str, Any]) -> DeviceApproval:
         client_name=_opt_str(data, "client_name"),
         context=_obj(data, "context") or {},
         number_matching=_bool(data, "number_matching", True),
+        client_nonce=_opt_str(data, "client_nonce"),
     )
 
 
@@ -373,13 +397,40 @@ def ping_call() -> Call[Ping]:
     return Call(ApiRequest("GET", "/v1/ping", retry="connect"), parse)
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What this client knows about an approval it created: the phone's signed answer must
+    match all of it. Times are this machine's epoch seconds."""
+
+    approval_id: str
+    client_nonce: str
+    context_hash: str
+    match_code: str | None
+    not_before: float
+    not_after: float
+
+
+def login_context(
+    username: str, hostname: str | None, ip: str | None, action: str, message: str | None
+) -> dict[str, str | None]:
+    return {
+        "username": username,
+        "hostname": hostname,
+        "ip": ip,
+        "action": action,
+        "message": message,
+    }
+
+
 class ClientCore:
-    """Builds the backup client's calls; pins device keys and checks approval signatures."""
+    """Builds the backup client's calls; pins device keys through key proofs at pairings it
+    started, and checks approvals against what it asked for."""
 
     def __init__(self, token: str | None, key_store: KeyStore | None = None) -> None:
         self.token = token
         self.key_store = key_store if key_store is not None else KeyStore()
-        self._match_codes: OrderedDict[str, str | None] = OrderedDict()
+        self._expected: OrderedDict[str, Expected] = OrderedDict()
+        self._lock = threading.Lock()
 
     def headers(self) -> dict[str, str]:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
@@ -405,26 +456,41 @@ class ClientCore:
 
         return Call(ApiRequest("GET", "/v1/client", retry="connect"), parse)
 
-    def _pin(self, device: Device | None) -> None:
-        if device is not None and device.public_key:
-            self.key_store.pin(device.device_id, device.public_key)
-
     def start_pairing(self, kind: str, label: str | None) -> Call[Pairing]:
         if kind not in ("app", "totp"):
             raise ValueError('kind must be "app" or "totp"')
         body: dict[str, Any] = {"kind": kind}
         if label is not None:
             body["label"] = label
-        return Call(
-            ApiRequest("POST", "/v1/pairings", json=body),
-            lambda reply: parse_pairing(json_body(reply, 201)),
-        )
+
+        def parse(reply: Reply) -> Pairing:
+            pairing = parse_pairing(json_body(reply, 201))
+            if kind != "app":
+                return pairing
+            payload = pairing.qr_payload
+            if not payload or "#" in payload:
+                raise UnexpectedResponse(
+                    "the server's pairing code is missing or already carries a fragment",
+                    status=reply.response.status_code,
+                )
+            # The secret lives in the QR code's fragment: shown on this machine's screen,
+            # read by the phone's camera, never sent to the relay.
+            secret = secrets.token_bytes(PAIRING_SECRET_BYTES)
+            self.key_store.remember_pairing(pairing.pairing_id, secret, pairing.expires_at)
+            return replace(pairing, qr_payload=f"{payload}#k={b64url(secret)}")
+
+        return Call(ApiRequest("POST", "/v1/pairings", json=body), parse)
 
     def get_pairing(self, pairing_id: str, wait: float) -> Call[Pairing]:
         def parse(reply: Reply) -> Pairing:
             pairing = parse_pairing(json_body(reply))
-            self._pin(pairing.device)
-            return pairing
+            if pairing.pairing_id != pairing_id:
+                raise UnexpectedResponse(
+                    f"asked for pairing {pairing_id!r}, the server answered about "
+                    f"{pairing.pairing_id!r}",
+                    status=reply.response.status_code,
+                )
+            return self.complete_pairing(pairing)
 
         request = ApiRequest(
             "GET",
@@ -434,6 +500,71 @@ class ClientCore:
             retry="connect",
         )
         return Call(request, parse)
+
+    def complete_pairing(self, pairing: Pairing) -> Pairing:
+        """Pin a completed app pairing's device key if, and only if, its key proof verifies
+        with the QR secret this client drew for that pairing."""
+        if pairing.status == "expired":
+            self.key_store.forget_pairing(pairing.pairing_id)
+            return pairing
+        device = pairing.device
+        if pairing.status != "completed" or device is None or device.kind != "app":
+            return pairing
+        pinned = self.key_store.get(device.device_id)
+        if pinned is not None and device.public_key and same_public_key(pinned, device.public_key):
+            self.key_store.forget_pairing(pairing.pairing_id)
+            return replace(pairing, pinned=True)
+        secret = self.key_store.pairing_secret(pairing.pairing_id)
+        problem = self._key_problem(pairing, secret, pinned)
+        if problem is not None:
+            self.key_store.forget_pairing(pairing.pairing_id)  # completed: it cannot recover
+            if isinstance(problem, KeyProofInvalid):
+                logger.error("pns: the relay may be compromised: %s", problem)
+            else:
+                logger.warning("pns: device key not pinned: %s", problem)
+            raise problem
+        assert device.public_key is not None
+        self.key_store.pin(device.device_id, device.public_key)
+        self.key_store.forget_pairing(pairing.pairing_id)
+        return replace(pairing, pinned=True)
+
+    def _key_problem(
+        self, pairing: Pairing, secret: bytes | None, pinned: str | None
+    ) -> KeyProofError | None:
+        device = pairing.device
+        assert device is not None
+        ids = {"pairing_id": pairing.pairing_id, "device_id": device.device_id}
+        if pinned is not None:
+            return KeyProofInvalid(
+                f"the relay reports another key for device {device.device_id} than the one "
+                "pinned at its pairing",
+                **ids,
+            )
+        if secret is None:
+            return PairingSecretUnknown(
+                f"pairing {pairing.pairing_id} completed, but this client holds no QR secret "
+                "for it (it was started elsewhere, or the KeyStore lost it): start a new "
+                "pairing from this client",
+                **ids,
+            )
+        if not device.public_key:
+            return KeyProofInvalid(
+                f"app device {device.device_id} comes without a public key", **ids
+            )
+        if not device.key_proof:
+            return KeyProofMissing(
+                f"device {device.device_id} ({device.name!r}) sent no key proof: its app "
+                "predates key proofs, so its key cannot be trusted; update the app, remove "
+                "the device and pair again",
+                **ids,
+            )
+        if not verify_key_proof(secret, device.public_key, device.key_proof):
+            return KeyProofInvalid(
+                f"the key reported for device {device.device_id} does not match the proof "
+                "made with this pairing's QR secret: it was substituted on the way",
+                **ids,
+            )
+        return None
 
     def confirm_totp_pairing(self, pairing_id: str, code: str) -> Call[Device]:
         def parse(reply: Reply) -> Device:
@@ -448,14 +579,12 @@ class ClientCore:
         )
 
     def list_devices(self) -> Call[list[Device]]:
+        # Never pins: a device the relay lists is only the relay's word.
         def parse(reply: Reply) -> list[Device]:
             items = json_body(reply).get("devices")
             if not isinstance(items, list):
                 raise _bad("devices")
-            devices = [parse_device(item) for item in items if isinstance(item, dict)]
-            for device in devices:
-                self._pin(device)
-            return devices
+            return [parse_device(item) for item in items if isinstance(item, dict)]
 
         return Call(ApiRequest("GET", "/v1/devices", retry="connect"), parse)
 
@@ -506,11 +635,15 @@ class ClientCore:
         idempotency_key: str | None,
     ) -> Call[ApprovalRequested]:
         key = idempotency_key or str(uuid.uuid4())
+        # Drawn once per call, so a retry (same Idempotency-Key) sends the same nonce.
+        nonce = b64url(secrets.token_bytes(CLIENT_NONCE_BYTES))
+        context_hash = context_sha256(login_context(username, hostname, ip, action, message))
         body: dict[str, Any] = {
             "username": username,
             "action": action,
             "ttl_seconds": ttl_seconds,
             "number_matching": number_matching,
+            "client_nonce": nonce,
         }
         for name, value in (("hostname", hostname), ("ip", ip), ("message", message)):
             if value is not None:
@@ -525,8 +658,21 @@ class ClientCore:
                 match_code=_opt_str(data, "match_code"),
                 devices_notified=_int(data, "devices_notified", 0),
                 idempotency_key=key,
+                client_nonce=nonce,
             )
-            self._remember_match_code(requested.approval_id, requested.match_code)
+            # The window a genuine answer is signed in, by this machine's clock: the relay's
+            # expiry, never more than the TTL we asked for.
+            expires = min(requested.expires_at.timestamp(), reply.received_at + ttl_seconds)
+            self._remember(
+                Expected(
+                    approval_id=requested.approval_id,
+                    client_nonce=nonce,
+                    context_hash=context_hash,
+                    match_code=requested.match_code,
+                    not_before=reply.sent_at - SIGNED_TIME_SLACK,
+                    not_after=expires + SIGNED_TIME_SLACK,
+                )
+            )
             return requested
 
         request = ApiRequest(
@@ -534,10 +680,18 @@ class ClientCore:
         )
         return Call(request, parse)
 
-    def _remember_match_code(self, approval_id: str, match_code: str | None) -> None:
-        self._match_codes[approval_id] = match_code
-        while len(self._match_codes) > _REMEMBERED_MATCH_CODES:
-            self._match_codes.popitem(last=False)
+    def _remember(self, expected: Expected) -> None:
+        with self._lock:
+            # A relay handing back an earlier approval's id overwrites what we knew of it:
+            # its old answer then carries the wrong nonce.
+            self._expected.pop(expected.approval_id, None)
+            self._expected[expected.approval_id] = expected
+            while len(self._expected) > _REMEMBERED_APPROVALS:
+                self._expected.popitem(last=False)
+
+    def expected(self, approval_id: str) -> Expected | None:
+        with self._lock:
+            return self._expected.get(approval_id)
 
     def get_approval(self, approval_id: str, wait: float) -> Call[Approval]:
         request = ApiRequest(
@@ -570,59 +724,125 @@ class ClientCore:
 
         return Call(ApiRequest("DELETE", f"/v1/approvals/{_path_id(approval_id)}"), parse)
 
-    # -- signatures --
+    # -- checking answers --
 
-    def check_signature(
-        self, approval: Approval, *, match_code: str | None = None, refreshed: bool = False
-    ) -> Approval | None:
-        """Verify a decided approval against the pinned key of its device.
-
-        Returns the approval (marked `verified` when it carries a response), or None when
-        the device's key is not pinned yet and `refreshed` is False: fetch the device list
-        (which pins) and call again with `refreshed=True`."""
+    def check_approval(
+        self,
+        approval: Approval,
+        approval_id: str,
+        *,
+        match_code: str | None = None,
+    ) -> Approval:
+        """Believe an `approved` only when this client created `approval_id`, and the
+        pinned key of the answering device signed pns-approval-v2 over this client's nonce
+        and login context, within the login's time window, deciding approve with the code
+        that was shown. Anything else raises `ApprovalSignatureError` (and logs that the
+        relay may be compromised). A rejection grants nothing: it is marked verified when
+        it checks out and returned as it is otherwise."""
+        if approval.approval_id != approval_id:
+            raise self._forged(
+                approval,
+                "approval_id",
+                f"the relay answered with approval {approval.approval_id!r} when asked about "
+                f"{approval_id!r}",
+            )
         if approval.status not in ("approved", "rejected"):
             return approval
+        expected = self.expected(approval_id)
+        try:
+            self._check_signed(approval, expected)
+        except ApprovalSignatureError:
+            if approval.status == "rejected":
+                return approval
+            raise
+        if approval.status == "rejected":
+            return replace(approval, verified=True)
+        assert expected is not None and approval.response is not None
+        self._check_decision(approval, expected, match_code)
+        return replace(approval, verified=True)
+
+    def _check_signed(self, approval: Approval, expected: Expected | None) -> None:
+        quiet = approval.status != "approved"  # a failed rejection is no attack on the login
         response = approval.response
 
-        def fail(why: str) -> ApprovalSignatureError:
-            return ApprovalSignatureError(
-                f"approval {approval.approval_id} is {approval.status} but {why}; the relay "
-                "or its database may have been tampered with",
-                approval_id=approval.approval_id,
-                device_id=approval.device_id,
-            )
+        def forged(check: str, why: str) -> ApprovalSignatureError:
+            return self._forged(approval, check, why, log=not quiet)
 
+        if expected is None:
+            raise forged(
+                "unknown_approval",
+                "this client did not request it (or not in this process): only an approval "
+                "requested here can be checked",
+            )
         if response is None:
-            if approval.status == "approved":
-                raise fail("carries no signed device response")
-            return approval
+            raise forged("response", "it carries no signed device response")
         if not approval.device_id:
-            raise fail("names no device")
+            raise forged("device", "it names no device")
         pinned = self.key_store.get(approval.device_id)
         if pinned is None:
-            if not refreshed:
-                return None
-            raise fail(f"device {approval.device_id} is not one of this client's devices")
+            raise forged(
+                "device",
+                f"device {approval.device_id} has no key pinned through a key proof at a "
+                "pairing this client started",
+            )
         if response.public_key and not same_public_key(pinned, response.public_key):
-            raise fail("the server reports a different key than the one pinned at pairing")
-        if not verify_approval_signature(
+            raise forged("key", "the relay reports another key than the one pinned at pairing")
+        signed = (
             pinned,
             response.signature,
             approval.approval_id,
             response.decision,
             response.match_code,
             response.timestamp,
-        ):
-            raise fail("its signature does not verify against the pinned device key")
-        if approval.status == "approved":
-            if response.decision != "approve":
-                raise fail(f"the device answered {response.decision!r}")
-            expected = match_code
-            if expected is None:
-                expected = self._match_codes.get(approval.approval_id)
-            if expected is not None and response.match_code != expected:
-                raise fail("the device typed a different match code than the one shown")
-        return replace(approval, verified=True)
+        )
+        if not verify_approval_signature(*signed, expected.client_nonce, expected.context_hash):
+            why = (
+                "it is a pns-approval-v1 signature where pns-approval-v2 (with this login's "
+                "nonce and context) is due"
+                if verify_approval_signature(*signed)
+                else "its signature by the pinned key does not cover this login's nonce and "
+                "context (pns-approval-v2)"
+            )
+            raise forged("signature", why)
+
+    def _check_decision(
+        self,
+        approval: Approval,
+        expected: Expected,
+        match_code: str | None,
+    ) -> None:
+        response = approval.response
+        assert response is not None
+        if response.decision != "approve":
+            raise self._forged(approval, "decision", f"the device answered {response.decision!r}")
+        try:
+            signed_at = parse_time(response.timestamp).timestamp()
+        except ValueError:
+            signed_at = None
+        if signed_at is None or not expected.not_before <= signed_at <= expected.not_after:
+            raise self._forged(
+                approval,
+                "timestamp",
+                f"it was signed at {response.timestamp!r}, outside this login's window",
+            )
+        typed = response.match_code or ""
+        if typed != (expected.match_code or "") or (match_code is not None and typed != match_code):
+            raise self._forged(
+                approval, "match_code", "the device typed a different match code than the one shown"
+            )
+
+    def _forged(
+        self, approval: Approval, check: str, why: str, *, log: bool = True
+    ) -> ApprovalSignatureError:
+        message = (
+            f"approval {approval.approval_id} is {approval.status} but {why}; the relay or "
+            "its database may be compromised"
+        )
+        if log:
+            logger.error("pns: the relay may be compromised (%s check failed): %s", check, message)
+        return ApprovalSignatureError(
+            message, approval_id=approval.approval_id, device_id=approval.device_id, check=check
+        )
 
 
 # --- login helper rules ---------------------------------------------------------------
@@ -659,7 +879,8 @@ def normalise_otp(code: str) -> str:
 
 
 def parse_qr_payload(qr_payload: str) -> tuple[str, str]:
-    """`pns://pair?server=<url>&token=<token>` -> (server URL, pairing token)."""
+    """`pns://pair?server=<url>&token=<token>[#k=<secret>]` -> (server URL, pairing token).
+    `pairing_secret_of` reads the fragment's secret."""
     parsed = urlparse(qr_payload.strip())
     if parsed.scheme != "pns" or parsed.netloc != "pair":
         raise ValueError("not a PNS pairing code (expected pns://pair?...)")
@@ -671,6 +892,22 @@ def parse_qr_payload(qr_payload: str) -> tuple[str, str]:
     if urlparse(server).scheme not in ("http", "https"):
         raise ValueError("the pairing code's server is not an http(s) URL")
     return server.rstrip("/"), tokens[0]
+
+
+def pairing_secret_of(qr_payload: str) -> bytes | None:
+    """The 32-byte secret in a pairing code's `#k=` fragment; None when it has no fragment
+    (a client that predates key proofs). A malformed fragment is a ValueError: the code was
+    damaged or tampered with, and guessing would only make the proof fail later."""
+    fragment = urlparse(qr_payload.strip()).fragment
+    if not fragment:
+        return None
+    values = parse_qs(fragment, keep_blank_values=True).get("k", [])
+    if len(values) != 1 or fragment != f"k={values[0]}":
+        raise ValueError("the pairing code's fragment must be exactly #k=<secret>")
+    secret = b64url_decode(values[0])
+    if len(secret) != PAIRING_SECRET_BYTES:
+        raise ValueError(f"the pairing code's secret must be {PAIRING_SECRET_BYTES} bytes")
+    return secret
 
 
 @dataclass(frozen=True)
@@ -689,6 +926,7 @@ def enrol_call(
     app_version: str,
     push: Mapping[str, str] | None,
     public_key: str,
+    key_proof: str | None = None,
 ) -> Call[Enrolment]:
     body: dict[str, Any] = {
         "pairing_token": pairing_token,
@@ -700,6 +938,8 @@ def enrol_call(
     }
     if push is not None:
         body["push"] = dict(push)
+    if key_proof is not None:
+        body["key_proof"] = key_proof
 
     def parse(reply: Reply) -> Enrolment:
         data = json_body(reply, 201)

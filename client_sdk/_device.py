@@ -1,7 +1,8 @@
 """The phone's side: `DeviceClient` (blocking) and `AsyncDeviceClient` (asyncio).
 
-The reference for mobile apps: pair from the QR code, keep a P-256 key, rotate the push
-token, fetch pending approvals and answer them with a signed response."""
+The reference for mobile apps: pair from the QR code (proving the key with the QR secret),
+keep a P-256 key, rotate the push token, fetch pending approvals and answer them with a
+signed response (pns-approval-v2 over the client's nonce and the login context shown)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from client_sdk._core import (
     device_headers,
     enrol_call,
     format_time,
+    pairing_secret_of,
     parse_qr_payload,
     pending_call,
     remove_self_call,
@@ -37,7 +39,7 @@ from client_sdk._http import (
     SyncSender,
     TimeoutTypes,
 )
-from client_sdk._keys import public_key_b64, sign_approval
+from client_sdk._keys import context_sha256, key_proof, public_key_b64, sign_approval
 from client_sdk._models import DeviceApproval, DeviceDecision, TotpParameters
 
 __all__ = ["AsyncDeviceClient", "DeviceClient"]
@@ -147,16 +149,51 @@ class _DeviceBase:
         )
         return str(totp.at(at or datetime.now(UTC)))
 
+    def _enrol_call(
+        self,
+        qr_payload: str,
+        pairing_token: str,
+        name: str,
+        platform: str,
+        os_version: str,
+        app_version: str,
+        push: Mapping[str, str] | None,
+    ) -> Call[Enrolment]:
+        secret = pairing_secret_of(qr_payload)
+        public_key = self.public_key
+        return enrol_call(
+            pairing_token=pairing_token,
+            name=name,
+            platform=platform,
+            os_version=os_version,
+            app_version=app_version,
+            push=push,
+            public_key=public_key,
+            key_proof=key_proof(secret, public_key) if secret is not None else None,
+        )
+
     def _respond(
         self,
-        approval_id: str,
+        approval: DeviceApproval,
         decision: str,
         match_code: str | None,
         fraud: bool,
         at: datetime | None,
     ) -> Call[DeviceDecision]:
+        """Sign v2 (the client's nonce and the context as shown) when the approval carries a
+        nonce, v1 otherwise."""
         timestamp = format_time(at or datetime.now(UTC))
-        signature = sign_approval(self.private_key, approval_id, decision, match_code, timestamp)
+        approval_id = approval.approval_id
+        nonce = approval.client_nonce
+        signature = sign_approval(
+            self.private_key,
+            approval_id,
+            decision,
+            match_code,
+            timestamp,
+            nonce,
+            context_sha256(approval.context) if nonce is not None else None,
+        )
         return respond_call(
             approval_id,
             decision=decision,
@@ -218,7 +255,8 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
         server_url: str | None = None,
         **options: Any,
     ) -> Self:
-        """Complete a pairing from the scanned `pns://pair?...` text with a new P-256 key.
+        """Complete a pairing from the scanned `pns://pair?...#k=...` text with a new P-256
+        key, proving the key with the QR code's secret (`key_proof`).
 
         `push` is `{"service": "apns"|"fcm", "token": ..., "environment": ...}`, or None
         for a phone that only polls. `server_url` overrides the QR code's server.
@@ -229,21 +267,13 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
                                        os_version="17.2", app_version="4.3.0")
         """
         qr_server, pairing_token = parse_qr_payload(qr_payload)
+        pairing_secret_of(qr_payload)  # a damaged fragment fails before anything is sent
         device = cls(server_url or qr_server, **options)
         try:
-            device._enrolled(
-                device._send(
-                    enrol_call(
-                        pairing_token=pairing_token,
-                        name=name,
-                        platform=platform,
-                        os_version=os_version,
-                        app_version=app_version,
-                        push=push,
-                        public_key=device.public_key,
-                    )
-                )
+            call = device._enrol_call(
+                qr_payload, pairing_token, name, platform, os_version, app_version, push
             )
+            device._enrolled(device._send(call))
         except BaseException:
             device.close()
             raise
@@ -296,20 +326,33 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
         """
         return self._send(device_approval_call(approval_id))
 
+    def _details(self, approval: str | DeviceApproval) -> DeviceApproval:
+        return approval if isinstance(approval, DeviceApproval) else self.approval(approval)
+
     def approve(
-        self, approval_id: str, match_code: str | None, *, at: datetime | None = None
+        self,
+        approval: str | DeviceApproval,
+        match_code: str | None,
+        *,
+        at: datetime | None = None,
     ) -> DeviceDecision:
-        """Approve with the code the user typed (None for a plain push); signed.
-        A wrong code rejects the request.
+        """Approve with the code the user typed (None for a plain push); signed over the
+        request as shown to the user. Pass the `DeviceApproval` that was shown, or its id
+        (then it is fetched first). A wrong code rejects the request.
 
         Example::
 
             status = device.approve(approval_id, "417").status
         """
-        return self._send(self._respond(approval_id, "approve", match_code, False, at))
+        details = self._details(approval)
+        return self._send(self._respond(details, "approve", match_code, False, at))
 
     def reject(
-        self, approval_id: str, fraud: bool = False, *, at: datetime | None = None
+        self,
+        approval: str | DeviceApproval,
+        fraud: bool = False,
+        *,
+        at: datetime | None = None,
     ) -> DeviceDecision:
         """Reject; `fraud=True` reports an attack and locks push for a while.
 
@@ -317,7 +360,8 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
 
             device.reject(approval_id, fraud=True)
         """
-        return self._send(self._respond(approval_id, "reject", None, fraud, at))
+        details = self._details(approval)
+        return self._send(self._respond(details, "reject", None, fraud, at))
 
 
 class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
@@ -377,21 +421,13 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
                                                   os_version="14", app_version="4.3.0")
         """
         qr_server, pairing_token = parse_qr_payload(qr_payload)
+        pairing_secret_of(qr_payload)  # a damaged fragment fails before anything is sent
         device = cls(server_url or qr_server, **options)
         try:
-            device._enrolled(
-                await device._send(
-                    enrol_call(
-                        pairing_token=pairing_token,
-                        name=name,
-                        platform=platform,
-                        os_version=os_version,
-                        app_version=app_version,
-                        push=push,
-                        public_key=device.public_key,
-                    )
-                )
+            call = device._enrol_call(
+                qr_payload, pairing_token, name, platform, os_version, app_version, push
             )
+            device._enrolled(await device._send(call))
         except BaseException:
             await device.aclose()
             raise
@@ -445,19 +481,34 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
         """
         return await self._send(device_approval_call(approval_id))
 
+    async def _details(self, approval: str | DeviceApproval) -> DeviceApproval:
+        if isinstance(approval, DeviceApproval):
+            return approval
+        return await self.approval(approval)
+
     async def approve(
-        self, approval_id: str, match_code: str | None, *, at: datetime | None = None
+        self,
+        approval: str | DeviceApproval,
+        match_code: str | None,
+        *,
+        at: datetime | None = None,
     ) -> DeviceDecision:
-        """Approve with the code the user typed (None for a plain push); signed.
+        """Approve with the code the user typed (None for a plain push); signed over the
+        request as shown (a `DeviceApproval`, or its id to fetch it first).
 
         Example::
 
             decision = await device.approve(approval_id, "417")
         """
-        return await self._send(self._respond(approval_id, "approve", match_code, False, at))
+        details = await self._details(approval)
+        return await self._send(self._respond(details, "approve", match_code, False, at))
 
     async def reject(
-        self, approval_id: str, fraud: bool = False, *, at: datetime | None = None
+        self,
+        approval: str | DeviceApproval,
+        fraud: bool = False,
+        *,
+        at: datetime | None = None,
     ) -> DeviceDecision:
         """Reject; `fraud=True` reports an attack and locks push for a while.
 
@@ -465,4 +516,5 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
 
             await device.reject(approval_id, fraud=True)
         """
-        return await self._send(self._respond(approval_id, "reject", None, fraud, at))
+        details = await self._details(approval)
+        return await self._send(self._respond(details, "reject", None, fraud, at))

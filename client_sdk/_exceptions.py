@@ -5,7 +5,13 @@
     │   ├── ConnectError               DNS, refused, TLS, firewall: nothing was sent
     │   └── RequestTimeout             connect, write, read or pool timeout
     ├── UnexpectedResponse             an answer that does not follow the API (e.g. a proxy page)
-    ├── ApprovalSignatureError         an approval's answer is not signed by the pinned device key
+    ├── RelayCompromisedError          an answer only a compromised relay, database or proxy gives
+    │   ├── ApprovalSignatureError     an "approved" the paired phone did not sign for this login
+    │   └── KeyProofInvalid            a paired key that does not match the QR secret's proof
+    ├── KeyProofError                  a completed pairing whose key cannot be pinned
+    │   ├── KeyProofInvalid            (also a RelayCompromisedError)
+    │   ├── KeyProofMissing            the phone sent no key proof (an app that predates them)
+    │   └── PairingSecretUnknown       no QR secret here for that pairing (not started here)
     └── ApiError                       the server answered with a problem+json (`status`, `code`)
         ├── InvalidRequest             invalid_request (`errors`)
         ├── Unauthenticated            unauthenticated
@@ -68,6 +74,9 @@ __all__ = [
     "Forbidden",
     "IdempotencyKeyReused",
     "InvalidRequest",
+    "KeyProofError",
+    "KeyProofInvalid",
+    "KeyProofMissing",
     "MethodNotAllowed",
     "NoAppDevices",
     "NotFound",
@@ -78,6 +87,7 @@ __all__ = [
     "PairingExpired",
     "PairingInvalid",
     "PairingNotPending",
+    "PairingSecretUnknown",
     "PairingWrongKind",
     "PayloadTooLarge",
     "PlainPushNotAllowed",
@@ -90,6 +100,7 @@ __all__ = [
     "RecoveryCodeInvalid",
     "RegistrationKeyInvalid",
     "RegistrationRefused",
+    "RelayCompromisedError",
     "RequestTimeout",
     "SignatureInvalid",
     "StaleTimestamp",
@@ -126,16 +137,59 @@ class UnexpectedResponse(PnsError):
         self.status = status
 
 
-class ApprovalSignatureError(PnsError):
-    """An approval's answer does not verify against the device key pinned at pairing.
+class RelayCompromisedError(PnsError):
+    """The relay (or its database, or something between us) answered what an honest relay
+    never does: a forged approval, a substituted device key. The SDK logs a warning that
+    the relay may be compromised; never let the user in on this error, and alert someone."""
 
-    Treat it as an attack: the relay or its database was tampered with. Never log the user
-    in on this error."""
 
-    def __init__(self, message: str, *, approval_id: str, device_id: str | None) -> None:
+class ApprovalSignatureError(RelayCompromisedError):
+    """An "approved" that does not prove the paired phone approved *this* login.
+
+    `check` names the check that failed: "approval_id" (an answer for another approval),
+    "unknown_approval" (not one this client created), "response" (no signed answer),
+    "device" (no key pinned for the signing device through a key proof), "key" (the relay
+    reports another key than the pinned one), "signature" (not a pns-approval-v2 signature
+    over this login's nonce and context by the pinned key; `detail` says if it is a v1 one),
+    "decision", "timestamp" (signed outside the login's time window) or "match_code"."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        approval_id: str,
+        device_id: str | None,
+        check: str = "signature",
+    ) -> None:
         super().__init__(message)
         self.approval_id = approval_id
         self.device_id = device_id
+        self.check = check
+
+
+class KeyProofError(PnsError):
+    """A pairing completed, but the SDK cannot pin the new device's key: approvals signed
+    by it will be refused. `pairing_id` and `device_id` say which."""
+
+    def __init__(self, message: str, *, pairing_id: str, device_id: str | None) -> None:
+        super().__init__(message)
+        self.pairing_id = pairing_id
+        self.device_id = device_id
+
+
+class KeyProofInvalid(KeyProofError, RelayCompromisedError):
+    """The key the relay reports is not the one the phone that scanned our QR code proved:
+    someone substituted it. Remove the device and pair again over a relay you trust."""
+
+
+class KeyProofMissing(KeyProofError):
+    """The phone sent no key proof (an app that predates them): update the app, remove the
+    device and pair again."""
+
+
+class PairingSecretUnknown(KeyProofError):
+    """This client holds no QR secret for the pairing: it did not start it, or its
+    `KeyStore` (memory only by default) lost it. Start a new pairing."""
 
 
 class ApiError(PnsError):

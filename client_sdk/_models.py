@@ -75,12 +75,18 @@ class Device:
     public_key: str | None
     created_at: datetime
     last_used_at: datetime | None
+    # HMAC by the pairing's QR secret over `public_key`, as the phone sent it (None for TOTP
+    # apps and older apps); the SDK checks it once, when the pairing it started completes.
+    key_proof: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class Pairing:
     """A pairing started by the client. `qr_payload` and `otpauth_uri` are only known from
-    `start_pairing` (the status endpoint does not repeat them)."""
+    `start_pairing` (the status endpoint does not repeat them). For an app pairing,
+    `qr_payload` ends with `#k=<secret>`: the QR secret the relay never sees, which the
+    phone uses to prove its key. The SDK keeps it in its `KeyStore` until the pairing
+    completes; `pinned` is True once the new device's key is pinned."""
 
     pairing_id: str
     kind: str
@@ -89,6 +95,7 @@ class Pairing:
     device: Device | None = None
     qr_payload: str | None = field(default=None, repr=False)
     otpauth_uri: str | None = field(default=None, repr=False)
+    pinned: bool = False
 
     @property
     def is_pending(self) -> bool:
@@ -125,6 +132,8 @@ class ApprovalRequested:
     match_code: str | None
     devices_notified: int
     idempotency_key: str
+    # The random nonce this client sent; the phone's v2 signature must cover it.
+    client_nonce: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,8 @@ class ApprovalResponse:
     timestamp: str
     signature: str
     public_key: str | None
+    # "pns-approval-v2" or "pns-approval-v1", as the relay says (the SDK checks for itself).
+    version: str | None = None
 
     @property
     def signed_at(self) -> datetime | None:
@@ -160,8 +171,10 @@ class ApprovalResponse:
 
 @dataclass(frozen=True)
 class Approval:
-    """An approval's state. `verified` is True once the SDK checked `response` against the
-    key it pinned for `device_id`."""
+    """An approval's state. `verified` is True once the SDK checked `response`: signed by
+    the key pinned (through a key proof) for `device_id`, over this client's nonce and login
+    context, in time, with the match code it showed. An `approved` approval that fails
+    those checks never reaches the caller: `ApprovalSignatureError` is raised instead."""
 
     approval_id: str
     status: str
@@ -239,6 +252,8 @@ class DeviceApproval:
     client_name: str | None
     context: dict[str, Any]
     number_matching: bool
+    # Present: sign pns-approval-v2 over it and the context's hash; None: sign v1.
+    client_nonce: str | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from client_sdk._client import PnsClient
-from client_sdk._exceptions import ApiError, OtpInvalid, PnsError, TransportError
+from client_sdk._exceptions import (
+    ApiError,
+    KeyProofError,
+    OtpInvalid,
+    PnsError,
+    RelayCompromisedError,
+    TransportError,
+)
 from client_sdk._keys import KeyStore
 from client_sdk._models import Approval, ApprovalRequested, CodePrompt, Device, LoginResult
 from client_sdk.cli._common import (
@@ -154,6 +161,16 @@ def seconds_left(until: datetime) -> int:
     return max(0, int((until - datetime.now(UTC)).total_seconds()))
 
 
+def finish_open_pairings(ctx: Context, client: PnsClient) -> None:
+    """Pin the phones that joined pairings this machine started with `pair --no-wait`."""
+    try:
+        for pairing in client.finish_pairings():
+            if pairing.pinned and pairing.device is not None:
+                ctx.out.say(f"{describe_device(pairing.device)} joined; its key is pinned.")
+    except KeyProofError as exc:
+        ctx.out.say(f"warning: {exc}")
+
+
 def cmd_pair(ctx: Context) -> int:
     args, out = ctx.args, ctx.out
     with ctx.client() as client:
@@ -174,6 +191,11 @@ def cmd_pair(ctx: Context) -> int:
         out.say(f"  {payload}")
         if args.no_wait:
             out.result(pairing)
+            if args.kind == "app":
+                out.say(
+                    "The pairing stays open; `pns-client devices` (or the next login) "
+                    "pins the phone's key once it has joined."
+                )
             return EXIT_OK
         if args.kind == "totp":
             return confirm_totp(ctx, client, pairing.pairing_id, args.code)
@@ -220,7 +242,9 @@ def cmd_confirm(ctx: Context) -> int:
 def cmd_devices(ctx: Context) -> int:
     out = ctx.out
     with ctx.client() as client:
+        finish_open_pairings(ctx, client)
         devices = client.list_devices()
+        pinned = client.key_store.as_dict()
     out.result({"devices": devices})
     if not devices:
         out.say("No devices yet: pair one with `pns-client pair`.")
@@ -230,7 +254,10 @@ def cmd_devices(ctx: Context) -> int:
         if device.push_status == "invalid_token":
             push += " (push token invalid: open the app once to renew it)"
         used = device.last_used_at.strftime("%Y-%m-%d %H:%M") if device.last_used_at else "never"
-        out.say(f"{device.device_id}  {describe_device(device)}  push: {push}  last used: {used}")
+        trust = "" if device.kind != "app" or device.device_id in pinned else "  (key not pinned)"
+        out.say(
+            f"{device.device_id}  {describe_device(device)}  push: {push}  last used: {used}{trust}"
+        )
     return EXIT_OK
 
 
@@ -331,6 +358,7 @@ def cmd_login(ctx: Context) -> int:
     screen = LoginScreen(out)
     try:
         with ctx.client() as client:
+            finish_open_pairings(ctx, client)
             result = client.login(
                 username=args.username,
                 hostname=args.hostname or socket.gethostname(),
@@ -463,7 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report_error(out: Output, exc: PnsError, server: str | None) -> None:
-    if isinstance(exc, ApiError):
+    if isinstance(exc, RelayCompromisedError):
+        out.error(
+            f"REFUSED: {exc} Do not trust this relay until it is checked.",
+            code=type(exc).__name__,
+        )
+    elif isinstance(exc, ApiError):
         out.error(exc.detail or str(exc), code=exc.code, status=exc.status)
     elif isinstance(exc, TransportError):
         where = f" {server}" if server else " the relay"

@@ -13,6 +13,7 @@ from client_sdk import (
     AlreadyDecided,
     Approval,
     ApprovalRequested,
+    ApprovalSignatureError,
     AsyncDeviceClient,
     AsyncPnsClient,
     CodePrompt,
@@ -76,10 +77,13 @@ class TestApprovalFlow:
         assert result.response is not None and result.response.match_code == requested.match_code
         assert progress and progress[-1] == result
 
-        # A fresh installation object with no pins fetches and pins the key, then verifies.
+        # Another installation object, which neither paired the phone nor asked for this
+        # approval, has nothing to check the answer against: it refuses it and pins nothing.
         with PnsClient(live_server.url, client._core.token, key_store=KeyStore()) as fresh:
-            again = fresh.get_approval(requested.approval_id)
-            assert again.verified and device.device_id in fresh.key_store
+            with pytest.raises(ApprovalSignatureError) as refused:
+                fresh.get_approval(requested.approval_id)
+            assert refused.value.check == "unknown_approval"
+            assert len(fresh.key_store) == 0 and fresh.list_devices()[0].key_proof
 
         with pytest.raises(AlreadyDecided) as decided:
             client.cancel_approval(requested.approval_id)
