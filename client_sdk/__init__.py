@@ -60,6 +60,7 @@ from client_sdk._exceptions import (
     Unavailable,
     UnexpectedResponse,
     UnsupportedMediaType,
+    WebPushEndpointForbidden,
 )
 from client_sdk._keys import (
     KeyStore,
@@ -160,6 +161,7 @@ __all__ = [
     "Unavailable",
     "UnexpectedResponse",
     "UnsupportedMediaType",
+    "WebPushEndpointForbidden",
     "__version__",
     "approval_message",
     "approval_message_v2",

@@ -1,7 +1,6 @@
 // The web approver: pairing, login requests, one-time passwords, unpairing.
 import { ApiError, Offline, call } from "./api.js";
 import {
-  b64url,
   importTotpKey,
   keyProof,
   newDeviceKey,
@@ -177,7 +176,8 @@ async function pair(event) {
     };
     if (link.k) body.key_proof = await keyProof(link.k, key.publicKey);
     if ($("pair-push").checked) {
-      const push = await subscribePush().catch(() => null);
+      // A push service that never answers must not keep the phone from pairing.
+      const push = await withTimeout(subscribePush(), 15000).catch(() => null);
       if (push) body.push = push;
     }
     const created = await call("POST", "/v1/devices", { body });
@@ -235,7 +235,7 @@ async function subscribePush() {
 async function enablePush() {
   alarm("");
   try {
-    const push = await subscribePush();
+    const push = await withTimeout(subscribePush(), 15000).catch(() => null);
     if (!push) {
       alarm("Notifications are blocked or not supported here. On iPhone, add this page to the Home Screen first.");
       return;
@@ -328,6 +328,15 @@ async function pollLoop() {
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function withTimeout(promise, ms) {
+  return Promise.race([
+    promise,
+    sleep(ms).then(() => {
+      throw new Error("timed out");
+    }),
+  ]);
+}
 
 async function openApproval(approvalId) {
   if (!state.device || state.finished.has(approvalId)) return;
@@ -483,8 +492,6 @@ $("unpair").addEventListener("click", unpair);
 document.addEventListener("visibilitychange", () => {
   if (!document.hidden && state.device) pollLoop();
 });
-
-export const testing = { b64url };
 
 start().catch((error) => {
   show("welcome");
