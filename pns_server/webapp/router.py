@@ -43,7 +43,8 @@ SECURITY_HEADERS = {
 
 def secure(response: Response, path: str) -> Response:
     response.headers.update(SECURITY_HEADERS)
-    if path.endswith("sw.js") or path.endswith(".html") or path in ("", "/"):
+    html = response.headers.get("content-type", "").startswith("text/html")
+    if path.endswith("sw.js") or html:
         # The service worker and the page are checked on every visit, so an update lands.
         response.headers["Cache-Control"] = "no-cache"
     return response
