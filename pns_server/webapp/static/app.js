@@ -143,11 +143,32 @@ async function offerPairing(rawLink) {
     return;
   }
   state.link = link;
+  state.rawLink = rawLink;
+  // iPhone: Web Push only reaches the Home Screen app, whose storage is its own; the
+  // link can be copied here and pasted there.
+  $("copy-link").hidden = !isIos() || standalone();
   $("pair-server").textContent = link.server;
   $("pair-name").value = defaultName();
   $("pair-no-proof").hidden = Boolean(link.k);
   show("pair");
   $("pair-title").focus();
+}
+
+function isIos() {
+  return /iPhone|iPad|iPod/.test(navigator.userAgent);
+}
+
+function standalone() {
+  return window.matchMedia("(display-mode: standalone)").matches || navigator.standalone === true;
+}
+
+async function copyLink() {
+  try {
+    await navigator.clipboard.writeText(state.rawLink);
+    say("Link copied. Open PNS from the Home Screen and paste it there.");
+  } catch {
+    alarm("Copying is not allowed here; scan the QR code again from the Home Screen app.");
+  }
 }
 
 function defaultName() {
@@ -199,6 +220,7 @@ async function pair(event) {
     await save("device", device);
     state.device = device;
     state.link = null;
+    state.rawLink = null;
     say("Paired. Login requests will appear here.");
     showPaired();
     pollLoop();
@@ -481,6 +503,7 @@ async function forget(message) {
 
 $("pair-form").addEventListener("submit", pair);
 $("paste-form").addEventListener("submit", usePastedLink);
+$("copy-link").addEventListener("click", copyLink);
 $("answer-form").addEventListener("submit", (event) => {
   event.preventDefault();
   answer("approve");
