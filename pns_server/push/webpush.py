@@ -13,6 +13,7 @@ import binascii
 import json
 import logging
 import os
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -215,7 +216,9 @@ class WebPushSender:
             )
         )
         self._tokens: dict[str, tuple[str, float]] = {}
-        verify: str | bool = str(config.ca_file) if config.ca_file else True
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(config.ca_file)) if config.ca_file else True
+        )
         self._http = httpx.AsyncClient(
             timeout=config.timeout, verify=verify, follow_redirects=False
         )

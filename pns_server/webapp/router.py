@@ -7,6 +7,7 @@ link keeps them in the fragment, which browsers do not send to servers."""
 from __future__ import annotations
 
 import logging
+import mimetypes
 from ipaddress import ip_address
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ from pns_server.ratelimit import CallerLimit
 
 log = logging.getLogger("pns")
 STATIC = Path(__file__).parent / "static"
+mimetypes.add_type("application/manifest+json", ".webmanifest")
 
 # `default-src 'self'` and nothing looser: no inline script or style, no other origin.
 CONTENT_SECURITY_POLICY = (

@@ -73,8 +73,8 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 def screenshot(page: object, name: str) -> None:
-    """Screenshots for docs/web-approver.md: written there when PNS_UPDATE_SCREENSHOTS=1."""
-    if os.environ.get("PNS_UPDATE_SCREENSHOTS") == "1":
+    """Screenshots for docs/web-approver.md: written there when UPDATE_SCREENSHOTS=1."""
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / name))  # type: ignore[attr-defined]
     else:

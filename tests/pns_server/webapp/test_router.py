@@ -27,7 +27,7 @@ class TestServed:
             ("/app/app.js", "javascript"),
             ("/app/sw.js", "javascript"),
             ("/app/app.css", "text/css"),
-            ("/app/manifest.webmanifest", ""),
+            ("/app/manifest.webmanifest", "application/manifest+json"),
             ("/app/icons/icon-192.png", "image/png"),
         ],
     )
