@@ -204,8 +204,11 @@ class Demo:
             2,
             "Pair the phone",
             """The backup client shows a QR code; the phone scans it, creates a P-256 key
-            in its secure hardware and enrols with it. Here the simulated phone gets the QR
-            code's text directly.""",
+            in its secure hardware and enrols with it. The QR code ends with a secret
+            (#k=...) that never reaches the relay: the phone proves its key with it, and the
+            backup client pins the key only when that proof checks out, so not even the
+            relay can slip in a key of its own. Here the simulated phone gets the QR code's
+            text directly.""",
         )
         pairing = self.run(CLIENT, "pair", "--no-wait")
         payload = next(p for p in pairing.split() if p.startswith("pns://pair?"))

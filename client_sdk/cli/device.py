@@ -1,6 +1,6 @@
 """`pns-device`: a phone simulator on `DeviceClient`, the reference for mobile developers.
 
-    pns-device pair 'pns://pair?server=...&token=...'
+    pns-device pair 'pns://pair?server=...&token=...#k=...'
     pns-device pending
     pns-device approve APPROVAL_ID --code 417
     pns-device reject APPROVAL_ID --fraud
@@ -176,7 +176,8 @@ def cmd_watch(ctx: Context) -> int:
                     return EXIT_OK
                 decided += 1
                 try:
-                    decision = answer(device, approval.approval_id)
+                    # Signed over the request exactly as it was shown above.
+                    decision = answer(device, approval)
                 except AlreadyDecided:
                     out.say("Too late: the request was already decided, expired or cancelled.")
                     continue
@@ -185,7 +186,7 @@ def cmd_watch(ctx: Context) -> int:
     return EXIT_OK
 
 
-Answer = Callable[[DeviceClient, str], DeviceDecision]
+Answer = Callable[[DeviceClient, DeviceApproval], DeviceDecision]
 
 
 def ask(out: Output, approval: DeviceApproval) -> Answer | None:
@@ -200,11 +201,11 @@ def ask(out: Output, approval: DeviceApproval) -> Answer | None:
         return None
     text = line.strip().lower()
     if text == "r":
-        return lambda d, aid: d.reject(aid)
+        return lambda d, shown: d.reject(shown)
     if text == "f":
-        return lambda d, aid: d.reject(aid, fraud=True)
+        return lambda d, shown: d.reject(shown, fraud=True)
     code = None if text == "a" else text
-    return lambda d, aid: d.approve(aid, code)
+    return lambda d, shown: d.approve(shown, code)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,7 +122,7 @@ class DeviceCreate(RequestModel):
     @field_validator("public_key")
     @classmethod
     def _p256_key(cls, value: str) -> str:
-        parse_public_key(value)
+        parse_public_key(value.strip())
         return value
 
     @field_validator("key_proof")
@@ -136,7 +136,10 @@ class DeviceCreate(RequestModel):
     def _proof_needs_canonical_key(self) -> DeviceCreate:
         # The relay returns the key as the standard base64 of its DER bytes; the client checks
         # the proof over that text, so it must be the very text the phone signed.
-        if self.key_proof is not None:
+        if self.key_proof is None:
+            # Without a proof nothing is signed over the text: tolerate stray whitespace.
+            self.public_key = self.public_key.strip()
+        else:
             canonical = base64.b64encode(parse_public_key(self.public_key)).decode("ascii")
             if canonical != self.public_key:
                 raise ValueError(

@@ -23,6 +23,7 @@ from client_sdk import (
     ApprovalSignatureError,
     AsyncPnsClient,
     ConnectError,
+    DeviceClient,
     InvalidRequest,
     KeyProofInvalid,
     KeyProofMissing,
@@ -302,6 +303,34 @@ class TestQrPayload:
     def test_parses_server_and_token(self) -> None:
         payload = "pns://pair?server=https%3A%2F%2Fpns.example.com%2F&token=pnsp_abc"
         assert parse_qr_payload(payload) == ("https://pns.example.com", "pnsp_abc")
+
+    def test_reads_the_pairing_secret_from_the_fragment(self) -> None:
+        base = "pns://pair?server=https%3A%2F%2Fpns.example.com&token=pnsp_abc"
+        secret = bytes(range(32))
+        with_secret = f"{base}#k={base64.urlsafe_b64encode(secret).rstrip(b'=').decode()}"
+        assert parse_qr_payload(with_secret) == ("https://pns.example.com", "pnsp_abc")
+        assert pairing_secret_of(with_secret) == secret
+        assert pairing_secret_of(base) is None
+
+    @pytest.mark.parametrize(
+        "fragment",
+        [
+            "k=" + "A" * 42,  # 31.5 bytes
+            "k=" + "A" * 44,
+            "k=" + "A" * 42 + "B",  # spare bits set: not canonical
+            "k=" + "A" * 42 + "A=",
+            "k=" + "+" * 43,
+            "k=" + "A" * 43 + "&k=" + "A" * 43,
+            "x=" + "A" * 43,
+            "k=" + "A" * 43 + "&v=2",
+        ],
+    )
+    def test_refuses_a_damaged_secret(self, fragment: str) -> None:
+        payload = f"pns://pair?server=https%3A%2F%2Fa&token=t#{fragment}"
+        with pytest.raises(ValueError):
+            pairing_secret_of(payload)
+        with pytest.raises(ValueError):
+            DeviceClient.pair(payload, name="x", platform="ios", os_version="17", app_version="1")
 
     @pytest.mark.parametrize(
         "payload",
@@ -653,6 +682,56 @@ class TestKeyProofAtPairing:
             [finished] = second.finish_pairings()
         assert finished.pinned and KeyStore(path).get("dev1") == public_key_b64(phone)
         assert KeyStore(path).pending_pairings() == []
+
+
+class TestAsyncTwin:
+    async def test_async_client_pins_only_through_the_proof_and_checks_approvals(
+        self, tmp_path: Path
+    ) -> None:
+        phone = new_key()
+        path = tmp_path / "keys.json"
+        relay = ScriptedRelay(key=phone)
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.path.startswith("/v1/pairings"):
+                if request.method == "POST":
+                    return httpx.Response(
+                        201,
+                        json={
+                            "pairing_id": "p1",
+                            "kind": "app",
+                            "status": "pending",
+                            "expires_at": rfc3339(datetime.now(UTC) + timedelta(minutes=5)),
+                            "qr_payload": "pns://pair?server=http%3A%2F%2Fpns.test&token=t",
+                        },
+                    )
+                secret = KeyStore(path).pairing_secret("p1")
+                assert secret is not None
+                proof = key_proof(secret, public_key_b64(phone))
+                return httpx.Response(
+                    200,
+                    json={
+                        "pairing_id": "p1",
+                        "kind": "app",
+                        "status": "completed",
+                        "expires_at": rfc3339(datetime.now(UTC) + timedelta(minutes=5)),
+                        "device": device_body(phone, key_proof=proof),
+                    },
+                )
+            return relay.handler(request)
+
+        transport = httpx.MockTransport(handler)
+        async with AsyncPnsClient(
+            URL, token="t", key_store=KeyStore(path), transport=transport
+        ) as client:
+            await client.start_pairing("app")
+            [pairing] = await client.finish_pairings()
+            assert pairing.pinned and "dev1" in client.key_store
+            requested = await client.request_approval(username="admin")
+            assert (await client.get_approval(requested.approval_id)).verified
+            relay.answer = lambda r: r.signed(nonce=None)
+            with pytest.raises(ApprovalSignatureError):
+                await client.get_approval(requested.approval_id)
 
 
 class TestKeyStore:

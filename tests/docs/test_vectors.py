@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +14,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from client_sdk import approval_message_v2, context_sha256, key_proof
+from client_sdk._core import pairing_secret_of
+from client_sdk._keys import verify_approval_signature, verify_key_proof
+from pns_server.approvals import service as approvals
 from pns_server.approvals.service import signed_message
+from pns_server.devices.schemas import DeviceCreate
+from pns_server.models import Approval
 from pns_server.security import parse_public_key, verify_signature
 from pns_server.totp import TotpParams, code_at_step, matching_step, time_step
 
@@ -21,6 +28,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 VECTORS: dict[str, Any] = json.loads((DOCS / "test-vectors.json").read_text())
 KEY = VECTORS["p256_key"]
 SIGNATURES = VECTORS["approval_signatures"]
+PROOF = VECTORS["key_proof"]
+SIGNATURES_V2 = VECTORS["approval_signatures_v2"]["vectors"]
 TOTP = VECTORS["totp"]
 
 
@@ -76,6 +85,111 @@ class TestApprovalSignatures:
         )
 
 
+class TestKeyProof:
+    def test_the_phone_reads_k_from_the_qr_fragment(self) -> None:
+        secret = pairing_secret_of(PROOF["qr_payload"])
+        assert secret is not None and secret.hex() == PROOF["k_hex"]
+        assert PROOF["qr_payload"].endswith("#k=" + PROOF["k_base64url"])
+
+    def test_proof_is_what_the_sdk_computes_and_accepts(self) -> None:
+        secret = bytes.fromhex(PROOF["k_hex"])
+        assert PROOF["message_utf8"] == "pns-pair-v1|" + PROOF["public_key"]
+        assert PROOF["public_key"] == KEY["public_key_spki_der_base64"]
+        raw = hmac.new(secret, PROOF["message_utf8"].encode(), hashlib.sha256).digest()
+        assert raw.hex() == PROOF["hmac_sha256_hex"]
+        assert key_proof(secret, PROOF["public_key"]) == PROOF["key_proof"]
+        assert verify_key_proof(secret, PROOF["public_key"], PROOF["key_proof"])
+        assert not verify_key_proof(bytes(32), PROOF["public_key"], PROOF["key_proof"])
+
+    def test_the_relay_accepts_the_proof_with_that_key(self) -> None:
+        body = DeviceCreate.model_validate(
+            {
+                "pairing_token": "pnsp_x",
+                "name": "Ann's iPhone",
+                "platform": "ios",
+                "os_version": "17.2",
+                "public_key": PROOF["public_key"],
+                "key_proof": PROOF["key_proof"],
+            }
+        )
+        assert (body.public_key, body.key_proof) == (PROOF["public_key"], PROOF["key_proof"])
+
+
+def server_approval(vector: dict[str, Any]) -> Approval:
+    context = vector["context"]
+    return Approval(
+        id=vector["approval_id"],
+        client_nonce=vector["client_nonce"],
+        username=context["username"],
+        hostname=context["hostname"],
+        ip=context["ip"],
+        action=context["action"],
+        message=context["message"],
+    )
+
+
+@pytest.mark.parametrize("vector", SIGNATURES_V2, ids=[v["decision"] for v in SIGNATURES_V2])
+class TestApprovalSignaturesV2:
+    def test_context_hash_on_both_sides(self, vector: dict[str, Any]) -> None:
+        context = vector["context"]
+        canonical = vector["context_json_utf8"]
+        assert hashlib.sha256(canonical.encode("utf-8")).hexdigest() == vector["context_sha256_hex"]
+        assert context_sha256(context) == vector["context_sha256_hex"]
+        server = approvals.context_sha256(
+            context["username"],
+            context["hostname"],
+            context["ip"],
+            context["action"],
+            context["message"],
+        )
+        assert server == vector["context_sha256_hex"]
+        assert "\\u" not in canonical and '"message":null' in canonical
+
+    def test_message_is_what_server_and_sdk_build(self, vector: dict[str, Any]) -> None:
+        built = approvals.signed_message_v2(
+            server_approval(vector), vector["decision"], vector["match_code"], vector["timestamp"]
+        )
+        assert built == vector["message_utf8"]
+        sdk = approval_message_v2(
+            vector["approval_id"],
+            vector["decision"],
+            vector["match_code"],
+            vector["timestamp"],
+            vector["client_nonce"],
+            vector["context_sha256_hex"],
+        )
+        assert sdk == built.encode("utf-8")
+        assert hashlib.sha256(sdk).hexdigest() == vector["message_sha256_hex"]
+
+    def test_server_and_sdk_verify_and_rfc6979_reproduces(self, vector: dict[str, Any]) -> None:
+        message = vector["message_utf8"].encode("utf-8")
+        signature = vector["signature_der_base64"]
+        assert verify_signature(public_der(), message, signature)
+        assert verify_approval_signature(
+            KEY["public_key_spki_der_base64"],
+            signature,
+            vector["approval_id"],
+            vector["decision"],
+            vector["match_code"],
+            vector["timestamp"],
+            vector["client_nonce"],
+            vector["context_sha256_hex"],
+        )
+        algorithm = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
+        assert base64.b64encode(private_key().sign(message, algorithm)).decode() == signature
+
+    def test_the_same_signature_fails_as_v1_or_over_another_context(
+        self, vector: dict[str, Any]
+    ) -> None:
+        signature = vector["signature_der_base64"]
+        v1 = signed_message(
+            vector["approval_id"], vector["decision"], vector["match_code"], vector["timestamp"]
+        )
+        assert not verify_signature(public_der(), v1.encode(), signature)
+        other = vector["message_utf8"].replace(vector["context_sha256_hex"], "0" * 64)
+        assert not verify_signature(public_der(), other.encode(), signature)
+
+
 def test_tampered_message_fails_verification() -> None:
     tampered = VECTORS["tampered"]
     assert tampered["message_utf8"] != SIGNATURES[0]["message_utf8"]
@@ -125,3 +239,10 @@ def test_mobile_guide_quotes_the_vectors() -> None:
     assert KEY["public_key_spki_der_base64"] in guide
     assert SIGNATURES[0]["message_utf8"] in guide
     assert "pns-approval-v1|<approval_id>|<decision>|<match_code or empty>|<timestamp>" in guide
+    assert PROOF["key_proof"] in guide and PROOF["message_utf8"] in guide
+    assert SIGNATURES_V2[0]["message_utf8"] in guide
+    assert SIGNATURES_V2[0]["context_json_utf8"] in guide
+    assert (
+        "pns-approval-v2|<approval_id>|<decision>|<match_code or empty>|<timestamp>|"
+        "<client_nonce>|<context_sha256>" in guide
+    )

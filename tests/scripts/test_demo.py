@@ -28,6 +28,7 @@ def test_demo_runs_the_whole_flow() -> None:
     out = done.stdout
     for marker in (
         "=== 1. Register the backup client ===",
+        "joined; its key is pinned.",
         "Match code: ",
         "APPROVED on the phone. Login allowed.",
         "REJECTED on the phone. Login refused.",
