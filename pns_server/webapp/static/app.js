@@ -330,7 +330,9 @@ async function pollLoop() {
         const list = await call("GET", `/v1/device/approvals?wait=${wait}`, { token: state.device.device_token });
         const next = list.approvals.find((a) => !state.finished.has(a.approval_id));
         if (next) showRequest(next);
-        else if (document.hidden) await sleep(RECHECK_MS);
+        // Only requests answered here are pending (the relay has not expired them yet), or
+        // the page is in the background: do not ask again at once.
+        else if (document.hidden || list.approvals.length) await sleep(RECHECK_MS);
       }
       if (state.offline) setConnection("");
       state.offline = false;
