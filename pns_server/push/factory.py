@@ -17,7 +17,12 @@ from pns_server.config import Settings
 from pns_server.push.apns import ApnsConfig, ApnsSender, ProviderToken, load_signing_key
 from pns_server.push.base import Outcome, PushMessage, PushResult, PushSender
 from pns_server.push.log import LogPushSender
-from pns_server.push.webpush import WebPushConfig, WebPushSender, load_or_create_vapid_key
+from pns_server.push.webpush import (
+    VapidException,
+    WebPushConfig,
+    WebPushSender,
+    load_or_create_vapid_key,
+)
 
 log = logging.getLogger("pns.push")
 
@@ -132,9 +137,9 @@ def build_fcm(settings: Settings, ca_file: Path | None) -> PushSender | None:
 def webpush_subject(settings: Settings) -> str:
     if settings.webpush_subject:
         return settings.webpush_subject
-    if settings.public_url.startswith("https://"):
-        return settings.public_url
     host = urlsplit(settings.public_url).hostname or "localhost"
+    if settings.public_url.startswith("https://"):
+        return f"https://{host}"  # push services want the origin's name, no port or path
     return f"mailto:admin@{host}"
 
 
@@ -161,7 +166,16 @@ def build_webpush(settings: Settings, ca_file: Path | None) -> WebPushSender:
         timeout=settings.push_timeout_seconds,
         ca_file=ca_file,
     )
-    return WebPushSender(key, config)
+    sender = WebPushSender(key, config)
+    try:
+        # Signs once now, so a contact the push services would refuse stops the start.
+        sender.authorization("https://fcm.googleapis.com/")
+    except VapidException as exc:
+        raise PushConfigError(
+            f"PNS_WEBPUSH_SUBJECT: not a usable VAPID contact: {config.subject!r} ({exc}); "
+            "use mailto:you@example.com or https://your.host"
+        ) from None
+    return sender
 
 
 @dataclass

@@ -27,7 +27,9 @@ import http_ece
 import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from py_vapid import Vapid02
+from py_vapid import Vapid02, VapidException
+
+__all__ = ["VapidException", "WebPushConfig", "WebPushSender", "endpoint_problem"]
 
 from pns_server.push.base import Outcome, PushMessage, PushResult
 
@@ -248,8 +250,12 @@ class WebPushSender:
         except ValueError as exc:
             return PushResult(Outcome.INVALID_TOKEN, reason=str(exc))
         ttl = max(0, int((message.expires_at - datetime.now(UTC)).total_seconds()))
+        try:
+            authorization = self.authorization(endpoint)
+        except VapidException as exc:
+            return PushResult(Outcome.CONFIG_ERROR, reason=f"VAPID: {exc}")
         headers = {
-            "Authorization": self.authorization(endpoint),
+            "Authorization": authorization,
             "Content-Encoding": "aes128gcm",
             "Content-Type": "application/octet-stream",
             "TTL": str(ttl),

@@ -248,8 +248,14 @@ class TestVapidKey:
         assert webpush_subject(self.settings(tmp_path, public_url="https://pns.example.com")) == (
             "https://pns.example.com"
         )
+        with_port = self.settings(tmp_path, public_url="https://pns.example.com:8443/relay")
+        assert webpush_subject(with_port) == "https://pns.example.com"
+        # ...and the key signs with it (push services refuse a JWT without a valid contact).
+        build_senders(with_port)
         assert webpush_subject(self.settings(tmp_path, public_url="http://10.0.0.5:8080")) == (
             "mailto:admin@10.0.0.5"
         )
         with pytest.raises(ValueError, match="mailto"):
             self.settings(tmp_path, webpush_subject="ops@example.com")
+        with pytest.raises(PushConfigError, match="PNS_WEBPUSH_SUBJECT"):
+            build_senders(self.settings(tmp_path, webpush_subject="mailto:nobody"))
