@@ -101,8 +101,8 @@ class Settings(BaseSettings):
     webpush_endpoint_hosts: Annotated[list[str], NoDecode] = list(DEFAULT_WEBPUSH_HOSTS)
     # VAPID signing key (PEM, P-256); empty = generated once under PNS_DATA_DIR.
     webpush_vapid_key_file: Path | None = None
-    # The VAPID `sub` claim: a mailto: or https: contact for push services; empty = the
-    # public URL when it is https, else mailto:admin@<public host>.
+    # The VAPID `sub` claim: a mailto: or https: contact for push services; empty =
+    # https://<public host> when the public URL is https, else mailto:admin@<public host>.
     webpush_subject: str | None = None
 
     shutdown_timeout: float = Field(default=10.0, ge=0)
