@@ -140,3 +140,53 @@ class TestHttpsWarning:
         app = create_app(settings)
         assert app.router.lifespan_context is not None
         assert "plain http" not in caplog.text  # only when it starts (see the lifespan)
+
+
+class TestAccessibleMarkup:
+    """What a screen reader needs from the page itself (the browser tests use the same names
+    through Playwright's role and label locators)."""
+
+    def test_every_control_has_a_name(self) -> None:
+        from html.parser import HTMLParser
+
+        class Controls(HTMLParser):
+            def __init__(self) -> None:
+                super().__init__()
+                self.labels: set[str] = set()
+                self.inputs: list[tuple[str | None, bool]] = []
+                self.buttons: list[str] = []
+                self.in_label = 0
+                self.in_button = False
+                self.lang: str | None = None
+
+            def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+                found = dict(attrs)
+                if tag == "html":
+                    self.lang = found.get("lang")
+                if tag == "label":
+                    self.in_label += 1
+                    if found.get("for"):
+                        self.labels.add(str(found["for"]))
+                if tag == "input":
+                    self.inputs.append((found.get("id"), self.in_label > 0))
+                if tag == "button":
+                    self.in_button = True
+                    self.buttons.append("")
+
+            def handle_endtag(self, tag: str) -> None:
+                if tag == "label":
+                    self.in_label -= 1
+                if tag == "button":
+                    self.in_button = False
+
+            def handle_data(self, data: str) -> None:
+                if self.in_button:
+                    self.buttons[-1] += data.strip()
+
+        parsed = Controls()
+        parsed.feed((STATIC / "index.html").read_text())
+        assert parsed.lang == "en"
+        assert parsed.inputs and parsed.buttons
+        for input_id, wrapped in parsed.inputs:
+            assert wrapped or input_id in parsed.labels, input_id
+        assert all(parsed.buttons), parsed.buttons
