@@ -44,7 +44,9 @@ self.addEventListener("fetch", (event) => {
   event.respondWith(
     fetch(event.request)
       .then((response) => {
-        if (response.ok && event.request.mode !== "navigate") {
+        // Pages (/app/, /app/pair: the same file) are kept under /app/, so the offline copy
+        // always matches the modules cached beside it.
+        if (response.ok && (event.request.mode !== "navigate" || response.headers.get("content-type")?.startsWith("text/html"))) {
           const copy = response.clone();
           caches.open(CACHE).then((cache) => cache.put(key, copy));
         }
