@@ -10,7 +10,7 @@ DEV_STAMP    := $(VENV)/.installed-dev
 LOCK         := requirements/server.lock
 UV_VERSION   := 0.13.9
 
-.PHONY: run test lint format bench bench-full demo clean migrate openapi lock
+.PHONY: run test lint format bench bench-full demo clean migrate openapi lock browser
 
 CONSTRAINTS  := $(VENV)/constraints.txt
 
@@ -49,8 +49,19 @@ format: $(DEV_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## The web approver's tests drive Debian's Chromium (never a downloaded browser):
+## installed here when missing and we are root; otherwise those tests skip (and fail in CI).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium for the web approver tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	  else echo "note: $(CHROMIUM) is missing (apt-get install chromium); browser tests will skip"; fi; }
+
 ## Linters, then the whole suite on SQLite and a throwaway PostgreSQL cluster.
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Benchmarks against real relay processes on SQLite and PostgreSQL (docs/benchmarks.md).

@@ -61,6 +61,7 @@ from client_sdk._exceptions import (
     Unavailable,
     UnexpectedResponse,
     UnsupportedMediaType,
+    WebPushEndpointForbidden,
 )
 from client_sdk._keys import (
     KeyStore,
@@ -162,6 +163,7 @@ __all__ = [
     "Unavailable",
     "UnexpectedResponse",
     "UnsupportedMediaType",
+    "WebPushEndpointForbidden",
     "__version__",
     "approval_message",
     "approval_message_v2",

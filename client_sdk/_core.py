@@ -314,6 +314,7 @@ def parse_pairing(data: Mapping[str, Any]) -> Pairing:
         device=parse_device(device) if device is not None else None,
         qr_payload=_opt_str(data, "qr_payload"),
         otpauth_uri=_opt_str(data, "otpauth_uri"),
+        qr_link=_opt_str(data, "qr_link"),
     )
 
 
@@ -492,7 +493,15 @@ class ClientCore:
             # read by the phone's camera, never sent to the relay.
             secret = secrets.token_bytes(PAIRING_SECRET_BYTES)
             self.key_store.remember_pairing(pairing.pairing_id, secret, pairing.expires_at)
-            return replace(pairing, qr_payload=f"{payload}#k={b64url(secret)}")
+            link = pairing.qr_link
+            if link is not None:
+                if not same_pairing(link, payload):
+                    raise UnexpectedResponse(
+                        "the server's pairing link does not match its pairing code",
+                        status=reply.response.status_code,
+                    )
+                link = f"{link}&k={b64url(secret)}"
+            return replace(pairing, qr_payload=f"{payload}#k={b64url(secret)}", qr_link=link)
 
         return Call(ApiRequest("POST", "/v1/pairings", json=body), parse)
 
@@ -893,13 +902,24 @@ def normalise_otp(code: str) -> str:
 # --- the device's calls ---------------------------------------------------------------
 
 
+def pairing_params(code: str) -> tuple[dict[str, list[str]], bool]:
+    """The parameters of either pairing form, and whether it is the https link:
+    `pns://pair?server=..&token=..#k=..` or `https://<relay>/app/pair#server=..&token=..&k=..`
+    (one parser for both; the names are the same)."""
+    parsed = urlparse(code.strip())
+    if parsed.scheme == "pns" and parsed.netloc == "pair":
+        return parse_qs(parsed.query), False
+    if parsed.scheme in ("http", "https") and parsed.path.endswith("/app/pair"):
+        if parsed.query:
+            raise ValueError("a pairing link carries its parameters in the fragment only")
+        return parse_qs(parsed.fragment, keep_blank_values=True), True
+    raise ValueError("not a PNS pairing code (expected pns://pair?... or https://.../app/pair#...)")
+
+
 def parse_qr_payload(qr_payload: str) -> tuple[str, str]:
-    """`pns://pair?server=<url>&token=<token>[#k=<secret>]` -> (server URL, pairing token).
-    `pairing_secret_of` reads the fragment's secret."""
-    parsed = urlparse(qr_payload.strip())
-    if parsed.scheme != "pns" or parsed.netloc != "pair":
-        raise ValueError("not a PNS pairing code (expected pns://pair?...)")
-    query = parse_qs(parsed.query)
+    """A pairing code or link -> (server URL, pairing token). `pairing_secret_of` reads the
+    secret."""
+    query, _ = pairing_params(qr_payload)
     servers, tokens = query.get("server", []), query.get("token", [])
     if len(servers) != 1 or len(tokens) != 1 or not tokens[0]:
         raise ValueError("the pairing code must carry exactly one server and one token")
@@ -909,16 +929,36 @@ def parse_qr_payload(qr_payload: str) -> tuple[str, str]:
     return server.rstrip("/"), tokens[0]
 
 
+def same_pairing(link: str, qr_payload: str) -> bool:
+    """The relay's link carries the server and token of its pairing code, and no secret."""
+    try:
+        params, is_link = pairing_params(link)
+        return (
+            is_link and "k" not in params and parse_qr_payload(link) == parse_qr_payload(qr_payload)
+        )
+    except ValueError:
+        return False
+
+
 def pairing_secret_of(qr_payload: str) -> bytes | None:
-    """The 32-byte secret in a pairing code's `#k=` fragment; None when it has no fragment
-    (a client that predates key proofs). A malformed fragment is a ValueError: the code was
-    damaged or tampered with, and guessing would only make the proof fail later."""
-    fragment = urlparse(qr_payload.strip()).fragment
-    if not fragment:
-        return None
-    values = parse_qs(fragment, keep_blank_values=True).get("k", [])
-    if len(values) != 1 or fragment != f"k={values[0]}":
-        raise ValueError("the pairing code's fragment must be exactly #k=<secret>")
+    """The 32-byte secret in a pairing code's `#k=` fragment (or the link's `k` parameter);
+    None when it has none (a client that predates key proofs). A malformed fragment is a
+    ValueError: the code was damaged or tampered with, and guessing would only make the
+    proof fail later."""
+    params, is_link = pairing_params(qr_payload)
+    if is_link:
+        values = params.get("k", [])
+        if not values:
+            return None
+        if len(values) != 1 or set(params) != {"server", "token", "k"}:
+            raise ValueError("the pairing link must carry server, token and k exactly once")
+    else:
+        fragment = urlparse(qr_payload.strip()).fragment
+        if not fragment:
+            return None
+        values = parse_qs(fragment, keep_blank_values=True).get("k", [])
+        if len(values) != 1 or fragment != f"k={values[0]}":
+            raise ValueError("the pairing code's fragment must be exactly #k=<secret>")
     secret = b64url_decode(values[0])
     if len(secret) != PAIRING_SECRET_BYTES:
         raise ValueError(f"the pairing code's secret must be {PAIRING_SECRET_BYTES} bytes")

@@ -37,13 +37,15 @@ class TestNoConfiguration:
         caplog.set_level(logging.INFO, "pns.push")
         readiness = PushReadiness()
         senders = build_senders(settings(tmp_path), readiness)
-        assert list(senders) == ["log"]
+        assert list(senders) == ["log", "webpush"]
         assert "no APNs or FCM configured" in caplog.text
-        assert readiness() == {"mode": "log only: no APNs or FCM configuration"}
+        checks = readiness()
+        assert checks["mode"] == "log only: no APNs or FCM configuration"
+        assert checks["webpush"]["status"] == "ok"
 
     async def test_readyz_says_push_is_log_only(self, http: httpx.AsyncClient) -> None:
         body = (await http.get("/readyz")).json()
-        assert body["checks"]["push"] == {"mode": "log only: no APNs or FCM configuration"}
+        assert body["checks"]["push"]["mode"] == "log only: no APNs or FCM configuration"
 
 
 class TestRefusals:
@@ -133,7 +135,7 @@ class TestConfigured:
             readiness,
         )
         try:
-            assert sorted(senders) == ["apns", "fcm", "log"]
+            assert sorted(senders) == ["apns", "fcm", "log", "webpush"]
             ok = push_message()
             assert (await senders["apns"].send(ok)).ok
             bad = push_message(token="cd" * 32)
