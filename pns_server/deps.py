@@ -99,7 +99,9 @@ async def current_device_detached(request: Request, db: DatabaseDep) -> Device:
     """For long-polls: authenticate with a short session so the wait holds no connection."""
     token = bearer_token(request)
     async with db.session() as session:
-        return await _device_by_token(session, token)
+        device = await _device_by_token(session, token)
+    count_caller(request, "device:" + device.id)
+    return device
 
 
 def require_admin(request: Request, settings: SettingsDep) -> None:

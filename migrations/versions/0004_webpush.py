@@ -1,7 +1,7 @@
 """Web Push subscriptions: the keys a browser's push subscription carries.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"  # chained after the key-proof revision (merged from trust)
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

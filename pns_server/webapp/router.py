@@ -23,7 +23,6 @@ from pns_server.config import Settings
 from pns_server.deps import RuntimeDep
 from pns_server.errors import NotFound
 from pns_server.problems import PROBLEM_RESPONSES
-from pns_server.ratelimit import CallerLimit
 
 log = logging.getLogger("pns")
 STATIC = Path(__file__).parent / "static"
@@ -74,9 +73,8 @@ class WebPushKey(BaseModel):
     public_key: str
 
 
-webpush_router = APIRouter(
-    tags=["devices"], dependencies=[CallerLimit], responses=PROBLEM_RESPONSES
-)
+# No token and no limit, like /v1/ping: it serves one public key.
+webpush_router = APIRouter(tags=["devices"], responses=PROBLEM_RESPONSES)
 
 
 @webpush_router.get("/v1/webpush", response_model=WebPushKey)
