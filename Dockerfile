@@ -24,10 +24,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PNS_DATA_DIR=/data \
     PNS_LOG_FORMAT=json
 # Exactly the versions in requirements/server.lock, each checked against its hash, binary
-# wheels only (no compiler in the image); then our wheel without resolving anything again.
+# wheels only (no compiler in the image) except http-ece, which is published as a pure-Python
+# source archive only; then our wheel without resolving anything again.
 RUN --mount=type=bind,source=requirements/server.lock,target=/tmp/server.lock \
     --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --require-hashes --only-binary :all: -r /tmp/server.lock \
+    pip install --no-cache-dir --require-hashes --only-binary :all: --no-binary http-ece \
+       -r /tmp/server.lock \
  && pip install --no-cache-dir --no-index --no-deps /wheels/pns_relay-*.whl \
  && pip check \
  && groupadd --system --gid 10001 pns \

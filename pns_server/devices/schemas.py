@@ -102,6 +102,7 @@ class DeviceCreate(RequestModel):
     os_version: str | None = Field(default=None, min_length=1, max_length=32)
     app_version: str | None = Field(default=None, max_length=32)
     push: PushRegistration | None = None
+    multiline_fields = frozenset({"public_key"})
     # Kept verbatim: key_proof is an HMAC over exactly this text.
     public_key: Annotated[str, Verbatim] = Field(min_length=1, max_length=2000)
     # base64url (no padding) of HMAC-SHA256(k, "pns-pair-v1|" + public_key), k being the
