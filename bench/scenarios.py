@@ -11,8 +11,11 @@ from typing import Any
 
 import httpx
 
+from bench import harness
 from bench.harness import (
+    CpuMeter,
     Databases,
+    Helper,
     Party,
     approve,
     bounded,
@@ -21,10 +24,13 @@ from bench.harness import (
     new_parties,
     new_party,
     percentiles,
+    phones,
     providers,
     relays,
     rss_kib,
     signed_answer,
+    start_profiler,
+    stop_profiler,
     wait_until_final,
 )
 
@@ -43,10 +49,11 @@ class Size:
     push_phones: int
     push_rounds: int
     otp_parties: int
+    route_requests: int = 200
 
 
 QUICK = Size(200, 100, 6.0, (8, 32), 2000, 20, 20, 25, 2, 300)
-FULL = Size(1000, 300, 20.0, (4, 16, 32, 64), 10000, 100, 40, 50, 4, 2000)
+FULL = Size(1000, 300, 20.0, (4, 16, 32, 64), 10000, 100, 40, 50, 4, 2000, 500)
 
 
 # -- 1. decision latency --------------------------------------------------------------------
@@ -63,32 +70,15 @@ async def decision_latency(
                 http_client(servers[-1].url) as phone_side,
             ):
                 party = await new_party(waiter, phones=1, push="none")
-                phone = party.phones[0]
                 samples: list[float] = []
                 answer_calls: list[float] = []
-                for _ in range(size.decisions):
-                    created = await create_approval(waiter, party)
-                    approval_id = created["approval_id"]
-                    poll = asyncio.create_task(
-                        waiter.get(
-                            f"/v1/approvals/{approval_id}",
-                            params={"wait": 30},
-                            headers=party.client.headers,
-                        )
-                    )
-                    await asyncio.sleep(0.02)  # let the long-poll reach its wait
-                    body = signed_answer(phone, approval_id, created["match_code"])
-                    started = time.perf_counter()
-                    answered = await phone_side.post(
-                        f"/v1/device/approvals/{approval_id}/response",
-                        json=body,
-                        headers=phone.headers,
-                    )
-                    answer_calls.append(time.perf_counter() - started)
-                    answered.raise_for_status()
-                    result = await poll
-                    samples.append(time.perf_counter() - started)
-                    assert result.json()["status"] == "approved", result.text
+                # Here the load generator plays the phone too: it times the answer itself.
+                meter = CpuMeter(
+                    relay=servers[0].process.pid if servers[0].process else None,
+                    postgres=dbs.postgres_pid(kind),
+                )
+                with meter:
+                    await decide_many(size, waiter, phone_side, party, samples, answer_calls)
         stats = percentiles(samples)
         rows.append(
             {
@@ -100,27 +90,61 @@ async def decision_latency(
                 "p99_ms": stats["p99_ms"],
                 "max_ms": stats["max_ms"],
                 "answer_call_p50_ms": percentiles(answer_calls)["p50_ms"],
+                **meter.used,
             }
         )
     return rows
 
 
+async def decide_many(
+    size: Size,
+    waiter: httpx.AsyncClient,
+    phone_side: httpx.AsyncClient,
+    party: Party,
+    samples: list[float],
+    answer_calls: list[float],
+) -> None:
+    phone = party.phones[0]
+    for _ in range(size.decisions):
+        created = await create_approval(waiter, party)
+        approval_id = created["approval_id"]
+        poll = asyncio.create_task(
+            waiter.get(
+                f"/v1/approvals/{approval_id}",
+                params={"wait": 30},
+                headers=party.client.headers,
+            )
+        )
+        await asyncio.sleep(0.02)  # let the long-poll reach its wait
+        body = signed_answer(phone, approval_id, created["match_code"])
+        started = time.perf_counter()
+        answered = await phone_side.post(
+            f"/v1/device/approvals/{approval_id}/response",
+            json=body,
+            headers=phone.headers,
+        )
+        answer_calls.append(time.perf_counter() - started)
+        answered.raise_for_status()
+        result = await poll
+        samples.append(time.perf_counter() - started)
+        assert result.json()["status"] == "approved", result.text
+
+
 # -- 2. full round trip ---------------------------------------------------------------------
-async def one_round_trip(http: httpx.AsyncClient, party: Party, apns: Any) -> float:
+async def one_round_trip(http: httpx.AsyncClient, party: Party, phone_process: Helper) -> float:
+    """A login as the backup client lives it: create, the user types the number on the phone
+    (which answers once the push reached it, in the phones process), long-poll to the end."""
     started = time.perf_counter()
     created = await create_approval(http, party)
     approval_id = created["approval_id"]
-    arrived = apns.arrived[approval_id]
-    final = asyncio.create_task(wait_until_final(http, party, approval_id))
-    await asyncio.wait_for(arrived.wait(), 60)
-    phone = party.phones[0]
-    details = await http.get(f"/v1/device/approvals/{approval_id}", headers=phone.headers)
-    details.raise_for_status()
-    await approve(http, phone, approval_id, created["match_code"])
-    state = await final
+    phone_process.tell(op="code", approval_id=approval_id, match_code=created["match_code"])
+    state = await wait_until_final(http, party, approval_id)
     assert state["status"] == "approved", state
-    apns.arrived.pop(approval_id, None)
     return time.perf_counter() - started
+
+
+def relay_pid(server: Any) -> int | None:
+    return server.process.pid if server.process is not None else None
 
 
 async def round_trip(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
@@ -130,68 +154,93 @@ async def round_trip(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[d
         with relays(url, tmp, 1, **fakes.env) as [server]:
             async with http_client(server.url, 400) as http:
                 parties = await new_parties(http, max(size.concurrencies), 1, "apns")
-                serial = [
-                    await one_round_trip(http, parties[0], fakes.apns)
-                    for _ in range(size.round_trips_serial)
-                ]
-                stats = percentiles(serial)
-                rows.append(
-                    {
-                        "database": kind,
-                        "processes": 1,
-                        "concurrency": 1,
-                        "round_trips": stats["n"],
-                        "p50_ms": stats["p50_ms"],
-                        "p99_ms": stats["p99_ms"],
-                        "per_second": round(len(serial) / sum(serial), 1),
-                    }
-                )
-                for concurrency in size.concurrencies:
+                async with phones(tmp, server.url, fakes, parties) as phone_process:
+                    meter = meter_for(dbs, kind, server, fakes, phone_process)
+                    with meter:
+                        serial = [
+                            await one_round_trip(http, parties[0], phone_process)
+                            for _ in range(size.round_trips_serial)
+                        ]
+                    stats = percentiles(serial)
                     rows.append(
-                        await sustained([http], parties[:concurrency], fakes.apns, size, kind)
+                        {
+                            "database": kind,
+                            "processes": 1,
+                            "concurrency": 1,
+                            "round_trips": stats["n"],
+                            "p50_ms": stats["p50_ms"],
+                            "p99_ms": stats["p99_ms"],
+                            "per_second": round(len(serial) / sum(serial), 1),
+                            **meter.used,
+                        }
                     )
-    if kind == "postgres":
-        rows.append(await scaled_out(await dbs.fresh(kind), tmp, size))
+                    for concurrency in size.concurrencies:
+                        meter = meter_for(dbs, kind, server, fakes, phone_process)
+                        rows.append(
+                            await sustained(http, parties[:concurrency], phone_process, size, meter)
+                            | {"database": kind, "processes": 1}
+                        )
     return rows
 
 
-async def scaled_out(url: str, tmp: Path, size: Size) -> dict[str, Any]:
-    """The same load spread over two relay processes sharing PostgreSQL (one per core)."""
-    async with providers(tmp) as fakes:
-        with relays(url, tmp, 2, **fakes.env) as servers:
-            async with (
-                http_client(servers[0].url, 400) as first,
-                http_client(servers[1].url, 400) as second,
-            ):
-                parties = await new_parties(first, max(size.concurrencies), 1, "apns")
-                return await sustained([first, second], parties, fakes.apns, size, "postgres")
+def meter_for(
+    dbs: Databases, kind: str, server: Any, fakes: Any, phone_process: Helper | None
+) -> CpuMeter:
+    return CpuMeter(
+        relay=relay_pid(server),
+        postgres=dbs.postgres_pid(kind),
+        fake_apns=fakes.apns.pid,
+        fake_fcm=fakes.fcm.pid,
+        phones=phone_process.pid if phone_process else None,
+    )
 
 
 async def sustained(
-    relays_http: list[httpx.AsyncClient], parties: list[Party], apns: Any, size: Size, kind: str
+    http: httpx.AsyncClient, parties: list[Party], phone_process: Helper, size: Size, meter: Any
 ) -> dict[str, Any]:
-    """Each party loops round trips for the scenario's time, parties spread over the relays."""
+    """Each party loops round trips for the scenario's time."""
     samples: list[float] = []
     stop_at = time.monotonic() + size.round_trip_seconds
 
-    async def client_loop(index: int, party: Party) -> None:
-        http = relays_http[index % len(relays_http)]
+    async def client_loop(party: Party) -> None:
         while time.monotonic() < stop_at:
-            samples.append(await one_round_trip(http, party, apns))
+            samples.append(await one_round_trip(http, party, phone_process))
 
-    started = time.perf_counter()
-    await asyncio.gather(*(client_loop(i, p) for i, p in enumerate(parties)))
-    elapsed = time.perf_counter() - started
+    with meter:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(p) for p in parties))
+        elapsed = time.perf_counter() - started
     stats = percentiles(samples)
     return {
-        "database": kind,
-        "processes": len(relays_http),
         "concurrency": len(parties),
         "round_trips": stats["n"],
         "p50_ms": stats["p50_ms"],
         "p99_ms": stats["p99_ms"],
         "per_second": round(len(samples) / elapsed, 1),
+        **meter.used,
     }
+
+
+async def workers(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
+    """`pns-server serve --workers N` on one port: 1 against 2 relay processes on PostgreSQL
+    (SQLite refuses N > 1: it has no cross-process wake-up)."""
+    if kind != "postgres":
+        return []
+    rows: list[dict[str, Any]] = []
+    concurrency = max(size.concurrencies)
+    for count in (1, 2, 1, 2):  # alternated: the machine is shared, its load drifts
+        url = await dbs.fresh(kind)
+        async with providers(tmp) as fakes:
+            with relays(url, tmp, 1, workers=count, **fakes.env) as [server]:
+                async with http_client(server.url, 400) as http:
+                    parties = await new_parties(http, concurrency, 1, "apns")
+                    async with phones(tmp, server.url, fakes, parties) as phone_process:
+                        meter = meter_for(dbs, kind, server, fakes, phone_process)
+                        rows.append(
+                            {"database": kind, "workers": count}
+                            | await sustained(http, parties, phone_process, size, meter)
+                        )
+    return rows
 
 
 # -- 3. long-poll capacity ------------------------------------------------------------------
@@ -319,25 +368,19 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
             with relays(url, tmp, 1, **fakes.env) as [server]:
                 async with http_client(server.url) as http:
                     parties = await new_parties(http, size.push_parties, size.push_phones, service)
-
-                    def received(service: str = service) -> int:
-                        if service == "apns":
-                            return len(fakes.apns.received)
-                        return len(fakes.fcm.state.received)
-
+                    fake = fakes.apns if service == "apns" else fakes.fcm
                     per_round = size.push_parties * size.push_phones
                     rates = []
-                    for round_number in range(1, size.push_rounds + 1):
-                        before = received()
-                        started = time.perf_counter()
-                        await asyncio.gather(*(create_approval(http, p) for p in parties))
-                        deadline = time.monotonic() + 120
-                        while received() < before + per_round and time.monotonic() < deadline:
-                            await asyncio.sleep(0.005)
-                        elapsed = time.perf_counter() - started
-                        got = received() - before
-                        rates.append(got / elapsed)
-                        assert got >= per_round, f"round {round_number}: {got} of {per_round}"
+                    meter = meter_for(dbs, kind, server, fakes, None)
+                    with meter:
+                        for round_number in range(1, size.push_rounds + 1):
+                            before = (await fake.ask(op="count"))["count"]
+                            started = time.monotonic()
+                            await asyncio.gather(*(create_approval(http, p) for p in parties))
+                            seen = await fake.ask(op="wait", count=before + per_round, timeout=120)
+                            got = seen["count"] - before
+                            rates.append(got / (seen["last_at"] - started))
+                            assert got >= per_round, f"round {round_number}: {got} of {per_round}"
         rows.append(
             {
                 "database": kind,
@@ -346,6 +389,7 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
                 "rounds": size.push_rounds,
                 "pushes_per_s_best": round(max(rates), 1),
                 "pushes_per_s_mean": round(sum(rates) / len(rates), 1),
+                **meter.used,
             }
         )
     return rows
@@ -353,41 +397,164 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
 
 # -- 5. OTP verification --------------------------------------------------------------------
 async def otp_rate(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
+    """Verifications at concurrency 1 and 20 (the tail the issue names) and 32; each uses its
+    own device, since a code is accepted once."""
     url = await dbs.fresh(kind)
+    rows = []
     with relays(url, tmp, 1) as [server]:
         async with http_client(server.url) as http:
-            parties = await new_parties(http, size.otp_parties, 1, "none")
-            samples: list[float] = []
-            refused = 0
+            for concurrency in (1, 20, 32):
+                parties = await new_parties(http, size.otp_parties, 1, "none")
+                samples: list[float] = []
+                refused = 0
 
-            async def verify(index: int) -> None:
-                nonlocal refused
-                party = parties[index]
-                started = time.perf_counter()
-                response = await http.post(
-                    "/v1/otp/verify",
-                    json={"code": party.phones[0].otp()},
-                    headers=party.client.headers,
+                async def verify(
+                    index: int, parties: list[Party] = parties, samples: list[float] = samples
+                ) -> None:
+                    nonlocal refused
+                    party = parties[index]
+                    started = time.perf_counter()
+                    response = await http.post(
+                        "/v1/otp/verify",
+                        json={"code": party.phones[0].otp()},
+                        headers=party.client.headers,
+                    )
+                    samples.append(time.perf_counter() - started)
+                    if response.status_code != 200:
+                        refused += 1
+
+                meter = CpuMeter(relay=relay_pid(server), postgres=dbs.postgres_pid(kind))
+                with meter:
+                    started = time.perf_counter()
+                    done = await bounded(len(parties), concurrency, verify, time_limit=120)
+                    elapsed = time.perf_counter() - started
+                stats = percentiles(samples)
+                rows.append(
+                    {
+                        "database": kind,
+                        "verifications": done,
+                        "refused": refused,
+                        "concurrency": concurrency,
+                        "per_second": round(done / elapsed, 1),
+                        "p50_ms": stats["p50_ms"],
+                        "p99_ms": stats["p99_ms"],
+                        "max_ms": stats["max_ms"],
+                        **meter.used,
+                    }
                 )
-                samples.append(time.perf_counter() - started)
-                if response.status_code != 200:
-                    refused += 1
+    return rows
 
-            started = time.perf_counter()
-            done = await bounded(len(parties), 32, verify, time_limit=120)
-            elapsed = time.perf_counter() - started
-    stats = percentiles(samples)
-    return [
-        {
-            "database": kind,
-            "verifications": done,
-            "refused": refused,
-            "concurrency": 32,
-            "per_second": round(done / elapsed, 1),
-            "p50_ms": stats["p50_ms"],
-            "p99_ms": stats["p99_ms"],
-        }
-    ]
+
+# -- 6. CPU per request, route by route ------------------------------------------------------
+async def route_cost(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
+    """The relay's CPU per request for each hot route, one request at a time: the relay's
+    CPU seconds (from /proc) over the phase divided by the requests made. With `--profile`,
+    py-spy samples each phase into its own file."""
+    n = size.route_requests
+    url = await dbs.fresh(kind)
+    rows: list[dict[str, Any]] = []
+    async with providers(tmp) as fakes:
+        with relays(url, tmp, 1, **fakes.env) as [server]:
+            pid = relay_pid(server)
+            async with http_client(server.url) as http:
+                pushing = await new_parties(http, 1, 1, "apns")
+                quiet = await new_parties(http, n, 1, "none")
+                phone = quiet[0].phones[0]
+
+                async def phase(name: str, job: Any, count: int = n) -> None:
+                    profiler = None
+                    if harness.PROFILE_DIR is not None:
+                        profiler = start_profiler(server, f"route-{name}-{kind}")
+                    samples: list[float] = []
+                    meter = CpuMeter(relay=pid, postgres=dbs.postgres_pid(kind))
+                    with meter:
+                        for index in range(count):
+                            started = time.perf_counter()
+                            await job(index)
+                            samples.append(time.perf_counter() - started)
+                    if profiler is not None:
+                        stop_profiler(profiler)
+                    relay_cpu = meter.used["cpu_relay_s"]
+                    rows.append(
+                        {
+                            "database": kind,
+                            "route": name,
+                            "requests": count,
+                            "relay_cpu_ms_per_request": round(1000 * relay_cpu / count, 2),
+                            "postgres_cpu_ms_per_request": round(
+                                1000 * meter.used.get("cpu_postgres_s", 0.0) / count, 2
+                            ),
+                            "latency_p50_ms": percentiles(samples)["p50_ms"],
+                        }
+                    )
+
+                await phase("healthz (framework floor)", lambda _i: ok_get(http, "/healthz"))
+                await phase(
+                    "client auth (GET /v1/client)",
+                    lambda _i: ok_get(http, "/v1/client", quiet[0].client.headers),
+                )
+                await phase(
+                    "device auth (GET /v1/device/approvals, none pending)",
+                    lambda _i: ok_get(http, "/v1/device/approvals", phone.headers),
+                )
+                await phase(
+                    "create approval + its push (APNs)",
+                    lambda _i: create_approval(http, pushing[0]),
+                )
+                created = [await create_approval(http, p) for p in quiet]
+                await phase(
+                    "device detail (GET /v1/device/approvals/{id})",
+                    lambda i: ok_get(
+                        http,
+                        f"/v1/device/approvals/{created[i]['approval_id']}",
+                        quiet[i].phones[0].headers,
+                    ),
+                )
+                await phase(
+                    "signed answer (POST .../response), nobody waiting",
+                    lambda i: approve(
+                        http,
+                        quiet[i].phones[0],
+                        created[i]["approval_id"],
+                        created[i]["match_code"],
+                    ),
+                )
+                created = [await create_approval(http, p) for p in quiet]
+
+                async def answer_with_waiter(i: int) -> None:
+                    poll = asyncio.create_task(
+                        wait_until_final(http, quiet[i], created[i]["approval_id"])
+                    )
+                    await asyncio.sleep(0.005)
+                    await approve(
+                        http,
+                        quiet[i].phones[0],
+                        created[i]["approval_id"],
+                        created[i]["match_code"],
+                    )
+                    await poll
+
+                await phase("signed answer + the long-poll it wakes", answer_with_waiter)
+                await phase(
+                    "OTP verify",
+                    lambda i: ok_post(
+                        http,
+                        "/v1/otp/verify",
+                        {"code": quiet[i].phones[0].otp()},
+                        quiet[i].client.headers,
+                    ),
+                )
+    return rows
+
+
+async def ok_get(http: httpx.AsyncClient, path: str, headers: Any = None) -> None:
+    response = await http.get(path, headers=headers)
+    response.raise_for_status()
+
+
+async def ok_post(http: httpx.AsyncClient, path: str, body: Any, headers: Any) -> None:
+    response = await http.post(path, json=body, headers=headers)
+    response.raise_for_status()
 
 
 SCENARIOS = {
@@ -396,4 +563,6 @@ SCENARIOS = {
     "longpoll_capacity": longpoll_capacity,
     "push_dispatch": push_dispatch,
     "otp": otp_rate,
+    "workers": workers,
+    "route_cost": route_cost,
 }
