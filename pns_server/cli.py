@@ -56,12 +56,35 @@ def describe_startup(settings: Settings) -> str:
     )
 
 
-@command("serve", "run the relay (migrates the database first unless PNS_MIGRATE_ON_START=false)")
-def serve(settings: Settings, _args: argparse.Namespace) -> int:
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="relay processes on one port (default PNS_WORKERS, 1); more than one needs PostgreSQL",
+    )
+
+
+@command(
+    "serve",
+    "run the relay (migrates the database first unless PNS_MIGRATE_ON_START=false)",
+    _serve_arguments,
+)
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    from pns_server.workers import WorkersUnsupported, check_workers
+
+    workers = settings.workers if getattr(args, "workers", None) is None else args.workers
+    try:
+        check_workers(settings, workers)
+    except WorkersUnsupported as exc:
+        sys.stderr.write(f"pns-server serve: {exc}\n")
+        return 2
+    print(describe_startup(settings), flush=True)
+    if workers > 1:
+        return serve_workers(settings, workers)
     from pns_server.app import create_app
     from pns_server.shutdown import run_server
 
-    print(describe_startup(settings), flush=True)
     run_server(
         create_app(settings),
         host=settings.host,
@@ -73,6 +96,16 @@ def serve(settings: Settings, _args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     return 0
+
+
+def serve_workers(settings: Settings, workers: int) -> int:
+    from pns_server.migrate import upgrade_to_head
+    from pns_server.workers import Supervisor
+
+    if settings.migrate_on_start:
+        upgrade_to_head(settings.sqlalchemy_url)  # once, before any worker starts
+    print(f"{workers} relay processes share the port (PostgreSQL wakes and shares)", flush=True)
+    return Supervisor(settings, workers).run()
 
 
 @command("migrate", "upgrade the database schema to the latest revision")
