@@ -78,9 +78,9 @@ async def current_client(request: Request, session: SessionDep) -> Client:
 
 
 async def current_client_detached(request: Request, db: DatabaseDep) -> Client:
-    """For long-polls: authenticate with a short session so the wait holds no connection."""
+    """For long-polls: authenticate with a short read so the wait holds no connection."""
     token = bearer_token(request)
-    async with db.session() as session:
+    async with db.read() as session:
         return await _client_by_token(session, token)
 
 
