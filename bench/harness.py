@@ -327,12 +327,16 @@ def process_tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int, tree: bool = True) -> float:
-    """User + system CPU of one process (and its live descendants), from /proc/<pid>/stat."""
+    """User + system CPU of one process, from /proc/<pid>/stat. With `tree`, also of its
+    live descendants and of the children they already reaped (cutime/cstime: PostgreSQL
+    backends that ended, relay workers that were replaced)."""
     total = 0
     for member in process_tree(pid) if tree else [pid]:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
+            if tree:
+                total += int(fields[13]) + int(fields[14])  # cutime, cstime
     return total / TICKS
 
 
@@ -364,6 +368,17 @@ class CpuMeter:
             for name, pid in self.pids.items()
         }
         self.used["wall_s"] = round(wall, 2)
+
+    def per(self, count: int, unit: str) -> dict[str, float]:
+        """CPU milliseconds per unit of work: the relay's, and every process's together.
+        On a busy shared machine these are steadier than rates: a process's CPU time does
+        not grow while it waits for a core."""
+        relay = self.used.get("cpu_relay_s", 0.0)
+        everyone = sum(v for k, v in self.used.items() if k.startswith("cpu_"))
+        return {
+            f"relay_cpu_ms_per_{unit}": round(1000 * relay / max(count, 1), 2),
+            f"all_cpu_ms_per_{unit}": round(1000 * everyone / max(count, 1), 2),
+        }
 
 
 # -- relays ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -29,6 +30,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+# PNS_BENCH_DEBUG=1: each phone logs when its push, code, detail and answer came (phones.log).
+DEBUG = bool(os.environ.get("PNS_BENCH_DEBUG"))
 
 
 async def stdin_lines() -> asyncio.StreamReader:
@@ -191,15 +195,25 @@ async def run_phones(_tmp: Path, relay_url: str, channel_port: int) -> None:
         if phone is None:
             return
         try:
+            t_push = time.monotonic()
             match_code = await asyncio.wait_for(codes[approval_id], 60)
+            t_code = time.monotonic()
             details = await http.get(f"/v1/device/approvals/{approval_id}", headers=phone.headers)
             details.raise_for_status()
+            t_detail = time.monotonic()
             response = await http.post(
                 f"/v1/device/approvals/{approval_id}/response",
                 json=phone.answer(approval_id, match_code),
                 headers=phone.headers,
             )
             response.raise_for_status()
+            if DEBUG:
+                t_done = time.monotonic()
+                print(
+                    f"{approval_id}: push {t_push:.4f} code {t_code:.4f} "
+                    f"detail {t_detail:.4f} answered {t_done:.4f} (monotonic s)",
+                    file=sys.stderr,
+                )
             stats["answered"] += 1
         except Exception as exc:
             stats["failed"] += 1

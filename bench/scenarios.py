@@ -90,6 +90,7 @@ async def decision_latency(
                 "p99_ms": stats["p99_ms"],
                 "max_ms": stats["max_ms"],
                 "answer_call_p50_ms": percentiles(answer_calls)["p50_ms"],
+                **meter.per(stats["n"], "decision"),
                 **meter.used,
             }
         )
@@ -171,6 +172,7 @@ async def round_trip(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[d
                             "p50_ms": stats["p50_ms"],
                             "p99_ms": stats["p99_ms"],
                             "per_second": round(len(serial) / sum(serial), 1),
+                            **meter.per(len(serial), "round_trip"),
                             **meter.used,
                         }
                     )
@@ -217,6 +219,7 @@ async def sustained(
         "p50_ms": stats["p50_ms"],
         "p99_ms": stats["p99_ms"],
         "per_second": round(len(samples) / elapsed, 1),
+        **meter.per(len(samples), "round_trip"),
         **meter.used,
     }
 
@@ -389,6 +392,7 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
                 "rounds": size.push_rounds,
                 "pushes_per_s_best": round(max(rates), 1),
                 "pushes_per_s_mean": round(sum(rates) / len(rates), 1),
+                **meter.per(per_round * size.push_rounds, "push"),
                 **meter.used,
             }
         )
@@ -439,6 +443,7 @@ async def otp_rate(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dic
                         "p50_ms": stats["p50_ms"],
                         "p99_ms": stats["p99_ms"],
                         "max_ms": stats["max_ms"],
+                        **meter.per(done, "verification"),
                         **meter.used,
                     }
                 )
