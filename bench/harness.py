@@ -382,12 +382,35 @@ class CpuMeter:
 
 
 # -- relays ---------------------------------------------------------------------------------
+class RelayFrom(LiveServer):
+    """A relay run from another checkout of the project (`bench.run --compare DIR`): its
+    process starts in DIR, so `python -m pns_server.cli` imports DIR's code."""
+
+    def __init__(self, source: Path, env: dict[str, str], log_path: Path) -> None:
+        super().__init__(env, log_path)
+        self.source = source
+
+    def start(self, timeout: float = 30.0) -> LiveServer:
+        here = Path.cwd()
+        os.chdir(self.source)  # the child inherits it; the bench's own imports are done
+        try:
+            return super().start(timeout)
+        finally:
+            os.chdir(here)
+
+
 @contextlib.contextmanager
 def relays(
-    database_url: str, tmp: Path, count: int = 1, workers: int = 1, **extra: str
+    database_url: str,
+    tmp: Path,
+    count: int = 1,
+    workers: int = 1,
+    source: Path | None = None,
+    **extra: str,
 ) -> Iterator[list[LiveServer]]:
     """`count` relay processes on one database; the first migrates it before the others start.
-    `workers` > 1 runs each as `pns-server serve` with PNS_WORKERS (one port, N processes)."""
+    `workers` > 1 runs each as `pns-server serve` with PNS_WORKERS (one port, N processes).
+    `source`: run the relay code of that checkout instead of this one."""
     env = {
         "PNS_WORKERS": str(workers),
         "PNS_DATABASE_URL": database_url,
@@ -402,7 +425,8 @@ def relays(
     profilers: list[subprocess.Popen[bytes]] = []
     try:
         for index in range(count):
-            server = LiveServer(env, tmp / f"relay-{index}-{uuid.uuid4().hex[:6]}.log")
+            log = tmp / f"relay-{index}-{uuid.uuid4().hex[:6]}.log"
+            server = LiveServer(env, log) if source is None else RelayFrom(source, env, log)
             servers.append(server)
             server.start(timeout=60)
         if PROFILE_DIR is not None:
@@ -417,6 +441,9 @@ def relays(
 
 # Set by `bench.run --profile DIR`: py-spy samples the first relay of every scenario.
 PROFILE_DIR: Path | None = None
+# Set by `bench.run --compare DIR`: route_cost also measures the relay of that checkout,
+# phase for phase in turn with this one, so both see the same machine load.
+COMPARE_WITH: Path | None = None
 
 
 def start_profiler(server: LiveServer, name: str = "relay") -> subprocess.Popen[bytes]:

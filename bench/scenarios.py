@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from dataclasses import dataclass
@@ -451,105 +452,151 @@ async def otp_rate(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dic
 
 
 # -- 6. CPU per request, route by route ------------------------------------------------------
+@dataclass
+class Rig:
+    """One relay under measurement and the parties that call it."""
+
+    label: str
+    server: Any
+    http: httpx.AsyncClient
+    pushing: list[Party]
+    quiet: list[Party]
+    approvals: list[dict[str, Any]]
+    cpu_s: dict[str, float]
+    pg_cpu_s: dict[str, float]
+    latencies: dict[str, list[float]]
+
+    async def fresh_approvals(self, indexes: range) -> None:
+        for i in indexes:
+            self.approvals[i] = await create_approval(self.http, self.quiet[i])
+
+
+async def open_rig(
+    stack: contextlib.AsyncExitStack,
+    dbs: Databases,
+    kind: str,
+    tmp: Path,
+    env: dict[str, str],
+    n: int,
+    source: Path | None,
+) -> Rig:
+    url = await dbs.fresh(kind)
+    [server] = stack.enter_context(relays(url, tmp, 1, source=source, **env))
+    http = await stack.enter_async_context(http_client(server.url))
+    pushing = await new_parties(http, 1, 1, "apns")
+    quiet = await new_parties(http, n, 1, "none")
+    label = "this tree" if source is None else f"compare: {source.name}"
+    return Rig(label, server, http, pushing, quiet, [{}] * n, {}, {}, {})
+
+
+def route_jobs(rig: Rig) -> list[tuple[str, Any, bool]]:
+    """(route, job(index), needs a fresh pending approval per index)."""
+    http, quiet = rig.http, rig.quiet
+
+    async def answer_with_waiter(i: int) -> None:
+        approval = rig.approvals[i]
+        poll = asyncio.create_task(wait_until_final(http, quiet[i], approval["approval_id"]))
+        await asyncio.sleep(0.005)
+        await approve(http, quiet[i].phones[0], approval["approval_id"], approval["match_code"])
+        await poll
+
+    return [
+        ("healthz (framework floor)", lambda _i: ok_get(http, "/healthz"), False),
+        (
+            "client auth (GET /v1/client)",
+            lambda _i: ok_get(http, "/v1/client", quiet[0].client.headers),
+            False,
+        ),
+        (
+            "device auth (GET /v1/device/approvals, none pending)",
+            lambda _i: ok_get(http, "/v1/device/approvals", quiet[0].phones[0].headers),
+            False,
+        ),
+        (
+            "create approval + its push (APNs)",
+            lambda _i: create_approval(http, rig.pushing[0]),
+            False,
+        ),
+        (
+            "device detail (GET /v1/device/approvals/{id})",
+            lambda i: ok_get(
+                http,
+                f"/v1/device/approvals/{rig.approvals[i]['approval_id']}",
+                quiet[i].phones[0].headers,
+            ),
+            True,
+        ),
+        (
+            "signed answer (POST .../response), nobody waiting",
+            lambda i: approve(
+                http,
+                quiet[i].phones[0],
+                rig.approvals[i]["approval_id"],
+                rig.approvals[i]["match_code"],
+            ),
+            True,
+        ),
+        ("signed answer + the long-poll it wakes", answer_with_waiter, True),
+        (
+            "OTP verify",
+            lambda i: ok_post(
+                http, "/v1/otp/verify", {"code": quiet[i].phones[0].otp()}, quiet[i].client.headers
+            ),
+            False,
+        ),
+    ]
+
+
+async def measure(rig: Rig, kind: str, dbs: Databases, route: str, job: Any, rows: range) -> None:
+    profiler = None
+    if harness.PROFILE_DIR is not None and rig.label == "this tree":
+        profiler = start_profiler(rig.server, f"route-{route}-{kind}")
+    meter = CpuMeter(relay=relay_pid(rig.server), postgres=dbs.postgres_pid(kind))
+    samples = rig.latencies.setdefault(route, [])
+    with meter:
+        for index in rows:
+            started = time.perf_counter()
+            await job(index)
+            samples.append(time.perf_counter() - started)
+    if profiler is not None:
+        stop_profiler(profiler)
+    rig.cpu_s[route] = rig.cpu_s.get(route, 0.0) + meter.used["cpu_relay_s"]
+    rig.pg_cpu_s[route] = rig.pg_cpu_s.get(route, 0.0) + meter.used.get("cpu_postgres_s", 0.0)
+
+
 async def route_cost(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
     """The relay's CPU per request for each hot route, one request at a time: the relay's
     CPU seconds (from /proc) over the phase divided by the requests made. With `--profile`,
-    py-spy samples each phase into its own file."""
+    py-spy samples each phase into its own file. With `--compare DIR`, the relay of that
+    checkout is measured too, in turns of a quarter of the requests, so that both see the
+    same load on a shared machine."""
     n = size.route_requests
-    url = await dbs.fresh(kind)
-    rows: list[dict[str, Any]] = []
-    async with providers(tmp) as fakes:
-        with relays(url, tmp, 1, **fakes.env) as [server]:
-            pid = relay_pid(server)
-            async with http_client(server.url) as http:
-                pushing = await new_parties(http, 1, 1, "apns")
-                quiet = await new_parties(http, n, 1, "none")
-                phone = quiet[0].phones[0]
-
-                async def phase(name: str, job: Any, count: int = n) -> None:
-                    profiler = None
-                    if harness.PROFILE_DIR is not None:
-                        profiler = start_profiler(server, f"route-{name}-{kind}")
-                    samples: list[float] = []
-                    meter = CpuMeter(relay=pid, postgres=dbs.postgres_pid(kind))
-                    with meter:
-                        for index in range(count):
-                            started = time.perf_counter()
-                            await job(index)
-                            samples.append(time.perf_counter() - started)
-                    if profiler is not None:
-                        stop_profiler(profiler)
-                    relay_cpu = meter.used["cpu_relay_s"]
-                    rows.append(
-                        {
-                            "database": kind,
-                            "route": name,
-                            "requests": count,
-                            "relay_cpu_ms_per_request": round(1000 * relay_cpu / count, 2),
-                            "postgres_cpu_ms_per_request": round(
-                                1000 * meter.used.get("cpu_postgres_s", 0.0) / count, 2
-                            ),
-                            "latency_p50_ms": percentiles(samples)["p50_ms"],
-                        }
-                    )
-
-                await phase("healthz (framework floor)", lambda _i: ok_get(http, "/healthz"))
-                await phase(
-                    "client auth (GET /v1/client)",
-                    lambda _i: ok_get(http, "/v1/client", quiet[0].client.headers),
-                )
-                await phase(
-                    "device auth (GET /v1/device/approvals, none pending)",
-                    lambda _i: ok_get(http, "/v1/device/approvals", phone.headers),
-                )
-                await phase(
-                    "create approval + its push (APNs)",
-                    lambda _i: create_approval(http, pushing[0]),
-                )
-                created = [await create_approval(http, p) for p in quiet]
-                await phase(
-                    "device detail (GET /v1/device/approvals/{id})",
-                    lambda i: ok_get(
-                        http,
-                        f"/v1/device/approvals/{created[i]['approval_id']}",
-                        quiet[i].phones[0].headers,
-                    ),
-                )
-                await phase(
-                    "signed answer (POST .../response), nobody waiting",
-                    lambda i: approve(
-                        http,
-                        quiet[i].phones[0],
-                        created[i]["approval_id"],
-                        created[i]["match_code"],
-                    ),
-                )
-                created = [await create_approval(http, p) for p in quiet]
-
-                async def answer_with_waiter(i: int) -> None:
-                    poll = asyncio.create_task(
-                        wait_until_final(http, quiet[i], created[i]["approval_id"])
-                    )
-                    await asyncio.sleep(0.005)
-                    await approve(
-                        http,
-                        quiet[i].phones[0],
-                        created[i]["approval_id"],
-                        created[i]["match_code"],
-                    )
-                    await poll
-
-                await phase("signed answer + the long-poll it wakes", answer_with_waiter)
-                await phase(
-                    "OTP verify",
-                    lambda i: ok_post(
-                        http,
-                        "/v1/otp/verify",
-                        {"code": quiet[i].phones[0].otp()},
-                        quiet[i].client.headers,
-                    ),
-                )
-    return rows
+    turns = 4 if harness.COMPARE_WITH is not None else 1
+    async with providers(tmp) as fakes, contextlib.AsyncExitStack() as stack:
+        rigs = [await open_rig(stack, dbs, kind, tmp, fakes.env, n, None)]
+        if harness.COMPARE_WITH is not None:
+            rigs.append(await open_rig(stack, dbs, kind, tmp, fakes.env, n, harness.COMPARE_WITH))
+        jobs = [route_jobs(rig) for rig in rigs]
+        for position, (route, _job, needs_approval) in enumerate(jobs[0]):
+            for turn in range(turns):
+                part = range(turn * n // turns, (turn + 1) * n // turns)
+                for rig, rig_jobs in zip(rigs, jobs, strict=True):
+                    if needs_approval:
+                        await rig.fresh_approvals(part)
+                    await measure(rig, kind, dbs, route, rig_jobs[position][1], part)
+    return [
+        {
+            "database": kind,
+            "relay": rig.label,
+            "route": route,
+            "requests": n,
+            "relay_cpu_ms_per_request": round(1000 * rig.cpu_s[route] / n, 2),
+            "postgres_cpu_ms_per_request": round(1000 * rig.pg_cpu_s[route] / n, 2),
+            "latency_p50_ms": percentiles(rig.latencies[route])["p50_ms"],
+        }
+        for route, _job, _fresh in jobs[0]
+        for rig in rigs
+    ]
 
 
 async def ok_get(http: httpx.AsyncClient, path: str, headers: Any = None) -> None:
