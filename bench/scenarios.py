@@ -401,54 +401,96 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
 
 
 # -- 5. OTP verification --------------------------------------------------------------------
+@dataclass
+class OtpSide:
+    """One relay's OTP figures, summed over its turns."""
+
+    label: str
+    server: Any
+    http: httpx.AsyncClient
+    samples: list[float]
+    done: int = 0
+    refused: int = 0
+    elapsed: float = 0.0
+    cpu_relay_s: float = 0.0
+    cpu_postgres_s: float = 0.0
+
+
 async def otp_rate(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
-    """Verifications at concurrency 1 and 20 (the tail the issue names) and 32; each uses its
-    own device, since a code is accepted once."""
-    url = await dbs.fresh(kind)
+    """Verifications at concurrency 1, 20 (the tail the issue names) and 32; each uses its
+    own device, since a code is accepted once. With `--compare DIR`, the relay of that
+    checkout is measured too, in turns of a quarter of the verifications."""
+    turns = 4 if harness.COMPARE_WITH is not None else 1
+    sources: list[Path | None] = [None]
+    if harness.COMPARE_WITH is not None:
+        sources.append(harness.COMPARE_WITH)
     rows = []
-    with relays(url, tmp, 1) as [server]:
-        async with http_client(server.url) as http:
+    with contextlib.ExitStack() as stack:
+        async with contextlib.AsyncExitStack() as astack:
+            sides: list[tuple[Path | None, Any, httpx.AsyncClient]] = []
+            for source in sources:
+                [server] = stack.enter_context(relays(await dbs.fresh(kind), tmp, 1, source=source))
+                http = await astack.enter_async_context(http_client(server.url))
+                sides.append((source, server, http))
             for concurrency in (1, 20, 32):
-                parties = await new_parties(http, size.otp_parties, 1, "none")
-                samples: list[float] = []
-                refused = 0
-
-                async def verify(
-                    index: int, parties: list[Party] = parties, samples: list[float] = samples
-                ) -> None:
-                    nonlocal refused
-                    party = parties[index]
-                    started = time.perf_counter()
-                    response = await http.post(
-                        "/v1/otp/verify",
-                        json={"code": party.phones[0].otp()},
-                        headers=party.client.headers,
+                results = []
+                for source, server, http in sides:
+                    label = "this tree" if source is None else f"compare: {source.name}"
+                    results.append(OtpSide(label, server, http, []))
+                parties = [
+                    await new_parties(side.http, size.otp_parties, 1, "none") for side in results
+                ]
+                for turn in range(turns):
+                    part = range(
+                        turn * size.otp_parties // turns, (turn + 1) * size.otp_parties // turns
                     )
-                    samples.append(time.perf_counter() - started)
-                    if response.status_code != 200:
-                        refused += 1
-
-                meter = CpuMeter(relay=relay_pid(server), postgres=dbs.postgres_pid(kind))
-                with meter:
-                    started = time.perf_counter()
-                    done = await bounded(len(parties), concurrency, verify, time_limit=120)
-                    elapsed = time.perf_counter() - started
-                stats = percentiles(samples)
-                rows.append(
-                    {
-                        "database": kind,
-                        "verifications": done,
-                        "refused": refused,
-                        "concurrency": concurrency,
-                        "per_second": round(done / elapsed, 1),
-                        "p50_ms": stats["p50_ms"],
-                        "p99_ms": stats["p99_ms"],
-                        "max_ms": stats["max_ms"],
-                        **meter.per(done, "verification"),
-                        **meter.used,
-                    }
-                )
+                    for side, side_parties in zip(results, parties, strict=True):
+                        chosen = [side_parties[i] for i in part]
+                        await otp_turn(dbs, kind, side, chosen, concurrency)
+                for side in results:
+                    stats = percentiles(side.samples)
+                    rows.append(
+                        {
+                            "database": kind,
+                            "relay": side.label,
+                            "verifications": side.done,
+                            "refused": side.refused,
+                            "concurrency": concurrency,
+                            "per_second": round(side.done / side.elapsed, 1),
+                            "p50_ms": stats["p50_ms"],
+                            "p99_ms": stats["p99_ms"],
+                            "max_ms": stats["max_ms"],
+                            "relay_cpu_ms_per_verification": round(
+                                1000 * side.cpu_relay_s / max(side.done, 1), 2
+                            ),
+                            "cpu_relay_s": round(side.cpu_relay_s, 2),
+                            "cpu_postgres_s": round(side.cpu_postgres_s, 2),
+                            "wall_s": round(side.elapsed, 2),
+                        }
+                    )
     return rows
+
+
+async def otp_turn(
+    dbs: Databases, kind: str, side: OtpSide, parties: list[Party], concurrency: int
+) -> None:
+    async def verify(index: int) -> None:
+        party = parties[index]
+        started = time.perf_counter()
+        response = await side.http.post(
+            "/v1/otp/verify", json={"code": party.phones[0].otp()}, headers=party.client.headers
+        )
+        side.samples.append(time.perf_counter() - started)
+        if response.status_code != 200:
+            side.refused += 1
+
+    meter = CpuMeter(relay=relay_pid(side.server), postgres=dbs.postgres_pid(kind))
+    with meter:
+        started = time.perf_counter()
+        side.done += await bounded(len(parties), concurrency, verify, time_limit=120)
+        side.elapsed += time.perf_counter() - started
+    side.cpu_relay_s += meter.used["cpu_relay_s"]
+    side.cpu_postgres_s += meter.used.get("cpu_postgres_s", 0.0)
 
 
 # -- 6. CPU per request, route by route ------------------------------------------------------
