@@ -48,8 +48,9 @@ def check_workers(settings: Settings, workers: int) -> None:
         )
 
 
-# A worker that cannot listen stops the whole relay instead of being restarted forever.
-EXIT_CANNOT_LISTEN = 3
+# A worker that cannot listen or start (its lifespan failed: bad push credentials, no
+# database) stops the whole relay instead of being restarted forever.
+EXIT_CANNOT_START = 3
 
 
 def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -80,7 +81,7 @@ def run_worker(index: int) -> None:
         log.critical(
             "worker %d cannot listen on %s:%s: %s", index, settings.host, settings.port, exc
         )
-        raise SystemExit(EXIT_CANNOT_LISTEN) from None
+        raise SystemExit(EXIT_CANNOT_START) from None
     app = create_app(settings)
     options: dict[str, Any] = {
         "log_level": settings.log_level,
@@ -91,7 +92,10 @@ def run_worker(index: int) -> None:
     }
     config = uvicorn.Config(app, **options)
     log.info("worker %d (pid %d) serving", index, multiprocessing.current_process().pid)
-    GracefulServer(config, app).run(sockets=[sock])
+    server = GracefulServer(config, app)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise SystemExit(EXIT_CANNOT_START)
 
 
 class Supervisor:
@@ -128,7 +132,8 @@ class Supervisor:
                 for index, process in list(self.processes.items()):
                     if process.is_alive() or self.stopping:
                         continue
-                    if process.exitcode == EXIT_CANNOT_LISTEN:
+                    if process.exitcode == EXIT_CANNOT_START:
+                        log.critical("worker %d could not start; stopping the relay", index)
                         self._on_signal(signal.SIGTERM, None)
                         break
                     log.error(

@@ -148,3 +148,24 @@ async def test_two_workers_share_one_port_and_wake_each_other(two_workers: LiveS
             assert first not in replaced and second in replaced
     finally:
         assert server.stop() == 0  # SIGTERM: every worker stops gracefully
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_a_worker_that_cannot_start_stops_the_relay(database_url: str, tmp_path: Path) -> None:
+    """A failing start (here: an APNs key file that does not exist) is not retried forever:
+    the supervisor stops every worker and exits with an error."""
+    env = server_env(
+        database_url,
+        tmp_path,
+        PNS_WORKERS="2",
+        PNS_APNS_KEY_FILE=str(tmp_path / "missing.p8"),
+        PNS_APNS_KEY_ID="KEY1234567",
+        PNS_APNS_TEAM_ID="TEAM123456",
+        PNS_APNS_TOPIC="com.example.pns",
+    )
+    server = LiveServer(env, tmp_path / "server.log")
+    with pytest.raises(RuntimeError, match="exited early"):
+        server.start(timeout=90)
+    assert server.stop() == 1
+    assert "could not start" in server.log()
