@@ -1,9 +1,10 @@
 """What every scenario needs: databases, relay processes, fake push providers, the simulated
-parties (backup clients and phones), statistics and the result files.
+parties (backup clients and phones), CPU accounting, statistics and the result files.
 
-The relay always runs as real `pns-server serve` subprocesses; this process is the load
-generator (httpx async, plus raw sockets where thousands of connections are needed) and
-hosts the fake APNs and FCM, so it is never the process being measured."""
+The relay always runs as real `pns-server serve` subprocesses; the fake APNs, the fake FCM
+and the simulated phones each run in a helper process of their own (`bench.procs`); this
+process is the load generator (httpx async, plus raw sockets where thousands of connections
+are needed). Every measured phase reports the CPU seconds each of these processes used."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +29,8 @@ from typing import Any
 
 import asyncpg
 import httpx
+from cryptography.hazmat.primitives import serialization
 
-from tests.fakes.apns import FakeApns, Received
-from tests.fakes.fcm import FakeFcm
-from tests.fakes.tls import CertificateAuthority
 from tests.support.factories import (
     PairedDevice,
     RegisteredClient,
@@ -177,63 +175,244 @@ class Databases:
             await conn.close()
         return self.cluster.database_url(name)
 
+    def postgres_pid(self, kind: str) -> int | None:
+        """The postmaster, whose children are the backends serving the relays."""
+        if kind != "postgres" or self.cluster is None:
+            return None
+        return int((self.cluster.root / "data" / "postmaster.pid").read_text().split()[0])
+
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.destroy()
 
 
-# -- fake providers -------------------------------------------------------------------------
-class TappedApns(FakeApns):
-    """The fake APNs, plus an event per approval id so a simulated phone reacts to the push."""
+# -- helper processes -----------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.arrived: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
-        self.first_at: float | None = None
-        self.last_at: float = 0.0
 
-    async def _record(self, item: Received) -> None:
-        now = time.monotonic()
-        self.first_at = self.first_at or now
-        self.last_at = now
-        self.received.append(item)
-        with contextlib.suppress(ValueError, KeyError):
-            self.arrived[item.payload["approval_id"]].set()
+class Helper:
+    """One helper process of `bench.procs` (fake APNs, fake FCM or the phones), driven over
+    its stdin/stdout with one JSON object per line."""
+
+    def __init__(self, role: str, tmp: Path, *args: str) -> None:
+        self.role, self.tmp, self.args = role, tmp, args
+        self.process: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, Any] = {}
+        self._lock = asyncio.Lock()
+        self._next_id = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self) -> Helper:
+        log = open(self.tmp / f"{self.role}.log", "ab")  # noqa: SIM115 - the child owns it
+        with log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.procs",
+                self.role,
+                str(self.tmp),
+                *self.args,
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                limit=2**24,
+            )
+        self.ready = (await self._line())["ready"]
+        return self
+
+    async def _line(self) -> dict[str, Any]:
+        assert self.process is not None and self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), 180)
+        if not line:
+            raise RuntimeError(f"bench helper {self.role} exited; see {self.role}.log")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def tell(self, **request: Any) -> None:
+        """A message that needs no answer (a typed match code)."""
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+
+    async def ask(self, **request: Any) -> dict[str, Any]:
+        assert self.process is not None and self.process.stdin is not None
+        async with self._lock:
+            self._next_id += 1
+            self.process.stdin.write(json.dumps({**request, "id": self._next_id}).encode() + b"\n")
+            await self.process.stdin.drain()
+            while True:
+                reply = await self._line()
+                if reply.get("id") == self._next_id:
+                    return reply
+
+    async def close(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
 
 
 @dataclass
 class Providers:
-    apns: TappedApns
-    fcm: FakeFcm
+    apns: Helper
+    fcm: Helper
     env: dict[str, str]
 
 
 @contextlib.asynccontextmanager
 async def providers(tmp: Path) -> AsyncIterator[Providers]:
-    ca = CertificateAuthority()
-    async with TappedApns(ca=ca, max_concurrent_streams=1000) as apns:
-        with FakeFcm(ca=ca) as fcm:
-            env = {
-                "PNS_APNS_KEY_FILE": str(apns.write_key(tmp / "AuthKey.p8")),
-                "PNS_APNS_KEY_ID": apns.key_id,
-                "PNS_APNS_TEAM_ID": apns.team_id,
-                "PNS_APNS_TOPIC": apns.topic,
-                "PNS_APNS_URL": apns.url,
-                "PNS_APNS_SANDBOX_URL": apns.url,
-                "PNS_FCM_CREDENTIALS_FILE": str(fcm.write_credentials(tmp / "sa.json")),
-                "PNS_FCM_URL": fcm.url,
-                "PNS_PUSH_CA_FILE": str(ca.write_ca(tmp / "push-ca.pem")),
+    """The fake APNs and FCM, each in a process of its own."""
+    apns, fcm = Helper("apns", tmp), Helper("fcm", tmp)
+    try:
+        await asyncio.gather(apns.start(), fcm.start())
+        bundle = tmp / "push-ca.pem"
+        bundle.write_text(
+            Path(apns.ready["ca_file"]).read_text() + Path(fcm.ready["ca_file"]).read_text()
+        )
+        env = {**apns.ready["env"], **fcm.ready["env"], "PNS_PUSH_CA_FILE": str(bundle)}
+        yield Providers(apns, fcm, env)
+    finally:
+        await asyncio.gather(apns.close(), fcm.close())
+
+
+@contextlib.asynccontextmanager
+async def phones(
+    tmp: Path, relay_url: str, fakes: Providers, parties: list[Party]
+) -> AsyncIterator[Helper]:
+    """The parties' phones in a process of their own, listening to the fake APNs."""
+    helper = Helper("phones", tmp, relay_url, str(fakes.apns.ready["device_channel"]))
+    try:
+        await helper.start()
+        records = [
+            {
+                "device_id": phone.device_id,
+                "token": phone.token,
+                "push_token": phone.body["push_token"],
+                "key_pem": phone.private_key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ).decode(),
             }
-            yield Providers(apns, fcm, env)
+            for party in parties
+            for phone in party.phones
+        ]
+        await helper.ask(op="load", phones=records)
+        yield helper
+    finally:
+        await helper.close()
+
+
+# -- CPU accounting -------------------------------------------------------------------------
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (worker processes, PostgreSQL backends)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                found += process_tree(int(child))
+    return found
+
+
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """User + system CPU of one process, from /proc/<pid>/stat. With `tree`, also of its
+    live descendants and of the children they already reaped (cutime/cstime: PostgreSQL
+    backends that ended, relay workers that were replaced)."""
+    total = 0
+    for member in process_tree(pid) if tree else [pid]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            if tree:
+                total += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return total / TICKS
+
+
+class CpuMeter:
+    """CPU seconds each process (with its children) used during a measured phase, so a
+    reader sees which of relay, database, fakes, phones and load generator was the limit."""
+
+    def __init__(self, **pids: int | None) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid is not None}
+        self.pids["load_generator"] = os.getpid()
+        self.started: dict[str, float] = {}
+        self.wall_started = 0.0
+        self.used: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self.started = {name: self._cpu(name, pid) for name, pid in self.pids.items()}
+        self.wall_started = time.perf_counter()
+        return self
+
+    @staticmethod
+    def _cpu(name: str, pid: int) -> float:
+        # The load generator's children are the relays and helpers, counted on their own.
+        return cpu_seconds(pid, tree=name != "load_generator")
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.wall_started
+        self.used = {
+            f"cpu_{name}_s": round(self._cpu(name, pid) - self.started[name], 2)
+            for name, pid in self.pids.items()
+        }
+        self.used["wall_s"] = round(wall, 2)
+
+    def per(self, count: int, unit: str) -> dict[str, float]:
+        """CPU milliseconds per unit of work: the relay's, and every process's together.
+        On a busy shared machine these are steadier than rates: a process's CPU time does
+        not grow while it waits for a core."""
+        relay = self.used.get("cpu_relay_s", 0.0)
+        everyone = sum(v for k, v in self.used.items() if k.startswith("cpu_"))
+        return {
+            f"relay_cpu_ms_per_{unit}": round(1000 * relay / max(count, 1), 2),
+            f"all_cpu_ms_per_{unit}": round(1000 * everyone / max(count, 1), 2),
+        }
 
 
 # -- relays ---------------------------------------------------------------------------------
+class RelayFrom(LiveServer):
+    """A relay run from another checkout of the project (`bench.run --compare DIR`): its
+    process starts in DIR, so `python -m pns_server.cli` imports DIR's code."""
+
+    def __init__(self, source: Path, env: dict[str, str], log_path: Path) -> None:
+        super().__init__(env, log_path)
+        self.source = source
+
+    def start(self, timeout: float = 30.0) -> LiveServer:
+        here = Path.cwd()
+        os.chdir(self.source)  # the child inherits it; the bench's own imports are done
+        try:
+            return super().start(timeout)
+        finally:
+            os.chdir(here)
+
+
 @contextlib.contextmanager
 def relays(
-    database_url: str, tmp: Path, count: int = 1, **extra: str
+    database_url: str,
+    tmp: Path,
+    count: int = 1,
+    workers: int = 1,
+    source: Path | None = None,
+    **extra: str,
 ) -> Iterator[list[LiveServer]]:
-    """`count` relay processes on one database; the first migrates it before the others start."""
+    """`count` relay processes on one database; the first migrates it before the others start.
+    `workers` > 1 runs each as `pns-server serve` with PNS_WORKERS (one port, N processes).
+    `source`: run the relay code of that checkout instead of this one."""
     env = {
+        "PNS_WORKERS": str(workers),
         "PNS_DATABASE_URL": database_url,
         "PNS_DATA_DIR": str(tmp),
         "PNS_SECRET_KEY": SECRET_KEY,
@@ -246,7 +425,8 @@ def relays(
     profilers: list[subprocess.Popen[bytes]] = []
     try:
         for index in range(count):
-            server = LiveServer(env, tmp / f"relay-{index}-{uuid.uuid4().hex[:6]}.log")
+            log = tmp / f"relay-{index}-{uuid.uuid4().hex[:6]}.log"
+            server = LiveServer(env, log) if source is None else RelayFrom(source, env, log)
             servers.append(server)
             server.start(timeout=60)
         if PROFILE_DIR is not None:
@@ -261,14 +441,19 @@ def relays(
 
 # Set by `bench.run --profile DIR`: py-spy samples the first relay of every scenario.
 PROFILE_DIR: Path | None = None
+# Set by `bench.run --compare DIR`: route_cost also measures the relay of that checkout,
+# phase for phase in turn with this one, so both see the same machine load.
+COMPARE_WITH: Path | None = None
 
 
-def start_profiler(server: LiveServer) -> subprocess.Popen[bytes]:
+def start_profiler(server: LiveServer, name: str = "relay") -> subprocess.Popen[bytes]:
     assert PROFILE_DIR is not None and server.process is not None
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
-    output = PROFILE_DIR / f"relay-{server.process.pid}.txt"
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+    output = PROFILE_DIR / f"{slug}-{server.process.pid}.txt"
     py_spy = Path(sys.executable).with_name("py-spy")
     command = [str(py_spy), "record", "--pid", str(server.process.pid), "--format", "raw"]
+    command.append("--subprocesses")  # `--workers N`: the relay processes are its children
     return subprocess.Popen(
         [*command, "--rate", "200", "--nonblocking", "--output", str(output)],
         stdout=subprocess.DEVNULL,
@@ -340,7 +525,13 @@ async def pair_phone(http: httpx.AsyncClient, client: RegisteredClient, push: st
     created = await http.post("/v1/devices", json=body)
     created.raise_for_status()
     data = created.json()
-    return PairedDevice(data["device_id"], data["device_token"], data["totp"]["secret"], key)
+    return PairedDevice(
+        data["device_id"],
+        data["device_token"],
+        data["totp"]["secret"],
+        key,
+        {"push_token": block["token"] if block else None},
+    )
 
 
 async def new_parties(

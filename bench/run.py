@@ -41,6 +41,7 @@ async def main(args: argparse.Namespace) -> int:
     asyncio.get_running_loop().set_exception_handler(quiet_fake_teardown)
     size = FULL if args.full else QUICK
     harness.PROFILE_DIR = args.profile
+    harness.COMPARE_WITH = args.compare.resolve() if args.compare else None
     open_files = raise_open_files_limit()
     dbs = Databases()
     failures = 0
@@ -77,6 +78,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--db", nargs="*", default=["sqlite", "postgres"])
     parser.add_argument(
         "--profile", type=Path, metavar="DIR", help="py-spy the first relay; stacks into DIR"
+    )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        help="route_cost: also run the relay of another checkout (e.g. `git worktree add DIR "
+        "main`), alternating phases with this one",
     )
     return parser.parse_args(argv)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from dataclasses import dataclass
@@ -11,8 +12,11 @@ from typing import Any
 
 import httpx
 
+from bench import harness
 from bench.harness import (
+    CpuMeter,
     Databases,
+    Helper,
     Party,
     approve,
     bounded,
@@ -21,10 +25,13 @@ from bench.harness import (
     new_parties,
     new_party,
     percentiles,
+    phones,
     providers,
     relays,
     rss_kib,
     signed_answer,
+    start_profiler,
+    stop_profiler,
     wait_until_final,
 )
 
@@ -43,10 +50,11 @@ class Size:
     push_phones: int
     push_rounds: int
     otp_parties: int
+    route_requests: int = 200
 
 
 QUICK = Size(200, 100, 6.0, (8, 32), 2000, 20, 20, 25, 2, 300)
-FULL = Size(1000, 300, 20.0, (4, 16, 32, 64), 10000, 100, 40, 50, 4, 2000)
+FULL = Size(1000, 300, 20.0, (4, 16, 32, 64), 10000, 100, 40, 50, 4, 2000, 500)
 
 
 # -- 1. decision latency --------------------------------------------------------------------
@@ -63,32 +71,15 @@ async def decision_latency(
                 http_client(servers[-1].url) as phone_side,
             ):
                 party = await new_party(waiter, phones=1, push="none")
-                phone = party.phones[0]
                 samples: list[float] = []
                 answer_calls: list[float] = []
-                for _ in range(size.decisions):
-                    created = await create_approval(waiter, party)
-                    approval_id = created["approval_id"]
-                    poll = asyncio.create_task(
-                        waiter.get(
-                            f"/v1/approvals/{approval_id}",
-                            params={"wait": 30},
-                            headers=party.client.headers,
-                        )
-                    )
-                    await asyncio.sleep(0.02)  # let the long-poll reach its wait
-                    body = signed_answer(phone, approval_id, created["match_code"])
-                    started = time.perf_counter()
-                    answered = await phone_side.post(
-                        f"/v1/device/approvals/{approval_id}/response",
-                        json=body,
-                        headers=phone.headers,
-                    )
-                    answer_calls.append(time.perf_counter() - started)
-                    answered.raise_for_status()
-                    result = await poll
-                    samples.append(time.perf_counter() - started)
-                    assert result.json()["status"] == "approved", result.text
+                # Here the load generator plays the phone too: it times the answer itself.
+                meter = CpuMeter(
+                    relay=servers[0].process.pid if servers[0].process else None,
+                    postgres=dbs.postgres_pid(kind),
+                )
+                with meter:
+                    await decide_many(size, waiter, phone_side, party, samples, answer_calls)
         stats = percentiles(samples)
         rows.append(
             {
@@ -100,27 +91,62 @@ async def decision_latency(
                 "p99_ms": stats["p99_ms"],
                 "max_ms": stats["max_ms"],
                 "answer_call_p50_ms": percentiles(answer_calls)["p50_ms"],
+                **meter.per(stats["n"], "decision"),
+                **meter.used,
             }
         )
     return rows
 
 
+async def decide_many(
+    size: Size,
+    waiter: httpx.AsyncClient,
+    phone_side: httpx.AsyncClient,
+    party: Party,
+    samples: list[float],
+    answer_calls: list[float],
+) -> None:
+    phone = party.phones[0]
+    for _ in range(size.decisions):
+        created = await create_approval(waiter, party)
+        approval_id = created["approval_id"]
+        poll = asyncio.create_task(
+            waiter.get(
+                f"/v1/approvals/{approval_id}",
+                params={"wait": 30},
+                headers=party.client.headers,
+            )
+        )
+        await asyncio.sleep(0.02)  # let the long-poll reach its wait
+        body = signed_answer(phone, approval_id, created["match_code"])
+        started = time.perf_counter()
+        answered = await phone_side.post(
+            f"/v1/device/approvals/{approval_id}/response",
+            json=body,
+            headers=phone.headers,
+        )
+        answer_calls.append(time.perf_counter() - started)
+        answered.raise_for_status()
+        result = await poll
+        samples.append(time.perf_counter() - started)
+        assert result.json()["status"] == "approved", result.text
+
+
 # -- 2. full round trip ---------------------------------------------------------------------
-async def one_round_trip(http: httpx.AsyncClient, party: Party, apns: Any) -> float:
+async def one_round_trip(http: httpx.AsyncClient, party: Party, phone_process: Helper) -> float:
+    """A login as the backup client lives it: create, the user types the number on the phone
+    (which answers once the push reached it, in the phones process), long-poll to the end."""
     started = time.perf_counter()
     created = await create_approval(http, party)
     approval_id = created["approval_id"]
-    arrived = apns.arrived[approval_id]
-    final = asyncio.create_task(wait_until_final(http, party, approval_id))
-    await asyncio.wait_for(arrived.wait(), 60)
-    phone = party.phones[0]
-    details = await http.get(f"/v1/device/approvals/{approval_id}", headers=phone.headers)
-    details.raise_for_status()
-    await approve(http, phone, approval_id, created["match_code"])
-    state = await final
+    phone_process.tell(op="code", approval_id=approval_id, match_code=created["match_code"])
+    state = await wait_until_final(http, party, approval_id)
     assert state["status"] == "approved", state
-    apns.arrived.pop(approval_id, None)
     return time.perf_counter() - started
+
+
+def relay_pid(server: Any) -> int | None:
+    return server.process.pid if server.process is not None else None
 
 
 async def round_trip(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
@@ -130,68 +156,95 @@ async def round_trip(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[d
         with relays(url, tmp, 1, **fakes.env) as [server]:
             async with http_client(server.url, 400) as http:
                 parties = await new_parties(http, max(size.concurrencies), 1, "apns")
-                serial = [
-                    await one_round_trip(http, parties[0], fakes.apns)
-                    for _ in range(size.round_trips_serial)
-                ]
-                stats = percentiles(serial)
-                rows.append(
-                    {
-                        "database": kind,
-                        "processes": 1,
-                        "concurrency": 1,
-                        "round_trips": stats["n"],
-                        "p50_ms": stats["p50_ms"],
-                        "p99_ms": stats["p99_ms"],
-                        "per_second": round(len(serial) / sum(serial), 1),
-                    }
-                )
-                for concurrency in size.concurrencies:
+                async with phones(tmp, server.url, fakes, parties) as phone_process:
+                    meter = meter_for(dbs, kind, server, fakes, phone_process)
+                    with meter:
+                        serial = [
+                            await one_round_trip(http, parties[0], phone_process)
+                            for _ in range(size.round_trips_serial)
+                        ]
+                    stats = percentiles(serial)
                     rows.append(
-                        await sustained([http], parties[:concurrency], fakes.apns, size, kind)
+                        {
+                            "database": kind,
+                            "processes": 1,
+                            "concurrency": 1,
+                            "round_trips": stats["n"],
+                            "p50_ms": stats["p50_ms"],
+                            "p99_ms": stats["p99_ms"],
+                            "per_second": round(len(serial) / sum(serial), 1),
+                            **meter.per(len(serial), "round_trip"),
+                            **meter.used,
+                        }
                     )
-    if kind == "postgres":
-        rows.append(await scaled_out(await dbs.fresh(kind), tmp, size))
+                    for concurrency in size.concurrencies:
+                        meter = meter_for(dbs, kind, server, fakes, phone_process)
+                        rows.append(
+                            await sustained(http, parties[:concurrency], phone_process, size, meter)
+                            | {"database": kind, "processes": 1}
+                        )
     return rows
 
 
-async def scaled_out(url: str, tmp: Path, size: Size) -> dict[str, Any]:
-    """The same load spread over two relay processes sharing PostgreSQL (one per core)."""
-    async with providers(tmp) as fakes:
-        with relays(url, tmp, 2, **fakes.env) as servers:
-            async with (
-                http_client(servers[0].url, 400) as first,
-                http_client(servers[1].url, 400) as second,
-            ):
-                parties = await new_parties(first, max(size.concurrencies), 1, "apns")
-                return await sustained([first, second], parties, fakes.apns, size, "postgres")
+def meter_for(
+    dbs: Databases, kind: str, server: Any, fakes: Any, phone_process: Helper | None
+) -> CpuMeter:
+    return CpuMeter(
+        relay=relay_pid(server),
+        postgres=dbs.postgres_pid(kind),
+        fake_apns=fakes.apns.pid,
+        fake_fcm=fakes.fcm.pid,
+        phones=phone_process.pid if phone_process else None,
+    )
 
 
 async def sustained(
-    relays_http: list[httpx.AsyncClient], parties: list[Party], apns: Any, size: Size, kind: str
+    http: httpx.AsyncClient, parties: list[Party], phone_process: Helper, size: Size, meter: Any
 ) -> dict[str, Any]:
-    """Each party loops round trips for the scenario's time, parties spread over the relays."""
+    """Each party loops round trips for the scenario's time."""
     samples: list[float] = []
     stop_at = time.monotonic() + size.round_trip_seconds
 
-    async def client_loop(index: int, party: Party) -> None:
-        http = relays_http[index % len(relays_http)]
+    async def client_loop(party: Party) -> None:
         while time.monotonic() < stop_at:
-            samples.append(await one_round_trip(http, party, apns))
+            samples.append(await one_round_trip(http, party, phone_process))
 
-    started = time.perf_counter()
-    await asyncio.gather(*(client_loop(i, p) for i, p in enumerate(parties)))
-    elapsed = time.perf_counter() - started
+    with meter:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(p) for p in parties))
+        elapsed = time.perf_counter() - started
     stats = percentiles(samples)
     return {
-        "database": kind,
-        "processes": len(relays_http),
         "concurrency": len(parties),
         "round_trips": stats["n"],
         "p50_ms": stats["p50_ms"],
         "p99_ms": stats["p99_ms"],
         "per_second": round(len(samples) / elapsed, 1),
+        **meter.per(len(samples), "round_trip"),
+        **meter.used,
     }
+
+
+async def workers(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
+    """`pns-server serve --workers N` on one port: 1 against 2 relay processes on PostgreSQL
+    (SQLite refuses N > 1: it has no cross-process wake-up)."""
+    if kind != "postgres":
+        return []
+    rows: list[dict[str, Any]] = []
+    concurrency = max(size.concurrencies)
+    for count in (1, 2, 1, 2):  # alternated: the machine is shared, its load drifts
+        url = await dbs.fresh(kind)
+        async with providers(tmp) as fakes:
+            with relays(url, tmp, 1, workers=count, **fakes.env) as [server]:
+                async with http_client(server.url, 400) as http:
+                    parties = await new_parties(http, concurrency, 1, "apns")
+                    async with phones(tmp, server.url, fakes, parties) as phone_process:
+                        meter = meter_for(dbs, kind, server, fakes, phone_process)
+                        rows.append(
+                            {"database": kind, "workers": count}
+                            | await sustained(http, parties, phone_process, size, meter)
+                        )
+    return rows
 
 
 # -- 3. long-poll capacity ------------------------------------------------------------------
@@ -319,25 +372,19 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
             with relays(url, tmp, 1, **fakes.env) as [server]:
                 async with http_client(server.url) as http:
                     parties = await new_parties(http, size.push_parties, size.push_phones, service)
-
-                    def received(service: str = service) -> int:
-                        if service == "apns":
-                            return len(fakes.apns.received)
-                        return len(fakes.fcm.state.received)
-
+                    fake = fakes.apns if service == "apns" else fakes.fcm
                     per_round = size.push_parties * size.push_phones
                     rates = []
-                    for round_number in range(1, size.push_rounds + 1):
-                        before = received()
-                        started = time.perf_counter()
-                        await asyncio.gather(*(create_approval(http, p) for p in parties))
-                        deadline = time.monotonic() + 120
-                        while received() < before + per_round and time.monotonic() < deadline:
-                            await asyncio.sleep(0.005)
-                        elapsed = time.perf_counter() - started
-                        got = received() - before
-                        rates.append(got / elapsed)
-                        assert got >= per_round, f"round {round_number}: {got} of {per_round}"
+                    meter = meter_for(dbs, kind, server, fakes, None)
+                    with meter:
+                        for round_number in range(1, size.push_rounds + 1):
+                            before = (await fake.ask(op="count"))["count"]
+                            started = time.monotonic()
+                            await asyncio.gather(*(create_approval(http, p) for p in parties))
+                            seen = await fake.ask(op="wait", count=before + per_round, timeout=120)
+                            got = seen["count"] - before
+                            rates.append(got / (seen["last_at"] - started))
+                            assert got >= per_round, f"round {round_number}: {got} of {per_round}"
         rows.append(
             {
                 "database": kind,
@@ -346,48 +393,262 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
                 "rounds": size.push_rounds,
                 "pushes_per_s_best": round(max(rates), 1),
                 "pushes_per_s_mean": round(sum(rates) / len(rates), 1),
+                **meter.per(per_round * size.push_rounds, "push"),
+                **meter.used,
             }
         )
     return rows
 
 
 # -- 5. OTP verification --------------------------------------------------------------------
+@dataclass
+class OtpSide:
+    """One relay's OTP figures, summed over its turns."""
+
+    label: str
+    server: Any
+    http: httpx.AsyncClient
+    samples: list[float]
+    done: int = 0
+    refused: int = 0
+    elapsed: float = 0.0
+    cpu_relay_s: float = 0.0
+    cpu_postgres_s: float = 0.0
+
+
 async def otp_rate(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
+    """Verifications at concurrency 1, 20 (the tail the issue names) and 32; each uses its
+    own device, since a code is accepted once. With `--compare DIR`, the relay of that
+    checkout is measured too, in turns of a quarter of the verifications."""
+    turns = 4 if harness.COMPARE_WITH is not None else 1
+    sources: list[Path | None] = [None]
+    if harness.COMPARE_WITH is not None:
+        sources.append(harness.COMPARE_WITH)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        async with contextlib.AsyncExitStack() as astack:
+            sides: list[tuple[Path | None, Any, httpx.AsyncClient]] = []
+            for source in sources:
+                [server] = stack.enter_context(relays(await dbs.fresh(kind), tmp, 1, source=source))
+                http = await astack.enter_async_context(http_client(server.url))
+                sides.append((source, server, http))
+            for concurrency in (1, 20, 32):
+                results = []
+                for source, server, http in sides:
+                    label = "this tree" if source is None else f"compare: {source.name}"
+                    results.append(OtpSide(label, server, http, []))
+                parties = [
+                    await new_parties(side.http, size.otp_parties, 1, "none") for side in results
+                ]
+                for turn in range(turns):
+                    part = range(
+                        turn * size.otp_parties // turns, (turn + 1) * size.otp_parties // turns
+                    )
+                    for side, side_parties in zip(results, parties, strict=True):
+                        chosen = [side_parties[i] for i in part]
+                        await otp_turn(dbs, kind, side, chosen, concurrency)
+                for side in results:
+                    stats = percentiles(side.samples)
+                    rows.append(
+                        {
+                            "database": kind,
+                            "relay": side.label,
+                            "verifications": side.done,
+                            "refused": side.refused,
+                            "concurrency": concurrency,
+                            "per_second": round(side.done / side.elapsed, 1),
+                            "p50_ms": stats["p50_ms"],
+                            "p99_ms": stats["p99_ms"],
+                            "max_ms": stats["max_ms"],
+                            "relay_cpu_ms_per_verification": round(
+                                1000 * side.cpu_relay_s / max(side.done, 1), 2
+                            ),
+                            "cpu_relay_s": round(side.cpu_relay_s, 2),
+                            "cpu_postgres_s": round(side.cpu_postgres_s, 2),
+                            "wall_s": round(side.elapsed, 2),
+                        }
+                    )
+    return rows
+
+
+async def otp_turn(
+    dbs: Databases, kind: str, side: OtpSide, parties: list[Party], concurrency: int
+) -> None:
+    async def verify(index: int) -> None:
+        party = parties[index]
+        started = time.perf_counter()
+        response = await side.http.post(
+            "/v1/otp/verify", json={"code": party.phones[0].otp()}, headers=party.client.headers
+        )
+        side.samples.append(time.perf_counter() - started)
+        if response.status_code != 200:
+            side.refused += 1
+
+    meter = CpuMeter(relay=relay_pid(side.server), postgres=dbs.postgres_pid(kind))
+    with meter:
+        started = time.perf_counter()
+        side.done += await bounded(len(parties), concurrency, verify, time_limit=120)
+        side.elapsed += time.perf_counter() - started
+    side.cpu_relay_s += meter.used["cpu_relay_s"]
+    side.cpu_postgres_s += meter.used.get("cpu_postgres_s", 0.0)
+
+
+# -- 6. CPU per request, route by route ------------------------------------------------------
+@dataclass
+class Rig:
+    """One relay under measurement and the parties that call it."""
+
+    label: str
+    server: Any
+    http: httpx.AsyncClient
+    pushing: list[Party]
+    quiet: list[Party]
+    approvals: list[dict[str, Any]]
+    cpu_s: dict[str, float]
+    pg_cpu_s: dict[str, float]
+    latencies: dict[str, list[float]]
+
+    async def fresh_approvals(self, indexes: range) -> None:
+        for i in indexes:
+            self.approvals[i] = await create_approval(self.http, self.quiet[i])
+
+
+async def open_rig(
+    stack: contextlib.AsyncExitStack,
+    dbs: Databases,
+    kind: str,
+    tmp: Path,
+    env: dict[str, str],
+    n: int,
+    source: Path | None,
+) -> Rig:
     url = await dbs.fresh(kind)
-    with relays(url, tmp, 1) as [server]:
-        async with http_client(server.url) as http:
-            parties = await new_parties(http, size.otp_parties, 1, "none")
-            samples: list[float] = []
-            refused = 0
+    [server] = stack.enter_context(relays(url, tmp, 1, source=source, **env))
+    http = await stack.enter_async_context(http_client(server.url))
+    pushing = await new_parties(http, 1, 1, "apns")
+    quiet = await new_parties(http, n, 1, "none")
+    label = "this tree" if source is None else f"compare: {source.name}"
+    return Rig(label, server, http, pushing, quiet, [{}] * n, {}, {}, {})
 
-            async def verify(index: int) -> None:
-                nonlocal refused
-                party = parties[index]
-                started = time.perf_counter()
-                response = await http.post(
-                    "/v1/otp/verify",
-                    json={"code": party.phones[0].otp()},
-                    headers=party.client.headers,
-                )
-                samples.append(time.perf_counter() - started)
-                if response.status_code != 200:
-                    refused += 1
 
+def route_jobs(rig: Rig) -> list[tuple[str, Any, bool]]:
+    """(route, job(index), needs a fresh pending approval per index)."""
+    http, quiet = rig.http, rig.quiet
+
+    async def answer_with_waiter(i: int) -> None:
+        approval = rig.approvals[i]
+        poll = asyncio.create_task(wait_until_final(http, quiet[i], approval["approval_id"]))
+        await asyncio.sleep(0.005)
+        await approve(http, quiet[i].phones[0], approval["approval_id"], approval["match_code"])
+        await poll
+
+    return [
+        ("healthz (framework floor)", lambda _i: ok_get(http, "/healthz"), False),
+        (
+            "client auth (GET /v1/client)",
+            lambda _i: ok_get(http, "/v1/client", quiet[0].client.headers),
+            False,
+        ),
+        (
+            "device auth (GET /v1/device/approvals, none pending)",
+            lambda _i: ok_get(http, "/v1/device/approvals", quiet[0].phones[0].headers),
+            False,
+        ),
+        (
+            "create approval + its push (APNs)",
+            lambda _i: create_approval(http, rig.pushing[0]),
+            False,
+        ),
+        (
+            "device detail (GET /v1/device/approvals/{id})",
+            lambda i: ok_get(
+                http,
+                f"/v1/device/approvals/{rig.approvals[i]['approval_id']}",
+                quiet[i].phones[0].headers,
+            ),
+            True,
+        ),
+        (
+            "signed answer (POST .../response), nobody waiting",
+            lambda i: approve(
+                http,
+                quiet[i].phones[0],
+                rig.approvals[i]["approval_id"],
+                rig.approvals[i]["match_code"],
+            ),
+            True,
+        ),
+        ("signed answer + the long-poll it wakes", answer_with_waiter, True),
+        (
+            "OTP verify",
+            lambda i: ok_post(
+                http, "/v1/otp/verify", {"code": quiet[i].phones[0].otp()}, quiet[i].client.headers
+            ),
+            False,
+        ),
+    ]
+
+
+async def measure(rig: Rig, kind: str, dbs: Databases, route: str, job: Any, rows: range) -> None:
+    profiler = None
+    if harness.PROFILE_DIR is not None and rig.label == "this tree":
+        profiler = start_profiler(rig.server, f"route-{route}-{kind}")
+    meter = CpuMeter(relay=relay_pid(rig.server), postgres=dbs.postgres_pid(kind))
+    samples = rig.latencies.setdefault(route, [])
+    with meter:
+        for index in rows:
             started = time.perf_counter()
-            done = await bounded(len(parties), 32, verify, time_limit=120)
-            elapsed = time.perf_counter() - started
-    stats = percentiles(samples)
+            await job(index)
+            samples.append(time.perf_counter() - started)
+    if profiler is not None:
+        stop_profiler(profiler)
+    rig.cpu_s[route] = rig.cpu_s.get(route, 0.0) + meter.used["cpu_relay_s"]
+    rig.pg_cpu_s[route] = rig.pg_cpu_s.get(route, 0.0) + meter.used.get("cpu_postgres_s", 0.0)
+
+
+async def route_cost(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
+    """The relay's CPU per request for each hot route, one request at a time: the relay's
+    CPU seconds (from /proc) over the phase divided by the requests made. With `--profile`,
+    py-spy samples each phase into its own file. With `--compare DIR`, the relay of that
+    checkout is measured too, in turns of a quarter of the requests, so that both see the
+    same load on a shared machine."""
+    n = size.route_requests
+    turns = 4 if harness.COMPARE_WITH is not None else 1
+    async with providers(tmp) as fakes, contextlib.AsyncExitStack() as stack:
+        rigs = [await open_rig(stack, dbs, kind, tmp, fakes.env, n, None)]
+        if harness.COMPARE_WITH is not None:
+            rigs.append(await open_rig(stack, dbs, kind, tmp, fakes.env, n, harness.COMPARE_WITH))
+        jobs = [route_jobs(rig) for rig in rigs]
+        for position, (route, _job, needs_approval) in enumerate(jobs[0]):
+            for turn in range(turns):
+                part = range(turn * n // turns, (turn + 1) * n // turns)
+                for rig, rig_jobs in zip(rigs, jobs, strict=True):
+                    if needs_approval:
+                        await rig.fresh_approvals(part)
+                    await measure(rig, kind, dbs, route, rig_jobs[position][1], part)
     return [
         {
             "database": kind,
-            "verifications": done,
-            "refused": refused,
-            "concurrency": 32,
-            "per_second": round(done / elapsed, 1),
-            "p50_ms": stats["p50_ms"],
-            "p99_ms": stats["p99_ms"],
+            "relay": rig.label,
+            "route": route,
+            "requests": n,
+            "relay_cpu_ms_per_request": round(1000 * rig.cpu_s[route] / n, 2),
+            "postgres_cpu_ms_per_request": round(1000 * rig.pg_cpu_s[route] / n, 2),
+            "latency_p50_ms": percentiles(rig.latencies[route])["p50_ms"],
         }
+        for route, _job, _fresh in jobs[0]
+        for rig in rigs
     ]
+
+
+async def ok_get(http: httpx.AsyncClient, path: str, headers: Any = None) -> None:
+    response = await http.get(path, headers=headers)
+    response.raise_for_status()
+
+
+async def ok_post(http: httpx.AsyncClient, path: str, body: Any, headers: Any) -> None:
+    response = await http.post(path, json=body, headers=headers)
+    response.raise_for_status()
 
 
 SCENARIOS = {
@@ -396,4 +657,6 @@ SCENARIOS = {
     "longpoll_capacity": longpoll_capacity,
     "push_dispatch": push_dispatch,
     "otp": otp_rate,
+    "workers": workers,
+    "route_cost": route_cost,
 }

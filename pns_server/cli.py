@@ -57,14 +57,37 @@ def describe_startup(settings: Settings) -> str:
     )
 
 
-@command("serve", "run the relay (migrates the database first unless PNS_MIGRATE_ON_START=false)")
-def serve(settings: Settings, _args: argparse.Namespace) -> int:
-    from pns_server.app import create_app
-    from pns_server.shutdown import run_server
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="relay processes on one port (default PNS_WORKERS, 1); more than one needs PostgreSQL",
+    )
 
+
+@command(
+    "serve",
+    "run the relay (migrates the database first unless PNS_MIGRATE_ON_START=false)",
+    _serve_arguments,
+)
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    from pns_server.workers import WorkersUnsupported, check_workers
+
+    workers = settings.workers if getattr(args, "workers", None) is None else args.workers
+    try:
+        check_workers(settings, workers)
+    except WorkersUnsupported as exc:
+        sys.stderr.write(f"pns-server serve: {exc}\n")
+        return 2
     print(describe_startup(settings), flush=True)
     if (warning := settings.public_url_warning()) is not None:
         logging.getLogger("pns").warning(warning)
+    if workers > 1:
+        return serve_workers(settings, workers)
+    from pns_server.app import create_app
+    from pns_server.shutdown import run_server
+
     run_server(
         create_app(settings),
         host=settings.host,
@@ -77,6 +100,18 @@ def serve(settings: Settings, _args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     return 0
+
+
+def serve_workers(settings: Settings, workers: int) -> int:
+    from pns_server.migrate import upgrade_to_head
+    from pns_server.runtime import secret_keys
+    from pns_server.workers import Supervisor
+
+    if settings.migrate_on_start:
+        # Once, before any worker starts (the data migrations need the secret keys).
+        upgrade_to_head(settings.sqlalchemy_url, secret_keys(settings))
+    print(f"{workers} relay processes share the port (PostgreSQL wakes and shares)", flush=True)
+    return Supervisor(settings, workers).run()
 
 
 @command("migrate", "upgrade the database schema to the latest revision")

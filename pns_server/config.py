@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"
     migrate_on_start: bool = True
+    # Relay processes behind one port (`serve --workers N`); more than one needs PostgreSQL.
+    workers: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=65536, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
     db_pool_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -81,9 +81,9 @@ async def current_client(request: Request, session: SessionDep) -> Client:
 
 
 async def current_client_detached(request: Request, db: DatabaseDep) -> Client:
-    """For long-polls: authenticate with a short session so the wait holds no connection."""
+    """For long-polls: authenticate with a short read so the wait holds no connection."""
     token = bearer_token(request)
-    async with db.session() as session:
+    async with db.read() as session:
         client = await client_by_token(session, token)
     count_caller(request, "client:" + client.id)
     return client
@@ -98,7 +98,7 @@ async def current_device(request: Request, session: SessionDep) -> Device:
 async def current_device_detached(request: Request, db: DatabaseDep) -> Device:
     """For long-polls: authenticate with a short session so the wait holds no connection."""
     token = bearer_token(request)
-    async with db.session() as session:
+    async with db.read() as session:
         device = await _device_by_token(session, token)
     count_caller(request, "device:" + device.id)
     return device
