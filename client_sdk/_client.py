@@ -3,8 +3,9 @@
 Both are thin: requests are built and answers parsed by `client_sdk._core`, and every
 multi-step operation (waits, `finish_pairings`, `login`) is one flow in `client_sdk._flows`
 that each twin hands to its driver. A method here only names its call or flow, so the two
-offer exactly the same methods with the same behaviour. The twins' docstrings: the blocking
-one is complete; the asyncio one repeats its first sentence and points to it."""
+offer exactly the same methods with the same behaviour. Their docstrings follow one rule
+(tests/client_sdk/test_public_api.py holds them to it): the blocking one is complete; the
+asyncio one repeats its first paragraph and, where there is more, points to it."""
 
 from __future__ import annotations
 
@@ -188,6 +189,7 @@ class PnsClient(SyncLifecycle, _Base):
 
     def start_pairing(self, kind: str = "app", label: str | None = None) -> Pairing:
         """Start pairing a device (`kind` "app" or "totp"); show `qr_payload` as a QR code.
+
         For "app", `qr_payload` ends with `#k=<secret>`: a secret drawn here and kept in the
         `KeyStore` until the pairing completes; show it only on this machine's screen.
 
@@ -210,10 +212,12 @@ class PnsClient(SyncLifecycle, _Base):
 
     def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
         """Long-poll until the pairing is completed or expired, or `timeout` seconds have
-        passed (then the latest, still pending, state is returned). A completed app
-        pairing's key is pinned when its key proof verifies with this pairing's QR secret
-        (kept in the `KeyStore`); otherwise `KeyProofInvalid` (the relay substituted the
-        key), `KeyProofMissing` (an app without key proofs) or `PairingSecretUnknown`.
+        passed (then the latest, still pending, state is returned).
+
+        A completed app pairing's key is pinned when its key proof verifies with this
+        pairing's QR secret (kept in the `KeyStore`); otherwise `KeyProofInvalid` (the relay
+        substituted the key), `KeyProofMissing` (an app without key proofs) or
+        `PairingSecretUnknown`.
 
         Example::
 
@@ -222,11 +226,13 @@ class PnsClient(SyncLifecycle, _Base):
         return self._run(self._flows.wait_for_pairing(pairing_id, timeout))
 
     def finish_pairings(self) -> list[Pairing]:
-        """Check every app pairing started with this `KeyStore` that is still open (e.g. one
-        started in another run with `pns-client pair --no-wait`): completed ones get their
-        device key pinned once the key proof verifies, expired ones are dropped. A
-        `KeyProofError` is raised for the first pairing that cannot be pinned (it is not
-        retried).
+        """Pin the keys of the app pairings started with this `KeyStore` that completed
+        since, and drop the expired ones.
+
+        It checks every app pairing of the `KeyStore` that is still open (e.g. one started
+        in another run with `pns-client pair --no-wait`): a completed one's device key is
+        pinned once its key proof verifies. A `KeyProofError` is raised for the first
+        pairing that cannot be pinned (it is not retried).
 
         Example::
 
@@ -328,10 +334,12 @@ class PnsClient(SyncLifecycle, _Base):
     def get_approval(
         self, approval_id: str, wait: float = 0, *, match_code: str | None = None
     ) -> Approval:
-        """An approval's state; with `wait` (0..60 s) a long-poll. An `approved` answer is
-        believed only if this client requested the approval and the device key it pinned
-        at pairing signed this login's nonce and context, in time, with the match code shown
-        (`match_code`, if given, must match too); otherwise `ApprovalSignatureError`.
+        """An approval's state; with `wait` (0..60 s) a long-poll.
+
+        An `approved` answer is believed only if this client requested the approval and the
+        device key it pinned at pairing signed this login's nonce and context, in time, with
+        the match code shown (`match_code`, if given, must match too); otherwise
+        `ApprovalSignatureError`.
 
         Example::
 
@@ -365,8 +373,8 @@ class PnsClient(SyncLifecycle, _Base):
         )
 
     def cancel_approval(self, approval_id: str) -> Approval:
-        """Withdraw a pending approval (e.g. the user chose to type a code instead).
-        Raises `AlreadyDecided` if it was already answered.
+        """Withdraw a pending approval (e.g. the user chose to type a code instead);
+        `AlreadyDecided` if it was already answered.
 
         Example::
 
@@ -477,7 +485,7 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
             return await client._send(register_call(name, edition, hostname, registration_key))
 
     async def ping(self) -> Ping:
-        """Reach the server and measure clock skew.
+        """Reach the server and measure clock skew (TOTP and signatures need a fair clock).
 
         Example::
 
@@ -497,6 +505,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
     async def start_pairing(self, kind: str = "app", label: str | None = None) -> Pairing:
         """Start pairing a device (`kind` "app" or "totp"); show `qr_payload` as a QR code.
 
+        See `PnsClient.start_pairing`.
+
         Example::
 
             pairing = await client.start_pairing("app")
@@ -505,7 +515,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._send(self._core.start_pairing(kind, label))
 
     async def get_pairing(self, pairing_id: str, wait: float = 0) -> Pairing:
-        """A pairing's status; with `wait` (0..60 s) a long-poll.
+        """A pairing's status; with `wait` (0..60 s) the server holds the answer until it
+        changes.
 
         Example::
 
@@ -514,8 +525,10 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._send(self._core.get_pairing(pairing_id, wait))
 
     async def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
-        """Long-poll until completed or expired (or `timeout`); pins the new device's key
-        when its key proof verifies (see `PnsClient.wait_for_pairing`).
+        """Long-poll until the pairing is completed or expired, or `timeout` seconds have
+        passed (then the latest, still pending, state is returned).
+
+        See `PnsClient.wait_for_pairing`.
 
         Example::
 
@@ -524,8 +537,10 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._run(self._flows.wait_for_pairing(pairing_id, timeout))
 
     async def finish_pairings(self) -> list[Pairing]:
-        """Pin the keys of pairings started with this `KeyStore` that completed meanwhile;
-        see `PnsClient.finish_pairings`.
+        """Pin the keys of the app pairings started with this `KeyStore` that completed
+        since, and drop the expired ones.
+
+        See `PnsClient.finish_pairings`.
 
         Example::
 
@@ -543,7 +558,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._send(self._core.confirm_totp_pairing(pairing_id, code))
 
     async def list_devices(self) -> list[Device]:
-        """Every device of this installation, as the relay reports them (never pinned).
+        """Every device of this installation, as the relay reports them (never pinned:
+        only a pairing this client started pins a key).
 
         Example::
 
@@ -602,6 +618,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
     ) -> ApprovalRequested:
         """Ask the user's phone to approve a login; show `match_code` on screen.
 
+        See `PnsClient.request_approval`.
+
         Example::
 
             req = await client.request_approval(username="admin", hostname="FILESRV01")
@@ -615,7 +633,9 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
     async def get_approval(
         self, approval_id: str, wait: float = 0, *, match_code: str | None = None
     ) -> Approval:
-        """An approval's state (with `wait`, a long-poll); a decided one's signature is verified.
+        """An approval's state; with `wait` (0..60 s) a long-poll.
+
+        See `PnsClient.get_approval`.
 
         Example::
 
@@ -631,7 +651,10 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         *,
         match_code: str | None = None,
     ) -> Approval:
-        """Long-poll until a final status (or `timeout`), reporting progress.
+        """Long-poll until the approval is approved, rejected, expired or cancelled (or
+        `timeout` seconds passed: then the latest pending state is returned).
+
+        See `PnsClient.wait_for_approval`; `on_progress` may be a coroutine function.
 
         Example::
 
@@ -642,7 +665,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         )
 
     async def cancel_approval(self, approval_id: str) -> Approval:
-        """Withdraw a pending approval; `AlreadyDecided` if it was already answered.
+        """Withdraw a pending approval (e.g. the user chose to type a code instead);
+        `AlreadyDecided` if it was already answered.
 
         Example::
 
@@ -666,7 +690,10 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         number_matching: bool = True,
         max_code_attempts: int = 3,
     ) -> LoginResult:
-        """Push first, one-time password as fallback; see `PnsClient.login`.
+        """The whole second factor of a login: push first, one-time password as fallback.
+
+        See `PnsClient.login`; here `use_code` is an `asyncio.Event`, and the callbacks may
+        be coroutine functions.
 
         Example::
 

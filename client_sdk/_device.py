@@ -19,8 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client_sdk._core import (
     DEFAULT_RETRIES,
-    Call,
-    Enrolment,
     device_approval_call,
     device_headers,
     enrol_call,
@@ -32,6 +30,7 @@ from client_sdk._core import (
     respond_call,
     update_push_call,
 )
+from client_sdk._flows import Flow, send
 from client_sdk._http import (
     AsyncLifecycle,
     AsyncSender,
@@ -96,11 +95,6 @@ class _DeviceBase:
         """Base64 DER SubjectPublicKeyInfo, as registered with the server."""
         return public_key_b64(self.private_key)
 
-    def _enrolled(self, enrolment: Enrolment) -> None:
-        self.device_id = enrolment.device_id
-        self._token = enrolment.device_token
-        self.totp = enrolment.totp
-
     def to_state(self) -> dict[str, Any]:
         """Everything needed to resume this device later, JSON-serialisable. It holds the
         private key and the TOTP secret: store it like a password (e.g. the OS keychain).
@@ -149,19 +143,20 @@ class _DeviceBase:
         )
         return str(totp.at(at or datetime.now(UTC)))
 
-    def _enrol_call(
+    def _enrol(
         self,
         qr_payload: str,
-        pairing_token: str,
         name: str,
         platform: str,
         os_version: str,
         app_version: str,
         push: Mapping[str, str] | None,
-    ) -> Call[Enrolment]:
+    ) -> Flow[None]:
+        """Pair from the QR text, proving this device's key with the QR code's secret."""
+        _, pairing_token = parse_qr_payload(qr_payload)
         secret = pairing_secret_of(qr_payload)
         public_key = self.public_key
-        return enrol_call(
+        call = enrol_call(
             pairing_token=pairing_token,
             name=name,
             platform=platform,
@@ -171,37 +166,43 @@ class _DeviceBase:
             public_key=public_key,
             key_proof=key_proof(secret, public_key) if secret is not None else None,
         )
+        enrolment = yield from send(call)
+        self.device_id = enrolment.device_id
+        self._token = enrolment.device_token
+        self.totp = enrolment.totp
 
-    def _respond(
+    def _answer(
         self,
-        approval: DeviceApproval,
+        approval: str | DeviceApproval,
         decision: str,
         match_code: str | None,
         fraud: bool,
         at: datetime | None,
-    ) -> Call[DeviceDecision]:
-        """Sign v2 (the client's nonce and the context as shown) when the approval carries a
-        nonce, v1 otherwise."""
+    ) -> Flow[DeviceDecision]:
+        """Fetch the approval unless the caller passes the one it showed, then sign v2 (the
+        client's nonce and the context as shown) when it carries a nonce, v1 otherwise."""
+        if not isinstance(approval, DeviceApproval):
+            approval = yield from send(device_approval_call(approval))
         timestamp = format_time(at or datetime.now(UTC))
-        approval_id = approval.approval_id
         nonce = approval.client_nonce
         signature = sign_approval(
             self.private_key,
-            approval_id,
+            approval.approval_id,
             decision,
             match_code,
             timestamp,
             nonce,
             context_sha256(approval.context) if nonce is not None else None,
         )
-        return respond_call(
-            approval_id,
+        call = respond_call(
+            approval.approval_id,
             decision=decision,
             match_code=match_code,
             fraud=fraud,
             timestamp=timestamp,
             signature=signature,
         )
+        return (yield from send(call))
 
 
 class DeviceClient(SyncLifecycle, _DeviceBase):
@@ -266,14 +267,11 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
             device = DeviceClient.pair(qr_text, name="Ann's iPhone", platform="ios",
                                        os_version="17.2", app_version="4.3.0")
         """
-        qr_server, pairing_token = parse_qr_payload(qr_payload)
+        qr_server, _ = parse_qr_payload(qr_payload)
         pairing_secret_of(qr_payload)  # a damaged fragment fails before anything is sent
         device = cls(server_url or qr_server, **options)
         try:
-            call = device._enrol_call(
-                qr_payload, pairing_token, name, platform, os_version, app_version, push
-            )
-            device._enrolled(device._send(call))
+            device._run(device._enrol(qr_payload, name, platform, os_version, app_version, push))
         except BaseException:
             device.close()
             raise
@@ -326,9 +324,6 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
         """
         return self._send(device_approval_call(approval_id))
 
-    def _details(self, approval: str | DeviceApproval) -> DeviceApproval:
-        return approval if isinstance(approval, DeviceApproval) else self.approval(approval)
-
     def approve(
         self,
         approval: str | DeviceApproval,
@@ -336,16 +331,17 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
         *,
         at: datetime | None = None,
     ) -> DeviceDecision:
-        """Approve with the code the user typed (None for a plain push); signed over the
-        request as shown to the user. Pass the `DeviceApproval` that was shown, or its id
-        (then it is fetched first). A wrong code rejects the request.
+        """Approve with the code the user typed (None for a plain push), signed over the
+        request as shown to the user.
+
+        Pass the `DeviceApproval` that was shown, or its id (then it is fetched first). A
+        wrong code rejects the request.
 
         Example::
 
             status = device.approve(approval_id, "417").status
         """
-        details = self._details(approval)
-        return self._send(self._respond(details, "approve", match_code, False, at))
+        return self._run(self._answer(approval, "approve", match_code, False, at))
 
     def reject(
         self,
@@ -360,8 +356,7 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
 
             device.reject(approval_id, fraud=True)
         """
-        details = self._details(approval)
-        return self._send(self._respond(details, "reject", None, fraud, at))
+        return self._run(self._answer(approval, "reject", None, fraud, at))
 
 
 class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
@@ -413,21 +408,22 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
         server_url: str | None = None,
         **options: Any,
     ) -> Self:
-        """Complete a pairing from the scanned QR text; see `DeviceClient.pair`.
+        """Complete a pairing from the scanned `pns://pair?...#k=...` text with a new P-256
+        key, proving the key with the QR code's secret (`key_proof`).
+
+        See `DeviceClient.pair`.
 
         Example::
 
             device = await AsyncDeviceClient.pair(qr_text, name="Pixel", platform="android",
                                                   os_version="14", app_version="4.3.0")
         """
-        qr_server, pairing_token = parse_qr_payload(qr_payload)
+        qr_server, _ = parse_qr_payload(qr_payload)
         pairing_secret_of(qr_payload)  # a damaged fragment fails before anything is sent
         device = cls(server_url or qr_server, **options)
         try:
-            call = device._enrol_call(
-                qr_payload, pairing_token, name, platform, os_version, app_version, push
-            )
-            device._enrolled(await device._send(call))
+            enrol = device._enrol(qr_payload, name, platform, os_version, app_version, push)
+            await device._run(enrol)
         except BaseException:
             await device.aclose()
             raise
@@ -481,11 +477,6 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
         """
         return await self._send(device_approval_call(approval_id))
 
-    async def _details(self, approval: str | DeviceApproval) -> DeviceApproval:
-        if isinstance(approval, DeviceApproval):
-            return approval
-        return await self.approval(approval)
-
     async def approve(
         self,
         approval: str | DeviceApproval,
@@ -493,15 +484,16 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
         *,
         at: datetime | None = None,
     ) -> DeviceDecision:
-        """Approve with the code the user typed (None for a plain push); signed over the
-        request as shown (a `DeviceApproval`, or its id to fetch it first).
+        """Approve with the code the user typed (None for a plain push), signed over the
+        request as shown to the user.
+
+        See `DeviceClient.approve`.
 
         Example::
 
             decision = await device.approve(approval_id, "417")
         """
-        details = await self._details(approval)
-        return await self._send(self._respond(details, "approve", match_code, False, at))
+        return await self._run(self._answer(approval, "approve", match_code, False, at))
 
     async def reject(
         self,
@@ -516,5 +508,4 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
 
             await device.reject(approval_id, fraud=True)
         """
-        details = await self._details(approval)
-        return await self._send(self._respond(details, "reject", None, fraud, at))
+        return await self._run(self._answer(approval, "reject", None, fraud, at))
