@@ -17,15 +17,7 @@ from typing import Any
 
 import httpx
 
-from client_sdk._core import (
-    DEFAULT_LONG_POLL,
-    DEFAULT_RETRIES,
-    MAX_WAIT,
-    Call,
-    ClientCore,
-    ping_call,
-    register_call,
-)
+from client_sdk._core import ClientCore, ping_call, register_call
 from client_sdk._flows import ClientFlows
 from client_sdk._http import (
     AsyncLifecycle,
@@ -49,6 +41,7 @@ from client_sdk._models import (
     RecoveryCodes,
     RecoveryResult,
 )
+from client_sdk._wire import DEFAULT_LONG_POLL, DEFAULT_RETRIES, MAX_WAIT, Call
 
 __all__ = ["AsyncPnsClient", "PnsClient"]
 

@@ -17,12 +17,10 @@ import pyotp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client_sdk._core import (
-    DEFAULT_RETRIES,
+from client_sdk._device_core import (
     device_approval_call,
     device_headers,
     enrol_call,
-    format_time,
     pairing_secret_of,
     parse_qr_payload,
     pending_call,
@@ -40,6 +38,7 @@ from client_sdk._http import (
 )
 from client_sdk._keys import context_sha256, key_proof, public_key_b64, sign_approval
 from client_sdk._models import DeviceApproval, DeviceDecision, TotpParameters
+from client_sdk._wire import DEFAULT_RETRIES, format_time
 
 __all__ = ["AsyncDeviceClient", "DeviceClient"]
 

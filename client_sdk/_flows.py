@@ -30,19 +30,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from client_sdk._core import (
-    ApiRequest,
-    Call,
-    ClientCore,
-    Reply,
-    backoff,
-    fallback_reason,
-    is_otp_shaped,
-    normalise_otp,
-    retry_after_unavailable,
-    should_retry,
-    transport_error,
-)
+from client_sdk._core import ClientCore, fallback_reason, is_otp_shaped, normalise_otp
 from client_sdk._exceptions import (
     AlreadyDecided,
     KeyProofError,
@@ -54,6 +42,15 @@ from client_sdk._exceptions import (
     RecoveryCodeInvalid,
 )
 from client_sdk._models import Approval, ApprovalRequested, CodePrompt, LoginResult, Pairing
+from client_sdk._wire import (
+    ApiRequest,
+    Call,
+    Reply,
+    backoff,
+    retry_after_unavailable,
+    should_retry,
+    transport_error,
+)
 
 T = TypeVar("T")
 

@@ -16,14 +16,6 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
-from client_sdk._core import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
-    ApiRequest,
-    Call,
-    Reply,
-    timeout_for,
-)
 from client_sdk._flows import (
     Flow,
     Invoke,
@@ -33,6 +25,14 @@ from client_sdk._flows import (
     Watch,
     drive,
     exchange,
+)
+from client_sdk._wire import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    ApiRequest,
+    Call,
+    Reply,
+    timeout_for,
 )
 
 T = TypeVar("T")
@@ -45,11 +45,26 @@ def as_timeout(value: TimeoutTypes) -> httpx.Timeout:
     return value if isinstance(value, httpx.Timeout) else httpx.Timeout(value)
 
 
-def _merge(request: ApiRequest, headers: dict[str, str]) -> dict[str, str]:
-    return {**headers, **request.headers}
+class _Sender:
+    """What both drivers share: the retry budget and how a request's options are built."""
+
+    def __init__(
+        self, headers: Callable[[], dict[str, str]], timeout: TimeoutTypes, retries: int
+    ) -> None:
+        self.timeout = as_timeout(timeout)
+        self.retries = retries
+        self._headers = headers
+
+    def _options(self, request: ApiRequest) -> dict[str, Any]:
+        return {
+            "params": request.params,
+            "json": request.json,
+            "headers": {**self._headers(), **request.headers},
+            "timeout": timeout_for(request, self.timeout),
+        }
 
 
-class SyncSender:
+class SyncSender(_Sender):
     """Drives flows with blocking I/O: requests on an `httpx.Client`, `time.sleep`, and a
     watcher thread for `use_code`."""
 
@@ -63,9 +78,7 @@ class SyncSender:
         transport: httpx.BaseTransport | None = None,
         verify: bool | ssl.SSLContext = True,
     ) -> None:
-        self.timeout = as_timeout(timeout)
-        self.retries = retries
-        self._headers = headers
+        super().__init__(headers, timeout, retries)
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"), timeout=self.timeout, transport=transport, verify=verify
         )
@@ -85,14 +98,7 @@ class SyncSender:
         match step:
             case ApiRequest():
                 sent_at = time.time()
-                response = self.http.request(
-                    step.method,
-                    step.path,
-                    params=step.params,
-                    json=step.json,
-                    headers=_merge(step, self._headers()),
-                    timeout=timeout_for(step, self.timeout),
-                )
+                response = self.http.request(step.method, step.path, **self._options(step))
                 return Reply(response, sent_at, time.time())
             case Call():
                 return self.send(step)
@@ -145,7 +151,7 @@ class _ThreadWatch:
         return self._use_code is not None and self._use_code.is_set()
 
 
-class AsyncSender:
+class AsyncSender(_Sender):
     """Drives flows with asyncio: requests on an `httpx.AsyncClient`, `asyncio.sleep`, and
     a watcher task for `use_code`; callbacks may return coroutines."""
 
@@ -159,9 +165,7 @@ class AsyncSender:
         transport: httpx.AsyncBaseTransport | None = None,
         verify: bool | ssl.SSLContext = True,
     ) -> None:
-        self.timeout = as_timeout(timeout)
-        self.retries = retries
-        self._headers = headers
+        super().__init__(headers, timeout, retries)
         self.http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), timeout=self.timeout, transport=transport, verify=verify
         )
@@ -192,14 +196,7 @@ class AsyncSender:
         match step:
             case ApiRequest():
                 sent_at = time.time()
-                response = await self.http.request(
-                    step.method,
-                    step.path,
-                    params=step.params,
-                    json=step.json,
-                    headers=_merge(step, self._headers()),
-                    timeout=timeout_for(step, self.timeout),
-                )
+                response = await self.http.request(step.method, step.path, **self._options(step))
                 return Reply(response, sent_at, time.time())
             case Call():
                 return await self.send(step)

@@ -46,7 +46,7 @@ from client_sdk import (
     parse_qr_payload,
 )
 from client_sdk import _keys as keys_module
-from client_sdk._core import pairing_secret_of
+from client_sdk._device_core import pairing_secret_of
 from client_sdk._exceptions import error_class_for
 from client_sdk._keys import context_sha256, key_proof, public_key_b64, sign_approval
 from pns_server import errors as server_errors

@@ -27,7 +27,7 @@ from client_sdk import (
     RelayCompromisedError,
     Unavailable,
 )
-from client_sdk._core import ApiRequest, Call, ClientCore, Reply, ping_call
+from client_sdk._core import ClientCore, ping_call
 from client_sdk._flows import (
     ClientFlows,
     Flow,
@@ -40,6 +40,7 @@ from client_sdk._flows import (
     exchange,
 )
 from client_sdk._keys import context_sha256, key_proof, public_key_b64, sign_approval
+from client_sdk._wire import ApiRequest, Call, Reply
 from tests.support.factories import new_key
 
 APPROVAL = "appr1"
