@@ -5,7 +5,11 @@ multi-step operation (waits, `finish_pairings`, `login`) is one flow in `client_
 that each twin hands to its driver. A method here only names its call or flow, so the two
 offer exactly the same methods with the same behaviour. Their docstrings follow one rule
 (tests/client_sdk/test_public_api.py holds them to it): the blocking one is complete; the
-asyncio one repeats its first paragraph and, where there is more, points to it."""
+asyncio one repeats its first paragraph and, where there is more, points to it.
+
+Why this module is long: it states the public API twice, as httpx's `_client.py` does;
+each method keeps its typed signature and a docstring with an example (a test wants one
+for every public method), while its body is a single line."""
 
 from __future__ import annotations
 
