@@ -41,6 +41,7 @@ from client_sdk._flows import (
 )
 from client_sdk._keys import context_sha256, key_proof, public_key_b64, sign_approval
 from client_sdk._wire import ApiRequest, Call, Reply
+from tests.client_sdk.mock_relay import problem
 from tests.support.factories import new_key
 
 APPROVAL = "appr1"
@@ -49,11 +50,6 @@ Answer = dict[str, Any] | Callable[[], dict[str, Any]] | httpx.Response | Except
 
 def stamp(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def problem(status: int, code: str, **extra: Any) -> httpx.Response:
-    body = {"type": "x", "title": "t", "status": status, "detail": "no", "code": code, **extra}
-    return httpx.Response(status, json=body)
 
 
 @pytest.fixture(autouse=True)
