@@ -59,6 +59,8 @@ RETRYABLE_CODE_ERRORS = (OtpInvalid, OtpReplayed, RecoveryCodeInvalid)
 
 @dataclass(frozen=True)
 class Sleep:
+    """Wait before trying again (a retry's backoff, a short `Retry-After`)."""
+
     seconds: float
 
 
@@ -80,7 +82,7 @@ class Watch:
 
 @dataclass(frozen=True)
 class Unwatch:
-    pass
+    """End the `Watch`; the result says whether the caller's event was set."""
 
 
 Step = ApiRequest | Call[Any] | Sleep | Invoke | Watch | Unwatch
