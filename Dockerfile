@@ -1,18 +1,21 @@
 # syntax=docker/dockerfile:1
 
-# --- build: the wheel, plus wheels of every dependency (no compiler reaches the final image)
-FROM python:3.11-slim AS build
+# Both stages on one exact Python release and Debian suite. Pinning a digest as well
+# (python:3.11.14-slim-bookworm@sha256:...) also freezes the OS packages: take it from
+# `docker buildx imagetools inspect` on a machine that can reach the registry.
+
+# --- build: only our own wheel (the dependencies come from the lock, as published wheels)
+FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md alembic.ini ./
 COPY pns_server ./pns_server
 COPY client_sdk ./client_sdk
 COPY migrations ./migrations
-RUN pip wheel --no-deps --wheel-dir /wheels . \
- && pip wheel --wheel-dir /wheels "$(ls /wheels/pns-*.whl)[server]"
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # --- runtime
-FROM python:3.11-slim
+FROM python:3.11.14-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -20,11 +23,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PNS_PORT=8080 \
     PNS_DATA_DIR=/data \
     PNS_LOG_FORMAT=json
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links /wheels "$(ls /wheels/pns-*.whl)[server]" \
- && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin pns \
- && mkdir -p /data && chown pns:pns /data
-USER pns
+# Exactly the versions in requirements/server.lock, each checked against its hash, binary
+# wheels only (no compiler in the image) except http-ece, which is published as a pure-Python
+# source archive only; then our wheel without resolving anything again.
+RUN --mount=type=bind,source=requirements/server.lock,target=/tmp/server.lock \
+    --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --require-hashes --only-binary :all: --no-binary http-ece \
+       -r /tmp/server.lock \
+ && pip install --no-cache-dir --no-index --no-deps /wheels/pns_relay-*.whl \
+ && pip check \
+ && groupadd --system --gid 10001 pns \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /data --shell /usr/sbin/nologin pns \
+ && mkdir -p /data && chown 10001:10001 /data
+# Numeric, so an orchestrator can tell it is not root without reading /etc/passwd.
+USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8080

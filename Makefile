@@ -2,50 +2,90 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two stamps: `make run` needs only the relay (the [server] extra, at the versions the image
+# runs); lint/test/bench also need the dev tools. The dev install includes the server one,
+# so it refreshes both stamps and switching between run and test reinstalls nothing.
+SERVER_STAMP := $(VENV)/.installed-server
+DEV_STAMP    := $(VENV)/.installed-dev
+LOCK         := requirements/server.lock
+UV_VERSION   := 0.13.9
 
-.PHONY: run test lint format bench bench-full demo clean migrate openapi
+.PHONY: run test lint format bench bench-full demo clean migrate openapi lock browser
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+CONSTRAINTS  := $(VENV)/constraints.txt
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
-	touch $(STAMP)
+
+# The lock's pins without its hashes (pip would demand hashes for the editable install too).
+$(CONSTRAINTS): $(LOCK) | $(BIN)/python
+	sed -n 's/^\([A-Za-z0-9._-]*==[^ ]*\).*/\1/p' $(LOCK) > $(CONSTRAINTS)
+
+# `pns` was this project's old distribution name (and is someone else's on the index).
+$(SERVER_STAMP): pyproject.toml $(CONSTRAINTS)
+	$(BIN)/python -m pip uninstall --quiet --yes pns 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[server]'
+	touch $(SERVER_STAMP)
+
+$(DEV_STAMP): pyproject.toml $(CONSTRAINTS)
+	$(BIN)/python -m pip uninstall --quiet --yes pns 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[server,dev]'
+	touch $(SERVER_STAMP) $(DEV_STAMP)
 
 ## Start the relay on the embedded default (SQLite under ./var, log push sender).
-run: $(STAMP)
+run: $(SERVER_STAMP)
 	$(BIN)/pns-server serve
 
-migrate: $(STAMP)
+migrate: $(SERVER_STAMP)
 	$(BIN)/pns-server migrate
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy pns_server client_sdk
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## The web approver's tests drive Debian's Chromium (never a downloaded browser):
+## installed here when missing and we are root; otherwise those tests skip (and fail in CI).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium for the web approver tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	  else echo "note: $(CHROMIUM) is missing (apt-get install chromium); browser tests will skip"; fi; }
+
 ## Linters, then the whole suite on SQLite and a throwaway PostgreSQL cluster.
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Benchmarks against real relay processes on SQLite and PostgreSQL (docs/benchmarks.md).
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run
 
-bench-full: $(STAMP)
+bench-full: $(DEV_STAMP)
 	$(BIN)/python -m bench.run --full
 
 ## Regenerate docs/openapi.json from the code (a test fails while it is stale).
-openapi: $(STAMP)
+openapi: $(SERVER_STAMP)
 	$(BIN)/python scripts/openapi.py
 
 ## Watch the whole flow: a relay, a simulated phone, approved / rejected / OTP logins.
-demo: $(STAMP)
+demo: $(DEV_STAMP)
 	$(BIN)/python scripts/demo.py
+
+## Re-resolve requirements/server.lock (the image's exact versions) after a pyproject change;
+## `make lock LOCK_ARGS=--upgrade` moves every pin to the newest release the bounds allow.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet 'uv==$(UV_VERSION)'
+	$(BIN)/uv pip compile pyproject.toml --extra server --python-version 3.11 \
+	  --python-platform linux --generate-hashes --custom-compile-command 'make lock' \
+	  --quiet $(LOCK_ARGS) -o $(LOCK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

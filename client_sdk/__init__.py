@@ -13,7 +13,6 @@ tree."""
 
 from client_sdk._client import AsyncPnsClient, PnsClient
 from client_sdk._device import AsyncDeviceClient, DeviceClient
-from client_sdk._device_core import parse_qr_payload
 from client_sdk._exceptions import (
     AlreadyDecided,
     ApiError,
@@ -61,6 +60,7 @@ from client_sdk._exceptions import (
     Unavailable,
     UnexpectedResponse,
     UnsupportedMediaType,
+    WebPushEndpointForbidden,
 )
 from client_sdk._keys import (
     KeyStore,
@@ -89,7 +89,7 @@ from client_sdk._models import (
     RecoveryResult,
     TotpParameters,
 )
-from client_sdk._wire import SDK_VERSION
+from client_sdk._wire import SDK_VERSION, parse_qr_payload
 
 __version__ = SDK_VERSION
 
@@ -163,6 +163,7 @@ __all__ = [
     "Unavailable",
     "UnexpectedResponse",
     "UnsupportedMediaType",
+    "WebPushEndpointForbidden",
     "__version__",
     "approval_message",
     "approval_message_v2",

@@ -109,7 +109,7 @@ class PnsClient(SyncLifecycle, _Base):
         with PnsClient("https://pns.example.com", token=registration.client_token,
                        key_store=KeyStore("pns-keys.json")) as client:
             pairing = client.start_pairing("app")
-            show_qr(pairing.qr_payload)
+            show_qr(pairing.qr)
             pairing = client.wait_for_pairing(pairing.pairing_id)
 
     `timeout` is per request (long-polls get their `wait` on top of the read timeout);
@@ -193,7 +193,7 @@ class PnsClient(SyncLifecycle, _Base):
         Example::
 
             pairing = client.start_pairing("totp", label="Google Authenticator")
-            show_qr(pairing.qr_payload)
+            show_qr(pairing.qr)
         """
         return self._send(self._core.start_pairing(kind, label))
 
@@ -507,7 +507,7 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         Example::
 
             pairing = await client.start_pairing("app")
-            show_qr(pairing.qr_payload)
+            show_qr(pairing.qr)
         """
         return await self._send(self._core.start_pairing(kind, label))
 

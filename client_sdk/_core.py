@@ -49,6 +49,7 @@ from client_sdk._wire import (
     parse_device,
     parse_pairing,
     path_id,
+    same_pairing,
     str_field,
     time_field,
     wait_param,
@@ -166,7 +167,15 @@ class ClientCore:
             # read by the phone's camera, never sent to the relay.
             secret = secrets.token_bytes(PAIRING_SECRET_BYTES)
             self.key_store.remember_pairing(pairing.pairing_id, secret, pairing.expires_at)
-            return replace(pairing, qr_payload=f"{payload}#k={b64url(secret)}")
+            link = pairing.qr_link
+            if link is not None:
+                if not same_pairing(link, payload):
+                    raise UnexpectedResponse(
+                        "the server's pairing link does not match its pairing code",
+                        status=reply.response.status_code,
+                    )
+                link = f"{link}&k={b64url(secret)}"
+            return replace(pairing, qr_payload=f"{payload}#k={b64url(secret)}", qr_link=link)
 
         return Call(ApiRequest("POST", "/v1/pairings", json=body), parse)
 

@@ -17,8 +17,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client_sdk._device_core import (
     DeviceBase,
     device_approval_call,
-    pairing_secret_of,
-    parse_qr_payload,
     pending_call,
     remove_self_call,
     update_push_call,
@@ -31,7 +29,7 @@ from client_sdk._http import (
     TimeoutTypes,
 )
 from client_sdk._models import DeviceApproval, DeviceDecision, TotpParameters
-from client_sdk._wire import DEFAULT_RETRIES
+from client_sdk._wire import DEFAULT_RETRIES, pairing_secret_of, parse_qr_payload
 
 __all__ = ["AsyncDeviceClient", "DeviceClient"]
 

@@ -1,4 +1,4 @@
-"""The device's side without I/O: its calls (reading the pairing code, enrolment,
+"""The device's side without I/O: its calls (enrolment,
 push-token updates, pending approvals, the signed answer) and `DeviceBase`, the state and
 flows `DeviceClient` and `AsyncDeviceClient` share (its key, its saved state, its TOTP,
 pairing with a key proof, answering with a signature). The twins only move them over the
@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pyotp
 from cryptography.hazmat.primitives import serialization
@@ -19,8 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client_sdk._flows import Flow, send
 from client_sdk._keys import (
-    PAIRING_SECRET_BYTES,
-    b64url_decode,
     context_sha256,
     key_proof,
     public_key_b64,
@@ -39,42 +36,12 @@ from client_sdk._wire import (
     no_content,
     obj_field,
     opt_str_field,
+    pairing_secret_of,
     parse_device_approval,
+    parse_qr_payload,
     path_id,
     str_field,
 )
-
-
-def parse_qr_payload(qr_payload: str) -> tuple[str, str]:
-    """`pns://pair?server=<url>&token=<token>[#k=<secret>]` -> (server URL, pairing token).
-    `pairing_secret_of` reads the fragment's secret."""
-    parsed = urlparse(qr_payload.strip())
-    if parsed.scheme != "pns" or parsed.netloc != "pair":
-        raise ValueError("not a PNS pairing code (expected pns://pair?...)")
-    query = parse_qs(parsed.query)
-    servers, tokens = query.get("server", []), query.get("token", [])
-    if len(servers) != 1 or len(tokens) != 1 or not tokens[0]:
-        raise ValueError("the pairing code must carry exactly one server and one token")
-    server = servers[0]
-    if urlparse(server).scheme not in ("http", "https"):
-        raise ValueError("the pairing code's server is not an http(s) URL")
-    return server.rstrip("/"), tokens[0]
-
-
-def pairing_secret_of(qr_payload: str) -> bytes | None:
-    """The 32-byte secret in a pairing code's `#k=` fragment; None when it has no fragment
-    (a client that predates key proofs). A malformed fragment is a ValueError: the code was
-    damaged or tampered with, and guessing would only make the proof fail later."""
-    fragment = urlparse(qr_payload.strip()).fragment
-    if not fragment:
-        return None
-    values = parse_qs(fragment, keep_blank_values=True).get("k", [])
-    if len(values) != 1 or fragment != f"k={values[0]}":
-        raise ValueError("the pairing code's fragment must be exactly #k=<secret>")
-    secret = b64url_decode(values[0])
-    if len(secret) != PAIRING_SECRET_BYTES:
-        raise ValueError(f"the pairing code's secret must be {PAIRING_SECRET_BYTES} bytes")
-    return secret
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@
         │   ├── EditionUnsupported     edition_unsupported
         │   └── RegistrationKeyInvalid registration_key_invalid
         ├── PlatformUnsupported        platform_unsupported
+        ├── WebPushEndpointForbidden   webpush_endpoint_forbidden
         ├── PairingError
         │   ├── PairingInvalid         pairing_invalid
         │   ├── PairingExpired         pairing_expired
@@ -112,6 +113,7 @@ __all__ = [
     "Unavailable",
     "UnexpectedResponse",
     "UnsupportedMediaType",
+    "WebPushEndpointForbidden",
     "error_class_for",
 ]
 
@@ -302,6 +304,12 @@ class RegistrationKeyInvalid(RegistrationRefused):
 
 class PlatformUnsupported(ApiError):
     codes = ("platform_unsupported",)
+
+
+class WebPushEndpointForbidden(ApiError):
+    """A Web Push subscription whose endpoint is not on the relay's push-service allow-list."""
+
+    codes = ("webpush_endpoint_forbidden",)
 
 
 class PairingError(ApiError):

@@ -96,10 +96,20 @@ class Pairing:
     qr_payload: str | None = field(default=None, repr=False)
     otpauth_uri: str | None = field(default=None, repr=False)
     pinned: bool = False
+    # App pairings on a relay with the web approver: the same parameters (and the same
+    # secret) as an https link, `<relay>/app/pair#server=...&token=...&k=...`.
+    qr_link: str | None = field(default=None, repr=False)
 
     @property
     def is_pending(self) -> bool:
         return self.status == "pending"
+
+    @property
+    def qr(self) -> str | None:
+        """What to draw as the QR code: the https link when the relay offers one (a phone's
+        camera opens it in the web approver, or in a native app that claims the link),
+        else `qr_payload`."""
+        return self.qr_link or self.qr_payload
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The wire, without I/O: how a request is described (`ApiRequest`, `Call`), how an answer
-is read (problem+json to exceptions, field readers, model parsers), and the rules for
-retrying one. Shared by the backup client's core (`_core`) and the device's (`_device_core`)."""
+is read (problem+json to exceptions, field readers, model parsers), the rules for
+retrying one, and the pairing code in both its forms (`pns://pair?...#k=` and the relay's
+https link), which the client writes and the device reads. Shared by the backup client's
+core (`_core`) and the device's (`_device_core`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlparse
 
 import httpx
 
@@ -21,6 +23,7 @@ from client_sdk._exceptions import (
     UnexpectedResponse,
     error_class_for,
 )
+from client_sdk._keys import PAIRING_SECRET_BYTES, b64url_decode
 from client_sdk._models import Approval, ApprovalResponse, Delivery, Device, DeviceApproval, Pairing
 
 T = TypeVar("T")
@@ -268,6 +271,7 @@ def parse_pairing(data: Mapping[str, Any]) -> Pairing:
         device=parse_device(device) if device is not None else None,
         qr_payload=opt_str_field(data, "qr_payload"),
         otpauth_uri=opt_str_field(data, "otpauth_uri"),
+        qr_link=opt_str_field(data, "qr_link"),
     )
 
 
@@ -326,3 +330,69 @@ def path_id(value: str) -> str:
     if not value:
         raise ValueError("an id must not be empty")
     return quote(value, safe="")
+
+
+# --- the pairing code ---------------------------------------------------------------
+
+
+def pairing_params(code: str) -> tuple[dict[str, list[str]], bool]:
+    """The parameters of either pairing form, and whether it is the https link:
+    `pns://pair?server=..&token=..#k=..` or `https://<relay>/app/pair#server=..&token=..&k=..`
+    (one parser for both; the names are the same)."""
+    parsed = urlparse(code.strip())
+    if parsed.scheme == "pns" and parsed.netloc == "pair":
+        return parse_qs(parsed.query), False
+    if parsed.scheme in ("http", "https") and parsed.path.endswith("/app/pair"):
+        if parsed.query:
+            raise ValueError("a pairing link carries its parameters in the fragment only")
+        return parse_qs(parsed.fragment, keep_blank_values=True), True
+    raise ValueError("not a PNS pairing code (expected pns://pair?... or https://.../app/pair#...)")
+
+
+def parse_qr_payload(qr_payload: str) -> tuple[str, str]:
+    """A pairing code or link -> (server URL, pairing token). `pairing_secret_of` reads the
+    secret."""
+    query, _ = pairing_params(qr_payload)
+    servers, tokens = query.get("server", []), query.get("token", [])
+    if len(servers) != 1 or len(tokens) != 1 or not tokens[0]:
+        raise ValueError("the pairing code must carry exactly one server and one token")
+    server = servers[0]
+    if urlparse(server).scheme not in ("http", "https"):
+        raise ValueError("the pairing code's server is not an http(s) URL")
+    return server.rstrip("/"), tokens[0]
+
+
+def same_pairing(link: str, qr_payload: str) -> bool:
+    """The relay's link carries the server and token of its pairing code, and no secret."""
+    try:
+        params, is_link = pairing_params(link)
+        return (
+            is_link and "k" not in params and parse_qr_payload(link) == parse_qr_payload(qr_payload)
+        )
+    except ValueError:
+        return False
+
+
+def pairing_secret_of(qr_payload: str) -> bytes | None:
+    """The 32-byte secret in a pairing code's `#k=` fragment (or the link's `k` parameter);
+    None when it has none (a client that predates key proofs). A malformed fragment is a
+    ValueError: the code was damaged or tampered with, and guessing would only make the
+    proof fail later."""
+    params, is_link = pairing_params(qr_payload)
+    if is_link:
+        values = params.get("k", [])
+        if not values:
+            return None
+        if len(values) != 1 or set(params) != {"server", "token", "k"}:
+            raise ValueError("the pairing link must carry server, token and k exactly once")
+    else:
+        fragment = urlparse(qr_payload.strip()).fragment
+        if not fragment:
+            return None
+        values = parse_qs(fragment, keep_blank_values=True).get("k", [])
+        if len(values) != 1 or fragment != f"k={values[0]}":
+            raise ValueError("the pairing code's fragment must be exactly #k=<secret>")
+    secret = b64url_decode(values[0])
+    if len(secret) != PAIRING_SECRET_BYTES:
+        raise ValueError(f"the pairing code's secret must be {PAIRING_SECRET_BYTES} bytes")
+    return secret

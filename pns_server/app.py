@@ -26,6 +26,7 @@ from pns_server.problems import install_error_handlers
 from pns_server.push.dispatcher import start_dispatcher
 from pns_server.ratelimit import LocalWindows
 from pns_server.runtime import build_runtime, close_runtime
+from pns_server.webapp import router as webapp
 
 log = logging.getLogger("pns")
 
@@ -33,6 +34,7 @@ log = logging.getLogger("pns")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    webapp.warn_if_not_https(settings)
     runtime = await build_runtime(settings, app.state.metrics)
     app.state.runtime = runtime
     dispatcher = start_dispatcher(runtime)
@@ -80,4 +82,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Each router carries its own dependencies and documented error responses.
         app.router.routes.extend(router.routes)
     install_docs_page(app)
+    webapp.install(app, settings)
     return app

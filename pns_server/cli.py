@@ -265,8 +265,10 @@ def check_push(settings: Settings, args: argparse.Namespace) -> int:
     except PushConfigError as exc:
         sys.stderr.write(f"push configuration is invalid: {exc}\n")
         return 2
-    providers = sorted(name for name in senders if name != "log")
+    providers = sorted(name for name in senders if name not in ("log", "webpush"))
     print("push providers configured: " + (", ".join(providers) or "none (log sender only)"))
+    if "webpush" in senders:
+        print("web push: on (VAPID; see GET /v1/webpush for the public key)")
     if not args.device:
         return asyncio.run(_close_senders(senders, 0))
     return asyncio.run(_send_test_push(settings, senders, args.device))

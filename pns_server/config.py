@@ -15,6 +15,12 @@ from sqlalchemy.engine import make_url
 DEFAULT_DATA_DIR = Path("var")
 MIN_ADMIN_TOKEN_LENGTH = 32
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+DEFAULT_WEBPUSH_HOSTS = (
+    "fcm.googleapis.com",
+    "updates.push.services.mozilla.com",
+    "web.push.apple.com",
+    "*.notify.windows.com",
+)
 _VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,3}$")  # ASCII only: int() reads "١٢" too
 
 
@@ -112,6 +118,17 @@ class Settings(BaseSettings):
     push_timeout_seconds: float = Field(default=10.0, gt=0)
     push_lease_seconds: int = Field(default=30, ge=1)
 
+    # The web approver (/app/) and Web Push.
+    web_approver: bool = True
+    # Hosts the relay may POST Web Push messages to: `host`, `*.domain` or `host:port`.
+    # The endpoint of a browser's push subscription is chosen by the phone: an SSRF door.
+    webpush_endpoint_hosts: Annotated[list[str], NoDecode] = list(DEFAULT_WEBPUSH_HOSTS)
+    # VAPID signing key (PEM, P-256); empty = generated once under PNS_DATA_DIR.
+    webpush_vapid_key_file: Path | None = None
+    # The VAPID `sub` claim: a mailto: or https: contact for push services; empty =
+    # https://<public host> when the public URL is https, else mailto:admin@<public host>.
+    webpush_subject: str | None = None
+
     shutdown_timeout: float = Field(default=10.0, ge=0)
     retention_days: int = Field(default=30, ge=1)
     retention_interval_seconds: int = Field(default=3600, ge=10)
@@ -179,6 +196,20 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("webpush_endpoint_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("webpush_subject")
+    @classmethod
+    def _check_subject(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("mailto:", "https://")):
+            raise ValueError("must be a mailto: or https:// contact address")
+        return value or None
 
     @field_validator("min_ios_version", "min_android_version")
     @classmethod

@@ -95,6 +95,15 @@ async def current_device(request: Request, session: SessionDep) -> Device:
     return device
 
 
+async def current_device_detached(request: Request, db: DatabaseDep) -> Device:
+    """For long-polls: authenticate with a short session so the wait holds no connection."""
+    token = bearer_token(request)
+    async with db.session() as session:
+        device = await _device_by_token(session, token)
+    count_caller(request, "device:" + device.id)
+    return device
+
+
 def require_admin(request: Request, settings: SettingsDep) -> None:
     token = bearer_token(request)
     expected = settings.admin_token
@@ -107,4 +116,5 @@ def require_admin(request: Request, settings: SettingsDep) -> None:
 CurrentClient = Annotated[Client, Depends(current_client)]
 CurrentClientNoSession = Annotated[Client, Depends(current_client_detached)]
 CurrentDevice = Annotated[Device, Depends(current_device)]
+CurrentDeviceNoSession = Annotated[Device, Depends(current_device_detached)]
 AdminDep = Annotated[None, Depends(require_admin)]

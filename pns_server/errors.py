@@ -224,3 +224,9 @@ class ServiceUnavailable(PnsError):
     status = 503
     code = "unavailable"
     title = "Service unavailable"
+
+
+class WebPushEndpointForbidden(PnsError):
+    status = 422
+    code = "webpush_endpoint_forbidden"
+    title = "Web Push endpoint not allowed"

@@ -43,7 +43,6 @@ QUIET_LIBRARIES = (
     "h2",
     "urllib3",
     "google",
-    "firebase_admin",
     "alembic.runtime.plugins",
 )
 REDACTED = "[redacted]"

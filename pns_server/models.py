@@ -96,7 +96,7 @@ class Device(Base):
     client_id: Mapped[str] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(10))  # app | totp
     name: Mapped[str] = mapped_column(String(200))
-    platform: Mapped[str | None] = mapped_column(String(10))  # ios | android
+    platform: Mapped[str | None] = mapped_column(String(10))  # ios | android | web
     os_version: Mapped[str | None] = mapped_column(String(32))
     app_version: Mapped[str | None] = mapped_column(String(32))
     token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
@@ -104,8 +104,11 @@ class Device(Base):
     # HMAC-SHA256 by the pairing's QR secret over the key, as the phone sent it: the relay
     # cannot check it (it never sees the secret); the client that started the pairing does.
     key_proof: Mapped[str | None] = mapped_column(String(64))
-    push_service: Mapped[str | None] = mapped_column(String(10))  # apns | fcm
-    push_token: Mapped[str | None] = mapped_column(Text)
+    push_service: Mapped[str | None] = mapped_column(String(10))  # apns | fcm | webpush
+    push_token: Mapped[str | None] = mapped_column(Text)  # webpush: the endpoint URL
+    # webpush: the subscription's keys (base64url); they encrypt payloads, never leave here.
+    push_p256dh: Mapped[str | None] = mapped_column(String(200))
+    push_auth: Mapped[str | None] = mapped_column(String(100))
     push_environment: Mapped[str | None] = mapped_column(String(16))  # production | sandbox
     push_status: Mapped[str] = mapped_column(String(16), default="none")
     totp_secret: Mapped[str] = mapped_column(Text)  # encrypted at rest

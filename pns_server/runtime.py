@@ -16,6 +16,7 @@ from pns_server.metrics import Metrics
 from pns_server.migrate import upgrade_to_head
 from pns_server.push.base import PushSender
 from pns_server.push.factory import PushConfigError, PushReadiness, build_senders
+from pns_server.push.webpush import WebPushSender
 from pns_server.realtime import create_notifier
 from pns_server.realtime.memory import MemoryNotifier
 from pns_server.realtime.postgres import PostgresNotifier
@@ -40,6 +41,11 @@ class Runtime:
 
     def sender_for(self, service: str) -> PushSender:
         return self.senders.get(service) or self.senders["log"]
+
+    def vapid_public_key(self) -> str | None:
+        sender = self.senders.get("webpush")
+        inner = getattr(sender, "inner", sender)  # unwrap the readiness tracker
+        return inner.public_key if isinstance(inner, WebPushSender) else None
 
 
 def secret_keys(settings: Settings) -> list[str]:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PlainSerializer,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from pns_server.errors import format_time
@@ -33,12 +40,22 @@ class RequestModel(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore", str_strip_whitespace=True)
 
+    # Fields whose value may span lines (a base64 key wrapped at 76 columns, as Android's
+    # Base64.DEFAULT writes it): CR, LF and TAB pass there; every other control does not.
+    multiline_fields: ClassVar[frozenset[str]] = frozenset()
+
     @field_validator("*", mode="after")
     @classmethod
-    def _refuse_control_characters(cls, value: Any) -> Any:
+    def _refuse_control_characters(cls, value: Any, info: ValidationInfo) -> Any:
         """Every text field of every request body, nested ones included: one rule, so the
         same body is refused alike on SQLite and PostgreSQL (422, not a database error)."""
-        if isinstance(value, str) and has_control_character(value):
+        if not isinstance(value, str):
+            return value
+        if info.field_name in cls.multiline_fields:
+            value_to_check = value.replace("\r", "").replace("\n", "").replace("\t", "")
+        else:
+            value_to_check = value
+        if has_control_character(value_to_check):
             raise PydanticCustomError(
                 "control_character", "must not contain control characters (NUL, CR, LF...)"
             )

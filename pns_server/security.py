@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import os
 import secrets
 from collections.abc import Sequence
@@ -56,7 +57,9 @@ class SealedAt:
     client_id: str
 
     def associated_data(self, key_id: str) -> bytes:
-        return "|".join(("pns-seal-v2", key_id, self.table, self.row_id, self.client_id)).encode()
+        # A JSON list, not a joined string: no choice of ids can make two places spell alike.
+        fields = ["pns-seal-v2", key_id, self.table, self.row_id, self.client_id]
+        return json.dumps(fields, separators=(",", ":")).encode()
 
 
 class SecretBox:

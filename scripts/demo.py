@@ -205,13 +205,15 @@ class Demo:
             "Pair the phone",
             """The backup client shows a QR code; the phone scans it, creates a P-256 key
             in its secure hardware and enrols with it. The QR code ends with a secret
-            (#k=...) that never reaches the relay: the phone proves its key with it, and the
+            (k=...) that never reaches the relay: the phone proves its key with it, and the
             backup client pins the key only when that proof checks out, so not even the
             relay can slip in a key of its own. Here the simulated phone gets the QR code's
             text directly.""",
         )
         pairing = self.run(CLIENT, "pair", "--no-wait")
-        payload = next(p for p in pairing.split() if p.startswith("pns://pair?"))
+        # The relay serves the web approver, so the code is its https link; the phone
+        # simulator reads it like a native app claiming the link.
+        payload = next(p for p in pairing.split() if "/app/pair#" in p or p.startswith("pns://"))
         self.run(DEVICE, "pair", payload, "--name", "Ann's phone")
         self.run(CLIENT, "devices")
 

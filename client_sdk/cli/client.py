@@ -165,7 +165,7 @@ def cmd_pair(ctx: Context) -> int:
     args, out = ctx.args, ctx.out
     with ctx.client() as client:
         pairing = client.start_pairing(args.kind, args.label)
-        payload = pairing.qr_payload or ""
+        payload = pairing.qr or ""
         if args.qr_png:
             save_png(payload, args.qr_png)
             out.say(f"QR code written to {args.qr_png}")

@@ -46,7 +46,11 @@ async def _rotate_table(db: Database, box: SecretBox, model: type[Device] | type
                 if sealed is None or sealed.startswith(prefix):
                     continue
                 site = SealedAt(model.__tablename__, row_id, client_id)
-                fresh = box.seal(box.open(sealed, site), site)
+                try:
+                    plain = box.open(sealed, site)
+                except ValueError as exc:
+                    raise ValueError(f"{model.__tablename__} row {row_id}: {exc}") from exc
+                fresh = box.seal(plain, site)
                 # Conditional on the old value: a row re-paired meanwhile is left alone.
                 result = await session.execute(
                     update(model)

@@ -18,6 +18,7 @@ from pns_server.deps import (
     CurrentClient,
     CurrentClientNoSession,
     CurrentDevice,
+    CurrentDeviceNoSession,
     DatabaseDep,
     RuntimeDep,
     SessionDep,
@@ -116,8 +117,31 @@ async def cancel_approval(
 
 
 @router.get("/v1/device/approvals", response_model=DeviceApprovalList)
-async def list_device_approvals(device: CurrentDevice, session: SessionDep) -> DeviceApprovalList:
-    return await service.device_pending(session, device)
+async def list_device_approvals(
+    device: CurrentDeviceNoSession, runtime: RuntimeDep, wait: Wait = 0
+) -> DeviceApprovalList:
+    """The pending approvals; with `wait`, a long-poll that returns as soon as one is
+    pending (at once if one already is). Holds no database connection while it waits."""
+    client_id = device.client_id
+
+    async def read() -> DeviceApprovalList:
+        async with runtime.db.session() as session:
+            return await service.pending_for(session, client_id)
+
+    if wait <= 0:
+        return await read()
+    runtime.metrics.longpoll_waiters.inc()
+    try:
+        return await long_poll(
+            runtime.notifier,
+            service.pending_topic(client_id),
+            read,
+            lambda value: bool(value.approvals),
+            wait,
+            share_key=f"pending:{client_id}",
+        )
+    finally:
+        runtime.metrics.longpoll_waiters.dec()
 
 
 @router.get("/v1/device/approvals/{approval_id}", response_model=DeviceApproval)

@@ -55,6 +55,11 @@ def approval_topic(approval_id: str) -> str:
     return f"approval:{approval_id}"
 
 
+def pending_topic(client_id: str) -> str:
+    """Wakes the phones of a client: an approval was created or left the pending list."""
+    return f"pending:{client_id}"
+
+
 def now_utc() -> datetime:
     return datetime.now(UTC)
 
@@ -267,6 +272,7 @@ async def create(
     )
     metrics.approvals_created.inc()
     publish_after_commit(session, approval_topic(approval.id))
+    publish_after_commit(session, pending_topic(client.id))
     if deliveries:
         publish_after_commit(session, OUTBOX_TOPIC)
     return Created(created_body(approval), replayed=False)
@@ -292,6 +298,7 @@ async def on_final(
     """Everything that follows the winning UPDATE: outbox, wake-ups, metrics, audit."""
     await repo.drop_queued_deliveries(approval_id)
     publish_after_commit(session, approval_topic(approval_id))
+    publish_after_commit(session, pending_topic(client_id))
     metrics.approvals_decided.labels(status=status).inc()
     if created_at is not None:
         metrics.approval_decision_seconds.observe((now_utc() - created_at).total_seconds())
@@ -441,9 +448,13 @@ def for_device(approval: Approval, client_name: str) -> DeviceApproval:
 
 
 async def device_pending(session: AsyncSession, device: Device) -> DeviceApprovalList:
+    return await pending_for(session, device.client_id)
+
+
+async def pending_for(session: AsyncSession, client_id: str) -> DeviceApprovalList:
     repo = ApprovalRepository(session)
-    name = await repo.client_name(device.client_id)
-    pending = await repo.pending_for_client(device.client_id, now_utc())
+    name = await repo.client_name(client_id)
+    pending = await repo.pending_for_client(client_id, now_utc())
     return DeviceApprovalList(approvals=[for_device(a, name) for a in pending])
 
 

@@ -36,9 +36,9 @@ async def enrol_device(
 
 @router.put("/v1/device/push", status_code=status.HTTP_204_NO_CONTENT)
 async def update_push(
-    body: PushRegistration, device: CurrentDevice, session: SessionDep
+    body: PushRegistration, device: CurrentDevice, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
-    await service.update_push(session, device, body)
+    await service.update_push(session, runtime.settings, device, body)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

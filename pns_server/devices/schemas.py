@@ -4,9 +4,11 @@ import base64
 import re
 from typing import Annotated, Literal
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pns_server.config import parse_version
+from pns_server.push.webpush import b64url_decode
 from pns_server.schemas import RequestModel, ResponseModel, Timestamp, Verbatim
 from pns_server.security import parse_public_key
 
@@ -25,25 +27,82 @@ def check_push_token(service: str, token: str) -> str:
     return token
 
 
+class WebPushKeys(RequestModel):
+    """A browser's `PushSubscription.toJSON().keys`."""
+
+    p256dh: str = Field(min_length=1, max_length=200)
+    auth: str = Field(min_length=1, max_length=100)
+
+    @field_validator("p256dh")
+    @classmethod
+    def _p256_point(cls, value: str) -> str:
+        try:
+            raw = b64url_decode(value)
+            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+        except ValueError:
+            raise ValueError("p256dh must be a base64url uncompressed P-256 point") from None
+        if len(raw) != 65:
+            raise ValueError("p256dh must be a base64url uncompressed P-256 point")
+        return value
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_secret(cls, value: str) -> str:
+        try:
+            raw = b64url_decode(value)
+        except ValueError:
+            raw = b""
+        if len(raw) != 16:
+            raise ValueError("auth must be 16 bytes, base64url")
+        return value
+
+
 class PushRegistration(RequestModel):
-    service: Literal["apns", "fcm"]
-    token: str = Field(min_length=1, max_length=4096)
+    """`{"service": "apns"|"fcm", "token": ...}`, or a browser's push subscription:
+    `{"service": "webpush", "endpoint": "https://...", "keys": {"p256dh": ..., "auth": ...}}`."""
+
+    service: Literal["apns", "fcm", "webpush"]
+    token: str | None = Field(default=None, min_length=1, max_length=4096)
     environment: Literal["production", "sandbox"] | None = None
+    endpoint: str | None = Field(default=None, min_length=1, max_length=2000)
+    keys: WebPushKeys | None = None
+    # PushSubscription.toJSON() carries it; push services expire subscriptions themselves.
+    expirationTime: int | float | None = None
 
     @field_validator("token")
     @classmethod
-    def _token_shape(cls, value: str, info: ValidationInfo) -> str:
+    def _token_shape(cls, value: str | None, info: ValidationInfo) -> str | None:
         service = info.data.get("service")
-        return check_push_token(service, value) if service else value
+        return check_push_token(service, value) if service and value is not None else value
+
+    @model_validator(mode="after")
+    def _fields_of_the_service(self) -> PushRegistration:
+        if self.service == "webpush":
+            if self.endpoint is None or self.keys is None:
+                raise ValueError("webpush needs endpoint and keys (PushSubscription.toJSON())")
+            if self.token is not None:
+                raise ValueError("webpush takes endpoint and keys, not token")
+        elif self.token is None:
+            raise ValueError(f"{self.service} needs a token")
+        return self
+
+    @property
+    def address(self) -> str:
+        """What the relay sends to: the device token, or the subscription's endpoint."""
+        value = self.endpoint if self.service == "webpush" else self.token
+        assert value is not None
+        return value
 
 
 class DeviceCreate(RequestModel):
     pairing_token: str = Field(min_length=1, max_length=200)
     name: str = Field(min_length=1, max_length=200)
-    platform: Literal["ios", "android"]
-    os_version: str = Field(min_length=1, max_length=32)
+    platform: Literal["ios", "android", "web"]
+    # Required for ios/android (minimum versions); a web approver has none to report.
+    os_version: str | None = Field(default=None, min_length=1, max_length=32)
     app_version: str | None = Field(default=None, max_length=32)
     push: PushRegistration | None = None
+    multiline_fields = frozenset({"public_key"})
     # Kept verbatim: key_proof is an HMAC over exactly this text.
     public_key: Annotated[str, Verbatim] = Field(min_length=1, max_length=2000)
     # base64url (no padding) of HMAC-SHA256(k, "pns-pair-v1|" + public_key), k being the
@@ -52,7 +111,9 @@ class DeviceCreate(RequestModel):
 
     @field_validator("os_version")
     @classmethod
-    def _version_number(cls, value: str) -> str:
+    def _version_number(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         # `\d` also matches non-ASCII digits, which no OS reports as its version.
         if not value.isascii():
             raise ValueError("not a version number: use digits and dots, like 17.2")
@@ -106,9 +167,9 @@ class DeviceOut(ResponseModel):
     device_id: str
     kind: Literal["app", "totp"]
     name: str
-    platform: Literal["ios", "android"] | None
+    platform: Literal["ios", "android", "web"] | None
     os_version: str | None
-    push: Literal["apns", "fcm"] | None
+    push: Literal["apns", "fcm", "webpush"] | None
     push_status: Literal["ok", "invalid_token", "none"]
     public_key: str | None
     # As the phone sent it at pairing; null for TOTP apps and apps without key proofs.

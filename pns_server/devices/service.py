@@ -24,9 +24,11 @@ from pns_server.errors import (
     PairingExpired,
     PairingInvalid,
     PlatformUnsupported,
+    WebPushEndpointForbidden,
 )
 from pns_server.models import Client, Device, Pairing
 from pns_server.pairings.repository import PairingRepository
+from pns_server.push.webpush import endpoint_problem
 from pns_server.security import (
     DEVICE_TOKEN_PREFIX,
     SecretBox,
@@ -37,7 +39,7 @@ from pns_server.security import (
 )
 from pns_server.totp import TotpParams, new_secret
 
-PUSH_SERVICE_OF_PLATFORM = {"ios": "apns", "android": "fcm"}
+PUSH_SERVICE_OF_PLATFORM = {"ios": "apns", "android": "fcm", "web": "webpush"}
 
 
 def pairing_topic(pairing_id: str) -> str:
@@ -90,13 +92,29 @@ def check_push_service(platform: str | None, push: PushRegistration, *, field: s
         )
 
 
+def check_webpush_endpoint(settings: Settings, push: PushRegistration, *, field: str) -> None:
+    """The relay will POST to this URL: only known push services (an SSRF door otherwise)."""
+    if push.service != "webpush":
+        return
+    problem = endpoint_problem(push.address, settings.webpush_endpoint_hosts)
+    if problem is not None:
+        raise WebPushEndpointForbidden(
+            f"This push subscription cannot be used: {problem}. Subscribe through the "
+            "browser's own push service, or ask the operator to allow it.",
+            field=field,
+        )
+
+
 def apply_push(device: Device, push: PushRegistration | None) -> None:
+    device.push_p256dh = device.push_auth = None
     if push is None:
         device.push_service = device.push_token = device.push_environment = None
         device.push_status = "none"
         return
     device.push_service = push.service
-    device.push_token = push.token
+    device.push_token = push.address
+    if push.keys is not None:
+        device.push_p256dh, device.push_auth = push.keys.p256dh, push.keys.auth
     # Only APNs has separate sandbox and production gateways.
     device.push_environment = (push.environment or "production") if push.service == "apns" else None
     device.push_status = "ok"
@@ -116,9 +134,16 @@ async def enrol_app_device(
     session: AsyncSession, settings: Settings, box: SecretBox, data: DeviceCreate
 ) -> DeviceCreated:
     # Every check on the request comes first, so a refused phone does not burn the code.
-    check_platform_version(settings, data.platform, data.os_version)
+    if data.platform != "web":
+        if data.os_version is None:
+            raise InvalidRequest(
+                "os_version is required for ios and android (a version number, like 17.2).",
+                errors=[{"field": "os_version", "message": "Field required", "type": "missing"}],
+            )
+        check_platform_version(settings, data.platform, data.os_version)
     if data.push is not None:
         check_push_service(data.platform, data.push, field="push.service")
+        check_webpush_endpoint(settings, data.push, field="push.endpoint")
     pairing = await claim_app_pairing(session, data.pairing_token)
 
     now = datetime.now(UTC)
@@ -189,8 +214,11 @@ async def remove_for_client(session: AsyncSession, client: Client, device_id: st
     )
 
 
-async def update_push(session: AsyncSession, device: Device, push: PushRegistration) -> None:
+async def update_push(
+    session: AsyncSession, settings: Settings, device: Device, push: PushRegistration
+) -> None:
     check_push_service(device.platform, push, field="service")
+    check_webpush_endpoint(settings, push, field="endpoint")
     apply_push(device, push)
     record(
         session,

@@ -24,6 +24,8 @@ class PairingCreated(ResponseModel):
     expires_at: Timestamp
     qr_payload: str
     otpauth_uri: str | None = None
+    # kind=app with the web approver on: an https link carrying the same parameters.
+    qr_link: str | None = None
 
 
 class PairingConfirm(RequestModel):

@@ -35,9 +35,19 @@ from pns_server.totp import TotpParams, matching_step, new_secret, otpauth_uri
 log = logging.getLogger(__name__)
 
 
+def pairing_query(public_url: str, pairing_token: str) -> str:
+    return urlencode({"server": public_url, "token": pairing_token}, quote_via=quote, safe="")
+
+
 def app_qr_payload(public_url: str, pairing_token: str) -> str:
-    query = urlencode({"server": public_url, "token": pairing_token}, quote_via=quote, safe="")
-    return f"pns://pair?{query}"
+    return f"pns://pair?{pairing_query(public_url, pairing_token)}"
+
+
+def app_qr_link(public_url: str, pairing_token: str) -> str:
+    """The same parameters as an https link to the web approver, all in the fragment (never
+    sent to a server); native apps may claim /app/pair as a universal/app link. The SDK
+    appends `&k=` before showing it."""
+    return f"{public_url}/app/pair#{pairing_query(public_url, pairing_token)}"
 
 
 def effective_status(pairing: Pairing, now: datetime) -> str:
@@ -65,10 +75,13 @@ async def start(
         failed_attempts=0,
     )
     uri: str | None = None
+    link: str | None = None
     if data.kind == "app":
         token = new_token(PAIRING_TOKEN_PREFIX)
         pairing.token_hash = hash_token(token)
         qr_payload = app_qr_payload(settings.public_url, token)
+        if settings.web_approver:
+            link = app_qr_link(settings.public_url, token)
     else:
         label = data.label or client.name
         params = TotpParams(secret=new_secret())
@@ -93,6 +106,7 @@ async def start(
         expires_at=pairing.expires_at,
         qr_payload=qr_payload,
         otpauth_uri=uri,
+        qr_link=link,
     )
 
 

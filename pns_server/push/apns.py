@@ -7,7 +7,6 @@ stream, and response bodies are read so HTTP/2 flow-control windows are always r
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import ssl
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives import hashes, serialization
+import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from pns_server.push.base import Outcome, PushMessage, PushResult
 
@@ -34,10 +33,6 @@ TOKEN_REFRESH_AFTER = 50 * 60
 TOKEN_MIN_AGE = 20 * 60
 
 INVALID_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"})
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -86,12 +81,14 @@ class ProviderToken:
 
     def _sign(self) -> None:
         now = self._clock()
-        header = _b64url(json.dumps({"alg": "ES256", "kid": self._key_id}).encode())
-        claims = _b64url(json.dumps({"iss": self._team_id, "iat": int(now)}).encode())
-        signing_input = f"{header}.{claims}".encode()
-        r, s = decode_dss_signature(self._key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-        signature = _b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
-        self._token = f"{header}.{claims}.{signature}"
+        # Exactly Apple's documented header {"alg": "ES256", "kid": ...}: typ=None drops the
+        # "typ" PyJWT would add. PyJWT writes the raw 64-byte r||s signature JWS wants.
+        self._token = jwt.encode(
+            {"iss": self._team_id, "iat": int(now)},
+            self._key,
+            algorithm="ES256",
+            headers={"kid": self._key_id, "typ": None},
+        )
         self._issued_at = now
 
 

@@ -21,13 +21,15 @@ class PushMessage:
 
     approval_id: str
     device_id: str
-    service: str  # apns | fcm | log
-    token: str
+    service: str  # apns | fcm | webpush | log
+    token: str  # webpush: the subscription's endpoint URL
     environment: str  # production | sandbox
     title: str
     body: str
     expires_at: datetime
     data: dict[str, str] = field(default_factory=dict)
+    # webpush: the subscription's (p256dh, auth), base64url; they encrypt, they are not sent.
+    webpush_keys: tuple[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -230,6 +230,11 @@ class Dispatcher:
             body=body,
             expires_at=approval.expires_at,
             data={"approval_id": approval.id, "type": "approval"},
+            webpush_keys=(
+                (device.push_p256dh, device.push_auth)
+                if device.push_p256dh and device.push_auth
+                else None
+            ),
         )
         return Claimed(delivery.id, lease, delivery.attempts, message)
 

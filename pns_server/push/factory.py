@@ -11,11 +11,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pns_server.config import Settings
 from pns_server.push.apns import ApnsConfig, ApnsSender, ProviderToken, load_signing_key
 from pns_server.push.base import Outcome, PushMessage, PushResult, PushSender
 from pns_server.push.log import LogPushSender
+from pns_server.push.webpush import (
+    VapidException,
+    WebPushConfig,
+    WebPushSender,
+    load_or_create_vapid_key,
+)
 
 log = logging.getLogger("pns.push")
 
@@ -111,7 +118,7 @@ def build_fcm(settings: Settings, ca_file: Path | None) -> PushSender | None:
             raise PushConfigError("PNS_FCM_CREDENTIALS_FILE: required when PNS_FCM_URL is set")
         return None
     raw = _check_file("PNS_FCM_CREDENTIALS_FILE", path)
-    from pns_server.push.fcm import FcmSender  # firebase-admin is heavy: import only if used
+    from pns_server.push.fcm import FcmSender  # google-auth: imported only when FCM is used
 
     try:
         return FcmSender(
@@ -120,11 +127,55 @@ def build_fcm(settings: Settings, ca_file: Path | None) -> PushSender | None:
             fcm_url=settings.fcm_url,
             ca_file=ca_file,
         )
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         hint = "" if raw.strip().startswith(b"{") else " (expected a JSON file)"
         raise PushConfigError(
             f"PNS_FCM_CREDENTIALS_FILE: not a Firebase service-account key: {path}{hint} ({exc})"
         ) from None
+
+
+def webpush_subject(settings: Settings) -> str:
+    if settings.webpush_subject:
+        return settings.webpush_subject
+    host = urlsplit(settings.public_url).hostname or "localhost"
+    if settings.public_url.startswith("https://"):
+        return f"https://{host}"  # push services want the origin's name, no port or path
+    return f"mailto:admin@{host}"
+
+
+def build_webpush(settings: Settings, ca_file: Path | None) -> WebPushSender:
+    """Always available (it costs nothing until a browser subscribes); the VAPID key is
+    configured or generated once under PNS_DATA_DIR, like the embedded secret key."""
+    configured = settings.webpush_vapid_key_file
+    path = configured or settings.data_dir / "vapid.pem"
+    if configured is not None:
+        _check_file("PNS_WEBPUSH_VAPID_KEY_FILE", configured)
+    try:
+        key = load_or_create_vapid_key(path, create=configured is None)
+    except (ValueError, TypeError) as exc:
+        raise PushConfigError(
+            f"PNS_WEBPUSH_VAPID_KEY_FILE: not a PEM ECDSA P-256 private key: {path} ({exc})"
+        ) from None
+    except OSError as exc:
+        raise PushConfigError(
+            f"PNS_WEBPUSH_VAPID_KEY_FILE: cannot create or read {path}: {exc.strerror}"
+        ) from None
+    config = WebPushConfig(
+        subject=webpush_subject(settings),
+        allowed_hosts=tuple(settings.webpush_endpoint_hosts),
+        timeout=settings.push_timeout_seconds,
+        ca_file=ca_file,
+    )
+    sender = WebPushSender(key, config)
+    try:
+        # Signs once now, so a contact the push services would refuse stops the start.
+        sender.authorization("https://fcm.googleapis.com/")
+    except VapidException as exc:
+        raise PushConfigError(
+            f"PNS_WEBPUSH_SUBJECT: not a usable VAPID contact: {config.subject!r} ({exc}); "
+            "use mailto:you@example.com or https://your.host"
+        ) from None
+    return sender
 
 
 @dataclass
@@ -180,9 +231,11 @@ class PushReadiness:
     statuses: list[ProviderStatus] = field(default_factory=list)
 
     def __call__(self) -> dict[str, Any]:
-        if not self.statuses:
-            return {"mode": "log only: no APNs or FCM configuration"}
-        return {status.service: status.as_dict() for status in self.statuses}
+        checks: dict[str, Any] = {}
+        if not any(status.service in ("apns", "fcm") for status in self.statuses):
+            checks["mode"] = "log only: no APNs or FCM configuration"
+        checks.update({status.service: status.as_dict() for status in self.statuses})
+        return checks
 
 
 def build_senders(
@@ -205,11 +258,15 @@ def build_senders(
         status = ProviderStatus("fcm", f"FCM project {project}, {settings.fcm_url or 'Google'}")
         senders["fcm"] = TrackedSender(fcm, status)
         readiness.statuses.append(status)
-    if readiness.statuses:
+    webpush = build_webpush(settings, ca_file)
+    status = ProviderStatus("webpush", f"Web Push, VAPID key {webpush.public_key[:12]}...")
+    senders["webpush"] = TrackedSender(webpush, status)
+    readiness.statuses.append(status)
+    if len(readiness.statuses) > 1:
         log.info("push: %s", "; ".join(s.detail for s in readiness.statuses))
     else:
         log.warning(
             "push: no APNs or FCM configured (PNS_APNS_*, PNS_FCM_CREDENTIALS_FILE): "
-            "pushes are only written to this log"
+            "pushes to native apps are only written to this log (Web Push is on)"
         )
     return senders

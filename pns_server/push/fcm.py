@@ -1,31 +1,33 @@
-"""Firebase Cloud Messaging through firebase-admin's async API (HTTP v1, httpx).
+"""Firebase Cloud Messaging: the FCM HTTP v1 API over httpx (HTTP/2), OAuth from google-auth.
 
-Two things firebase-admin does not do the way a relay needs, handled here:
-- its OAuth refresh is blocking (requests) and would run on the event loop inside httpx's
-  auth flow; we refresh in a worker thread before sending and only attach the token;
-- its built-in retry sleeps through four 5xx retries per send; the dispatcher owns retries,
-  so the HTTP client here never retries."""
+One `messages:send` POST per push, on the same kind of client as APNs: every send has a
+deadline, the dispatcher owns retries (nothing retries here), and FCM's error detail decides
+between "token dead", "try again" and "our configuration is wrong".
+
+The access token comes from google-auth's service-account credentials. Their refresh is a
+blocking call (sign a JWT, POST it to the key file's `token_uri`), so it runs in a worker
+thread through a small google-auth transport built on a plain httpx client that trusts the
+same CA bundle and keeps the same timeout as the sends; the event loop only attaches the
+token it got. firebase-admin is not used: reaching a local endpoint or trusting an extra CA
+with it needs its private attributes, and it installs firestore, storage and grpcio for one
+HTTP call."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
+import math
 import ssl
-import warnings
-from collections.abc import Generator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import firebase_admin
 import httpx
-import requests
-import requests.adapters
-from firebase_admin import credentials, exceptions, messaging
 from google.auth import exceptions as auth_exceptions
-from google.auth.transport.requests import Request as GoogleAuthRequest
+from google.auth import transport as auth_transport
+from google.oauth2 import service_account
 
 from pns_server.push.apns import parse_retry_after, ssl_context
 from pns_server.push.base import Outcome, PushMessage, PushResult
@@ -33,58 +35,55 @@ from pns_server.push.base import Outcome, PushMessage, PushResult
 log = logging.getLogger("pns.push.fcm")
 
 FCM_HOST = "https://fcm.googleapis.com"
+# The narrowest scope that may send: the key cannot be used for anything else with it.
+FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 INVALID_TOKEN_CODES = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
 RETRY_CODES = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
-_app_names = itertools.count(1)
+FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 
 
-class _SslContextAdapter(requests.adapters.HTTPAdapter):
-    """Makes the OAuth token request trust PNS_PUSH_CA_FILE as well as the system CAs."""
+class _Response(auth_transport.Response):
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
 
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self._context = context
-        super().__init__()
+    @property
+    def status(self) -> int:
+        return self._response.status_code
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["ssl_context"] = self._context
-        super().init_poolmanager(*args, **kwargs)
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
 
-
-class _TimedAuthRequest(GoogleAuthRequest):
-    """google-auth's transport with our timeout instead of its 120 s default."""
-
-    def __init__(self, session: requests.Session, timeout: float) -> None:
-        super().__init__(session)
-        self._timeout = timeout
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["timeout"] = self._timeout
-        return super().__call__(*args, **kwargs)  # type: ignore[no-untyped-call]
+    @property
+    def data(self) -> bytes:
+        return self._response.content
 
 
-class _AttachToken(httpx.Auth):
-    """Attaches the already-refreshed access token; never refreshes (that would block)."""
+class HttpxAuthTransport(auth_transport.Request):
+    """google-auth's transport interface on a blocking httpx client (used from a thread)."""
 
-    def __init__(self, credential: Any) -> None:
-        self._credential = credential
+    def __init__(self, context: ssl.SSLContext, timeout: float) -> None:
+        self._client = httpx.Client(verify=context, timeout=timeout)
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self._credential.token}"
-        yield request
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> _Response:
+        try:
+            # Our deadline, not google-auth's 120 s default.
+            response = self._client.request(method, url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            raise auth_exceptions.TransportError(problem) from exc  # type: ignore[no-untyped-call]
+        return _Response(response)
 
-
-class _NoRetryHttpClient:
-    """The slice of firebase-admin's HttpxAsyncClient that send_each_async uses, minus retries."""
-
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self._client = client
-
-    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        response = await self._client.request(method, url, **kwargs)
-        return response.raise_for_status()
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    def close(self) -> None:
+        self._client.close()
 
 
 class FcmSender:
@@ -98,65 +97,67 @@ class FcmSender:
         fcm_url: str | None = None,
         ca_file: Path | None = None,
     ) -> None:
-        certificate = credentials.Certificate(str(credentials_file))
-        self.project_id: str = certificate.project_id
+        info = json.loads(credentials_file.read_text())
+        if not isinstance(info, dict) or info.get("type") != "service_account":
+            raise ValueError('not a service-account key (no "type": "service_account")')
+        project_id = info.get("project_id")
+        if not project_id:
+            raise ValueError("the key names no project_id")
+        self.project_id: str = str(project_id)
+        # ValueError/KeyError on a missing field or an unreadable private key.
+        self._credentials = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+            info, scopes=[FCM_SCOPE]
+        )
         self._timeout = timeout
-        self._app = firebase_admin.initialize_app(
-            certificate,
-            {"projectId": self.project_id, "httpTimeout": timeout},
-            name=f"pns-fcm-{next(_app_names)}",
+        self._send_url = (
+            f"{(fcm_url or FCM_HOST).rstrip('/')}/v1/projects/{self.project_id}/messages:send"
         )
-        self._credential = certificate.get_credential()
         context = ssl_context(ca_file)
-        self._session = requests.Session()
-        self._session.mount("https://", _SslContextAdapter(context))
-        self._auth_request = _TimedAuthRequest(self._session, timeout)
+        self._auth_transport = HttpxAuthTransport(context, timeout)
         self._refresh_lock = asyncio.Lock()
-        self._http = _NoRetryHttpClient(
-            httpx.AsyncClient(
-                http2=True,
-                verify=context,
-                timeout=httpx.Timeout(timeout),
-                auth=_AttachToken(self._credential),
-            )
+        self._refused_token: str | None = None
+        self._client = httpx.AsyncClient(
+            http2=True,
+            verify=context,
+            # As for APNs: no read timeout on the connection (in httpcore one read timeout
+            # fails every stream sharing it); each send has its own deadline instead.
+            timeout=httpx.Timeout(timeout, read=None),
         )
-        # firebase-admin has no public setting for the endpoint or the HTTP client; both are
-        # attributes of its messaging service (checked by the tests against the fake FCM).
-        service = messaging._get_messaging_service(self._app)
-        base = (fcm_url or FCM_HOST).rstrip("/")
-        service._fcm_url = f"{base}/v1/projects/{self.project_id}/messages:send"
-        service._async_client = self._http
 
-    async def _ensure_access_token(self) -> None:
-        if self._credential.valid:
-            return
+    async def _access_token(self) -> str:
+        """A valid token, refreshed in a thread when missing, expiring or refused by FCM."""
+        credentials = self._credentials
+        if credentials.valid and credentials.token != self._refused_token:
+            return str(credentials.token)
         async with self._refresh_lock:
-            if not self._credential.valid:
+            if not credentials.valid or credentials.token == self._refused_token:
                 async with asyncio.timeout(self._timeout + 1):
-                    await asyncio.to_thread(self._credential.refresh, self._auth_request)
+                    await asyncio.to_thread(credentials.refresh, self._auth_transport)
+                self._refused_token = None
+        return str(credentials.token)
 
-    def _message(self, message: PushMessage) -> messaging.Message:
-        left = message.expires_at - datetime.now(UTC)
-        ttl = max(left, timedelta(seconds=1))
+    @staticmethod
+    def body(message: PushMessage) -> dict[str, Any]:
+        """The v1 `Message`: data only (the app fetches details itself), high priority, and
+        a TTL of the approval's time left, so a phone offline past expiry gets nothing."""
+        left = (message.expires_at - datetime.now(UTC)).total_seconds()
         data = {
             **message.data,
             "approval_id": message.approval_id,
             "title": message.title,
             "body": message.body,
         }
-        with warnings.catch_warnings():
-            # firebase-admin 7 nudges towards installation IDs; phones still send
-            # registration tokens, which FCM v1 takes in `token`.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return messaging.Message(
-                token=message.token,
-                data=data,
-                android=messaging.AndroidConfig(priority="high", ttl=ttl),
-            )
+        return {
+            "message": {
+                "token": message.token,
+                "data": data,
+                "android": {"priority": "high", "ttl": f"{max(1, math.ceil(left))}s"},
+            }
+        }
 
     async def send(self, message: PushMessage) -> PushResult:
         try:
-            await self._ensure_access_token()
+            token = await self._access_token()
         except auth_exceptions.TransportError as exc:
             result = PushResult(Outcome.RETRY, f"OAuth token endpoint: {exc}"[:200])
             return self._log(message, result)
@@ -167,35 +168,38 @@ class FcmSender:
         except TimeoutError:
             return self._log(message, PushResult(Outcome.RETRY, "OAuth token timeout"))
         try:
-            async with asyncio.timeout(self._timeout + 1):
-                batch = await messaging.send_each_async([self._message(message)], app=self._app)
-        except TimeoutError:
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.post(
+                    self._send_url,
+                    json=self.body(message),
+                    headers={"authorization": f"Bearer {token}"},
+                )
+        except (httpx.TimeoutException, TimeoutError):
             return self._log(message, PushResult(Outcome.RETRY, "Timeout"))
-        except exceptions.FirebaseError as exc:
-            return self._log(message, PushResult(Outcome.RETRY, f"{type(exc).__name__}"))
-        response = batch.responses[0]
-        if response.success:
-            return self._log(message, PushResult(Outcome.DELIVERED, status_code=200))
-        return self._log(message, self.classify(response.exception))
+        except httpx.TransportError as exc:
+            result = PushResult(Outcome.RETRY, f"{type(exc).__name__}: {exc}"[:200])
+            return self._log(message, result)
+        result = self.classify(response)
+        if result.outcome is Outcome.RETRY and result.status_code == 401:
+            # Google refused our access token itself: get a new one before the next try.
+            self._refused_token = token
+        return self._log(message, result)
 
-    def classify(self, error: exceptions.FirebaseError) -> PushResult:
-        http_response = getattr(error, "http_response", None)
-        if not isinstance(http_response, httpx.Response):
-            # No answer at all: connection refused, reset, timed out.
-            return PushResult(Outcome.RETRY, f"{type(error).__name__}: {error}"[:200])
-        status = http_response.status_code
-        code, message = _fcm_error(http_response)
-        reason = code or _canonical_status(http_response) or str(status)
-        retry_after = parse_retry_after(http_response.headers.get("retry-after"))
+    @staticmethod
+    def classify(response: httpx.Response) -> PushResult:
+        status = response.status_code
+        if status == 200:
+            return PushResult(Outcome.DELIVERED, status_code=status)
+        code, text = _fcm_error(response)
+        reason = code or _canonical_status(response) or str(status)
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
         if code in INVALID_TOKEN_CODES:
             return PushResult(Outcome.INVALID_TOKEN, reason, status)
-        if code == "INVALID_ARGUMENT" and "registration token" in message.lower():
+        if code == "INVALID_ARGUMENT" and "registration token" in text.lower():
             return PushResult(Outcome.INVALID_TOKEN, reason, status)
         if code in RETRY_CODES or status == 429 or status >= 500:
             return PushResult(Outcome.RETRY, reason, status, retry_after)
         if status == 401 and code is None:
-            # Google refused our access token itself: get a new one before the next try.
-            self._credential.token = None
             return PushResult(Outcome.RETRY, reason, status)
         return PushResult(Outcome.CONFIG_ERROR, reason, status)
 
@@ -225,11 +229,8 @@ class FcmSender:
         return result
 
     async def close(self) -> None:
-        await self._http.aclose()
-        # delete_app closes the messaging service with asyncio.run(), which cannot run
-        # inside our loop: do it in a thread, with the client already closed above.
-        await asyncio.to_thread(firebase_admin.delete_app, self._app)
-        self._session.close()
+        await self._client.aclose()
+        self._auth_transport.close()
 
 
 def _error_body(response: httpx.Response) -> dict[str, Any]:
@@ -244,7 +245,7 @@ def _error_body(response: httpx.Response) -> dict[str, Any]:
 def _fcm_error(response: httpx.Response) -> tuple[str | None, str]:
     error = _error_body(response)
     for detail in error.get("details") or []:
-        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("fcm.v1.FcmError"):
+        if isinstance(detail, dict) and detail.get("@type") == FCM_ERROR_TYPE:
             return str(detail.get("errorCode")), str(error.get("message", ""))
     return None, str(error.get("message", ""))
 

@@ -1,4 +1,5 @@
-"""A plain `pip install .` gives a working SDK without any of the server's dependencies."""
+"""A plain `pip install .` gives a working SDK without any of the server's dependencies, and
+a `pns-server` that says so in one line."""
 
 from __future__ import annotations
 
@@ -69,3 +70,12 @@ def test_sdk_installs_and_imports_without_server_dependencies(tmp_path: Path) ->
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "sdk ok" in checked.stdout
     assert "refused as ConnectError" in checked.stdout
+
+    # The wheel's `pns-server` script is there too: it must say what is missing, not crash.
+    for args in (["serve"], ["--version"]):
+        server = run(venv / "bin" / "pns-server", *args, cwd=tmp_path)
+        assert server.returncode == 2, server.stdout + server.stderr
+        assert server.stdout == ""
+        [line] = server.stderr.splitlines()
+        assert line.startswith("pns-server: only the SDK of pns-relay is installed here")
+        assert "[server]" in line and "Traceback" not in line

@@ -30,8 +30,8 @@ from client_sdk import (
     RelayCompromisedError,
     UnexpectedResponse,
 )
-from client_sdk._device_core import pairing_secret_of
 from client_sdk._keys import context_sha256, key_proof, public_key_b64, sign_approval
+from client_sdk._wire import pairing_secret_of
 from tests.client_sdk.mock_relay import URL, client_for
 from tests.support.factories import new_key
 

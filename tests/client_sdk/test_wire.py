@@ -1,8 +1,10 @@
 """The wire rules: problem+json to exceptions, answers that break the API, and the
-transport's retries and timeouts, against scripted servers (httpx.MockTransport)."""
+transport's retries and timeouts, against scripted servers (httpx.MockTransport); and
+reading the pairing code (server, token and the `#k=` secret)."""
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +17,7 @@ from client_sdk import (
     ApiError,
     AsyncPnsClient,
     ConnectError,
+    DeviceClient,
     InvalidRequest,
     NoAppDevices,
     OtpInvalid,
@@ -26,8 +29,10 @@ from client_sdk import (
     RequestTimeout,
     Unavailable,
     UnexpectedResponse,
+    parse_qr_payload,
 )
 from client_sdk._exceptions import error_class_for
+from client_sdk._wire import pairing_secret_of
 from pns_server import errors as server_errors
 from tests.client_sdk.mock_relay import URL, client_for, problem
 
@@ -260,3 +265,51 @@ class TestTransport:
             with pytest.raises(OtpInvalid) as info:
                 await client.verify_otp("123456")
         assert info.value.attempts_left == 1
+
+
+class TestQrPayload:
+    def test_parses_server_and_token(self) -> None:
+        payload = "pns://pair?server=https%3A%2F%2Fpns.example.com%2F&token=pnsp_abc"
+        assert parse_qr_payload(payload) == ("https://pns.example.com", "pnsp_abc")
+
+    def test_reads_the_pairing_secret_from_the_fragment(self) -> None:
+        base = "pns://pair?server=https%3A%2F%2Fpns.example.com&token=pnsp_abc"
+        secret = bytes(range(32))
+        with_secret = f"{base}#k={base64.urlsafe_b64encode(secret).rstrip(b'=').decode()}"
+        assert parse_qr_payload(with_secret) == ("https://pns.example.com", "pnsp_abc")
+        assert pairing_secret_of(with_secret) == secret
+        assert pairing_secret_of(base) is None
+
+    @pytest.mark.parametrize(
+        "fragment",
+        [
+            "k=" + "A" * 42,  # 31.5 bytes
+            "k=" + "A" * 44,
+            "k=" + "A" * 42 + "B",  # spare bits set: not canonical
+            "k=" + "A" * 42 + "A=",
+            "k=" + "+" * 43,
+            "k=" + "A" * 43 + "&k=" + "A" * 43,
+            "x=" + "A" * 43,
+            "k=" + "A" * 43 + "&v=2",
+        ],
+    )
+    def test_refuses_a_damaged_secret(self, fragment: str) -> None:
+        payload = f"pns://pair?server=https%3A%2F%2Fa&token=t#{fragment}"
+        with pytest.raises(ValueError):
+            pairing_secret_of(payload)
+        with pytest.raises(ValueError):
+            DeviceClient.pair(payload, name="x", platform="ios", os_version="17", app_version="1")
+
+    @pytest.mark.parametrize(
+        "payload",
+        [
+            "https://pair?server=https%3A%2F%2Fa&token=t",
+            "pns://pair?token=t",
+            "pns://pair?server=https%3A%2F%2Fa",
+            "pns://pair?server=ftp%3A%2F%2Fa&token=t",
+            "otpauth://totp/x?secret=AAAA",
+        ],
+    )
+    def test_refuses_other_text(self, payload: str) -> None:
+        with pytest.raises(ValueError):
+            parse_qr_payload(payload)

@@ -3,7 +3,8 @@
 It checks what Apple checks (provider token signature and age, or a client certificate; the
 topic; the 4096-byte payload limit) and answers each device token the way a test chooses:
 any status and reason, a hung stream that never answers, or a reset stream (RST_STREAM).
-Everything it receives is recorded."""
+Everything it receives is recorded. The provider token is checked with `cryptography` alone,
+never with the JWT library the relay signs with, so the two cannot share a mistake."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from tests.fakes.tls import CertificateAuthority
 
 MAX_PAYLOAD = 4096
 TOKEN_LIFETIME = 3600
+CLOCK_SKEW = 60
 
 
 @dataclass(frozen=True)
@@ -227,9 +229,18 @@ class FakeApns:
             raw = _b64url_decode(signature_b64)
         except (ValueError, json.JSONDecodeError):
             return "InvalidProviderToken"
-        if header.get("alg") != "ES256" or len(raw) != 64:
+        if not isinstance(header, dict) or not isinstance(claims, dict) or "=" in jwt:
             return "InvalidProviderToken"
-        if header.get("kid") != self.key_id or claims.get("iss") != self.team_id:
+        # Apple's header is {"alg": "ES256", "kid": ...}; a "typ" of "JWT" is tolerated.
+        if set(header) - {"typ"} != {"alg", "kid"} or header.get("typ", "JWT") != "JWT":
+            return "InvalidProviderToken"
+        # ES256 in JWS is the raw 32-byte r and s, not the DER encoding signers return.
+        if header["alg"] != "ES256" or len(raw) != 64:
+            return "InvalidProviderToken"
+        if header["kid"] != self.key_id or claims.get("iss") != self.team_id:
+            return "InvalidProviderToken"
+        iat = claims.get("iat")
+        if not isinstance(iat, int) or isinstance(iat, bool) or iat > time.time() + CLOCK_SKEW:
             return "InvalidProviderToken"
         signature = encode_dss_signature(
             int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
@@ -240,7 +251,7 @@ class FakeApns:
             )
         except InvalidSignature:
             return "InvalidProviderToken"
-        if jwt in self.revoked_jwts or time.time() - float(claims.get("iat", 0)) > TOKEN_LIFETIME:
+        if jwt in self.revoked_jwts or time.time() - iat > TOKEN_LIFETIME:
             return "ExpiredProviderToken"
         return None
 

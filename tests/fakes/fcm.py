@@ -1,16 +1,22 @@
 """A fake FCM: Google's OAuth token endpoint and the v1 `messages:send` API, over TLS.
 
-It runs uvicorn in a background thread with its own event loop, so a client that wrongly
-blocks the test's event loop on the OAuth refresh still gets an answer (and the test can see
-the loop was stalled) instead of deadlocking. Error replies are the bodies Google sends,
-with the `google.firebase.fcm.v1.FcmError` detail firebase-admin keys on."""
+It speaks HTTP/2 (and HTTP/1.1) through hypercorn, as fcm.googleapis.com does, in a
+background thread with its own event loop, so a client that wrongly blocks the test's event
+loop on the OAuth refresh still gets an answer (and the test can see the loop was stalled)
+instead of deadlocking. The token endpoint checks the service-account JWT assertion as
+Google does (RS256 signature by the key, key id, issuer, audience, lifetime, scope); the send
+endpoint checks the access token, its scope, the project and the message's shape, and its
+error replies are the bodies Google sends, with the `google.firebase.fcm.v1.FcmError` detail
+senders key on."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import re
 import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -19,10 +25,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import uvicorn
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -32,7 +39,34 @@ from tests.fakes.tls import CertificateAuthority
 from tests.support.postgres import free_port
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
-
+BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
+# What Google's token endpoint wants in `aud`, whatever token_uri the key file names.
+GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
+SEND_SCOPES = frozenset(
+    {
+        "https://www.googleapis.com/auth/firebase.messaging",
+        "https://www.googleapis.com/auth/cloud-platform",
+    }
+)
+MAX_ASSERTION_LIFETIME = 3600
+CLOCK_SKEW = 300
+_DURATION = re.compile(r"^\d{1,12}(\.\d{1,9})?s$")
+_ANDROID_FIELDS = frozenset(
+    {
+        "collapse_key",
+        "priority",
+        "ttl",
+        "restricted_package_name",
+        "data",
+        "notification",
+        "fcm_options",
+        "direct_boot_ok",
+    }
+)
+_MESSAGE_FIELDS = frozenset(
+    {"name", "data", "notification", "android", "webpush", "apns", "fcm_options"}
+    | {"token", "topic", "condition"}
+)
 # errorCode -> (HTTP status, canonical status, message), as FCM sends them.
 FCM_ERRORS: dict[str, tuple[int, str, str]] = {
     "UNREGISTERED": (404, "NOT_FOUND", "Requested entity was not found."),
@@ -65,9 +99,79 @@ def fcm_error_body(error_code: str) -> tuple[int, dict[str, Any]]:
     }
 
 
-def _google_error(status: int, canonical: str, message: str) -> JSONResponse:
-    body = {"error": {"code": status, "message": message, "status": canonical}}
-    return JSONResponse(body, status_code=status)
+def _google_error(
+    status: int, canonical: str, message: str, details: list[dict[str, Any]] | None = None
+) -> JSONResponse:
+    error: dict[str, Any] = {"code": status, "message": message, "status": canonical}
+    if details:
+        error["details"] = details
+    return JSONResponse({"error": error}, status_code=status)
+
+
+def _bad_field(field_path: str, description: str) -> JSONResponse:
+    return _google_error(
+        400,
+        "INVALID_ARGUMENT",
+        f"Invalid value at '{field_path}': {description}",
+        [
+            {
+                "@type": BAD_REQUEST_TYPE,
+                "fieldViolations": [{"field": field_path, "description": description}],
+            }
+        ],
+    )
+
+
+def _unknown(name: str, where: str) -> str:
+    return (
+        f"Invalid JSON payload received. Unknown name \"{name}\" at '{where}': Cannot find field."
+    )
+
+
+def message_problem(body: Any) -> JSONResponse | None:
+    """FCM's own validation of a `messages:send` body: unknown names, types, formats."""
+    if not isinstance(body, dict):
+        return _bad_field("", "Invalid JSON payload received. Expected an object.")
+    for name in body:
+        if name not in ("message", "validate_only", "validateOnly"):
+            return _bad_field(
+                "", f'Invalid JSON payload received. Unknown name "{name}": Cannot find field.'
+            )
+    message = body.get("message")
+    if not isinstance(message, dict):
+        return _bad_field("message", "The message is missing.")
+    for name in message:
+        if name not in _MESSAGE_FIELDS:
+            return _bad_field(
+                "message",
+                _unknown(name, "message"),
+            )
+    targets = [name for name in ("token", "topic", "condition") if message.get(name)]
+    if len(targets) != 1:
+        return _bad_field("message", "Exactly one of token, topic or condition must be set.")
+    data = message.get("data", {})
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        return _bad_field(
+            "message.data", "Invalid JSON payload received. data values must be strings."
+        )
+    android = message.get("android", {})
+    if not isinstance(android, dict):
+        return _bad_field("message.android", "Expected an object.")
+    for name in android:
+        if name not in _ANDROID_FIELDS:
+            return _bad_field(
+                "message.android",
+                _unknown(name, "message.android"),
+            )
+    if "priority" in android and str(android["priority"]).upper() not in ("NORMAL", "HIGH"):
+        return _bad_field("message.android.priority", f"Invalid value: {android['priority']!r}")
+    if "ttl" in android and not (
+        isinstance(android["ttl"], str) and _DURATION.match(android["ttl"])
+    ):
+        return _bad_field(
+            "message.android.ttl", "Illegal duration format; duration must end with 's'"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -83,6 +187,7 @@ class FcmReceived:
     body: dict[str, Any]
     access_token: str
     status: int
+    http_version: str = ""
 
     @property
     def message(self) -> dict[str, Any]:
@@ -95,13 +200,20 @@ class _State:
     replies: dict[str, FcmReply] = field(default_factory=dict)
     received: list[FcmReceived] = field(default_factory=list)
     issued_tokens: list[str] = field(default_factory=list)
+    token_scopes: dict[str, set[str]] = field(default_factory=dict)
     token_delay: float = 0.0
     token_requests: int = 0
+    # Why each refused assertion was refused, in Google's words.
+    refused_assertions: list[str] = field(default_factory=list)
     reject_token_requests: bool = False
 
 
 def _b64url_decode(value: str) -> bytes:
     return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def _token_error(error: str, description: str) -> JSONResponse:
+    return JSONResponse({"error": error, "error_description": description}, status_code=400)
 
 
 class FakeFcm:
@@ -113,12 +225,14 @@ class FakeFcm:
         self.project_id = project_id
         self.ca = ca or CertificateAuthority()
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.private_key_id = secrets.token_hex(20)
         self.client_email = f"pns-sender@{project_id}.iam.gserviceaccount.com"
         self.state = _State()
         self.port = free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="fake-fcm-")
-        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
         self._lock = threading.Condition()
 
     # -- what tests configure -------------------------------------------------------------
@@ -153,7 +267,7 @@ class FakeFcm:
         return {
             "type": "service_account",
             "project_id": self.project_id,
-            "private_key_id": secrets.token_hex(20),
+            "private_key_id": self.private_key_id,
             "private_key": pem,
             "client_email": self.client_email,
             "client_id": "100000000000000000001",
@@ -184,29 +298,41 @@ class FakeFcm:
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> FakeFcm:
         server_pem = self.ca.issue_server().write(Path(self._tmp.name) / "server.pem")
-        config = uvicorn.Config(
-            self._app(),
-            host="127.0.0.1",
-            port=self.port,
-            ssl_certfile=str(server_pem),
-            log_level="warning",
-            lifespan="off",
-            timeout_graceful_shutdown=0,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="fake-fcm", daemon=True)
+        config = Config()
+        config.bind = [f"127.0.0.1:{self.port}"]
+        config.certfile = str(server_pem)
+        config.keyfile = str(server_pem)
+        config.alpn_protocols = ["h2", "http/1.1"]
+        config.accesslog = None
+        config.errorlog = None
+        config.graceful_timeout = 0
+        config.h2_max_concurrent_streams = 1000  # what Google announces, roughly
+        ready = threading.Event()
+
+        async def run() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            ready.set()
+            await serve(self._app(), config, shutdown_trigger=self._stop.wait)  # type: ignore[arg-type]
+
+        self._thread = threading.Thread(target=asyncio.run, args=(run(),), name="fake-fcm")
+        self._thread.daemon = True
         self._thread.start()
+        ready.wait(10)
         deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake FCM did not start")
-            time.sleep(0.01)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or not self._thread.is_alive():
+                    raise RuntimeError("fake FCM did not start") from None
+                time.sleep(0.01)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-            self._server.force_exit = True  # don't wait for clients' keep-alive connections
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(10)
         self._tmp.cleanup()
@@ -225,62 +351,108 @@ class FakeFcm:
         if self.state.token_delay:
             await asyncio.sleep(self.state.token_delay)
         form = parse_qs((await request.body()).decode())
-        assertion = form.get("assertion", [""])[0]
         if form.get("grant_type", [""])[0] != "urn:ietf:params:oauth:grant-type:jwt-bearer":
-            return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
-        if self.state.reject_token_requests or not self._valid_assertion(assertion):
-            return JSONResponse(
-                {"error": "invalid_grant", "error_description": "Invalid JWT Signature."},
-                status_code=400,
-            )
+            return _token_error("unsupported_grant_type", "Invalid grant_type: ")
+        claims, problem = self._check_assertion(form.get("assertion", [""])[0])
+        if problem is None and self.state.reject_token_requests:
+            problem = ("invalid_grant", "Invalid grant: account not found")
+        if problem is not None:
+            self.state.refused_assertions.append(problem[1])
+            return _token_error(*problem)
         token = "ya29.fake-" + secrets.token_urlsafe(24)
         self.state.issued_tokens.append(token)
+        self.state.token_scopes[token] = set(str(claims.get("scope", "")).split())
         return JSONResponse({"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
 
-    def _valid_assertion(self, assertion: str) -> bool:
+    def _check_assertion(self, assertion: str) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        """Google's checks of a service-account JWT, done here with `cryptography` alone."""
+        bad_signature = ("invalid_grant", "Invalid JWT Signature.")
         try:
             header_b64, claims_b64, signature_b64 = assertion.split(".")
+            header = json.loads(_b64url_decode(header_b64))
             claims = json.loads(_b64url_decode(claims_b64))
+            signature = _b64url_decode(signature_b64)
+        except (ValueError, json.JSONDecodeError):
+            return {}, ("invalid_grant", "Invalid JWT: malformed.")
+        if not isinstance(header, dict) or not isinstance(claims, dict):
+            return {}, ("invalid_grant", "Invalid JWT: malformed.")
+        if header.get("alg") != "RS256" or header.get("kid") != self.private_key_id:
+            return claims, bad_signature
+        try:
             self.key.public_key().verify(
-                _b64url_decode(signature_b64),
+                signature,
                 f"{header_b64}.{claims_b64}".encode(),
                 padding.PKCS1v15(),
                 hashes.SHA256(),
             )
-        except (ValueError, InvalidSignature, json.JSONDecodeError):
-            return False
-        # google-auth puts Google's own token endpoint in `aud` whatever token_uri says.
-        return bool(claims.get("iss") == self.client_email and claims.get("aud"))
+        except InvalidSignature:
+            return claims, bad_signature
+        if claims.get("iss") != self.client_email:
+            return claims, ("invalid_grant", "Invalid grant: account not found")
+        if claims.get("aud") not in (GOOGLE_TOKEN_AUDIENCE, self.token_uri):
+            return claims, ("invalid_grant", "Invalid JWT: Failed audience check.")
+        now = time.time()
+        iat, exp = claims.get("iat"), claims.get("exp")
+        if (
+            not isinstance(iat, int | float)
+            or not isinstance(exp, int | float)
+            or iat > now + CLOCK_SKEW
+            or exp < now - CLOCK_SKEW
+            or exp - iat > MAX_ASSERTION_LIFETIME
+        ):
+            return claims, (
+                "invalid_grant",
+                "Invalid JWT: Token must be a short-lived token (60 minutes) and in a "
+                "reasonable timeframe. Check your iat and exp values in the JWT claim.",
+            )
+        if not str(claims.get("scope", "")).split():
+            return claims, ("invalid_scope", "Invalid OAuth scope or ID token audience provided.")
+        return claims, None
 
-    async def _send(self, request: Request) -> JSONResponse:
-        project = request.path_params["project"]
-        auth = request.headers.get("authorization", "")
-        access_token = auth.removeprefix("Bearer ").strip()
-        body = json.loads(await request.body())
+    def _reply(self, request: Request, project: str, access_token: str, body: Any) -> JSONResponse:
         if access_token not in self.state.issued_tokens:
-            response = _google_error(
+            return _google_error(
                 401,
                 "UNAUTHENTICATED",
                 "Request had invalid authentication credentials. Expected OAuth 2 access token, "
                 "login cookie or other valid authentication credential.",
             )
-        elif project != self.project_id:
-            response = _google_error(
+        if not self.state.token_scopes.get(access_token, set()) & SEND_SCOPES:
+            return _google_error(
+                403, "PERMISSION_DENIED", "Request had insufficient authentication scopes."
+            )
+        if project != self.project_id:
+            return _google_error(
                 403,
                 "PERMISSION_DENIED",
                 f"Permission 'cloudmessaging.messages.create' denied on resource "
                 f"'//cloudresourcemanager.googleapis.com/projects/{project}' "
                 "(or it may not exist).",
             )
-        else:
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            return _google_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
+        problem = message_problem(body)
+        if problem is not None:
+            return problem
+        return JSONResponse({})  # replaced by the configured reply
+
+    async def _send(self, request: Request) -> JSONResponse:
+        project = request.path_params["project"]
+        auth = request.headers.get("authorization", "")
+        access_token = auth.removeprefix("Bearer ").strip()
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        response = self._reply(request, project, access_token, body)
+        if response.status_code == 200:
             token = body.get("message", {}).get("token", "")
             reply = self.state.replies.get(token, FcmReply())
             if reply.delay:
                 await asyncio.sleep(reply.delay)
             if reply.error_code is None:
                 message_id = f"0:{int(time.time() * 1000)}%{secrets.token_hex(8)}"
-                name = f"projects/{project}/messages/{message_id}"
-                response = JSONResponse({"name": name})
+                response = JSONResponse({"name": f"projects/{project}/messages/{message_id}"})
             else:
                 status, error = fcm_error_body(reply.error_code)
                 headers = (
@@ -289,9 +461,16 @@ class FakeFcm:
                     else None
                 )
                 response = JSONResponse(error, status_code=status, headers=headers)
+        version = str(request.scope.get("http_version", ""))
         with self._lock:
             self.state.received.append(
-                FcmReceived(project, body, access_token, response.status_code)
+                FcmReceived(
+                    project,
+                    body if isinstance(body, dict) else {},
+                    access_token,
+                    response.status_code,
+                    version,
+                )
             )
             self._lock.notify_all()
         return response

@@ -74,7 +74,12 @@ def dependency_names(dependant: Dependant) -> set[str]:
 
 
 # Each authenticates its caller and then counts it against the per-caller limit.
-COUNTING_AUTH = {"current_client", "current_client_detached", "current_device"}
+COUNTING_AUTH = {
+    "current_client",
+    "current_client_detached",
+    "current_device",
+    "current_device_detached",
+}
 PER_IP = {"limit_registration_per_ip", "limit_pairing_per_ip"}
 
 

@@ -201,6 +201,29 @@ class TestRotateKey:
         assert await run_async(wrong, "rotate-key") == 1
         assert "PNS_OLD_SECRET_KEYS" in capsys.readouterr().err
 
+    async def test_a_secret_moved_to_another_row_stops_the_rotation_and_is_named(
+        self,
+        http: httpx.AsyncClient,
+        app: FastAPI,
+        database_url: str,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        owner = await register_client(http, "OWNER")
+        other = await register_client(http, "OTHER")
+        source, _ = await pair_totp_device(http, owner)
+        target, _ = await pair_totp_device(http, other)
+        async with app.state.runtime.db.session() as session:
+            moved = await session.scalar(select(Device.totp_secret).where(Device.id == source))
+            row = await session.get(Device, target)
+            assert row is not None and moved is not None
+            row.totp_secret = moved
+        rotated = make_settings(
+            database_url, tmp_path, secret_key=NEW_KEY, old_secret_keys=[SECRET_KEY]
+        )
+        assert await run_async(rotated, "rotate-key") == 1
+        assert f"devices row {target}" in capsys.readouterr().err
+
 
 class TestCheckPush:
     def test_reports_log_only_without_providers(

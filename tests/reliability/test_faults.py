@@ -35,7 +35,8 @@ def apns_env(apns: FakeApns, tmp_path: Path) -> dict[str, str]:
         "PNS_APNS_URL": apns.url,
         "PNS_APNS_SANDBOX_URL": apns.url,
         "PNS_PUSH_CA_FILE": str(apns.write_ca(tmp_path / "push-ca.pem")),
-        "PNS_PUSH_LEASE_SECONDS": "1",
+        # Short, so a dead process's claims are retried quickly; at least twice the timeout.
+        "PNS_PUSH_LEASE_SECONDS": "2",
         "PNS_LOG_LEVEL": "warning",
     }
 
@@ -65,7 +66,7 @@ async def test_killed_mid_dispatch_the_next_process_delivers_once_per_device(
     database_url: str, tmp_path: Path, apns: FakeApns
 ) -> None:
     env = server_env(
-        database_url, tmp_path, PNS_PUSH_TIMEOUT_SECONDS="60", **apns_env(apns, tmp_path)
+        database_url, tmp_path, PNS_PUSH_TIMEOUT_SECONDS="1", **apns_env(apns, tmp_path)
     )
     apns.default_reply = HANG
     first = LiveServer(env, tmp_path / "first.log")

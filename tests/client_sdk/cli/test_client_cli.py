@@ -16,6 +16,7 @@ from PIL import Image
 
 import client_sdk
 from client_sdk import ApiError, OtpInvalid, RequestTimeout, Unavailable
+from client_sdk._wire import pairing_secret_of, parse_qr_payload
 from client_sdk.cli import client as client_cli
 from client_sdk.cli import device as device_cli
 from client_sdk.cli._common import exit_code_for
@@ -92,7 +93,12 @@ class TestSetUp:
         assert code == 0
         with Image.open(png) as image:
             decoded = [b.text for b in zxingcpp.read_barcodes(image.convert("L"))]
-        assert decoded == [pairing["qr_payload"]]
+        # The relay offers the web approver: the QR is the https link, which carries the
+        # pairing code's server, token and secret (one parser reads both forms).
+        assert decoded == [pairing["qr_link"]]
+        assert decoded[0].startswith(registered.server.url + "/app/pair#server=")
+        assert parse_qr_payload(decoded[0]) == parse_qr_payload(pairing["qr_payload"])
+        assert pairing_secret_of(decoded[0]) == pairing_secret_of(pairing["qr_payload"])
         assert ET.parse(svg).getroot().tag.endswith("svg")
 
     def test_pair_waits_and_says_which_device_joined(self, registered: Cli) -> None:
@@ -100,7 +106,9 @@ class TestSetUp:
         assert process.stdout is not None
         payload = None
         for line in process.stdout:
-            if line.strip().startswith("pns://pair?"):
+            # The relay serves the web approver, so the CLI shows the https link; the
+            # device simulator pairs with it like a native app claiming the link.
+            if line.strip().startswith(registered.server.url + "/app/pair#"):
                 payload = line.strip()
                 break
         assert payload is not None

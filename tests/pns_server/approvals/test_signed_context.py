@@ -59,7 +59,7 @@ class TestClientNonce:
             "hostname": "Fïlesrv\u00a001 ",
             "ip": " 203.0.113.7",
             "action": "restore ",
-            "message": "\u65e5\u672c ok\t",
+            "message": "\u65e5\u672c ok\u2028 ",
         }
         body = await request_approval(http, client, **context, client_nonce=sent)
         view = await device_view(http, phone, body["approval_id"])

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from pns_server.push.apns import (
     MAX_PAYLOAD_BYTES,
@@ -349,3 +356,98 @@ class TestProviderTokenLifetime:
         now[0] += 20 * 60
         assert token.refresh_after_rejection(second)
         assert token.current() != second
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hand_made_jwt(
+    key: ec.EllipticCurvePrivateKey,
+    header: dict[str, object],
+    claims: dict[str, object],
+    *,
+    der: bool = False,
+) -> str:
+    """A provider token built without any JWT library, to feed the fake what a buggy signer
+    would send."""
+    signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+    signature = key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    if not der:
+        r, s = decode_dss_signature(signature)
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return f"{signing_input}.{_b64url(signature)}"
+
+
+class TestProviderTokenFormat:
+    def test_the_relays_token_is_exactly_what_apple_documents(
+        self, fake_apns: FakeApns, tmp_path: Path
+    ) -> None:
+        token = provider_token(fake_apns, tmp_path).current()
+        header_b64, claims_b64, _signature = token.split(".")
+        header = json.loads(base64.urlsafe_b64decode(header_b64 + "=="))
+        claims = json.loads(base64.urlsafe_b64decode(claims_b64 + "=="))
+        assert header == {"alg": "ES256", "kid": fake_apns.key_id}
+        assert set(claims) == {"iss", "iat"} and claims["iss"] == fake_apns.team_id
+        assert abs(claims["iat"] - time.time()) < 5
+        assert fake_apns._check_jwt(token) is None
+
+    def test_the_fake_accepts_a_correct_token_made_without_pyjwt(self, fake_apns: FakeApns) -> None:
+        good = hand_made_jwt(
+            fake_apns.signing_key,
+            {"alg": "ES256", "kid": fake_apns.key_id},
+            {"iss": fake_apns.team_id, "iat": int(time.time())},
+        )
+        assert fake_apns._check_jwt(good) is None
+
+    @pytest.mark.parametrize(
+        "mistake",
+        [
+            "der_signature",
+            "other_key",
+            "wrong_kid",
+            "wrong_team",
+            "future_iat",
+            "alg_none",
+            "alg_hs256",
+            "extra_header",
+            "float_iat",
+            "padded",
+        ],
+    )
+    def test_the_fake_refuses_what_apple_refuses(self, fake_apns: FakeApns, mistake: str) -> None:
+        now = int(time.time())
+        key = fake_apns.signing_key
+        header: dict[str, object] = {"alg": "ES256", "kid": fake_apns.key_id}
+        claims: dict[str, object] = {"iss": fake_apns.team_id, "iat": now}
+        der = False
+        if mistake == "der_signature":
+            der = True
+        elif mistake == "other_key":
+            key = ec.generate_private_key(ec.SECP256R1())
+        elif mistake == "wrong_kid":
+            header["kid"] = "OTHERKEY12"
+        elif mistake == "wrong_team":
+            claims["iss"] = "OTHERTEAM1"
+        elif mistake == "future_iat":
+            claims["iat"] = now + 3600
+        elif mistake == "extra_header":
+            header["x5u"] = "https://attacker.example/key"
+        elif mistake == "float_iat":
+            claims["iat"] = now + 0.5
+        token = hand_made_jwt(key, header, claims, der=der)
+        if mistake == "alg_none":
+            header["alg"] = "none"
+            token = f"{_b64url(json.dumps(header).encode())}.{token.split('.')[1]}."
+        elif mistake == "alg_hs256":
+            # The classic confusion: an HMAC "signed" with the public key as the secret.
+            header["alg"] = "HS256"
+            public = key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            signing_input = f"{_b64url(json.dumps(header).encode())}.{token.split('.')[1]}"
+            mac = hmac.new(public, signing_input.encode(), hashlib.sha256).digest()
+            token = f"{signing_input}.{_b64url(mac)}"
+        elif mistake == "padded":
+            token = token + "=="
+        assert fake_apns._check_jwt(token) == "InvalidProviderToken"

@@ -37,13 +37,15 @@ class TestNoConfiguration:
         caplog.set_level(logging.INFO, "pns.push")
         readiness = PushReadiness()
         senders = build_senders(settings(tmp_path), readiness)
-        assert list(senders) == ["log"]
+        assert list(senders) == ["log", "webpush"]
         assert "no APNs or FCM configured" in caplog.text
-        assert readiness() == {"mode": "log only: no APNs or FCM configuration"}
+        checks = readiness()
+        assert checks["mode"] == "log only: no APNs or FCM configuration"
+        assert checks["webpush"]["status"] == "ok"
 
     async def test_readyz_says_push_is_log_only(self, http: httpx.AsyncClient) -> None:
         body = (await http.get("/readyz")).json()
-        assert body["checks"]["push"] == {"mode": "log only: no APNs or FCM configuration"}
+        assert body["checks"]["push"]["mode"] == "log only: no APNs or FCM configuration"
 
 
 class TestRefusals:
@@ -133,7 +135,7 @@ class TestConfigured:
             readiness,
         )
         try:
-            assert sorted(senders) == ["apns", "fcm", "log"]
+            assert sorted(senders) == ["apns", "fcm", "log", "webpush"]
             ok = push_message()
             assert (await senders["apns"].send(ok)).ok
             bad = push_message(token="cd" * 32)
@@ -146,3 +148,28 @@ class TestConfigured:
         finally:
             for sender in senders.values():
                 await sender.close()
+
+    async def test_a_refused_fcm_service_account_shows_in_readiness(
+        self, tmp_path: Path, fake_fcm: FakeFcm
+    ) -> None:
+        readiness = PushReadiness()
+        senders = build_senders(
+            settings(
+                tmp_path,
+                fcm_credentials_file=fake_fcm.write_credentials(tmp_path / "sa.json"),
+                fcm_url=fake_fcm.url,
+                push_ca_file=fake_fcm.write_ca(tmp_path / "ca.pem"),
+                push_timeout_seconds=5,
+            ),
+            readiness,
+        )
+        fake_fcm.state.reject_token_requests = True
+        try:
+            result = await senders["fcm"].send(push_message("fcm-" + "t" * 60, service="fcm"))
+        finally:
+            for sender in senders.values():
+                await sender.close()
+        assert result.reason is not None and "invalid_grant" in result.reason
+        state = readiness()["fcm"]
+        assert state["status"] == "config_error"
+        assert state["last_config_error"]["reason"].startswith("OAuth: ")

@@ -1,18 +1,21 @@
-"""The FCM sender (real firebase-admin + google-auth) against the fake FCM."""
+"""The FCM sender (httpx HTTP/2 + google-auth service-account OAuth) against the fake FCM."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from pns_server.push.apns import ssl_context
 from pns_server.push.base import Outcome
-from pns_server.push.fcm import FcmSender
-from tests.fakes.fcm import FakeFcm, FcmReply
+from pns_server.push.fcm import FCM_SCOPE, FcmSender
+from tests.fakes.fcm import FakeFcm, FcmReply, message_problem
 from tests.pns_server.push.conftest import push_message
 
 FCM_TOKEN = "fcm-token-" + "x" * 140
@@ -58,6 +61,15 @@ class TestDelivered:
         ttl = float(got.message["android"]["ttl"].removesuffix("s"))
         assert 110 <= ttl <= 120
 
+    async def test_over_http2_with_an_oauth_token_scoped_to_messaging(
+        self, sender: FcmSender, fake_fcm: FakeFcm
+    ) -> None:
+        assert (await sender.send(fcm_message())).ok
+        [got] = fake_fcm.received
+        assert got.http_version == "2"
+        assert fake_fcm.state.refused_assertions == []
+        assert fake_fcm.state.token_scopes[got.access_token] == {FCM_SCOPE}
+
     async def test_the_access_token_is_fetched_once_and_reused(
         self, sender: FcmSender, fake_fcm: FakeFcm
     ) -> None:
@@ -87,7 +99,7 @@ class TestErrors:
         result = await sender.send(fcm_message())
         assert (result.outcome, result.reason, result.status_code) == (outcome, code, status)
 
-    async def test_5xx_is_not_retried_inside_firebase_admin(
+    async def test_5xx_is_not_retried_by_the_sender(
         self, sender: FcmSender, fake_fcm: FakeFcm
     ) -> None:
         fake_fcm.answer(FCM_TOKEN, FcmReply("UNAVAILABLE"))
@@ -125,6 +137,41 @@ class TestErrors:
         result = await sender.send(fcm_message())
         assert result.outcome is Outcome.CONFIG_ERROR
         assert fake_fcm.received == []
+
+    async def test_a_key_file_signed_by_another_key_is_refused_as_config_error(
+        self, fake_fcm: FakeFcm, tmp_path: Path
+    ) -> None:
+        """An attacker's (or a stale) key with the right account name gets no access token."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        account = fake_fcm.service_account()
+        account["private_key"] = other.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        path = tmp_path / "forged.json"
+        path.write_text(json.dumps(account))
+        fcm = FcmSender(
+            path, timeout=5, fcm_url=fake_fcm.url, ca_file=fake_fcm.write_ca(tmp_path / "ca.pem")
+        )
+        try:
+            result = await fcm.send(fcm_message())
+        finally:
+            await fcm.close()
+        assert result.outcome is Outcome.CONFIG_ERROR
+        assert fake_fcm.state.refused_assertions == ["Invalid JWT Signature."]
+        assert fake_fcm.received == []
+
+    async def test_a_token_without_the_messaging_scope_is_refused(
+        self, sender: FcmSender, fake_fcm: FakeFcm
+    ) -> None:
+        assert (await sender.send(fcm_message())).ok
+        fake_fcm.state.token_scopes[fake_fcm.received[0].access_token] = {"openid"}
+        result = await sender.send(fcm_message())
+        assert (result.outcome, result.status_code) == (Outcome.CONFIG_ERROR, 403)
 
     async def test_an_unreachable_fcm_is_retry(self, fake_fcm: FakeFcm, tmp_path: Path) -> None:
         from tests.support.postgres import free_port
@@ -165,3 +212,49 @@ class TestOAuthRefreshOffTheEventLoop:
         # The refresh took a second; a blocked loop would show one gap of about that size.
         assert len(ticks) > 20
         assert max(gaps) < 0.5
+
+
+class TestTheFakeValidatesMessagesLikeFcm:
+    """The sender builds the JSON itself now: the fake must refuse what FCM would refuse."""
+
+    def test_the_senders_body_is_valid(self) -> None:
+        assert message_problem(FcmSender.body(fcm_message())) is None
+
+    @pytest.mark.parametrize(
+        ("change", "field"),
+        [
+            (lambda m: m["android"].update(ttl="120"), "message.android.ttl"),
+            (lambda m: m["android"].update(ttl=120), "message.android.ttl"),
+            (lambda m: m["android"].update(priority="urgent"), "message.android.priority"),
+            (lambda m: m["android"].update(time_to_live=3), "message.android"),
+            (lambda m: m.update(topic="news"), "message"),
+            (lambda m: m.update(ttl="1s"), "message"),
+            (lambda m: m["data"].update(count=1), "message.data"),
+        ],
+    )
+    def test_what_fcm_refuses(self, change, field: str) -> None:
+        body = FcmSender.body(fcm_message())
+        change(body["message"])
+        problem = message_problem(body)
+        assert problem is not None and problem.status_code == 400
+        error = json.loads(bytes(problem.body))["error"]
+        assert error["status"] == "INVALID_ARGUMENT"
+        assert error["details"][0]["fieldViolations"][0]["field"] == field
+
+    async def test_a_refused_message_is_a_config_error_not_a_dead_token(
+        self, sender: FcmSender, fake_fcm: FakeFcm, tmp_path: Path
+    ) -> None:
+        assert (await sender.send(fcm_message())).ok
+        ca = fake_fcm.write_ca(tmp_path / "ca.pem")
+        async with httpx.AsyncClient(verify=ssl_context(ca)) as http:
+            response = await http.post(
+                f"{fake_fcm.url}/v1/projects/{fake_fcm.project_id}/messages:send",
+                json={"message": {"token": FCM_TOKEN, "android": {"ttl": "soon"}}},
+                headers={"authorization": f"Bearer {fake_fcm.received[0].access_token}"},
+            )
+        result = FcmSender.classify(response)
+        assert (result.outcome, result.reason, result.status_code) == (
+            Outcome.CONFIG_ERROR,
+            "INVALID_ARGUMENT",
+            400,
+        )
