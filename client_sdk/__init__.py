@@ -12,7 +12,6 @@ Needs only httpx, cryptography and pyotp. See `client_sdk._exceptions` for the e
 tree."""
 
 from client_sdk._client import AsyncPnsClient, PnsClient
-from client_sdk._core import SDK_VERSION, parse_qr_payload
 from client_sdk._device import AsyncDeviceClient, DeviceClient
 from client_sdk._exceptions import (
     AlreadyDecided,
@@ -90,6 +89,7 @@ from client_sdk._models import (
     RecoveryResult,
     TotpParameters,
 )
+from client_sdk._wire import SDK_VERSION, parse_qr_payload
 
 __version__ = SDK_VERSION
 

@@ -1,43 +1,28 @@
 """The backup client's API: `PnsClient` (blocking) and `AsyncPnsClient` (asyncio).
 
-Both are thin: requests are built and answers parsed by `client_sdk._core`, so the two
-offer exactly the same methods with the same behaviour."""
+Both are thin: requests are built and answers parsed by `client_sdk._core`, and every
+multi-step operation (waits, `finish_pairings`, `login`) is one flow in `client_sdk._flows`
+that each twin hands to its driver. A method here only names its call or flow, so the two
+offer exactly the same methods with the same behaviour. Their docstrings follow one rule
+(tests/client_sdk/test_public_api.py holds them to it): the blocking one is complete; the
+asyncio one repeats its first paragraph and, where there is more, points to it.
+
+Why this module is long: it states the public API twice, as httpx's `_client.py` does;
+each method keeps its typed signature and a docstring with an example (a test wants one
+for every public method), while its body is a single line."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
-import math
 import ssl
 import threading
-import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
-from client_sdk._core import (
-    DEFAULT_LONG_POLL,
-    DEFAULT_RETRIES,
-    MAX_WAIT,
-    ClientCore,
-    fallback_reason,
-    is_otp_shaped,
-    normalise_otp,
-    ping_call,
-    register_call,
-)
-from client_sdk._exceptions import (
-    AlreadyDecided,
-    KeyProofError,
-    NotFound,
-    OtpInvalid,
-    OtpReplayed,
-    PnsError,
-    PushUnavailable,
-    RecoveryCodeInvalid,
-)
+from client_sdk._core import ClientCore, ping_call, register_call
+from client_sdk._flows import ClientFlows
 from client_sdk._http import (
     AsyncLifecycle,
     AsyncSender,
@@ -60,30 +45,9 @@ from client_sdk._models import (
     RecoveryCodes,
     RecoveryResult,
 )
+from client_sdk._wire import DEFAULT_LONG_POLL, DEFAULT_RETRIES, MAX_WAIT, Call
 
 __all__ = ["AsyncPnsClient", "PnsClient"]
-
-T = TypeVar("T")
-RETRYABLE_CODE_ERRORS = (OtpInvalid, OtpReplayed, RecoveryCodeInvalid)
-
-
-def _next_wait(deadline: float | None, chunk: int) -> int:
-    if deadline is None:
-        return chunk
-    return max(0, min(chunk, math.ceil(deadline - time.monotonic())))
-
-
-def _done(approval: Approval, stop_early: bool) -> bool:
-    if approval.is_final:
-        return True
-    return stop_early and fallback_reason(approval) is not None
-
-
-def _after_wait_reason(approval: Approval, user_chose: bool) -> str:
-    reason = fallback_reason(approval) or "timeout"
-    if reason == "cancelled" and user_chose:
-        return "user_choice"
-    return reason
 
 
 class _Base:
@@ -98,12 +62,43 @@ class _Base:
             raise ValueError(f"long_poll_seconds must be 1..{MAX_WAIT}")
         self.base_url = base_url.rstrip("/")
         self._core = ClientCore(token, key_store)
-        self.long_poll_seconds = long_poll_seconds
+        self._flows = ClientFlows(self._core, long_poll_seconds)
 
     @property
     def key_store(self) -> KeyStore:
         """The device public keys pinned so far (see `KeyStore`)."""
         return self._core.key_store
+
+    @property
+    def long_poll_seconds(self) -> int:
+        """How long each long-poll asks the server to hold the answer (1..60 s)."""
+        return self._flows.long_poll_seconds
+
+    @long_poll_seconds.setter
+    def long_poll_seconds(self, value: int) -> None:
+        self._flows.long_poll_seconds = value
+
+    def _approval_call(
+        self,
+        username: str,
+        hostname: str | None,
+        ip: str | None,
+        action: str,
+        message: str | None,
+        ttl_seconds: int,
+        number_matching: bool,
+        idempotency_key: str | None,
+    ) -> Call[ApprovalRequested]:
+        return self._core.request_approval(
+            username=username,
+            hostname=hostname,
+            ip=ip,
+            action=action,
+            message=message,
+            ttl_seconds=ttl_seconds,
+            number_matching=number_matching,
+            idempotency_key=idempotency_key,
+        )
 
 
 class PnsClient(SyncLifecycle, _Base):
@@ -191,6 +186,7 @@ class PnsClient(SyncLifecycle, _Base):
 
     def start_pairing(self, kind: str = "app", label: str | None = None) -> Pairing:
         """Start pairing a device (`kind` "app" or "totp"); show `qr_payload` as a QR code.
+
         For "app", `qr_payload` ends with `#k=<secret>`: a secret drawn here and kept in the
         `KeyStore` until the pairing completes; show it only on this machine's screen.
 
@@ -213,43 +209,34 @@ class PnsClient(SyncLifecycle, _Base):
 
     def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
         """Long-poll until the pairing is completed or expired, or `timeout` seconds have
-        passed (then the latest, still pending, state is returned). A completed app
-        pairing's key is pinned when its key proof verifies with this pairing's QR secret
-        (kept in the `KeyStore`); otherwise `KeyProofInvalid` (the relay substituted the
-        key), `KeyProofMissing` (an app without key proofs) or `PairingSecretUnknown`.
+        passed (then the latest, still pending, state is returned).
+
+        A completed app pairing's key is pinned when its key proof verifies with this
+        pairing's QR secret (kept in the `KeyStore`); otherwise `KeyProofInvalid` (the relay
+        substituted the key), `KeyProofMissing` (an app without key proofs) or
+        `PairingSecretUnknown`.
 
         Example::
 
             device = client.wait_for_pairing(pairing.pairing_id, timeout=300).device
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            pairing = self.get_pairing(pairing_id, _next_wait(deadline, self.long_poll_seconds))
-            if not pairing.is_pending or _next_wait(deadline, 1) == 0:
-                return pairing
+        return self._run(self._flows.wait_for_pairing(pairing_id, timeout))
 
     def finish_pairings(self) -> list[Pairing]:
-        """Check every app pairing started with this `KeyStore` that is still open (e.g. one
-        started in another run with `pns-client pair --no-wait`): completed ones get their
-        device key pinned once the key proof verifies, expired ones are dropped. A
-        `KeyProofError` is raised for the first pairing that cannot be pinned (it is not
-        retried).
+        """Pin the keys of the app pairings started with this `KeyStore` that completed
+        since, and drop the expired ones.
+
+        It checks every app pairing of the `KeyStore` that is still open (e.g. one started
+        in another run with `pns-client pair --no-wait`): a completed one's device key is
+        pinned once its key proof verifies. A `KeyProofError` is raised for the first
+        pairing that cannot be pinned (it is not retried).
 
         Example::
 
             for pairing in client.finish_pairings():
                 print(pairing.pairing_id, pairing.status, pairing.pinned)
         """
-        done: list[Pairing] = []
-        for pairing_id in self.key_store.pending_pairings():
-            try:
-                done.append(self.get_pairing(pairing_id))
-            except NotFound:
-                self.key_store.forget_pairing(pairing_id)
-            except KeyProofError:
-                self.key_store.forget_pairing(pairing_id)
-                raise
-        return done
+        return self._run(self._flows.finish_pairings())
 
     def confirm_totp_pairing(self, pairing_id: str, code: str) -> Device:
         """Activate a TOTP pairing with the first code the app shows.
@@ -336,34 +323,27 @@ class PnsClient(SyncLifecycle, _Base):
             req = client.request_approval(username="admin", hostname="FILESRV01")
             print("Type", req.match_code, "on your phone")
         """
-        return self._send(
-            self._core.request_approval(
-                username=username,
-                hostname=hostname,
-                ip=ip,
-                action=action,
-                message=message,
-                ttl_seconds=ttl_seconds,
-                number_matching=number_matching,
-                idempotency_key=idempotency_key,
-            )
+        call = self._approval_call(
+            username, hostname, ip, action, message, ttl_seconds, number_matching, idempotency_key
         )
+        return self._send(call)
 
     def get_approval(
         self, approval_id: str, wait: float = 0, *, match_code: str | None = None
     ) -> Approval:
-        """An approval's state; with `wait` (0..60 s) a long-poll. An `approved` answer is
-        believed only if this client requested the approval and the device key it pinned
-        at pairing signed this login's nonce and context, in time, with the match code shown
-        (`match_code`, if given, must match too); otherwise `ApprovalSignatureError`.
+        """An approval's state; with `wait` (0..60 s) a long-poll.
+
+        An `approved` answer is believed only if this client requested the approval and the
+        device key it pinned at pairing signed this login's nonce and context, in time, with
+        the match code shown (`match_code`, if given, must match too); otherwise
+        `ApprovalSignatureError`.
 
         Example::
 
             if client.get_approval(req.approval_id, wait=20).approved:
                 grant_access()
         """
-        approval = self._send(self._core.get_approval(approval_id, wait))
-        return self._core.check_approval(approval, approval_id, match_code=match_code)
+        return self._run(self._flows.get_approval(approval_id, wait, match_code))
 
     def wait_for_approval(
         self,
@@ -385,32 +365,13 @@ class PnsClient(SyncLifecycle, _Base):
             if result.approved:
                 grant_access()
         """
-        return self._wait(approval_id, timeout, on_progress, match_code, stop_early=False)
-
-    def _wait(
-        self,
-        approval_id: str,
-        timeout: float | None,
-        on_progress: Callable[[Approval], Any] | None,
-        match_code: str | None,
-        *,
-        stop_early: bool,
-    ) -> Approval:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: Approval | None = None
-        while True:
-            approval = self.get_approval(
-                approval_id, _next_wait(deadline, self.long_poll_seconds), match_code=match_code
-            )
-            if on_progress is not None and approval != last:
-                on_progress(approval)
-            last = approval
-            if _done(approval, stop_early) or _next_wait(deadline, 1) == 0:
-                return approval
+        return self._run(
+            self._flows.wait_for_approval(approval_id, timeout, on_progress, match_code)
+        )
 
     def cancel_approval(self, approval_id: str) -> Approval:
-        """Withdraw a pending approval (e.g. the user chose to type a code instead).
-        Raises `AlreadyDecided` if it was already answered.
+        """Withdraw a pending approval (e.g. the user chose to type a code instead);
+        `AlreadyDecided` if it was already answered.
 
         Example::
 
@@ -452,106 +413,17 @@ class PnsClient(SyncLifecycle, _Base):
             )
             if result.success: grant_access()
         """
-        approval: Approval | None = None
-        try:
-            requested = self.request_approval(
-                username=username,
-                hostname=hostname,
-                ip=ip,
-                action=action,
-                message=message,
-                ttl_seconds=ttl_seconds,
-                number_matching=number_matching,
-            )
-        except PushUnavailable:
-            reason = "push_unavailable"
-        else:
-            if show_match_code is not None:
-                show_match_code(requested)
-            approval, reason = self._push_phase(requested, on_progress, use_code)
-            # get_approval raised already for an "approved" that does not verify.
-            if approval.approved and approval.verified:
-                return LoginResult(True, "push", approval, approval.device_id)
-        return self._code_phase(ask_code, reason, approval, max_code_attempts)
-
-    def _push_phase(
-        self,
-        requested: ApprovalRequested,
-        on_progress: Callable[[Approval], Any] | None,
-        use_code: threading.Event | None,
-    ) -> tuple[Approval, str]:
-        stop = threading.Event()
-        if use_code is not None:
-            watcher = threading.Thread(
-                target=self._cancel_when_set,
-                args=(requested.approval_id, use_code, stop),
-                name="pns-login-watch",
-                daemon=True,
-            )
-            watcher.start()
-        try:
-            approval = self._wait(
-                requested.approval_id,
-                None,
-                on_progress,
-                requested.match_code,
-                stop_early=True,
-            )
-        finally:
-            stop.set()
-        user_chose = use_code is not None and use_code.is_set()
-        reason = _after_wait_reason(approval, user_chose)
-        if not approval.is_final:
-            approval = self._cancel_or_refresh(approval, requested.match_code)
-        return approval, reason
-
-    def _cancel_when_set(
-        self, approval_id: str, use_code: threading.Event, stop: threading.Event
-    ) -> None:
-        while not stop.is_set():
-            if use_code.wait(0.1):
-                # Cancelling wakes the long-poll at once, which then falls back to the code.
-                self._cancel_quietly(approval_id)
-                return
-
-    def _cancel_quietly(self, approval_id: str) -> None:
-        with contextlib.suppress(PnsError):
-            self.cancel_approval(approval_id)
-
-    def _cancel_or_refresh(self, approval: Approval, match_code: str | None) -> Approval:
-        """Cancel a push we give up on; if the phone answered first, keep its answer."""
-        try:
-            return self.cancel_approval(approval.approval_id)
-        except AlreadyDecided:
-            return self.get_approval(approval.approval_id, match_code=match_code)
-        except PnsError:
-            return approval
-
-    def _code_phase(
-        self,
-        ask_code: Callable[[CodePrompt], str | None],
-        reason: str,
-        approval: Approval | None,
-        attempts: int,
-    ) -> LoginResult:
-        error: Exception | None = None
-        for attempt in range(1, attempts + 1):
-            code = (ask_code(CodePrompt(reason, attempt, error)) or "").strip()
-            if not code:
-                break
-            try:
-                if is_otp_shaped(code):
-                    otp = self.verify_otp(normalise_otp(code))
-                    return LoginResult(True, "otp", approval, otp.device_id, reason)
-                used = self.verify_recovery_code(code)
-                return LoginResult(True, "recovery_code", approval, None, reason, used.remaining)
-            except RETRYABLE_CODE_ERRORS as exc:
-                error = exc
-        return LoginResult(False, None, approval, None, reason)
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
+        request = self._approval_call(
+            username, hostname, ip, action, message, ttl_seconds, number_matching, None
+        )
+        login = self._flows.login(
+            request,
+            ask_code=ask_code,
+            show_match_code=show_match_code,
+            on_progress=on_progress,
+            max_code_attempts=max_code_attempts,
+        )
+        return self._run(login, use_code)
 
 
 class AsyncPnsClient(AsyncLifecycle, _Base):
@@ -610,7 +482,7 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
             return await client._send(register_call(name, edition, hostname, registration_key))
 
     async def ping(self) -> Ping:
-        """Reach the server and measure clock skew.
+        """Reach the server and measure clock skew (TOTP and signatures need a fair clock).
 
         Example::
 
@@ -630,6 +502,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
     async def start_pairing(self, kind: str = "app", label: str | None = None) -> Pairing:
         """Start pairing a device (`kind` "app" or "totp"); show `qr_payload` as a QR code.
 
+        See `PnsClient.start_pairing`.
+
         Example::
 
             pairing = await client.start_pairing("app")
@@ -638,7 +512,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._send(self._core.start_pairing(kind, label))
 
     async def get_pairing(self, pairing_id: str, wait: float = 0) -> Pairing:
-        """A pairing's status; with `wait` (0..60 s) a long-poll.
+        """A pairing's status; with `wait` (0..60 s) the server holds the answer until it
+        changes.
 
         Example::
 
@@ -647,38 +522,28 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._send(self._core.get_pairing(pairing_id, wait))
 
     async def wait_for_pairing(self, pairing_id: str, timeout: float | None = None) -> Pairing:
-        """Long-poll until completed or expired (or `timeout`); pins the new device's key
-        when its key proof verifies (see `PnsClient.wait_for_pairing`).
+        """Long-poll until the pairing is completed or expired, or `timeout` seconds have
+        passed (then the latest, still pending, state is returned).
+
+        See `PnsClient.wait_for_pairing`.
 
         Example::
 
             device = (await client.wait_for_pairing(pairing.pairing_id, timeout=300)).device
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = _next_wait(deadline, self.long_poll_seconds)
-            pairing = await self.get_pairing(pairing_id, wait)
-            if not pairing.is_pending or _next_wait(deadline, 1) == 0:
-                return pairing
+        return await self._run(self._flows.wait_for_pairing(pairing_id, timeout))
 
     async def finish_pairings(self) -> list[Pairing]:
-        """Pin the keys of pairings started with this `KeyStore` that completed meanwhile;
-        see `PnsClient.finish_pairings`.
+        """Pin the keys of the app pairings started with this `KeyStore` that completed
+        since, and drop the expired ones.
+
+        See `PnsClient.finish_pairings`.
 
         Example::
 
             pairings = await client.finish_pairings()
         """
-        done: list[Pairing] = []
-        for pairing_id in self.key_store.pending_pairings():
-            try:
-                done.append(await self.get_pairing(pairing_id))
-            except NotFound:
-                self.key_store.forget_pairing(pairing_id)
-            except KeyProofError:
-                self.key_store.forget_pairing(pairing_id)
-                raise
-        return done
+        return await self._run(self._flows.finish_pairings())
 
     async def confirm_totp_pairing(self, pairing_id: str, code: str) -> Device:
         """Activate a TOTP pairing with the first code the app shows.
@@ -690,7 +555,8 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._send(self._core.confirm_totp_pairing(pairing_id, code))
 
     async def list_devices(self) -> list[Device]:
-        """Every device of this installation, as the relay reports them (never pinned).
+        """Every device of this installation, as the relay reports them (never pinned:
+        only a pairing this client started pins a key).
 
         Example::
 
@@ -749,35 +615,30 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
     ) -> ApprovalRequested:
         """Ask the user's phone to approve a login; show `match_code` on screen.
 
+        See `PnsClient.request_approval`.
+
         Example::
 
             req = await client.request_approval(username="admin", hostname="FILESRV01")
             print("Type", req.match_code, "on your phone")
         """
-        return await self._send(
-            self._core.request_approval(
-                username=username,
-                hostname=hostname,
-                ip=ip,
-                action=action,
-                message=message,
-                ttl_seconds=ttl_seconds,
-                number_matching=number_matching,
-                idempotency_key=idempotency_key,
-            )
+        call = self._approval_call(
+            username, hostname, ip, action, message, ttl_seconds, number_matching, idempotency_key
         )
+        return await self._send(call)
 
     async def get_approval(
         self, approval_id: str, wait: float = 0, *, match_code: str | None = None
     ) -> Approval:
-        """An approval's state (with `wait`, a long-poll); a decided one's signature is verified.
+        """An approval's state; with `wait` (0..60 s) a long-poll.
+
+        See `PnsClient.get_approval`.
 
         Example::
 
             approval = await client.get_approval(req.approval_id, wait=20)
         """
-        approval = await self._send(self._core.get_approval(approval_id, wait))
-        return self._core.check_approval(approval, approval_id, match_code=match_code)
+        return await self._run(self._flows.get_approval(approval_id, wait, match_code))
 
     async def wait_for_approval(
         self,
@@ -787,37 +648,22 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         *,
         match_code: str | None = None,
     ) -> Approval:
-        """Long-poll until a final status (or `timeout`), reporting progress.
+        """Long-poll until the approval is approved, rejected, expired or cancelled (or
+        `timeout` seconds passed: then the latest pending state is returned).
+
+        See `PnsClient.wait_for_approval`; `on_progress` may be a coroutine function.
 
         Example::
 
             result = await client.wait_for_approval(req.approval_id, on_progress=print)
         """
-        return await self._wait(approval_id, timeout, on_progress, match_code, stop_early=False)
-
-    async def _wait(
-        self,
-        approval_id: str,
-        timeout: float | None,
-        on_progress: Callable[[Approval], Any] | None,
-        match_code: str | None,
-        *,
-        stop_early: bool,
-    ) -> Approval:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: Approval | None = None
-        while True:
-            approval = await self.get_approval(
-                approval_id, _next_wait(deadline, self.long_poll_seconds), match_code=match_code
-            )
-            if on_progress is not None and approval != last:
-                await _maybe_await(on_progress(approval))
-            last = approval
-            if _done(approval, stop_early) or _next_wait(deadline, 1) == 0:
-                return approval
+        return await self._run(
+            self._flows.wait_for_approval(approval_id, timeout, on_progress, match_code)
+        )
 
     async def cancel_approval(self, approval_id: str) -> Approval:
-        """Withdraw a pending approval; `AlreadyDecided` if it was already answered.
+        """Withdraw a pending approval (e.g. the user chose to type a code instead);
+        `AlreadyDecided` if it was already answered.
 
         Example::
 
@@ -841,7 +687,10 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         number_matching: bool = True,
         max_code_attempts: int = 3,
     ) -> LoginResult:
-        """Push first, one-time password as fallback; see `PnsClient.login`.
+        """The whole second factor of a login: push first, one-time password as fallback.
+
+        See `PnsClient.login`; here `use_code` is an `asyncio.Event`, and the callbacks may
+        be coroutine functions.
 
         Example::
 
@@ -849,92 +698,14 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
                 username="admin", show_match_code=show, ask_code=prompt_for_code
             )
         """
-        approval: Approval | None = None
-        try:
-            requested = await self.request_approval(
-                username=username,
-                hostname=hostname,
-                ip=ip,
-                action=action,
-                message=message,
-                ttl_seconds=ttl_seconds,
-                number_matching=number_matching,
-            )
-        except PushUnavailable:
-            reason = "push_unavailable"
-        else:
-            if show_match_code is not None:
-                await _maybe_await(show_match_code(requested))
-            approval, reason = await self._push_phase(requested, on_progress, use_code)
-            # get_approval raised already for an "approved" that does not verify.
-            if approval.approved and approval.verified:
-                return LoginResult(True, "push", approval, approval.device_id)
-        return await self._code_phase(ask_code, reason, approval, max_code_attempts)
-
-    async def _push_phase(
-        self,
-        requested: ApprovalRequested,
-        on_progress: Callable[[Approval], Any] | None,
-        use_code: asyncio.Event | None,
-    ) -> tuple[Approval, str]:
-        watcher = (
-            asyncio.create_task(self._cancel_when_set(requested.approval_id, use_code))
-            if use_code is not None
-            else None
+        request = self._approval_call(
+            username, hostname, ip, action, message, ttl_seconds, number_matching, None
         )
-        try:
-            approval = await self._wait(
-                requested.approval_id,
-                None,
-                on_progress,
-                requested.match_code,
-                stop_early=True,
-            )
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-        user_chose = use_code is not None and use_code.is_set()
-        reason = _after_wait_reason(approval, user_chose)
-        if not approval.is_final:
-            approval = await self._cancel_or_refresh(approval, requested.match_code)
-        return approval, reason
-
-    async def _cancel_when_set(self, approval_id: str, use_code: asyncio.Event) -> None:
-        await use_code.wait()
-        await self._cancel_quietly(approval_id)
-
-    async def _cancel_quietly(self, approval_id: str) -> None:
-        with contextlib.suppress(PnsError):
-            await self.cancel_approval(approval_id)
-
-    async def _cancel_or_refresh(self, approval: Approval, match_code: str | None) -> Approval:
-        """Cancel a push we give up on; if the phone answered first, keep its answer."""
-        try:
-            return await self.cancel_approval(approval.approval_id)
-        except AlreadyDecided:
-            return await self.get_approval(approval.approval_id, match_code=match_code)
-        except PnsError:
-            return approval
-
-    async def _code_phase(
-        self,
-        ask_code: Callable[[CodePrompt], str | Awaitable[str | None] | None],
-        reason: str,
-        approval: Approval | None,
-        attempts: int,
-    ) -> LoginResult:
-        error: Exception | None = None
-        for attempt in range(1, attempts + 1):
-            answer = await _maybe_await(ask_code(CodePrompt(reason, attempt, error)))
-            code = (answer or "").strip()
-            if not code:
-                break
-            try:
-                if is_otp_shaped(code):
-                    otp = await self.verify_otp(normalise_otp(code))
-                    return LoginResult(True, "otp", approval, otp.device_id, reason)
-                used = await self.verify_recovery_code(code)
-                return LoginResult(True, "recovery_code", approval, None, reason, used.remaining)
-            except RETRYABLE_CODE_ERRORS as exc:
-                error = exc
-        return LoginResult(False, None, approval, None, reason)
+        login = self._flows.login(
+            request,
+            ask_code=ask_code,
+            show_match_code=show_match_code,
+            on_progress=on_progress,
+            max_code_attempts=max_code_attempts,
+        )
+        return await self._run(login, use_code)

@@ -6,30 +6,19 @@ signed response (pns-approval-v2 over the client's nonce and the login context s
 
 from __future__ import annotations
 
-import hashlib
 import ssl
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
-from typing import Any, Self, TypeVar
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Self
 
 import httpx
-import pyotp
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client_sdk._core import (
-    DEFAULT_RETRIES,
-    Call,
-    Enrolment,
+from client_sdk._device_core import (
+    DeviceBase,
     device_approval_call,
-    device_headers,
-    enrol_call,
-    format_time,
-    pairing_secret_of,
-    parse_qr_payload,
     pending_call,
     remove_self_call,
-    respond_call,
     update_push_call,
 )
 from client_sdk._http import (
@@ -39,172 +28,13 @@ from client_sdk._http import (
     SyncSender,
     TimeoutTypes,
 )
-from client_sdk._keys import context_sha256, key_proof, public_key_b64, sign_approval
 from client_sdk._models import DeviceApproval, DeviceDecision, TotpParameters
+from client_sdk._wire import DEFAULT_RETRIES, pairing_secret_of, parse_qr_payload
 
 __all__ = ["AsyncDeviceClient", "DeviceClient"]
 
-T = TypeVar("T")
-STATE_VERSION = 1
-_DIGESTS: dict[str, Callable[..., Any]] = {
-    "SHA1": hashlib.sha1,
-    "SHA256": hashlib.sha256,
-    "SHA512": hashlib.sha512,
-}
 
-
-def _pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode("ascii")
-
-
-def _load_key(pem: str) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise ValueError("the device state does not hold a P-256 private key")
-    return key
-
-
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-class _DeviceBase:
-    def __init__(
-        self,
-        server_url: str,
-        *,
-        device_id: str | None = None,
-        device_token: str | None = None,
-        private_key: ec.EllipticCurvePrivateKey | None = None,
-        totp: TotpParameters | None = None,
-    ) -> None:
-        self.server_url = server_url.rstrip("/")
-        self.device_id = device_id
-        self._token = device_token
-        self.private_key = private_key if private_key is not None else _new_key()
-        self.totp = totp
-
-    def _headers(self) -> dict[str, str]:
-        return device_headers(self._token)
-
-    @property
-    def public_key(self) -> str:
-        """Base64 DER SubjectPublicKeyInfo, as registered with the server."""
-        return public_key_b64(self.private_key)
-
-    def _enrolled(self, enrolment: Enrolment) -> None:
-        self.device_id = enrolment.device_id
-        self._token = enrolment.device_token
-        self.totp = enrolment.totp
-
-    def to_state(self) -> dict[str, Any]:
-        """Everything needed to resume this device later, JSON-serialisable. It holds the
-        private key and the TOTP secret: store it like a password (e.g. the OS keychain).
-
-        Example::
-
-            keychain.save(json.dumps(device.to_state()))
-            device = DeviceClient.from_state(json.loads(keychain.load()))
-        """
-        return {
-            "version": STATE_VERSION,
-            "server_url": self.server_url,
-            "device_id": self.device_id,
-            "device_token": self._token,
-            "private_key_pem": _pem(self.private_key),
-            "totp": self.totp.to_dict() if self.totp is not None else None,
-        }
-
-    @staticmethod
-    def _state_kwargs(state: Mapping[str, Any]) -> dict[str, Any]:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported device state version {state.get('version')!r}")
-        totp = state.get("totp")
-        return {
-            "server_url": state["server_url"],
-            "device_id": state.get("device_id"),
-            "device_token": state.get("device_token"),
-            "private_key": _load_key(state["private_key_pem"]),
-            "totp": TotpParameters(**totp) if isinstance(totp, dict) else None,
-        }
-
-    def current_otp(self, at: datetime | None = None) -> str:
-        """The one-time password this device shows now (or at `at`).
-
-        Example::
-
-            client.verify_otp(device.current_otp())
-        """
-        if self.totp is None:
-            raise RuntimeError("this device is not paired yet")
-        digest = _DIGESTS.get(self.totp.algorithm.upper())
-        if digest is None:
-            raise ValueError(f"unsupported TOTP algorithm {self.totp.algorithm!r}")
-        totp = pyotp.TOTP(
-            self.totp.secret, digits=self.totp.digits, digest=digest, interval=self.totp.period
-        )
-        return str(totp.at(at or datetime.now(UTC)))
-
-    def _enrol_call(
-        self,
-        qr_payload: str,
-        pairing_token: str,
-        name: str,
-        platform: str,
-        os_version: str,
-        app_version: str,
-        push: Mapping[str, str] | None,
-    ) -> Call[Enrolment]:
-        secret = pairing_secret_of(qr_payload)
-        public_key = self.public_key
-        return enrol_call(
-            pairing_token=pairing_token,
-            name=name,
-            platform=platform,
-            os_version=os_version,
-            app_version=app_version,
-            push=push,
-            public_key=public_key,
-            key_proof=key_proof(secret, public_key) if secret is not None else None,
-        )
-
-    def _respond(
-        self,
-        approval: DeviceApproval,
-        decision: str,
-        match_code: str | None,
-        fraud: bool,
-        at: datetime | None,
-    ) -> Call[DeviceDecision]:
-        """Sign v2 (the client's nonce and the context as shown) when the approval carries a
-        nonce, v1 otherwise."""
-        timestamp = format_time(at or datetime.now(UTC))
-        approval_id = approval.approval_id
-        nonce = approval.client_nonce
-        signature = sign_approval(
-            self.private_key,
-            approval_id,
-            decision,
-            match_code,
-            timestamp,
-            nonce,
-            context_sha256(approval.context) if nonce is not None else None,
-        )
-        return respond_call(
-            approval_id,
-            decision=decision,
-            match_code=match_code,
-            fraud=fraud,
-            timestamp=timestamp,
-            signature=signature,
-        )
-
-
-class DeviceClient(SyncLifecycle, _DeviceBase):
+class DeviceClient(SyncLifecycle, DeviceBase):
     """A paired phone, blocking.
 
     device = DeviceClient.pair(qr_text, name="Ann's iPhone", platform="ios",
@@ -266,14 +96,11 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
             device = DeviceClient.pair(qr_text, name="Ann's iPhone", platform="ios",
                                        os_version="17.2", app_version="4.3.0")
         """
-        qr_server, pairing_token = parse_qr_payload(qr_payload)
+        qr_server, _ = parse_qr_payload(qr_payload)
         pairing_secret_of(qr_payload)  # a damaged fragment fails before anything is sent
         device = cls(server_url or qr_server, **options)
         try:
-            call = device._enrol_call(
-                qr_payload, pairing_token, name, platform, os_version, app_version, push
-            )
-            device._enrolled(device._send(call))
+            device._run(device._enrol(qr_payload, name, platform, os_version, app_version, push))
         except BaseException:
             device.close()
             raise
@@ -326,9 +153,6 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
         """
         return self._send(device_approval_call(approval_id))
 
-    def _details(self, approval: str | DeviceApproval) -> DeviceApproval:
-        return approval if isinstance(approval, DeviceApproval) else self.approval(approval)
-
     def approve(
         self,
         approval: str | DeviceApproval,
@@ -336,16 +160,17 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
         *,
         at: datetime | None = None,
     ) -> DeviceDecision:
-        """Approve with the code the user typed (None for a plain push); signed over the
-        request as shown to the user. Pass the `DeviceApproval` that was shown, or its id
-        (then it is fetched first). A wrong code rejects the request.
+        """Approve with the code the user typed (None for a plain push), signed over the
+        request as shown to the user.
+
+        Pass the `DeviceApproval` that was shown, or its id (then it is fetched first). A
+        wrong code rejects the request.
 
         Example::
 
             status = device.approve(approval_id, "417").status
         """
-        details = self._details(approval)
-        return self._send(self._respond(details, "approve", match_code, False, at))
+        return self._run(self._answer(approval, "approve", match_code, False, at))
 
     def reject(
         self,
@@ -360,11 +185,10 @@ class DeviceClient(SyncLifecycle, _DeviceBase):
 
             device.reject(approval_id, fraud=True)
         """
-        details = self._details(approval)
-        return self._send(self._respond(details, "reject", None, fraud, at))
+        return self._run(self._answer(approval, "reject", None, fraud, at))
 
 
-class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
+class AsyncDeviceClient(AsyncLifecycle, DeviceBase):
     """The asyncio twin of `DeviceClient`.
 
     device = await AsyncDeviceClient.pair(qr_text, name="Pixel", platform="android",
@@ -413,21 +237,22 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
         server_url: str | None = None,
         **options: Any,
     ) -> Self:
-        """Complete a pairing from the scanned QR text; see `DeviceClient.pair`.
+        """Complete a pairing from the scanned `pns://pair?...#k=...` text with a new P-256
+        key, proving the key with the QR code's secret (`key_proof`).
+
+        See `DeviceClient.pair`.
 
         Example::
 
             device = await AsyncDeviceClient.pair(qr_text, name="Pixel", platform="android",
                                                   os_version="14", app_version="4.3.0")
         """
-        qr_server, pairing_token = parse_qr_payload(qr_payload)
+        qr_server, _ = parse_qr_payload(qr_payload)
         pairing_secret_of(qr_payload)  # a damaged fragment fails before anything is sent
         device = cls(server_url or qr_server, **options)
         try:
-            call = device._enrol_call(
-                qr_payload, pairing_token, name, platform, os_version, app_version, push
-            )
-            device._enrolled(await device._send(call))
+            enrol = device._enrol(qr_payload, name, platform, os_version, app_version, push)
+            await device._run(enrol)
         except BaseException:
             await device.aclose()
             raise
@@ -481,11 +306,6 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
         """
         return await self._send(device_approval_call(approval_id))
 
-    async def _details(self, approval: str | DeviceApproval) -> DeviceApproval:
-        if isinstance(approval, DeviceApproval):
-            return approval
-        return await self.approval(approval)
-
     async def approve(
         self,
         approval: str | DeviceApproval,
@@ -493,15 +313,16 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
         *,
         at: datetime | None = None,
     ) -> DeviceDecision:
-        """Approve with the code the user typed (None for a plain push); signed over the
-        request as shown (a `DeviceApproval`, or its id to fetch it first).
+        """Approve with the code the user typed (None for a plain push), signed over the
+        request as shown to the user.
+
+        See `DeviceClient.approve`.
 
         Example::
 
             decision = await device.approve(approval_id, "417")
         """
-        details = await self._details(approval)
-        return await self._send(self._respond(details, "approve", match_code, False, at))
+        return await self._run(self._answer(approval, "approve", match_code, False, at))
 
     async def reject(
         self,
@@ -516,5 +337,4 @@ class AsyncDeviceClient(AsyncLifecycle, _DeviceBase):
 
             await device.reject(approval_id, fraud=True)
         """
-        details = await self._details(approval)
-        return await self._send(self._respond(details, "reject", None, fraud, at))
+        return await self._run(self._answer(approval, "reject", None, fraud, at))

@@ -50,7 +50,8 @@
         └── AlreadyDecided             already_decided (`approval_status`)
 
 A `code` this SDK does not know yet raises plain `ApiError`, so newer servers never break
-older clients. Example:
+older clients. (The module is long only because it is one small class per server error
+code, so that callers can catch exactly what they handle.) Example:
 
     try:
         client.verify_otp(code)

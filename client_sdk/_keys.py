@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -296,9 +297,7 @@ class KeyStore:
 
             store.forget(device_id)
         """
-        with self._lock:
-            if self._keys.pop(device_id, None) is not None:
-                self._save()
+        self._drop(self._keys, device_id)
 
     def remember_pairing(self, pairing_id: str, secret: bytes, expires_at: datetime) -> None:
         """Keep the QR secret of a pairing this client started until it completes.
@@ -347,8 +346,11 @@ class KeyStore:
 
             store.forget_pairing(pairing_id)
         """
+        self._drop(self._pairings, pairing_id)
+
+    def _drop(self, table: dict[str, Any], key: str) -> None:
         with self._lock:
-            if self._pairings.pop(pairing_id, None) is not None:
+            if table.pop(key, None) is not None:
                 self._save()
 
     def as_dict(self) -> Mapping[str, str]:

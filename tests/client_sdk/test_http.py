@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from client_sdk import AsyncPnsClient, PnsClient, Unavailable
-from client_sdk._core import MAX_RETRY_AFTER
+from client_sdk._wire import MAX_RETRY_AFTER
 
 URL = "http://pns.test"
 DEVICES = {"devices": []}

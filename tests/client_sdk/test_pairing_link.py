@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from client_sdk import PnsClient, UnexpectedResponse
-from client_sdk._core import pairing_secret_of, parse_qr_payload
+from client_sdk._wire import pairing_secret_of, parse_qr_payload
 
 URL = "https://pns.example.com"
 TOKEN = "pnsp_abcDEF123"

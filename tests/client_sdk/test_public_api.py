@@ -76,3 +76,33 @@ def test_every_public_method_has_an_example(cls_name: str, method: str) -> None:
 )
 def test_every_public_method_is_in_the_guide(cls_name: str, method: str) -> None:
     assert re.search(rf"`[^`]*\b{method}\b", SDK_GUIDE.read_text()), f"{cls_name}.{method}"
+
+
+TWINS = [("PnsClient", "AsyncPnsClient"), ("DeviceClient", "AsyncDeviceClient")]
+
+
+def _prose(doc: str) -> list[str]:
+    """The paragraphs of a docstring before its example, each on one line."""
+    text = doc.split("Example")[0]
+    return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+
+
+@pytest.mark.parametrize(
+    ("sync_name", "async_name", "method"),
+    [
+        (s, a, m)
+        for s, a in TWINS
+        for m in public_methods(getattr(client_sdk, a))
+        if m in public_methods(getattr(client_sdk, s))
+    ],
+)
+def test_async_twins_say_what_their_blocking_twins_say(
+    sync_name: str, async_name: str, method: str
+) -> None:
+    # The blocking docstring is the complete one; the asyncio twin repeats its first
+    # paragraph and points to it for the rest, so the two cannot drift apart.
+    sync_doc = _prose(inspect.getdoc(getattr(getattr(client_sdk, sync_name), method)) or "")
+    async_doc = _prose(inspect.getdoc(getattr(getattr(client_sdk, async_name), method)) or "")
+    assert async_doc[0] == sync_doc[0], f"{async_name}.{method}"
+    if len(sync_doc) > 1:
+        assert f"`{sync_name}.{method}`" in " ".join(async_doc[1:]), f"{async_name}.{method}"

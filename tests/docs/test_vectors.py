@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client_sdk import approval_message_v2, context_sha256, key_proof
-from client_sdk._core import pairing_secret_of
 from client_sdk._keys import verify_approval_signature, verify_key_proof
+from client_sdk._wire import pairing_secret_of
 from pns_server.approvals import service as approvals
 from pns_server.approvals.service import signed_message
 from pns_server.devices.schemas import DeviceCreate

@@ -36,8 +36,8 @@ from client_sdk import (
     PnsClient,
     RelayCompromisedError,
 )
-from client_sdk._core import format_time
 from client_sdk._keys import context_sha256, public_key_b64, sign_approval
+from client_sdk._wire import format_time
 from tests.conftest import server_env
 from tests.support.server import LiveServer
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import client_sdk
 from client_sdk import ApiError, OtpInvalid, RequestTimeout, Unavailable
-from client_sdk._core import pairing_secret_of, parse_qr_payload
+from client_sdk._wire import pairing_secret_of, parse_qr_payload
 from client_sdk.cli import client as client_cli
 from client_sdk.cli import device as device_cli
 from client_sdk.cli._common import exit_code_for
