@@ -18,8 +18,7 @@ from pns_server.push.base import PushSender
 from pns_server.push.factory import PushConfigError, PushReadiness, build_senders
 from pns_server.push.webpush import WebPushSender
 from pns_server.realtime import create_notifier
-from pns_server.realtime.memory import MemoryNotifier
-from pns_server.realtime.postgres import PostgresNotifier
+from pns_server.realtime.base import Notifier
 from pns_server.security import SecretBox, load_or_create_key_file
 
 log = logging.getLogger("pns")
@@ -31,7 +30,7 @@ BackgroundFactory = Callable[["Runtime"], Awaitable[Any]]
 class Runtime:
     settings: Settings
     db: Database
-    notifier: MemoryNotifier | PostgresNotifier
+    notifier: Notifier
     box: SecretBox
     metrics: Metrics
     senders: dict[str, PushSender] = field(default_factory=dict)

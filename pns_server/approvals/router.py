@@ -29,6 +29,7 @@ from pns_server.deps import (
 from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import Limit, hit_in, raise_if_exceeded
 from pns_server.realtime.longpoll import long_poll, until_disconnected
+from pns_server.states import ApprovalStatus
 
 router = APIRouter(tags=["approvals"], responses=PROBLEM_RESPONSES)
 
@@ -91,7 +92,7 @@ async def get_approval(
         # A delivery outcome also ends the wait: the client can offer OTP at once.
         if not first:
             first.append(value)
-        return value.status != "pending" or value.delivery != first[0].delivery
+        return value.status != ApprovalStatus.PENDING.value or value.delivery != first[0].delivery
 
     runtime.metrics.longpoll_waiters.inc()
     try:
@@ -101,7 +102,9 @@ async def get_approval(
             read,
             is_settled,
             wait,
-            deadline_of=lambda value: value.expires_at if value.status == "pending" else None,
+            deadline_of=lambda value: (
+                value.expires_at if value.status == ApprovalStatus.PENDING.value else None
+            ),
             share_key=f"{client.id}:{approval_id}",
             disconnected=until_disconnected(request.receive),
         )

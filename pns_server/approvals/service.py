@@ -45,6 +45,7 @@ from pns_server.errors import (
 from pns_server.metrics import Metrics
 from pns_server.models import Approval, Client, Delivery, Device
 from pns_server.security import constant_time_equals, new_id, verify_signature
+from pns_server.states import ApprovalStatus, DeliveryStatus
 
 OUTBOX_TOPIC = "outbox"
 SIGNATURE_CONTEXT = SIGNATURE_V1
@@ -176,15 +177,17 @@ async def supersede_pending(
     """One pending approval per client: older ones expire or are cancelled, one UPDATE each."""
     for approval_id in await repo.pending_ids(client_id):
         if await repo.expire_if_due(approval_id, now):
-            await on_final(session, repo, metrics, approval_id, client_id, "expired", "system")
-        elif await repo.decide(approval_id, now, status="cancelled"):
+            await on_final(
+                session, repo, metrics, approval_id, client_id, ApprovalStatus.EXPIRED, "system"
+            )
+        elif await repo.decide(approval_id, now, status=ApprovalStatus.CANCELLED):
             await on_final(
                 session,
                 repo,
                 metrics,
                 approval_id,
                 client_id,
-                "cancelled",
+                ApprovalStatus.CANCELLED,
                 "client",
                 actor_id=client_id,
                 event="approval.superseded",
@@ -198,7 +201,7 @@ def deliveries_for(approval_id: str, devices: Sequence[Device], now: datetime) -
             approval_id=approval_id,
             device_id=device.id,
             service=device.push_service or "log",
-            status="queued",
+            status=DeliveryStatus.QUEUED,
             attempts=0,
             next_attempt_at=now,
             created_at=now,
@@ -237,7 +240,7 @@ async def create(
     approval = Approval(
         id=new_id(),
         client_id=client.id,
-        status="pending",
+        status=ApprovalStatus.PENDING,
         idempotency_key=idempotency_key,
         request_hash=fingerprint,
         username=data.username,
@@ -287,7 +290,7 @@ async def on_final(
     metrics: Metrics,
     approval_id: str,
     client_id: str,
-    status: str,
+    status: ApprovalStatus,
     actor: str,
     *,
     actor_id: str | None = None,
@@ -317,10 +320,16 @@ async def refresh_expiry(
     session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, approval: Approval
 ) -> Approval:
     """Report expiry the moment it is due, whoever reads first persists it."""
-    if approval.status == "pending" and approval.expires_at <= now_utc():
+    if approval.status == ApprovalStatus.PENDING and approval.expires_at <= now_utc():
         if await repo.expire_if_due(approval.id, now_utc()):
             await on_final(
-                session, repo, metrics, approval.id, approval.client_id, "expired", "system"
+                session,
+                repo,
+                metrics,
+                approval.id,
+                approval.client_id,
+                ApprovalStatus.EXPIRED,
+                "system",
             )
         fresh = await repo.get(approval.id, approval.client_id)
         assert fresh is not None
@@ -343,7 +352,9 @@ async def expire_due(session: AsyncSession, metrics: Metrics, limit: int = 100) 
     expired = 0
     for approval_id, client_id in await repo.due_for_expiry(now, limit):
         if await repo.expire_if_due(approval_id, now):
-            await on_final(session, repo, metrics, approval_id, client_id, "expired", "system")
+            await on_final(
+                session, repo, metrics, approval_id, client_id, ApprovalStatus.EXPIRED, "system"
+            )
             expired += 1
     return expired
 
@@ -407,7 +418,7 @@ async def cancel(
 ) -> ApprovalState:
     repo = ApprovalRepository(session)
     approval = await load_for_client(session, metrics, client.id, approval_id)
-    if not await repo.decide(approval.id, now_utc(), status="cancelled"):
+    if not await repo.decide(approval.id, now_utc(), status=ApprovalStatus.CANCELLED):
         raise already_decided(await reread(session, repo, metrics, approval))
     await on_final(
         session,
@@ -415,7 +426,7 @@ async def cancel(
         metrics,
         approval.id,
         client.id,
-        "cancelled",
+        ApprovalStatus.CANCELLED,
         "client",
         actor_id=client.id,
         created_at=approval.created_at,
@@ -516,16 +527,16 @@ def check_fresh(timestamp: datetime, now: datetime) -> None:
         )
 
 
-def outcome_of(approval: Approval, answer: DeviceDecision) -> tuple[str, str | None]:
+def outcome_of(approval: Approval, answer: DeviceDecision) -> tuple[ApprovalStatus, str | None]:
     """(status, reason) that this answer leads to."""
     if answer.decision == "reject":
-        return "rejected", "fraud" if answer.fraud else "user_rejected"
+        return ApprovalStatus.REJECTED, "fraud" if answer.fraud else "user_rejected"
     if approval.number_matching:
         expected = approval.match_code or ""
         given = answer.match_code or ""
         if not expected or not constant_time_equals(given, expected):
-            return "rejected", "number_mismatch"
-    return "approved", None
+            return ApprovalStatus.REJECTED, "number_mismatch"
+    return ApprovalStatus.APPROVED, None
 
 
 async def respond(
@@ -562,7 +573,7 @@ async def respond(
     if not won:
         raise already_decided(await reread(session, repo, metrics, approval))
     device.last_used_at = now
-    if status == "approved":
+    if status is ApprovalStatus.APPROVED:
         await repo.reset_push_count(device.client_id)
     if answer.fraud:
         await report_fraud(session, repo, settings, device, approval.id, now)

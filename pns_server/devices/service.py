@@ -37,6 +37,7 @@ from pns_server.security import (
     new_token,
     parse_public_key,
 )
+from pns_server.states import PairingStatus
 from pns_server.totp import TotpParams, new_secret
 
 PUSH_SERVICE_OF_PLATFORM = {"ios": "apns", "android": "fcm", "web": "webpush"}
@@ -123,9 +124,9 @@ def apply_push(device: Device, push: PushRegistration | None) -> None:
 async def claim_app_pairing(session: AsyncSession, pairing_token: str) -> Pairing:
     """The pending app pairing this token opens, else 404 (unknown or used) / 410 (expired)."""
     pairing = await PairingRepository(session).get_by_token_hash(hash_token(pairing_token))
-    if pairing is None or pairing.kind != "app" or pairing.status == "completed":
+    if pairing is None or pairing.kind != "app" or pairing.status == PairingStatus.COMPLETED:
         raise PairingInvalid("This pairing code is unknown or was already used; scan a new one.")
-    if pairing.status != "pending" or pairing.expires_at <= datetime.now(UTC):
+    if pairing.status != PairingStatus.PENDING or pairing.expires_at <= datetime.now(UTC):
         raise PairingExpired("This pairing code has expired; start a new pairing on the client.")
     return pairing
 

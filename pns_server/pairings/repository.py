@@ -7,6 +7,7 @@ from sqlalchemy import CursorResult, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.models import Pairing
+from pns_server.states import PairingStatus
 
 
 class PairingRepository:
@@ -29,8 +30,13 @@ class PairingRepository:
         caller wins even when several processes race for the same pairing."""
         result = await self.session.execute(
             update(Pairing)
-            .where(Pairing.id == pairing_id, Pairing.status == "pending")
-            .values(status="completed", device_id=device_id, completed_at=at, totp_secret=None)
+            .where(Pairing.id == pairing_id, Pairing.status == PairingStatus.PENDING)
+            .values(
+                status=PairingStatus.COMPLETED,
+                device_id=device_id,
+                completed_at=at,
+                totp_secret=None,
+            )
             .execution_options(synchronize_session=False)
         )
         return cast(CursorResult[tuple[()]], result).rowcount == 1
@@ -41,10 +47,12 @@ class PairingRepository:
         failures = Pairing.failed_attempts + 1
         await self.session.execute(
             update(Pairing)
-            .where(Pairing.id == pairing_id, Pairing.status == "pending")
+            .where(Pairing.id == pairing_id, Pairing.status == PairingStatus.PENDING)
             .values(
                 failed_attempts=failures,
-                status=case((failures >= max_failures, "expired"), else_=Pairing.status),
+                status=case(
+                    (failures >= max_failures, PairingStatus.EXPIRED), else_=Pairing.status
+                ),
             )
             .execution_options(synchronize_session=False)
         )

@@ -7,6 +7,7 @@ from urllib.parse import quote, urlencode
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pns_server import states
 from pns_server.audit import record
 from pns_server.config import Settings
 from pns_server.db import Database, publish_after_commit
@@ -50,11 +51,11 @@ def app_qr_link(public_url: str, pairing_token: str) -> str:
     return f"{public_url}/app/pair#{pairing_query(public_url, pairing_token)}"
 
 
-def effective_status(pairing: Pairing, now: datetime) -> str:
+def effective_status(pairing: Pairing, now: datetime) -> states.PairingStatus:
     """A pending pairing past its expiry is expired, whether or not a row says so yet."""
-    if pairing.status == "pending" and pairing.expires_at <= now:
-        return "expired"
-    return pairing.status
+    if pairing.status == states.PairingStatus.PENDING and pairing.expires_at <= now:
+        return states.PairingStatus.EXPIRED
+    return states.PairingStatus(pairing.status)
 
 
 def not_found() -> NotFound:
@@ -69,7 +70,7 @@ async def start(
         id=new_id(),
         client_id=client.id,
         kind=data.kind,
-        status="pending",
+        status=states.PairingStatus.PENDING,
         created_at=now,
         expires_at=now + timedelta(seconds=settings.pairing_ttl_seconds),
         failed_attempts=0,
@@ -102,7 +103,7 @@ async def start(
     return PairingCreated(
         pairing_id=pairing.id,
         kind=data.kind,
-        status="pending",
+        status=states.PairingStatus.PENDING,
         expires_at=pairing.expires_at,
         qr_payload=qr_payload,
         otpauth_uri=uri,
@@ -118,9 +119,9 @@ def check_confirmable(pairing: Pairing, now: datetime) -> None:
             kind=pairing.kind,
         )
     state = effective_status(pairing, now)
-    if state == "expired":
+    if state == states.PairingStatus.EXPIRED:
         raise PairingExpired("This pairing has expired; start a new one.")
-    if state != "pending":
+    if state != states.PairingStatus.PENDING:
         raise PairingNotPending("This pairing is already completed.", status=state)
 
 
@@ -249,9 +250,11 @@ async def wait_for_status(
             runtime.notifier,
             pairing_topic(pairing_id),
             lambda: read_status(runtime.db, client.id, pairing_id),
-            is_settled=lambda s: s.status != "pending",
+            is_settled=lambda s: s.status != states.PairingStatus.PENDING.value,
             wait=wait,
-            deadline_of=lambda s: s.expires_at if s.status == "pending" else None,
+            deadline_of=lambda s: (
+                s.expires_at if s.status == states.PairingStatus.PENDING.value else None
+            ),
             share_key=f"{client.id}:{pairing_id}",
             disconnected=disconnected,
         )

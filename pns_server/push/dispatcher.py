@@ -26,10 +26,9 @@ from pns_server.models import Approval, Client, Delivery, Device
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.realtime.base import Subscription
 from pns_server.runtime import Runtime
+from pns_server.states import ApprovalStatus, DeliveryStatus
 
 log = logging.getLogger("pns.push")
-
-OPEN = ("queued", "sending")
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class Claimed:
     lease_until: datetime
     attempts: int
     message: PushMessage | None  # None: nothing to send, `skip` says why
-    skip: tuple[str, str | None] | None = None  # (final status, last_error)
+    skip: tuple[DeliveryStatus, str | None] | None = None  # (final status, last_error)
 
 
 @dataclass(frozen=True)
@@ -175,8 +174,8 @@ class Dispatcher:
         lease = now + timedelta(seconds=self.runtime.settings.push_lease_seconds)
         async with self.runtime.db.session() as session:
             due = or_(
-                and_(Delivery.status == "queued", Delivery.next_attempt_at <= now),
-                and_(Delivery.status == "sending", Delivery.lease_until < now),
+                and_(Delivery.status == DeliveryStatus.QUEUED, Delivery.next_attempt_at <= now),
+                and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
             )
             pick = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at)
             pick = pick.limit(self.batch_size)
@@ -185,7 +184,9 @@ class Dispatcher:
             claimed = await session.execute(
                 update(Delivery)
                 .where(Delivery.id.in_(pick.scalar_subquery()))
-                .values(status="sending", lease_until=lease, attempts=Delivery.attempts + 1)
+                .values(
+                    status=DeliveryStatus.SENDING, lease_until=lease, attempts=Delivery.attempts + 1
+                )
                 .returning(Delivery.id)
                 .execution_options(synchronize_session=False)
             )
@@ -210,15 +211,15 @@ class Dispatcher:
         approval: Approval,
         client_name: str,
     ) -> Claimed:
-        def skip(status: str, error: str | None) -> Claimed:
+        def skip(status: DeliveryStatus, error: str | None) -> Claimed:
             return Claimed(delivery.id, lease, delivery.attempts, None, (status, error))
 
-        if approval.status != "pending":
-            return skip("dropped", None)
+        if approval.status != ApprovalStatus.PENDING:
+            return skip(DeliveryStatus.DROPPED, None)
         if approval.expires_at <= now:
-            return skip("failed", "the approval expired before the push went out")
+            return skip(DeliveryStatus.FAILED, "the approval expired before the push went out")
         if device.push_status != "ok" or not device.push_token:
-            return skip("failed", "the device has no valid push token")
+            return skip(DeliveryStatus.FAILED, "the device has no valid push token")
         title, body = push_text(client_name, approval)
         message = PushMessage(
             approval_id=approval.id,
@@ -303,10 +304,12 @@ class Dispatcher:
                 update(Delivery)
                 .where(
                     Delivery.id.in_(ids),
-                    Delivery.status == "sending",
+                    Delivery.status == DeliveryStatus.SENDING,
                     Delivery.lease_until == lease,
                 )
-                .values(status="sent", last_error=None, lease_until=None, sent_at=now_utc())
+                .values(
+                    status=DeliveryStatus.SENT, last_error=None, lease_until=None, sent_at=now_utc()
+                )
                 .returning(Delivery.approval_id)
                 .execution_options(synchronize_session=False)
             )
@@ -314,14 +317,19 @@ class Dispatcher:
                 publish_after_commit(session, approval_topic(approval_id))
 
     async def _finish(
-        self, session: AsyncSession, job: Claimed, status: str, error: str | None, **extra: Any
+        self,
+        session: AsyncSession,
+        job: Claimed,
+        status: DeliveryStatus,
+        error: str | None,
+        **extra: Any,
     ) -> bool:
         """Conditional on our lease: a reclaimed delivery belongs to its new owner."""
         result = await session.execute(
             update(Delivery)
             .where(
                 Delivery.id == job.delivery_id,
-                Delivery.status == "sending",
+                Delivery.status == DeliveryStatus.SENDING,
                 Delivery.lease_until == job.lease_until,
             )
             .values(status=status, last_error=error, lease_until=None, **extra)
@@ -340,10 +348,14 @@ class Dispatcher:
         assert message is not None
         reason = result.reason or result.outcome.value
         if result.outcome is Outcome.INVALID_TOKEN:
-            if await self._finish(session, job, "failed", f"invalid push token: {reason}"):
+            if await self._finish(
+                session, job, DeliveryStatus.FAILED, f"invalid push token: {reason}"
+            ):
                 await self._retire_token(session, message)
         elif result.outcome is Outcome.CONFIG_ERROR:
-            await self._finish(session, job, "failed", f"push configuration error: {reason}")
+            await self._finish(
+                session, job, DeliveryStatus.FAILED, f"push configuration error: {reason}"
+            )
         else:
             await self._retry_or_give_up(session, now, job, reason, result.retry_after)
 
@@ -371,14 +383,19 @@ class Dispatcher:
             select(Approval.status).where(Approval.id == message.approval_id)
         )
         next_at = now_utc() + timedelta(seconds=self.backoff(job.attempts, retry_after))
-        if approval != "pending":
-            await self._finish(session, job, "failed", f"{reason}; gave up: approval {approval}")
+        if approval != ApprovalStatus.PENDING:
+            await self._finish(
+                session, job, DeliveryStatus.FAILED, f"{reason}; gave up: approval {approval}"
+            )
         elif next_at >= message.expires_at:
             await self._finish(
-                session, job, "failed", f"{reason}; gave up: the approval expires first"
+                session,
+                job,
+                DeliveryStatus.FAILED,
+                f"{reason}; gave up: the approval expires first",
             )
         else:
-            await self._finish(session, job, "queued", reason, next_attempt_at=next_at)
+            await self._finish(session, job, DeliveryStatus.QUEUED, reason, next_attempt_at=next_at)
 
 
 def start_dispatcher(runtime: Runtime) -> Dispatcher:
