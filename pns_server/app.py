@@ -17,9 +17,9 @@ from pns_server.config import Settings
 from pns_server.devices.router import router as devices_router
 from pns_server.docs_page import install_docs_page
 from pns_server.health import router as health_router
-from pns_server.logging import RequestObserver
 from pns_server.metrics import Metrics
 from pns_server.middleware import BodyLimitMiddleware, RefuseControlCharacters
+from pns_server.observability import RequestObserver
 from pns_server.otp.router import router as otp_router
 from pns_server.pairings.router import router as pairings_router
 from pns_server.problems import install_error_handlers

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from pns_server import __version__
 from pns_server.config import Settings
-from pns_server.logging import configure_logging
+from pns_server.observability import configure_logging
 
 Command = Callable[[Settings, argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Command, Callable[[argparse.ArgumentParser], None]]] = {}

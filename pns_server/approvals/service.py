@@ -8,7 +8,7 @@ import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -44,25 +44,14 @@ from pns_server.errors import (
 )
 from pns_server.metrics import Metrics
 from pns_server.models import Approval, Client, Delivery, Device
+from pns_server.realtime.longpoll import Disconnected, long_poll
+from pns_server.runtime import Runtime
 from pns_server.security import constant_time_equals, new_id, verify_signature
 from pns_server.states import ApprovalStatus, DeliveryStatus
+from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc, pending_topic
 
-OUTBOX_TOPIC = "outbox"
 SIGNATURE_CONTEXT = SIGNATURE_V1
 MAX_CLOCK_SKEW = timedelta(seconds=120)
-
-
-def approval_topic(approval_id: str) -> str:
-    return f"approval:{approval_id}"
-
-
-def pending_topic(client_id: str) -> str:
-    """Wakes the phones of a client: an approval was created or left the pending list."""
-    return f"pending:{client_id}"
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
 
 
 def signed_message(approval_id: str, decision: str, match_code: str | None, timestamp: str) -> str:
@@ -413,6 +402,43 @@ async def state(
     return await describe(session, await load_for_client(session, metrics, client_id, approval_id))
 
 
+async def wait_for_state(
+    runtime: Runtime,
+    client: Client,
+    approval_id: str,
+    wait: float,
+    disconnected: Disconnected | None = None,
+) -> ApprovalState:
+    """The approval's state; with `wait`, a long-poll that returns once it is decided or a
+    delivery outcome changes. One short session per read: the wait holds no connection."""
+
+    async def read() -> ApprovalState:
+        async with runtime.db.session() as session:
+            return await state(session, runtime.metrics, client.id, approval_id)
+
+    first: list[ApprovalState] = []
+
+    def is_settled(value: ApprovalState) -> bool:
+        # A delivery outcome also ends the wait: the client can offer OTP at once.
+        if not first:
+            first.append(value)
+        return value.status != ApprovalStatus.PENDING.value or value.delivery != first[0].delivery
+
+    with runtime.metrics.longpoll_waiters.track_inprogress():
+        return await long_poll(
+            runtime.notifier,
+            approval_topic(approval_id),
+            read,
+            is_settled,
+            wait,
+            deadline_of=lambda value: (
+                value.expires_at if value.status == ApprovalStatus.PENDING.value else None
+            ),
+            share_key=f"{client.id}:{approval_id}",
+            disconnected=disconnected,
+        )
+
+
 async def cancel(
     session: AsyncSession, metrics: Metrics, client: Client, approval_id: str
 ) -> ApprovalState:
@@ -467,6 +493,28 @@ async def pending_for(session: AsyncSession, client_id: str) -> DeviceApprovalLi
     name = await repo.client_name(client_id)
     pending = await repo.pending_for_client(client_id, now_utc())
     return DeviceApprovalList(approvals=[for_device(a, name) for a in pending])
+
+
+async def wait_for_pending(runtime: Runtime, device: Device, wait: float) -> DeviceApprovalList:
+    """The pending approvals; with `wait`, a long-poll that returns as soon as one is
+    pending (at once if one already is). Holds no database connection while it waits."""
+    client_id = device.client_id
+
+    async def read() -> DeviceApprovalList:
+        async with runtime.db.session() as session:
+            return await pending_for(session, client_id)
+
+    if wait <= 0:
+        return await read()
+    with runtime.metrics.longpoll_waiters.track_inprogress():
+        return await long_poll(
+            runtime.notifier,
+            pending_topic(client_id),
+            read,
+            lambda value: bool(value.approvals),
+            wait,
+            share_key=f"pending:{client_id}",
+        )
 
 
 async def device_view(

@@ -38,13 +38,10 @@ from pns_server.security import (
     parse_public_key,
 )
 from pns_server.states import PairingStatus
+from pns_server.topics import pairing_topic
 from pns_server.totp import TotpParams, new_secret
 
 PUSH_SERVICE_OF_PLATFORM = {"ios": "apns", "android": "fcm", "web": "webpush"}
-
-
-def pairing_topic(pairing_id: str) -> str:
-    return f"pairing:{pairing_id}"
 
 
 def device_out(device: Device) -> DeviceOut:

@@ -12,7 +12,7 @@ from pns_server.audit import record
 from pns_server.config import Settings
 from pns_server.db import Database, publish_after_commit
 from pns_server.devices.repository import DeviceRepository
-from pns_server.devices.service import device_out, pairing_topic
+from pns_server.devices.service import device_out
 from pns_server.errors import (
     NotFound,
     OtpInvalid,
@@ -31,6 +31,7 @@ from pns_server.pairings.schemas import (
 from pns_server.realtime.longpoll import Disconnected, long_poll
 from pns_server.runtime import Runtime
 from pns_server.security import PAIRING_TOKEN_PREFIX, SecretBox, hash_token, new_id, new_token
+from pns_server.topics import pairing_topic
 from pns_server.totp import TotpParams, matching_step, new_secret, otpauth_uri
 
 log = logging.getLogger(__name__)
@@ -243,9 +244,7 @@ async def wait_for_status(
     wait: float,
     disconnected: Disconnected | None = None,
 ) -> PairingStatus:
-    waiters = runtime.metrics.longpoll_waiters
-    waiters.inc()
-    try:
+    with runtime.metrics.longpoll_waiters.track_inprogress():
         return await long_poll(
             runtime.notifier,
             pairing_topic(pairing_id),
@@ -258,5 +257,3 @@ async def wait_for_status(
             share_key=f"{client.id}:{pairing_id}",
             disconnected=disconnected,
         )
-    finally:
-        waiters.dec()

@@ -20,13 +20,14 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.approvals.service import OUTBOX_TOPIC, approval_topic, expire_due, now_utc
+from pns_server.approvals.service import expire_due
 from pns_server.db import publish_after_commit
 from pns_server.models import Approval, Client, Delivery, Device
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.realtime.base import Subscription
 from pns_server.runtime import Runtime
 from pns_server.states import ApprovalStatus, DeliveryStatus
+from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc
 
 log = logging.getLogger("pns.push")
 
