@@ -68,7 +68,7 @@ def run_worker(index: int) -> None:
     import uvicorn
 
     from pns_server.app import create_app
-    from pns_server.cli import load_settings
+    from pns_server.config import load_settings
     from pns_server.observability import configure_logging
     from pns_server.shutdown import GracefulServer
 

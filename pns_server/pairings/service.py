@@ -162,9 +162,10 @@ async def confirm(
     )
     # Sealed again for its new row: a sealed secret opens only where it was sealed.
     device.totp_secret = box.seal(params.secret, device.secret_site)
-    DeviceRepository(session).add(device)
+    devices = DeviceRepository(session)
+    devices.add(device)
     await session.flush()
-    if not await pairings.complete(pairing.id, device.id, now):
+    if not await devices.complete_pairing(pairing.id, device.id, now):
         raise PairingNotPending("This pairing was completed or expired meanwhile.")
     publish_after_commit(session, pairing_topic(pairing.id))
     record(

@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from sqlalchemy import select, update
 
 from pns_server.models import Delivery, Device
+from pns_server.outbox.dispatcher import Dispatcher
 from pns_server.push.base import Outcome, PushMessage, PushResult
-from pns_server.push.dispatcher import Dispatcher
 from pns_server.push.log import LogPushSender
 from tests.pns_server.approvals.helpers import answer, request_approval, runtime_of
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
@@ -58,7 +58,8 @@ async def phone(http: httpx.AsyncClient, client: RegisteredClient) -> PairedDevi
 async def manual(app: FastAPI) -> AsyncIterator[Dispatcher]:
     """The app's own dispatcher stopped, so each test drives rounds itself."""
     runtime = runtime_of(app)
-    await runtime.extras["dispatcher"].stop()
+    assert runtime.dispatcher is not None
+    await runtime.dispatcher.stop()
     yield Dispatcher(runtime, retry_base=1.0)
 
 
@@ -307,7 +308,8 @@ async def test_stop_lets_the_send_in_flight_finish(
     app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
 ) -> None:
     runtime = runtime_of(app)
-    await runtime.extras["dispatcher"].stop()
+    assert runtime.dispatcher is not None
+    await runtime.dispatcher.stop()
     sender = ScriptedSender(PushResult(Outcome.DELIVERED), delay=0.3)
     runtime.senders["apns"] = sender
     dispatcher = Dispatcher(runtime)

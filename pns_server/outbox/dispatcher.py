@@ -15,14 +15,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.approvals.service import expire_due
 from pns_server.db import publish_after_commit
-from pns_server.models import Approval, Client, Delivery, Device
+from pns_server.models import Approval, Delivery, Device
+from pns_server.outbox.repository import DeliveryRepository
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.realtime.base import Subscription
 from pns_server.runtime import Runtime
@@ -67,15 +66,12 @@ class Dispatcher:
         poll_interval: float = 1.0,
         retry_base: float = 1.0,
         retry_max: float = 60.0,
-        expiry_sweep_interval: float = 5.0,
     ) -> None:
         self.runtime = runtime
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.retry_base = retry_base
         self.retry_max = retry_max
-        self.expiry_sweep_interval = expiry_sweep_interval
-        self._next_sweep = 0.0
         self._limit = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
         self._subscription: Subscription | None = None
@@ -124,9 +120,8 @@ class Dispatcher:
     # --- one round -----------------------------------------------------------------------
 
     async def run_once(self, now: datetime | None = None) -> int:
-        """Expire what is due, claim a batch, send it, record it; returns deliveries handled."""
+        """Claim a batch, send it, record it; returns deliveries handled."""
         now = now or now_utc()
-        await self._sweep_expired()
         jobs = await self._claim(now)
         skipped = [job for job in jobs if job.message is None]
         if skipped:
@@ -161,47 +156,15 @@ class Dispatcher:
             for task in sends:
                 task.cancel()
 
-    async def _sweep_expired(self) -> None:
-        """Expire overdue approvals (audit rows, metrics) every few seconds, not every round:
-        readers already report expiry themselves, so this needs no tighter schedule."""
-        clock = asyncio.get_running_loop().time()
-        if clock < self._next_sweep:
-            return
-        self._next_sweep = clock + self.expiry_sweep_interval
-        async with self.runtime.db.session() as session:
-            await expire_due(session, self.runtime.metrics)
-
     async def _claim(self, now: datetime) -> list[Claimed]:
         lease = now + timedelta(seconds=self.runtime.settings.push_lease_seconds)
+        skip_locked = self.runtime.db.dialect == "postgresql"
         async with self.runtime.db.session() as session:
-            due = or_(
-                and_(Delivery.status == DeliveryStatus.QUEUED, Delivery.next_attempt_at <= now),
-                and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
-            )
-            pick = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at)
-            pick = pick.limit(self.batch_size)
-            if self.runtime.db.dialect == "postgresql":
-                pick = pick.with_for_update(skip_locked=True)
-            claimed = await session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_(pick.scalar_subquery()))
-                .values(
-                    status=DeliveryStatus.SENDING, lease_until=lease, attempts=Delivery.attempts + 1
-                )
-                .returning(Delivery.id)
-                .execution_options(synchronize_session=False)
-            )
-            ids = list(claimed.scalars())
+            deliveries = DeliveryRepository(session)
+            ids = await deliveries.claim(now, lease, self.batch_size, skip_locked=skip_locked)
             if not ids:
                 return []
-            rows = await session.execute(
-                select(Delivery, Device, Approval, Client.name)
-                .join(Device, Device.id == Delivery.device_id)
-                .join(Approval, Approval.id == Delivery.approval_id)
-                .join(Client, Client.id == Approval.client_id)
-                .where(Delivery.id.in_(ids))
-            )
-            return [self._prepare(now, lease, *row) for row in rows]
+            return [self._prepare(now, lease, *row) for row in await deliveries.load(ids)]
 
     def _prepare(
         self,
@@ -267,11 +230,6 @@ class Dispatcher:
                 result.reason,
                 result.status_code,
             )
-            self.runtime.extras["push_config_error"] = {
-                "service": message.service,
-                "reason": result.reason,
-                "at": now_utc().isoformat(),
-            }
         return Sent(job, result)
 
     # --- recording -----------------------------------------------------------------------
@@ -300,21 +258,9 @@ class Dispatcher:
         by_lease: dict[datetime, list[str]] = defaultdict(list)
         for job in jobs:
             by_lease[job.lease_until].append(job.delivery_id)
+        deliveries = DeliveryRepository(session)
         for lease, ids in by_lease.items():
-            finished = await session.execute(
-                update(Delivery)
-                .where(
-                    Delivery.id.in_(ids),
-                    Delivery.status == DeliveryStatus.SENDING,
-                    Delivery.lease_until == lease,
-                )
-                .values(
-                    status=DeliveryStatus.SENT, last_error=None, lease_until=None, sent_at=now_utc()
-                )
-                .returning(Delivery.approval_id)
-                .execution_options(synchronize_session=False)
-            )
-            for approval_id in set(finished.scalars()):
+            for approval_id in await deliveries.finish_sent(ids, lease, now_utc()):
                 publish_after_commit(session, approval_topic(approval_id))
 
     async def _finish(
@@ -326,17 +272,9 @@ class Dispatcher:
         **extra: Any,
     ) -> bool:
         """Conditional on our lease: a reclaimed delivery belongs to its new owner."""
-        result = await session.execute(
-            update(Delivery)
-            .where(
-                Delivery.id == job.delivery_id,
-                Delivery.status == DeliveryStatus.SENDING,
-                Delivery.lease_until == job.lease_until,
-            )
-            .values(status=status, last_error=error, lease_until=None, **extra)
-            .execution_options(synchronize_session=False)
+        changed = await DeliveryRepository(session).finish(
+            job.delivery_id, job.lease_until, status, error, **extra
         )
-        changed = int(cast(CursorResult[Any], result).rowcount) == 1
         if changed and job.message is not None:
             publish_after_commit(session, approval_topic(job.message.approval_id))
         return changed
@@ -361,13 +299,7 @@ class Dispatcher:
             await self._retry_or_give_up(session, now, job, reason, result.retry_after)
 
     async def _retire_token(self, session: AsyncSession, message: PushMessage) -> None:
-        # Only the token we sent to: a token rotated meanwhile stays valid.
-        await session.execute(
-            update(Device)
-            .where(Device.id == message.device_id, Device.push_token == message.token)
-            .values(push_status="invalid_token")
-            .execution_options(synchronize_session=False)
-        )
+        await DeliveryRepository(session).retire_token(message.device_id, message.token)
         log.warning("device %s: push token rejected by the provider; retired", message.device_id)
 
     async def _retry_or_give_up(
@@ -380,9 +312,7 @@ class Dispatcher:
     ) -> None:
         message = job.message
         assert message is not None
-        approval = await session.scalar(
-            select(Approval.status).where(Approval.id == message.approval_id)
-        )
+        approval = await DeliveryRepository(session).approval_status(message.approval_id)
         next_at = now_utc() + timedelta(seconds=self.backoff(job.attempts, retry_after))
         if approval != ApprovalStatus.PENDING:
             await self._finish(
@@ -402,5 +332,5 @@ class Dispatcher:
 def start_dispatcher(runtime: Runtime) -> Dispatcher:
     dispatcher = Dispatcher(runtime)
     runtime.tasks.append(dispatcher.start())
-    runtime.extras["dispatcher"] = dispatcher
+    runtime.dispatcher = dispatcher
     return dispatcher
