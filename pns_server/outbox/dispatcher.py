@@ -56,6 +56,41 @@ def push_text(client_name: str, approval: Approval) -> tuple[str, str]:
     )
 
 
+# What to check when a provider refuses our own configuration (credentials, topic, key).
+CONFIG_HINTS = {
+    "apns": "check PNS_APNS_KEY_FILE/KEY_ID/TEAM_ID/TOPIC or PNS_APNS_CERT_FILE",
+    "fcm": "check PNS_FCM_CREDENTIALS_FILE and the Firebase project's settings",
+    "webpush": "check PNS_WEBPUSH_VAPID_KEY_FILE and PNS_WEBPUSH_SUBJECT",
+}
+
+
+def log_outcome(message: PushMessage, result: PushResult) -> None:
+    """The one log line of a push that did not go out; providers only classify. Names the
+    approval, the device and the token's last characters, never the whole token."""
+    if result.outcome is Outcome.DELIVERED:
+        return
+    service = message.service
+    cause = f"{result.status_code or '-'} {result.reason or result.outcome.value}"
+    tail = "…" + message.token[-6:]
+    who = f"approval {message.approval_id} device {message.device_id} token {tail}"
+    if result.outcome is Outcome.CONFIG_ERROR:
+        hint = CONFIG_HINTS.get(service, "check the provider's credentials")
+        log.error(
+            "PUSH CONFIGURATION ERROR via %s (%s) for %s: %s; pushes through this provider "
+            "will keep failing",
+            service,
+            cause,
+            who,
+            hint,
+        )
+    elif result.outcome is Outcome.RETRY:
+        log.warning("push via %s will be retried (%s): %s", service, cause, who)
+    else:
+        log.info(
+            "push via %s: token dead (%s), the device's push is retired: %s", service, cause, who
+        )
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -216,20 +251,12 @@ class Dispatcher:
             except TimeoutError:
                 result = PushResult(Outcome.RETRY, reason="timed out")
             except Exception as exc:
-                log.warning("push sender %s raised %s", sender.service, type(exc).__name__)
                 result = PushResult(Outcome.RETRY, reason=f"sender error: {type(exc).__name__}")
             elapsed = time.perf_counter() - started
         metrics = self.runtime.metrics
         metrics.push_sends.labels(service=message.service, outcome=result.outcome.value).inc()
         metrics.push_send_seconds.labels(service=message.service).observe(elapsed)
-        if result.outcome is Outcome.CONFIG_ERROR:
-            log.error(
-                "PUSH CONFIGURATION ERROR via %s: %s (status %s) — check the credentials and "
-                "topic settings; pushes through this provider will keep failing",
-                message.service,
-                result.reason,
-                result.status_code,
-            )
+        log_outcome(message, result)
         return Sent(job, result)
 
     # --- recording -----------------------------------------------------------------------
@@ -290,17 +317,13 @@ class Dispatcher:
             if await self._finish(
                 session, job, DeliveryStatus.FAILED, f"invalid push token: {reason}"
             ):
-                await self._retire_token(session, message)
+                await DeliveryRepository(session).retire_token(message.device_id, message.token)
         elif result.outcome is Outcome.CONFIG_ERROR:
             await self._finish(
                 session, job, DeliveryStatus.FAILED, f"push configuration error: {reason}"
             )
         else:
             await self._retry_or_give_up(session, now, job, reason, result.retry_after)
-
-    async def _retire_token(self, session: AsyncSession, message: PushMessage) -> None:
-        await DeliveryRepository(session).retire_token(message.device_id, message.token)
-        log.warning("device %s: push token rejected by the provider; retired", message.device_id)
 
     async def _retry_or_give_up(
         self,
