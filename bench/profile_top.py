@@ -60,7 +60,7 @@ OPERATIONS = (
     ("commit", ("AsyncSession.commit", "Session.commit")),
     ("token -> client / device lookup", ("_client_by_token", "_device_by_token")),
     ("long-poll (wait + woken read)", ("long_poll (pns_server",)),
-    ("push dispatcher rounds", ("pns_server/push/dispatcher",)),
+    ("push dispatcher rounds", ("pns_server/outbox/dispatcher",)),
     ("push senders (APNs/FCM)", ("pns_server/push/apns", "pns_server/push/fcm")),
     ("notifier publish / wake", ("pns_server/realtime",)),
     ("rate limits", ("pns_server/ratelimit",)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,19 +12,20 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from pns_server import __version__
 from pns_server.admin.router import router as admin_router
+from pns_server.approvals.expiry import sweep_periodically
 from pns_server.approvals.router import router as approvals_router
 from pns_server.clients.router import router as clients_router
 from pns_server.config import Settings
 from pns_server.devices.router import router as devices_router
 from pns_server.docs_page import install_docs_page
 from pns_server.health import router as health_router
-from pns_server.logging import RequestObserver
 from pns_server.metrics import Metrics
 from pns_server.middleware import BodyLimitMiddleware, RefuseControlCharacters
+from pns_server.observability import RequestObserver
 from pns_server.otp.router import router as otp_router
+from pns_server.outbox.dispatcher import start_dispatcher
 from pns_server.pairings.router import router as pairings_router
 from pns_server.problems import install_error_handlers
-from pns_server.push.dispatcher import start_dispatcher
 from pns_server.ratelimit import LocalWindows
 from pns_server.runtime import build_runtime, close_runtime
 from pns_server.webapp import router as webapp
@@ -38,6 +40,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = await build_runtime(settings, app.state.metrics)
     app.state.runtime = runtime
     dispatcher = start_dispatcher(runtime)
+    runtime.tasks.append(
+        asyncio.create_task(sweep_periodically(runtime.db, runtime.metrics), name="pns-expiry")
+    )
     try:
         yield
     finally:

@@ -10,11 +10,9 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-
 from pns_server import __version__
-from pns_server.config import Settings
-from pns_server.logging import configure_logging
+from pns_server.config import Settings, load_settings
+from pns_server.observability import configure_logging
 
 Command = Callable[[Settings, argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Command, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -28,20 +26,6 @@ def command(
         return func
 
     return register
-
-
-def load_settings() -> Settings:
-    """Settings from the environment; a bad value exits with a message naming the variable."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        lines = ["PNS configuration is invalid:"]
-        for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ())]
-            var = "PNS_" + loc[0].upper() if loc else "configuration"
-            lines.append(f"  {var}: {err['msg']}")
-        sys.stderr.write("\n".join(lines) + "\n")
-        raise SystemExit(2) from None
 
 
 def describe_startup(settings: Settings) -> str:

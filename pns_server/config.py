@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -292,3 +293,17 @@ class Settings(BaseSettings):
             return None
         path = self.sqlalchemy_url.split(":///", 1)[1] if ":///" in self.sqlalchemy_url else ""
         return Path(path) if path and path != ":memory:" else None
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value exits with a message naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = ["PNS configuration is invalid:"]
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            var = "PNS_" + loc[0].upper() if loc else "configuration"
+            lines.append(f"  {var}: {err['msg']}")
+        sys.stderr.write("\n".join(lines) + "\n")
+        raise SystemExit(2) from None

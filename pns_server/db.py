@@ -139,9 +139,6 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    def set_publisher(self, publish: Publisher) -> None:
-        self._publish = publish
-
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A unit of work: commits when the block succeeds, rolls back when it raises."""

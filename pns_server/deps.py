@@ -1,8 +1,13 @@
-"""Dependency aliases, in one short file: `SessionDep`, `CurrentClient`, `CurrentDevice`..."""
+"""Dependency aliases, in one short file: `SessionDep`, `CurrentClient`, `CurrentDevice`...
+
+`CurrentClient`/`CurrentDevice` authenticate inside the request's unit of work;
+`CurrentClientDetached`/`CurrentDeviceDetached` (for long-polls) in a short read of their
+own, so the wait that follows holds no connection."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,6 +21,9 @@ from pns_server.models import Client, Device
 from pns_server.ratelimit import count_caller
 from pns_server.runtime import Runtime
 from pns_server.security import constant_time_equals, hash_token
+
+# How stale `Client.last_seen_at` may be: the price of not writing it on every request.
+SEEN_RESOLUTION = timedelta(minutes=1)
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -77,7 +85,17 @@ async def _device_by_token(session: AsyncSession, token: str) -> Device:
 async def current_client(request: Request, session: SessionDep) -> Client:
     client = await client_by_token(session, bearer_token(request))
     count_caller(request, "client:" + client.id)
+    note_seen(client)
     return client
+
+
+def note_seen(client: Client) -> None:
+    """`last_seen_at` for the admin API, written at most once a minute per client: a busy
+    client costs one small UPDATE a minute, not one per request. Only requests that hold a
+    unit of work note it (a long-poll's detached read writes nothing)."""
+    now = datetime.now(UTC)
+    if client.last_seen_at is None or now - client.last_seen_at >= SEEN_RESOLUTION:
+        client.last_seen_at = now
 
 
 async def current_client_detached(request: Request, db: DatabaseDep) -> Client:
@@ -114,7 +132,7 @@ def require_admin(request: Request, settings: SettingsDep) -> None:
 
 
 CurrentClient = Annotated[Client, Depends(current_client)]
-CurrentClientNoSession = Annotated[Client, Depends(current_client_detached)]
+CurrentClientDetached = Annotated[Client, Depends(current_client_detached)]
 CurrentDevice = Annotated[Device, Depends(current_device)]
-CurrentDeviceNoSession = Annotated[Device, Depends(current_device_detached)]
+CurrentDeviceDetached = Annotated[Device, Depends(current_device_detached)]
 AdminDep = Annotated[None, Depends(require_admin)]

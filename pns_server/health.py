@@ -53,8 +53,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     except Exception as exc:
         ready = False
         checks["database"] = f"unreachable: {type(exc).__name__}"
-    for name, check in runtime.extras.get("readiness", {}).items():
-        checks[name] = check()
+    checks["push"] = runtime.push_readiness()
     body = {"status": "ok" if ready else "unavailable", "checks": checks}
     if not ready:
         body.update(

@@ -22,9 +22,9 @@ from sqlalchemy import func, select
 from pns_server import __version__
 from pns_server.db import Database
 from pns_server.models import Delivery, Device
+from pns_server.states import OPEN_DELIVERY
 
 log = logging.getLogger(__name__)
-OUTBOX_PENDING_STATUSES = ("queued", "sending")
 # Request durations include long-polls, which are held up to 60 s: buckets reach that far.
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60)
 # The `_created` timestamp series double every counter and histogram (and would name one
@@ -97,9 +97,7 @@ class Metrics:
                 )
             ).all()
             pending = await session.scalar(
-                select(func.count())
-                .select_from(Delivery)
-                .where(Delivery.status.in_(OUTBOX_PENDING_STATUSES))
+                select(func.count()).select_from(Delivery).where(Delivery.status.in_(OPEN_DELIVERY))
             )
         # clear() first: a label set whose last device is gone must read 0, not its old value.
         self.devices.clear()

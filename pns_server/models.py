@@ -24,6 +24,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pns_server.security import SealedAt
+from pns_server.states import ApprovalStatus, DeliveryStatus, PairingStatus
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -135,7 +136,7 @@ class Pairing(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     client_id: Mapped[str] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(10))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=PairingStatus.PENDING)
     label: Mapped[str | None] = mapped_column(String(200))
     token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)  # kind=app
     totp_secret: Mapped[str | None] = mapped_column(Text)  # kind=totp, encrypted
@@ -175,7 +176,7 @@ class Approval(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     client_id: Mapped[str] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=ApprovalStatus.PENDING)
     reason: Mapped[str | None] = mapped_column(String(32))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
@@ -215,8 +216,7 @@ class Delivery(Base):
     approval_id: Mapped[str] = mapped_column(ForeignKey("approvals.id", ondelete="CASCADE"))
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
     service: Mapped[str] = mapped_column(String(10))
-    # queued -> sending (leased) -> sent | failed | dropped
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.QUEUED)  # DeliveryStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)

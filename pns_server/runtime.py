@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pns_server import retention
 from pns_server.config import Settings
@@ -18,26 +17,34 @@ from pns_server.push.base import PushSender
 from pns_server.push.factory import PushConfigError, PushReadiness, build_senders
 from pns_server.push.webpush import WebPushSender
 from pns_server.realtime import create_notifier
-from pns_server.realtime.memory import MemoryNotifier
-from pns_server.realtime.postgres import PostgresNotifier
+from pns_server.realtime.base import Notifier
 from pns_server.security import SecretBox, load_or_create_key_file
 
 log = logging.getLogger("pns")
 
-BackgroundFactory = Callable[["Runtime"], Awaitable[Any]]
+
+class Worker(Protocol):
+    """A background worker the lifespan stops before the runtime closes (the dispatcher)."""
+
+    @property
+    def running(self) -> bool: ...
+
+    async def stop(self, timeout: float = 5.0) -> None: ...
 
 
 @dataclass
 class Runtime:
+    """The one place settings, metrics and every shared resource live for a running app."""
+
     settings: Settings
     db: Database
-    notifier: MemoryNotifier | PostgresNotifier
+    notifier: Notifier
     box: SecretBox
     metrics: Metrics
+    push_readiness: PushReadiness = field(default_factory=PushReadiness)
     senders: dict[str, PushSender] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    # Filled by domain packages at start-up (dispatcher, purger, metrics...).
-    extras: dict[str, Any] = field(default_factory=dict)
+    dispatcher: Worker | None = None  # set by the lifespan once it has started one
 
     def sender_for(self, service: str) -> PushSender:
         return self.senders.get(service) or self.senders["log"]
@@ -82,10 +89,14 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
     await notifier.start()
     db = Database(engine, notifier.publish, notifier.before_commit)
     runtime = Runtime(
-        settings=settings, db=db, notifier=notifier, box=box, metrics=metrics or Metrics()
+        settings=settings,
+        db=db,
+        notifier=notifier,
+        box=box,
+        metrics=metrics or Metrics(),
+        push_readiness=push_readiness,
+        senders=senders,
     )
-    runtime.senders.update(senders)
-    runtime.extras.setdefault("readiness", {})["push"] = push_readiness
     start_operations_tasks(runtime)
     return runtime
 

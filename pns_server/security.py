@@ -141,9 +141,6 @@ class SecretBox:
                     raise ValueError("secret does not open with its key and place") from exc
         raise ValueError(f"no configured key has id {key_id}")
 
-    def key_id_of(self, token: str) -> str:
-        return token.split(".", 2)[1]
-
     def keyed_hash(self, message: bytes) -> str:
         """HMAC-SHA256 of `message` under the primary key's pepper (55 characters)."""
         key_id, _aead, pepper = self._keys[0]

@@ -68,8 +68,8 @@ def run_worker(index: int) -> None:
     import uvicorn
 
     from pns_server.app import create_app
-    from pns_server.cli import load_settings
-    from pns_server.logging import configure_logging
+    from pns_server.config import load_settings
+    from pns_server.observability import configure_logging
     from pns_server.shutdown import GracefulServer
 
     # The supervisor migrated already; N workers racing alembic would only fail.

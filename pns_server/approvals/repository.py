@@ -11,9 +11,7 @@ from sqlalchemy import CursorResult, Update, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.models import Approval, Client, Delivery, Device
-
-PENDING = "pending"
-OPEN_DELIVERY = ("queued", "sending")
+from pns_server.states import OPEN_DELIVERY, ApprovalStatus, DeliveryStatus
 
 
 class ApprovalRepository:
@@ -94,7 +92,7 @@ class ApprovalRepository:
                 select(Approval)
                 .where(
                     Approval.client_id == client_id,
-                    Approval.status == PENDING,
+                    Approval.status == ApprovalStatus.PENDING,
                     Approval.expires_at > now,
                 )
                 .order_by(Approval.created_at.desc())
@@ -103,7 +101,9 @@ class ApprovalRepository:
 
     async def pending_ids(self, client_id: str) -> list[str]:
         rows = await self.session.scalars(
-            select(Approval.id).where(Approval.client_id == client_id, Approval.status == PENDING)
+            select(Approval.id).where(
+                Approval.client_id == client_id, Approval.status == ApprovalStatus.PENDING
+            )
         )
         return list(rows)
 
@@ -113,7 +113,7 @@ class ApprovalRepository:
             update(Approval)
             .where(
                 Approval.id == approval_id,
-                Approval.status == PENDING,
+                Approval.status == ApprovalStatus.PENDING,
                 Approval.expires_at > now,
             )
             .values(decided_at=now, **values)
@@ -125,17 +125,17 @@ class ApprovalRepository:
             update(Approval)
             .where(
                 Approval.id == approval_id,
-                Approval.status == PENDING,
+                Approval.status == ApprovalStatus.PENDING,
                 Approval.expires_at <= now,
             )
-            .values(status="expired", decided_at=Approval.expires_at)
+            .values(status=ApprovalStatus.EXPIRED, decided_at=Approval.expires_at)
         )
         return changed == 1
 
     async def due_for_expiry(self, now: datetime, limit: int) -> Sequence[tuple[str, str]]:
         rows = await self.session.execute(
             select(Approval.id, Approval.client_id)
-            .where(Approval.status == PENDING, Approval.expires_at <= now)
+            .where(Approval.status == ApprovalStatus.PENDING, Approval.expires_at <= now)
             .limit(limit)
         )
         return [(row[0], row[1]) for row in rows]
@@ -146,8 +146,8 @@ class ApprovalRepository:
         """A decided approval needs no more pushes; one being sent right now finishes."""
         await self._rowcount(
             update(Delivery)
-            .where(Delivery.approval_id == approval_id, Delivery.status == "queued")
-            .values(status="dropped", lease_until=None)
+            .where(Delivery.approval_id == approval_id, Delivery.status == DeliveryStatus.QUEUED)
+            .values(status=DeliveryStatus.DROPPED, lease_until=None)
         )
 
     async def delivery_summary(self, approval_id: str) -> tuple[int, int, int, str | None]:
@@ -156,8 +156,8 @@ class ApprovalRepository:
             await self.session.execute(
                 select(
                     func.count(case((Delivery.status.in_(OPEN_DELIVERY), 1))),
-                    func.count(case((Delivery.status == "sent", 1))),
-                    func.count(case((Delivery.status == "failed", 1))),
+                    func.count(case((Delivery.status == DeliveryStatus.SENT, 1))),
+                    func.count(case((Delivery.status == DeliveryStatus.FAILED, 1))),
                 ).where(Delivery.approval_id == approval_id)
             )
         ).one()

@@ -16,9 +16,9 @@ from pns_server.approvals.schemas import (
 )
 from pns_server.deps import (
     CurrentClient,
-    CurrentClientNoSession,
+    CurrentClientDetached,
     CurrentDevice,
-    CurrentDeviceNoSession,
+    CurrentDeviceDetached,
     DatabaseDep,
     RuntimeDep,
     SessionDep,
@@ -28,7 +28,7 @@ from pns_server.deps import (
 )
 from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import Limit, hit_in, raise_if_exceeded
-from pns_server.realtime.longpoll import long_poll, until_disconnected
+from pns_server.realtime.longpoll import until_disconnected
 
 router = APIRouter(tags=["approvals"], responses=PROBLEM_RESPONSES)
 
@@ -77,36 +77,13 @@ async def create_approval(
 async def get_approval(
     approval_id: str,
     request: Request,
-    client: CurrentClientNoSession,
+    client: CurrentClientDetached,
     runtime: RuntimeDep,
     wait: Wait = 0,
 ) -> ApprovalState:
-    async def read() -> ApprovalState:
-        async with runtime.db.session() as session:
-            return await service.state(session, runtime.metrics, client.id, approval_id)
-
-    first: list[ApprovalState] = []
-
-    def is_settled(value: ApprovalState) -> bool:
-        # A delivery outcome also ends the wait: the client can offer OTP at once.
-        if not first:
-            first.append(value)
-        return value.status != "pending" or value.delivery != first[0].delivery
-
-    runtime.metrics.longpoll_waiters.inc()
-    try:
-        return await long_poll(
-            runtime.notifier,
-            service.approval_topic(approval_id),
-            read,
-            is_settled,
-            wait,
-            deadline_of=lambda value: value.expires_at if value.status == "pending" else None,
-            share_key=f"{client.id}:{approval_id}",
-            disconnected=until_disconnected(request.receive),
-        )
-    finally:
-        runtime.metrics.longpoll_waiters.dec()
+    return await service.wait_for_state(
+        runtime, client, approval_id, wait, until_disconnected(request.receive)
+    )
 
 
 @router.delete("/v1/approvals/{approval_id}", response_model=ApprovalState)
@@ -118,30 +95,11 @@ async def cancel_approval(
 
 @router.get("/v1/device/approvals", response_model=DeviceApprovalList)
 async def list_device_approvals(
-    device: CurrentDeviceNoSession, runtime: RuntimeDep, wait: Wait = 0
+    device: CurrentDeviceDetached, runtime: RuntimeDep, wait: Wait = 0
 ) -> DeviceApprovalList:
     """The pending approvals; with `wait`, a long-poll that returns as soon as one is
     pending (at once if one already is). Holds no database connection while it waits."""
-    client_id = device.client_id
-
-    async def read() -> DeviceApprovalList:
-        async with runtime.db.session() as session:
-            return await service.pending_for(session, client_id)
-
-    if wait <= 0:
-        return await read()
-    runtime.metrics.longpoll_waiters.inc()
-    try:
-        return await long_poll(
-            runtime.notifier,
-            service.pending_topic(client_id),
-            read,
-            lambda value: bool(value.approvals),
-            wait,
-            share_key=f"pending:{client_id}",
-        )
-    finally:
-        runtime.metrics.longpoll_waiters.dec()
+    return await service.wait_for_pending(runtime, device, wait)
 
 
 @router.get("/v1/device/approvals/{approval_id}", response_model=DeviceApproval)

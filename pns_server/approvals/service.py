@@ -8,7 +8,7 @@ import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -44,24 +44,14 @@ from pns_server.errors import (
 )
 from pns_server.metrics import Metrics
 from pns_server.models import Approval, Client, Delivery, Device
+from pns_server.realtime.longpoll import Disconnected, long_poll
+from pns_server.runtime import Runtime
 from pns_server.security import constant_time_equals, new_id, verify_signature
+from pns_server.states import ApprovalStatus, DeliveryStatus
+from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc, pending_topic
 
-OUTBOX_TOPIC = "outbox"
 SIGNATURE_CONTEXT = SIGNATURE_V1
 MAX_CLOCK_SKEW = timedelta(seconds=120)
-
-
-def approval_topic(approval_id: str) -> str:
-    return f"approval:{approval_id}"
-
-
-def pending_topic(client_id: str) -> str:
-    """Wakes the phones of a client: an approval was created or left the pending list."""
-    return f"pending:{client_id}"
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
 
 
 def signed_message(approval_id: str, decision: str, match_code: str | None, timestamp: str) -> str:
@@ -176,15 +166,17 @@ async def supersede_pending(
     """One pending approval per client: older ones expire or are cancelled, one UPDATE each."""
     for approval_id in await repo.pending_ids(client_id):
         if await repo.expire_if_due(approval_id, now):
-            await on_final(session, repo, metrics, approval_id, client_id, "expired", "system")
-        elif await repo.decide(approval_id, now, status="cancelled"):
+            await on_final(
+                session, repo, metrics, approval_id, client_id, ApprovalStatus.EXPIRED, "system"
+            )
+        elif await repo.decide(approval_id, now, status=ApprovalStatus.CANCELLED):
             await on_final(
                 session,
                 repo,
                 metrics,
                 approval_id,
                 client_id,
-                "cancelled",
+                ApprovalStatus.CANCELLED,
                 "client",
                 actor_id=client_id,
                 event="approval.superseded",
@@ -198,7 +190,7 @@ def deliveries_for(approval_id: str, devices: Sequence[Device], now: datetime) -
             approval_id=approval_id,
             device_id=device.id,
             service=device.push_service or "log",
-            status="queued",
+            status=DeliveryStatus.QUEUED,
             attempts=0,
             next_attempt_at=now,
             created_at=now,
@@ -237,7 +229,7 @@ async def create(
     approval = Approval(
         id=new_id(),
         client_id=client.id,
-        status="pending",
+        status=ApprovalStatus.PENDING,
         idempotency_key=idempotency_key,
         request_hash=fingerprint,
         username=data.username,
@@ -287,7 +279,7 @@ async def on_final(
     metrics: Metrics,
     approval_id: str,
     client_id: str,
-    status: str,
+    status: ApprovalStatus,
     actor: str,
     *,
     actor_id: str | None = None,
@@ -317,10 +309,16 @@ async def refresh_expiry(
     session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, approval: Approval
 ) -> Approval:
     """Report expiry the moment it is due, whoever reads first persists it."""
-    if approval.status == "pending" and approval.expires_at <= now_utc():
+    if approval.status == ApprovalStatus.PENDING and approval.expires_at <= now_utc():
         if await repo.expire_if_due(approval.id, now_utc()):
             await on_final(
-                session, repo, metrics, approval.id, approval.client_id, "expired", "system"
+                session,
+                repo,
+                metrics,
+                approval.id,
+                approval.client_id,
+                ApprovalStatus.EXPIRED,
+                "system",
             )
         fresh = await repo.get(approval.id, approval.client_id)
         assert fresh is not None
@@ -343,7 +341,9 @@ async def expire_due(session: AsyncSession, metrics: Metrics, limit: int = 100) 
     expired = 0
     for approval_id, client_id in await repo.due_for_expiry(now, limit):
         if await repo.expire_if_due(approval_id, now):
-            await on_final(session, repo, metrics, approval_id, client_id, "expired", "system")
+            await on_final(
+                session, repo, metrics, approval_id, client_id, ApprovalStatus.EXPIRED, "system"
+            )
             expired += 1
     return expired
 
@@ -402,12 +402,49 @@ async def state(
     return await describe(session, await load_for_client(session, metrics, client_id, approval_id))
 
 
+async def wait_for_state(
+    runtime: Runtime,
+    client: Client,
+    approval_id: str,
+    wait: float,
+    disconnected: Disconnected | None = None,
+) -> ApprovalState:
+    """The approval's state; with `wait`, a long-poll that returns once it is decided or a
+    delivery outcome changes. One short session per read: the wait holds no connection."""
+
+    async def read() -> ApprovalState:
+        async with runtime.db.session() as session:
+            return await state(session, runtime.metrics, client.id, approval_id)
+
+    first: list[ApprovalState] = []
+
+    def is_settled(value: ApprovalState) -> bool:
+        # A delivery outcome also ends the wait: the client can offer OTP at once.
+        if not first:
+            first.append(value)
+        return value.status != ApprovalStatus.PENDING.value or value.delivery != first[0].delivery
+
+    with runtime.metrics.longpoll_waiters.track_inprogress():
+        return await long_poll(
+            runtime.notifier,
+            approval_topic(approval_id),
+            read,
+            is_settled,
+            wait,
+            deadline_of=lambda value: (
+                value.expires_at if value.status == ApprovalStatus.PENDING.value else None
+            ),
+            share_key=f"{client.id}:{approval_id}",
+            disconnected=disconnected,
+        )
+
+
 async def cancel(
     session: AsyncSession, metrics: Metrics, client: Client, approval_id: str
 ) -> ApprovalState:
     repo = ApprovalRepository(session)
     approval = await load_for_client(session, metrics, client.id, approval_id)
-    if not await repo.decide(approval.id, now_utc(), status="cancelled"):
+    if not await repo.decide(approval.id, now_utc(), status=ApprovalStatus.CANCELLED):
         raise already_decided(await reread(session, repo, metrics, approval))
     await on_final(
         session,
@@ -415,7 +452,7 @@ async def cancel(
         metrics,
         approval.id,
         client.id,
-        "cancelled",
+        ApprovalStatus.CANCELLED,
         "client",
         actor_id=client.id,
         created_at=approval.created_at,
@@ -456,6 +493,28 @@ async def pending_for(session: AsyncSession, client_id: str) -> DeviceApprovalLi
     name = await repo.client_name(client_id)
     pending = await repo.pending_for_client(client_id, now_utc())
     return DeviceApprovalList(approvals=[for_device(a, name) for a in pending])
+
+
+async def wait_for_pending(runtime: Runtime, device: Device, wait: float) -> DeviceApprovalList:
+    """The pending approvals; with `wait`, a long-poll that returns as soon as one is
+    pending (at once if one already is). Holds no database connection while it waits."""
+    client_id = device.client_id
+
+    async def read() -> DeviceApprovalList:
+        async with runtime.db.session() as session:
+            return await pending_for(session, client_id)
+
+    if wait <= 0:
+        return await read()
+    with runtime.metrics.longpoll_waiters.track_inprogress():
+        return await long_poll(
+            runtime.notifier,
+            pending_topic(client_id),
+            read,
+            lambda value: bool(value.approvals),
+            wait,
+            share_key=f"pending:{client_id}",
+        )
 
 
 async def device_view(
@@ -516,16 +575,16 @@ def check_fresh(timestamp: datetime, now: datetime) -> None:
         )
 
 
-def outcome_of(approval: Approval, answer: DeviceDecision) -> tuple[str, str | None]:
+def outcome_of(approval: Approval, answer: DeviceDecision) -> tuple[ApprovalStatus, str | None]:
     """(status, reason) that this answer leads to."""
     if answer.decision == "reject":
-        return "rejected", "fraud" if answer.fraud else "user_rejected"
+        return ApprovalStatus.REJECTED, "fraud" if answer.fraud else "user_rejected"
     if approval.number_matching:
         expected = approval.match_code or ""
         given = answer.match_code or ""
         if not expected or not constant_time_equals(given, expected):
-            return "rejected", "number_mismatch"
-    return "approved", None
+            return ApprovalStatus.REJECTED, "number_mismatch"
+    return ApprovalStatus.APPROVED, None
 
 
 async def respond(
@@ -562,7 +621,7 @@ async def respond(
     if not won:
         raise already_decided(await reread(session, repo, metrics, approval))
     device.last_used_at = now
-    if status == "approved":
+    if status is ApprovalStatus.APPROVED:
         await repo.reset_push_count(device.client_id)
     if answer.fraud:
         await report_fraud(session, repo, settings, device, approval.id, now)

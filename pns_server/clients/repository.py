@@ -13,9 +13,6 @@ class ClientRepository:
     def add(self, client: Client) -> None:
         self.session.add(client)
 
-    async def get(self, client_id: str) -> Client | None:
-        return await self.session.get(Client, client_id)
-
     async def device_counts(self, client_id: str) -> tuple[int, int]:
         """(active devices, devices that can receive a push)."""
         row = (

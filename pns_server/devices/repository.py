@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import cast
 
-from sqlalchemy import CursorResult, delete, select
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.models import Device
+from pns_server.models import Device, Pairing
+from pns_server.states import PairingStatus
 
 
 class DeviceRepository:
@@ -33,5 +35,26 @@ class DeviceRepository:
         A bulk DELETE (not `session.delete`) so the database, not the ORM, owns the cascade."""
         result = await self.session.execute(
             delete(Device).where(Device.id == device_id, Device.client_id == client_id)
+        )
+        return cast(CursorResult[tuple[()]], result).rowcount == 1
+
+    # --- the pairing a device completes (a pairing's other queries: pairings/) ----------
+
+    async def pairing_by_token_hash(self, token_hash: str) -> Pairing | None:
+        return await self.session.scalar(select(Pairing).where(Pairing.token_hash == token_hash))
+
+    async def complete_pairing(self, pairing_id: str, device_id: str, at: datetime) -> bool:
+        """Link a new device to its pending pairing, which moves to completed. One
+        conditional UPDATE, so exactly one caller wins even when several processes race."""
+        result = await self.session.execute(
+            update(Pairing)
+            .where(Pairing.id == pairing_id, Pairing.status == PairingStatus.PENDING)
+            .values(
+                status=PairingStatus.COMPLETED,
+                device_id=device_id,
+                completed_at=at,
+                totp_secret=None,
+            )
+            .execution_options(synchronize_session=False)
         )
         return cast(CursorResult[tuple[()]], result).rowcount == 1

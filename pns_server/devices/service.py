@@ -27,7 +27,6 @@ from pns_server.errors import (
     WebPushEndpointForbidden,
 )
 from pns_server.models import Client, Device, Pairing
-from pns_server.pairings.repository import PairingRepository
 from pns_server.push.webpush import endpoint_problem
 from pns_server.security import (
     DEVICE_TOKEN_PREFIX,
@@ -37,13 +36,11 @@ from pns_server.security import (
     new_token,
     parse_public_key,
 )
+from pns_server.states import PairingStatus
+from pns_server.topics import pairing_topic
 from pns_server.totp import TotpParams, new_secret
 
 PUSH_SERVICE_OF_PLATFORM = {"ios": "apns", "android": "fcm", "web": "webpush"}
-
-
-def pairing_topic(pairing_id: str) -> str:
-    return f"pairing:{pairing_id}"
 
 
 def device_out(device: Device) -> DeviceOut:
@@ -122,10 +119,10 @@ def apply_push(device: Device, push: PushRegistration | None) -> None:
 
 async def claim_app_pairing(session: AsyncSession, pairing_token: str) -> Pairing:
     """The pending app pairing this token opens, else 404 (unknown or used) / 410 (expired)."""
-    pairing = await PairingRepository(session).get_by_token_hash(hash_token(pairing_token))
-    if pairing is None or pairing.kind != "app" or pairing.status == "completed":
+    pairing = await DeviceRepository(session).pairing_by_token_hash(hash_token(pairing_token))
+    if pairing is None or pairing.kind != "app" or pairing.status == PairingStatus.COMPLETED:
         raise PairingInvalid("This pairing code is unknown or was already used; scan a new one.")
-    if pairing.status != "pending" or pairing.expires_at <= datetime.now(UTC):
+    if pairing.status != PairingStatus.PENDING or pairing.expires_at <= datetime.now(UTC):
         raise PairingExpired("This pairing code has expired; start a new pairing on the client.")
     return pairing
 
@@ -169,7 +166,7 @@ async def enrol_app_device(
     apply_push(device, data.push)
     DeviceRepository(session).add(device)
     await session.flush()
-    if not await PairingRepository(session).complete(pairing.id, device.id, now):
+    if not await DeviceRepository(session).complete_pairing(pairing.id, device.id, now):
         # Lost a race with another phone holding the same code; the rollback drops our device.
         raise PairingInvalid("This pairing code was already used; scan a new one.")
     publish_after_commit(session, pairing_topic(pairing.id))

@@ -102,22 +102,6 @@ class OtpRepository:
             .execution_options(synchronize_session=False)
         )
 
-    async def reset_throttle(self, client_id: str) -> bool:
-        """Administrative unlock (also lifts the 100-failure cap); False if no such client."""
-        result = await self.session.execute(
-            update(Client)
-            .where(Client.id == client_id)
-            .values(
-                otp_consecutive_failures=0,
-                otp_failures_since_success=0,
-                otp_lock_count=0,
-                otp_locked_until=None,
-            )
-            .returning(Client.id)
-            .execution_options(synchronize_session=False)
-        )
-        return result.scalar_one_or_none() is not None
-
     async def otp_devices(self, client_id: str) -> Sequence[Device]:
         return (
             await self.session.scalars(

@@ -138,11 +138,6 @@ async def verify_recovery_code(
     await fail(session, runtime, client.id, now, wrong_recovery_code)
 
 
-async def unlock(session: AsyncSession, client_id: str) -> bool:
-    """Administrative unlock of OTP and recovery codes, including the 100-failure cap."""
-    return await OtpRepository(session).reset_throttle(client_id)
-
-
 async def ensure_unlocked(
     repo: OtpRepository, runtime: Runtime, client_id: str, now: datetime
 ) -> None:

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime
-from typing import cast
-
-from sqlalchemy import CursorResult, case, select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.models import Pairing
+from pns_server.states import PairingStatus
 
 
 class PairingRepository:
@@ -21,30 +19,18 @@ class PairingRepository:
             select(Pairing).where(Pairing.id == pairing_id, Pairing.client_id == client_id)
         )
 
-    async def get_by_token_hash(self, token_hash: str) -> Pairing | None:
-        return await self.session.scalar(select(Pairing).where(Pairing.token_hash == token_hash))
-
-    async def complete(self, pairing_id: str, device_id: str, at: datetime) -> bool:
-        """Move a pending pairing to completed. One conditional UPDATE, so exactly one
-        caller wins even when several processes race for the same pairing."""
-        result = await self.session.execute(
-            update(Pairing)
-            .where(Pairing.id == pairing_id, Pairing.status == "pending")
-            .values(status="completed", device_id=device_id, completed_at=at, totp_secret=None)
-            .execution_options(synchronize_session=False)
-        )
-        return cast(CursorResult[tuple[()]], result).rowcount == 1
-
     async def record_failure(self, pairing_id: str, max_failures: int) -> int:
         """Count a wrong confirmation code atomically; the pairing expires at the limit.
         Returns the failures counted so far."""
         failures = Pairing.failed_attempts + 1
         await self.session.execute(
             update(Pairing)
-            .where(Pairing.id == pairing_id, Pairing.status == "pending")
+            .where(Pairing.id == pairing_id, Pairing.status == PairingStatus.PENDING)
             .values(
                 failed_attempts=failures,
-                status=case((failures >= max_failures, "expired"), else_=Pairing.status),
+                status=case(
+                    (failures >= max_failures, PairingStatus.EXPIRED), else_=Pairing.status
+                ),
             )
             .execution_options(synchronize_session=False)
         )

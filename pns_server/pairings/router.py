@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 
-from pns_server.deps import CurrentClient, CurrentClientNoSession, RuntimeDep, SessionDep
+from pns_server.deps import CurrentClient, CurrentClientDetached, RuntimeDep, SessionDep
 from pns_server.pairings import service
 from pns_server.pairings.schemas import (
     PairingConfirm,
@@ -48,7 +48,7 @@ async def confirm_pairing(
 async def get_pairing(
     pairing_id: str,
     request: Request,
-    client: CurrentClientNoSession,
+    client: CurrentClientDetached,
     runtime: RuntimeDep,
     wait: WaitSeconds = 0,
 ) -> PairingStatus:

@@ -7,11 +7,12 @@ from urllib.parse import quote, urlencode
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pns_server import states
 from pns_server.audit import record
 from pns_server.config import Settings
 from pns_server.db import Database, publish_after_commit
 from pns_server.devices.repository import DeviceRepository
-from pns_server.devices.service import device_out, pairing_topic
+from pns_server.devices.service import device_out
 from pns_server.errors import (
     NotFound,
     OtpInvalid,
@@ -30,6 +31,7 @@ from pns_server.pairings.schemas import (
 from pns_server.realtime.longpoll import Disconnected, long_poll
 from pns_server.runtime import Runtime
 from pns_server.security import PAIRING_TOKEN_PREFIX, SecretBox, hash_token, new_id, new_token
+from pns_server.topics import pairing_topic
 from pns_server.totp import TotpParams, matching_step, new_secret, otpauth_uri
 
 log = logging.getLogger(__name__)
@@ -50,11 +52,11 @@ def app_qr_link(public_url: str, pairing_token: str) -> str:
     return f"{public_url}/app/pair#{pairing_query(public_url, pairing_token)}"
 
 
-def effective_status(pairing: Pairing, now: datetime) -> str:
+def effective_status(pairing: Pairing, now: datetime) -> states.PairingStatus:
     """A pending pairing past its expiry is expired, whether or not a row says so yet."""
-    if pairing.status == "pending" and pairing.expires_at <= now:
-        return "expired"
-    return pairing.status
+    if pairing.status == states.PairingStatus.PENDING and pairing.expires_at <= now:
+        return states.PairingStatus.EXPIRED
+    return states.PairingStatus(pairing.status)
 
 
 def not_found() -> NotFound:
@@ -69,7 +71,7 @@ async def start(
         id=new_id(),
         client_id=client.id,
         kind=data.kind,
-        status="pending",
+        status=states.PairingStatus.PENDING,
         created_at=now,
         expires_at=now + timedelta(seconds=settings.pairing_ttl_seconds),
         failed_attempts=0,
@@ -102,7 +104,7 @@ async def start(
     return PairingCreated(
         pairing_id=pairing.id,
         kind=data.kind,
-        status="pending",
+        status=states.PairingStatus.PENDING,
         expires_at=pairing.expires_at,
         qr_payload=qr_payload,
         otpauth_uri=uri,
@@ -118,9 +120,9 @@ def check_confirmable(pairing: Pairing, now: datetime) -> None:
             kind=pairing.kind,
         )
     state = effective_status(pairing, now)
-    if state == "expired":
+    if state == states.PairingStatus.EXPIRED:
         raise PairingExpired("This pairing has expired; start a new one.")
-    if state != "pending":
+    if state != states.PairingStatus.PENDING:
         raise PairingNotPending("This pairing is already completed.", status=state)
 
 
@@ -160,9 +162,10 @@ async def confirm(
     )
     # Sealed again for its new row: a sealed secret opens only where it was sealed.
     device.totp_secret = box.seal(params.secret, device.secret_site)
-    DeviceRepository(session).add(device)
+    devices = DeviceRepository(session)
+    devices.add(device)
     await session.flush()
-    if not await pairings.complete(pairing.id, device.id, now):
+    if not await devices.complete_pairing(pairing.id, device.id, now):
         raise PairingNotPending("This pairing was completed or expired meanwhile.")
     publish_after_commit(session, pairing_topic(pairing.id))
     record(
@@ -242,18 +245,16 @@ async def wait_for_status(
     wait: float,
     disconnected: Disconnected | None = None,
 ) -> PairingStatus:
-    waiters = runtime.metrics.longpoll_waiters
-    waiters.inc()
-    try:
+    with runtime.metrics.longpoll_waiters.track_inprogress():
         return await long_poll(
             runtime.notifier,
             pairing_topic(pairing_id),
             lambda: read_status(runtime.db, client.id, pairing_id),
-            is_settled=lambda s: s.status != "pending",
+            is_settled=lambda s: s.status != states.PairingStatus.PENDING.value,
             wait=wait,
-            deadline_of=lambda s: s.expires_at if s.status == "pending" else None,
+            deadline_of=lambda s: (
+                s.expires_at if s.status == states.PairingStatus.PENDING.value else None
+            ),
             share_key=f"{client.id}:{pairing_id}",
             disconnected=disconnected,
         )
-    finally:
-        waiters.dec()

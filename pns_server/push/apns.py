@@ -140,10 +140,6 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def _token_tail(token: str) -> str:
-    return "…" + token[-6:]
-
-
 @dataclass
 class _Host:
     base_url: str
@@ -222,12 +218,7 @@ class ApnsSender:
 
     async def send(self, message: PushMessage) -> PushResult:
         payload = build_payload(message)
-        if payload is None:
-            log.error(
-                "APNs payload for approval %s cannot fit in %d bytes: not sent",
-                message.approval_id,
-                MAX_PAYLOAD_BYTES,
-            )
+        if payload is None:  # the dispatcher logs it, as every outcome
             return PushResult(Outcome.CONFIG_ERROR, "PayloadTooLarge")
         async with self._in_flight:
             result, jwt = await self._post(message, payload)
@@ -239,7 +230,6 @@ class ApnsSender:
             ):
                 log.info("APNs provider token expired: signed a new one, sending again")
                 result, _jwt = await self._post(message, payload)
-        self._log(message, result)
         return result
 
     async def _post(self, message: PushMessage, payload: bytes) -> tuple[PushResult, str | None]:
@@ -277,30 +267,6 @@ class ApnsSender:
             return PushResult(Outcome.RETRY, reason, status, retry_after)
         # 403 (credentials), 400 BadTopic and friends, 413: retrying cannot help.
         return PushResult(Outcome.CONFIG_ERROR, reason, status)
-
-    def _log(self, message: PushMessage, result: PushResult) -> None:
-        where = (message.approval_id, message.device_id, _token_tail(message.token))
-        if result.outcome is Outcome.CONFIG_ERROR:
-            log.error(
-                "APNs refused our configuration (%s %s) for approval %s device %s token %s: "
-                "check PNS_APNS_KEY_FILE/KEY_ID/TEAM_ID/TOPIC or PNS_APNS_CERT_FILE",
-                result.status_code,
-                result.reason,
-                *where,
-            )
-        elif result.outcome is Outcome.RETRY:
-            log.warning(
-                "APNs send will be retried (%s %s): approval %s device %s token %s",
-                result.status_code,
-                result.reason,
-                *where,
-            )
-        elif result.outcome is Outcome.INVALID_TOKEN:
-            log.info(
-                "APNs says the token is dead (%s): approval %s device %s token %s",
-                result.reason,
-                *where,
-            )
 
     async def close(self) -> None:
         hosts, self._hosts = list(self._hosts.values()), {}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import ssl
 from collections.abc import Mapping
@@ -31,8 +30,6 @@ from google.oauth2 import service_account
 
 from pns_server.push.apns import parse_retry_after, ssl_context
 from pns_server.push.base import Outcome, PushMessage, PushResult
-
-log = logging.getLogger("pns.push.fcm")
 
 FCM_HOST = "https://fcm.googleapis.com"
 # The narrowest scope that may send: the key cannot be used for anything else with it.
@@ -160,13 +157,13 @@ class FcmSender:
             token = await self._access_token()
         except auth_exceptions.TransportError as exc:
             result = PushResult(Outcome.RETRY, f"OAuth token endpoint: {exc}"[:200])
-            return self._log(message, result)
+            return result
         except auth_exceptions.RefreshError as exc:
             retryable = getattr(exc, "retryable", False)
             outcome = Outcome.RETRY if retryable else Outcome.CONFIG_ERROR
-            return self._log(message, PushResult(outcome, f"OAuth: {exc}"[:200]))
+            return PushResult(outcome, f"OAuth: {exc}"[:200])
         except TimeoutError:
-            return self._log(message, PushResult(Outcome.RETRY, "OAuth token timeout"))
+            return PushResult(Outcome.RETRY, "OAuth token timeout")
         try:
             async with asyncio.timeout(self._timeout):
                 response = await self._client.post(
@@ -175,15 +172,15 @@ class FcmSender:
                     headers={"authorization": f"Bearer {token}"},
                 )
         except (httpx.TimeoutException, TimeoutError):
-            return self._log(message, PushResult(Outcome.RETRY, "Timeout"))
+            return PushResult(Outcome.RETRY, "Timeout")
         except httpx.TransportError as exc:
             result = PushResult(Outcome.RETRY, f"{type(exc).__name__}: {exc}"[:200])
-            return self._log(message, result)
+            return result
         result = self.classify(response)
         if result.outcome is Outcome.RETRY and result.status_code == 401:
             # Google refused our access token itself: get a new one before the next try.
             self._refused_token = token
-        return self._log(message, result)
+        return result
 
     @staticmethod
     def classify(response: httpx.Response) -> PushResult:
@@ -202,31 +199,6 @@ class FcmSender:
         if status == 401 and code is None:
             return PushResult(Outcome.RETRY, reason, status)
         return PushResult(Outcome.CONFIG_ERROR, reason, status)
-
-    def _log(self, message: PushMessage, result: PushResult) -> PushResult:
-        where = (message.approval_id, message.device_id, "…" + message.token[-6:])
-        if result.outcome is Outcome.CONFIG_ERROR:
-            log.error(
-                "FCM refused our configuration (%s %s) for approval %s device %s token %s: "
-                "check PNS_FCM_CREDENTIALS_FILE and the Firebase project's settings",
-                result.status_code,
-                result.reason,
-                *where,
-            )
-        elif result.outcome is Outcome.RETRY:
-            log.warning(
-                "FCM send will be retried (%s %s): approval %s device %s token %s",
-                result.status_code,
-                result.reason,
-                *where,
-            )
-        elif result.outcome is Outcome.INVALID_TOKEN:
-            log.info(
-                "FCM says the token is dead (%s): approval %s device %s token %s",
-                result.reason,
-                *where,
-            )
-        return result
 
     async def close(self) -> None:
         await self._client.aclose()

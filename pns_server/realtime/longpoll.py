@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from starlette.types import Receive
 
-from pns_server.realtime.base import LocalFanout, Subscription
+from pns_server.realtime.base import Notifier, Subscription
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def until_disconnected(receive: Receive) -> Disconnected:
 
 
 async def long_poll(
-    notifier: LocalFanout,
+    notifier: Notifier,
     topic: str,
     read: Callable[[], Awaitable[T]],
     is_settled: Callable[[T], bool],
@@ -101,7 +101,7 @@ async def long_poll(
 
 
 def _timeout(
-    notifier: LocalFanout, value: T, left: float, deadline_of: Callable[[T], datetime | None]
+    notifier: Notifier, value: T, left: float, deadline_of: Callable[[T], datetime | None]
 ) -> float:
     """How long the next wait may last: the time left, the re-check period, the deadline."""
     timeout = left

@@ -20,7 +20,9 @@ def test_with_the_relay_installed_it_is_the_cli(capsys: pytest.CaptureFixture[st
 def test_a_missing_server_dependency_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.delitem(sys.modules, "pns_server.cli", raising=False)
+    # As in a fresh SDK-only process: none of the relay's modules is loaded yet.
+    for name in [m for m in sys.modules if m.startswith("pns_server.") and m != entry.__name__]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "fastapi", None)  # what an SDK-only install looks like
     monkeypatch.setitem(sys.modules, "pydantic", None)
     assert entry.main(["serve"]) == 2

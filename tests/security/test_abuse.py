@@ -22,8 +22,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from pns_server.config import Settings
-from pns_server.logging import configure_logging
 from pns_server.models import RateLimitBucket
+from pns_server.observability import configure_logging
 from tests.conftest import ADMIN_TOKEN
 from tests.pns_server.approvals.helpers import LOGIN, runtime_of
 from tests.support.factories import (

@@ -83,6 +83,35 @@ class TestClientDetail:
         assert response.status_code == 404
 
 
+class TestLastSeen:
+    async def admin_view(self, http: httpx.AsyncClient, client_id: str) -> str | None:
+        body = (await http.get(f"/v1/admin/clients/{client_id}", headers=ADMIN)).json()
+        seen: str | None = body["last_seen_at"]
+        return seen
+
+    async def test_an_authenticated_call_is_seen(self, http: httpx.AsyncClient) -> None:
+        client = await register_client(http)
+        assert await self.admin_view(http, client.client_id) is None
+        assert (await http.get("/v1/client", headers=client.headers)).status_code == 200
+        assert await self.admin_view(http, client.client_id) is not None
+
+    async def test_written_at_most_once_a_minute(
+        self, http: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        client = await register_client(http)
+        await http.get("/v1/client", headers=client.headers)
+        first = await self.admin_view(http, client.client_id)
+        await http.get("/v1/client", headers=client.headers)
+        assert await self.admin_view(http, client.client_id) == first
+        async with app.state.runtime.db.session() as session:
+            row = await session.get(Client, client.client_id)
+            assert row is not None
+            row.last_seen_at = datetime.now(UTC) - timedelta(minutes=2)
+        await http.get("/v1/client", headers=client.headers)
+        later = await self.admin_view(http, client.client_id)
+        assert first is not None and later is not None and later > first
+
+
 class TestUnlock:
     async def test_clears_push_and_otp_locks(self, http: httpx.AsyncClient, app: FastAPI) -> None:
         client = await register_client(http)

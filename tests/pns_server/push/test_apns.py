@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -173,13 +174,21 @@ class TestErrors:
         ],
     )
     async def test_classification(
-        self, sender: ApnsSender, fake_apns: FakeApns, reply: Reply, outcome: Outcome
+        self,
+        sender: ApnsSender,
+        fake_apns: FakeApns,
+        reply: Reply,
+        outcome: Outcome,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         message = push_message()
         fake_apns.answer(message.token, reply)
+        caplog.set_level(logging.DEBUG, "pns")
         result = await sender.send(message)
         assert result.outcome is outcome
         assert (result.status_code, result.reason) == (reply.status, reply.reason)
+        # The sender classifies; the dispatcher writes the one line an outcome gets.
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
 
     async def test_429_carries_retry_after(self, sender: ApnsSender, fake_apns: FakeApns) -> None:
         message = push_message()

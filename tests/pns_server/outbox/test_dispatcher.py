@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -12,8 +13,8 @@ from fastapi import FastAPI
 from sqlalchemy import select, update
 
 from pns_server.models import Delivery, Device
+from pns_server.outbox.dispatcher import Dispatcher
 from pns_server.push.base import Outcome, PushMessage, PushResult
-from pns_server.push.dispatcher import Dispatcher
 from pns_server.push.log import LogPushSender
 from tests.pns_server.approvals.helpers import answer, request_approval, runtime_of
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
@@ -58,7 +59,8 @@ async def phone(http: httpx.AsyncClient, client: RegisteredClient) -> PairedDevi
 async def manual(app: FastAPI) -> AsyncIterator[Dispatcher]:
     """The app's own dispatcher stopped, so each test drives rounds itself."""
     runtime = runtime_of(app)
-    await runtime.extras["dispatcher"].stop()
+    assert runtime.dispatcher is not None
+    await runtime.dispatcher.stop()
     yield Dispatcher(runtime, retry_base=1.0)
 
 
@@ -195,7 +197,9 @@ async def test_config_error_fails_loudly(
     await manual.run_once()
     [delivery] = await deliveries(app, body["approval_id"])
     assert delivery.status == "failed"
-    assert any("CONFIGURATION" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    [line] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.levelname == "ERROR" and "CONFIGURATION" in line.getMessage()
+    assert "PNS_APNS_KEY_FILE" in line.getMessage()
     metrics = runtime_of(app).metrics.render().decode()
     assert 'pns_push_sends_total{outcome="config_error",service="apns"} 1.0' in metrics
     async with runtime_of(app).db.session() as session:
@@ -307,7 +311,8 @@ async def test_stop_lets_the_send_in_flight_finish(
     app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
 ) -> None:
     runtime = runtime_of(app)
-    await runtime.extras["dispatcher"].stop()
+    assert runtime.dispatcher is not None
+    await runtime.dispatcher.stop()
     sender = ScriptedSender(PushResult(Outcome.DELIVERED), delay=0.3)
     runtime.senders["apns"] = sender
     dispatcher = Dispatcher(runtime)
@@ -373,3 +378,31 @@ async def test_each_outcome_is_recorded_as_it_completes_so_a_crash_resends_only_
     assert await Dispatcher(runtime_of(app)).run_once(now=later) == 1
     assert [m.device_id for m in again.sent] == [sender.sent[2].device_id]
     assert [d.status for d in await deliveries(app, body["approval_id"])] == ["sent"] * 3
+
+
+@pytest.mark.parametrize(
+    ("result", "level"),
+    [
+        (PushResult(Outcome.RETRY, reason="InternalServerError", status_code=500), "WARNING"),
+        (PushResult(Outcome.INVALID_TOKEN, reason="Unregistered", status_code=410), "INFO"),
+        (RuntimeError("boom"), "WARNING"),
+    ],
+)
+async def test_one_line_per_push_that_did_not_go_out(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+    caplog: pytest.LogCaptureFixture,
+    result: PushResult | Exception,
+    level: str,
+) -> None:
+    runtime_of(app).senders["apns"] = ScriptedSender(result)
+    body = await request_approval(http, client)
+    caplog.set_level(logging.INFO, "pns")
+    await manual.run_once()
+    lines = [r for r in caplog.records if r.name.startswith("pns.push")]
+    assert [r.levelname for r in lines] == [level]
+    assert body["approval_id"] in lines[0].getMessage()
+    assert phone.device_id in lines[0].getMessage()

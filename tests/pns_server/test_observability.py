@@ -12,7 +12,13 @@ import pyotp
 import pytest
 
 from pns_server.config import Settings
-from pns_server.logging import JsonFormatter, RedactingFilter, TextFormatter, redact, wants_json
+from pns_server.observability import (
+    JsonFormatter,
+    RedactingFilter,
+    TextFormatter,
+    redact,
+    wants_json,
+)
 from tests.conftest import ADMIN_TOKEN, SECRET_KEY, server_env
 from tests.support.factories import (
     bearer,

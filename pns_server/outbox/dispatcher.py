@@ -15,21 +15,20 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.approvals.service import OUTBOX_TOPIC, approval_topic, expire_due, now_utc
 from pns_server.db import publish_after_commit
-from pns_server.models import Approval, Client, Delivery, Device
+from pns_server.models import Approval, Delivery, Device
+from pns_server.outbox.repository import DeliveryRepository
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.realtime.base import Subscription
 from pns_server.runtime import Runtime
+from pns_server.states import ApprovalStatus, DeliveryStatus
+from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc
 
 log = logging.getLogger("pns.push")
-
-OPEN = ("queued", "sending")
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class Claimed:
     lease_until: datetime
     attempts: int
     message: PushMessage | None  # None: nothing to send, `skip` says why
-    skip: tuple[str, str | None] | None = None  # (final status, last_error)
+    skip: tuple[DeliveryStatus, str | None] | None = None  # (final status, last_error)
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,41 @@ def push_text(client_name: str, approval: Approval) -> tuple[str, str]:
     )
 
 
+# What to check when a provider refuses our own configuration (credentials, topic, key).
+CONFIG_HINTS = {
+    "apns": "check PNS_APNS_KEY_FILE/KEY_ID/TEAM_ID/TOPIC or PNS_APNS_CERT_FILE",
+    "fcm": "check PNS_FCM_CREDENTIALS_FILE and the Firebase project's settings",
+    "webpush": "check PNS_WEBPUSH_VAPID_KEY_FILE and PNS_WEBPUSH_SUBJECT",
+}
+
+
+def log_outcome(message: PushMessage, result: PushResult) -> None:
+    """The one log line of a push that did not go out; providers only classify. Names the
+    approval, the device and the token's last characters, never the whole token."""
+    if result.outcome is Outcome.DELIVERED:
+        return
+    service = message.service
+    cause = f"{result.status_code or '-'} {result.reason or result.outcome.value}"
+    tail = "…" + message.token[-6:]
+    who = f"approval {message.approval_id} device {message.device_id} token {tail}"
+    if result.outcome is Outcome.CONFIG_ERROR:
+        hint = CONFIG_HINTS.get(service, "check the provider's credentials")
+        log.error(
+            "PUSH CONFIGURATION ERROR via %s (%s) for %s: %s; pushes through this provider "
+            "will keep failing",
+            service,
+            cause,
+            who,
+            hint,
+        )
+    elif result.outcome is Outcome.RETRY:
+        log.warning("push via %s will be retried (%s): %s", service, cause, who)
+    else:
+        log.info(
+            "push via %s: token dead (%s), the device's push is retired: %s", service, cause, who
+        )
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -67,15 +101,12 @@ class Dispatcher:
         poll_interval: float = 1.0,
         retry_base: float = 1.0,
         retry_max: float = 60.0,
-        expiry_sweep_interval: float = 5.0,
     ) -> None:
         self.runtime = runtime
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.retry_base = retry_base
         self.retry_max = retry_max
-        self.expiry_sweep_interval = expiry_sweep_interval
-        self._next_sweep = 0.0
         self._limit = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
         self._subscription: Subscription | None = None
@@ -124,9 +155,8 @@ class Dispatcher:
     # --- one round -----------------------------------------------------------------------
 
     async def run_once(self, now: datetime | None = None) -> int:
-        """Expire what is due, claim a batch, send it, record it; returns deliveries handled."""
+        """Claim a batch, send it, record it; returns deliveries handled."""
         now = now or now_utc()
-        await self._sweep_expired()
         jobs = await self._claim(now)
         skipped = [job for job in jobs if job.message is None]
         if skipped:
@@ -161,45 +191,15 @@ class Dispatcher:
             for task in sends:
                 task.cancel()
 
-    async def _sweep_expired(self) -> None:
-        """Expire overdue approvals (audit rows, metrics) every few seconds, not every round:
-        readers already report expiry themselves, so this needs no tighter schedule."""
-        clock = asyncio.get_running_loop().time()
-        if clock < self._next_sweep:
-            return
-        self._next_sweep = clock + self.expiry_sweep_interval
-        async with self.runtime.db.session() as session:
-            await expire_due(session, self.runtime.metrics)
-
     async def _claim(self, now: datetime) -> list[Claimed]:
         lease = now + timedelta(seconds=self.runtime.settings.push_lease_seconds)
+        skip_locked = self.runtime.db.dialect == "postgresql"
         async with self.runtime.db.session() as session:
-            due = or_(
-                and_(Delivery.status == "queued", Delivery.next_attempt_at <= now),
-                and_(Delivery.status == "sending", Delivery.lease_until < now),
-            )
-            pick = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at)
-            pick = pick.limit(self.batch_size)
-            if self.runtime.db.dialect == "postgresql":
-                pick = pick.with_for_update(skip_locked=True)
-            claimed = await session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_(pick.scalar_subquery()))
-                .values(status="sending", lease_until=lease, attempts=Delivery.attempts + 1)
-                .returning(Delivery.id)
-                .execution_options(synchronize_session=False)
-            )
-            ids = list(claimed.scalars())
+            deliveries = DeliveryRepository(session)
+            ids = await deliveries.claim(now, lease, self.batch_size, skip_locked=skip_locked)
             if not ids:
                 return []
-            rows = await session.execute(
-                select(Delivery, Device, Approval, Client.name)
-                .join(Device, Device.id == Delivery.device_id)
-                .join(Approval, Approval.id == Delivery.approval_id)
-                .join(Client, Client.id == Approval.client_id)
-                .where(Delivery.id.in_(ids))
-            )
-            return [self._prepare(now, lease, *row) for row in rows]
+            return [self._prepare(now, lease, *row) for row in await deliveries.load(ids)]
 
     def _prepare(
         self,
@@ -210,15 +210,15 @@ class Dispatcher:
         approval: Approval,
         client_name: str,
     ) -> Claimed:
-        def skip(status: str, error: str | None) -> Claimed:
+        def skip(status: DeliveryStatus, error: str | None) -> Claimed:
             return Claimed(delivery.id, lease, delivery.attempts, None, (status, error))
 
-        if approval.status != "pending":
-            return skip("dropped", None)
+        if approval.status != ApprovalStatus.PENDING:
+            return skip(DeliveryStatus.DROPPED, None)
         if approval.expires_at <= now:
-            return skip("failed", "the approval expired before the push went out")
+            return skip(DeliveryStatus.FAILED, "the approval expired before the push went out")
         if device.push_status != "ok" or not device.push_token:
-            return skip("failed", "the device has no valid push token")
+            return skip(DeliveryStatus.FAILED, "the device has no valid push token")
         title, body = push_text(client_name, approval)
         message = PushMessage(
             approval_id=approval.id,
@@ -251,25 +251,12 @@ class Dispatcher:
             except TimeoutError:
                 result = PushResult(Outcome.RETRY, reason="timed out")
             except Exception as exc:
-                log.warning("push sender %s raised %s", sender.service, type(exc).__name__)
                 result = PushResult(Outcome.RETRY, reason=f"sender error: {type(exc).__name__}")
             elapsed = time.perf_counter() - started
         metrics = self.runtime.metrics
         metrics.push_sends.labels(service=message.service, outcome=result.outcome.value).inc()
         metrics.push_send_seconds.labels(service=message.service).observe(elapsed)
-        if result.outcome is Outcome.CONFIG_ERROR:
-            log.error(
-                "PUSH CONFIGURATION ERROR via %s: %s (status %s) — check the credentials and "
-                "topic settings; pushes through this provider will keep failing",
-                message.service,
-                result.reason,
-                result.status_code,
-            )
-            self.runtime.extras["push_config_error"] = {
-                "service": message.service,
-                "reason": result.reason,
-                "at": now_utc().isoformat(),
-            }
+        log_outcome(message, result)
         return Sent(job, result)
 
     # --- recording -----------------------------------------------------------------------
@@ -298,36 +285,23 @@ class Dispatcher:
         by_lease: dict[datetime, list[str]] = defaultdict(list)
         for job in jobs:
             by_lease[job.lease_until].append(job.delivery_id)
+        deliveries = DeliveryRepository(session)
         for lease, ids in by_lease.items():
-            finished = await session.execute(
-                update(Delivery)
-                .where(
-                    Delivery.id.in_(ids),
-                    Delivery.status == "sending",
-                    Delivery.lease_until == lease,
-                )
-                .values(status="sent", last_error=None, lease_until=None, sent_at=now_utc())
-                .returning(Delivery.approval_id)
-                .execution_options(synchronize_session=False)
-            )
-            for approval_id in set(finished.scalars()):
+            for approval_id in await deliveries.finish_sent(ids, lease, now_utc()):
                 publish_after_commit(session, approval_topic(approval_id))
 
     async def _finish(
-        self, session: AsyncSession, job: Claimed, status: str, error: str | None, **extra: Any
+        self,
+        session: AsyncSession,
+        job: Claimed,
+        status: DeliveryStatus,
+        error: str | None,
+        **extra: Any,
     ) -> bool:
         """Conditional on our lease: a reclaimed delivery belongs to its new owner."""
-        result = await session.execute(
-            update(Delivery)
-            .where(
-                Delivery.id == job.delivery_id,
-                Delivery.status == "sending",
-                Delivery.lease_until == job.lease_until,
-            )
-            .values(status=status, last_error=error, lease_until=None, **extra)
-            .execution_options(synchronize_session=False)
+        changed = await DeliveryRepository(session).finish(
+            job.delivery_id, job.lease_until, status, error, **extra
         )
-        changed = int(cast(CursorResult[Any], result).rowcount) == 1
         if changed and job.message is not None:
             publish_after_commit(session, approval_topic(job.message.approval_id))
         return changed
@@ -340,22 +314,16 @@ class Dispatcher:
         assert message is not None
         reason = result.reason or result.outcome.value
         if result.outcome is Outcome.INVALID_TOKEN:
-            if await self._finish(session, job, "failed", f"invalid push token: {reason}"):
-                await self._retire_token(session, message)
+            if await self._finish(
+                session, job, DeliveryStatus.FAILED, f"invalid push token: {reason}"
+            ):
+                await DeliveryRepository(session).retire_token(message.device_id, message.token)
         elif result.outcome is Outcome.CONFIG_ERROR:
-            await self._finish(session, job, "failed", f"push configuration error: {reason}")
+            await self._finish(
+                session, job, DeliveryStatus.FAILED, f"push configuration error: {reason}"
+            )
         else:
             await self._retry_or_give_up(session, now, job, reason, result.retry_after)
-
-    async def _retire_token(self, session: AsyncSession, message: PushMessage) -> None:
-        # Only the token we sent to: a token rotated meanwhile stays valid.
-        await session.execute(
-            update(Device)
-            .where(Device.id == message.device_id, Device.push_token == message.token)
-            .values(push_status="invalid_token")
-            .execution_options(synchronize_session=False)
-        )
-        log.warning("device %s: push token rejected by the provider; retired", message.device_id)
 
     async def _retry_or_give_up(
         self,
@@ -367,22 +335,25 @@ class Dispatcher:
     ) -> None:
         message = job.message
         assert message is not None
-        approval = await session.scalar(
-            select(Approval.status).where(Approval.id == message.approval_id)
-        )
+        approval = await DeliveryRepository(session).approval_status(message.approval_id)
         next_at = now_utc() + timedelta(seconds=self.backoff(job.attempts, retry_after))
-        if approval != "pending":
-            await self._finish(session, job, "failed", f"{reason}; gave up: approval {approval}")
+        if approval != ApprovalStatus.PENDING:
+            await self._finish(
+                session, job, DeliveryStatus.FAILED, f"{reason}; gave up: approval {approval}"
+            )
         elif next_at >= message.expires_at:
             await self._finish(
-                session, job, "failed", f"{reason}; gave up: the approval expires first"
+                session,
+                job,
+                DeliveryStatus.FAILED,
+                f"{reason}; gave up: the approval expires first",
             )
         else:
-            await self._finish(session, job, "queued", reason, next_attempt_at=next_at)
+            await self._finish(session, job, DeliveryStatus.QUEUED, reason, next_attempt_at=next_at)
 
 
 def start_dispatcher(runtime: Runtime) -> Dispatcher:
     dispatcher = Dispatcher(runtime)
     runtime.tasks.append(dispatcher.start())
-    runtime.extras["dispatcher"] = dispatcher
+    runtime.dispatcher = dispatcher
     return dispatcher

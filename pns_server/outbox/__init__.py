@@ -1,0 +1,1 @@
+"""The transactional outbox: deliveries queued with their approval, sent by the dispatcher."""
