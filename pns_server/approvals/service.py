@@ -6,8 +6,8 @@ import base64
 import hashlib
 import json
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -166,14 +166,9 @@ async def supersede_pending(
     """One pending approval per client: older ones expire or are cancelled, one UPDATE each."""
     for approval_id in await repo.pending_ids(client_id):
         if await repo.expire_if_due(approval_id, now):
-            await on_final(
-                session, repo, metrics, approval_id, client_id, ApprovalStatus.EXPIRED, "system"
-            )
+            await on_final(session, repo, metrics, expiry(approval_id, client_id))
         elif await repo.decide(approval_id, now, status=ApprovalStatus.CANCELLED):
-            await on_final(
-                session,
-                repo,
-                metrics,
+            superseded = Outcome(
                 approval_id,
                 client_id,
                 ApprovalStatus.CANCELLED,
@@ -181,6 +176,7 @@ async def supersede_pending(
                 actor_id=client_id,
                 event="approval.superseded",
             )
+            await on_final(session, repo, metrics, superseded)
 
 
 def deliveries_for(approval_id: str, devices: Sequence[Device], now: datetime) -> list[Delivery]:
@@ -273,35 +269,43 @@ async def create(
 # --- final states -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A final state one UPDATE just won, and whom the audit trail credits with it."""
+
+    approval_id: str
+    client_id: str
+    status: ApprovalStatus
+    actor: str  # "client", "device" or "system"
+    actor_id: str | None = None
+    event: str | None = None  # the audit event; `approval.<status>` when None
+    created_at: datetime | None = None  # set to observe the time to decision
+    detail: Mapping[str, object] = field(default_factory=dict)  # extra audit fields
+
+
+def expiry(approval_id: str, client_id: str) -> Outcome:
+    return Outcome(approval_id, client_id, ApprovalStatus.EXPIRED, "system")
+
+
 async def on_final(
-    session: AsyncSession,
-    repo: ApprovalRepository,
-    metrics: Metrics,
-    approval_id: str,
-    client_id: str,
-    status: ApprovalStatus,
-    actor: str,
-    *,
-    actor_id: str | None = None,
-    event: str | None = None,
-    created_at: datetime | None = None,
-    **detail: object,
+    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, outcome: Outcome
 ) -> None:
     """Everything that follows the winning UPDATE: outbox, wake-ups, metrics, audit."""
-    await repo.drop_queued_deliveries(approval_id)
-    publish_after_commit(session, approval_topic(approval_id))
-    publish_after_commit(session, pending_topic(client_id))
-    metrics.approvals_decided.labels(status=status).inc()
-    if created_at is not None:
-        metrics.approval_decision_seconds.observe((now_utc() - created_at).total_seconds())
+    await repo.drop_queued_deliveries(outcome.approval_id)
+    publish_after_commit(session, approval_topic(outcome.approval_id))
+    publish_after_commit(session, pending_topic(outcome.client_id))
+    metrics.approvals_decided.labels(status=outcome.status).inc()
+    if outcome.created_at is not None:
+        elapsed = now_utc() - outcome.created_at
+        metrics.approval_decision_seconds.observe(elapsed.total_seconds())
     record(
         session,
-        event or f"approval.{status}",
-        client_id=client_id,
-        actor=actor,
-        actor_id=actor_id,
-        subject_id=approval_id,
-        **detail,
+        outcome.event or f"approval.{outcome.status}",
+        client_id=outcome.client_id,
+        actor=outcome.actor,
+        actor_id=outcome.actor_id,
+        subject_id=outcome.approval_id,
+        **outcome.detail,
     )
 
 
@@ -311,15 +315,7 @@ async def refresh_expiry(
     """Report expiry the moment it is due, whoever reads first persists it."""
     if approval.status == ApprovalStatus.PENDING and approval.expires_at <= now_utc():
         if await repo.expire_if_due(approval.id, now_utc()):
-            await on_final(
-                session,
-                repo,
-                metrics,
-                approval.id,
-                approval.client_id,
-                ApprovalStatus.EXPIRED,
-                "system",
-            )
+            await on_final(session, repo, metrics, expiry(approval.id, approval.client_id))
         fresh = await repo.get(approval.id, approval.client_id)
         assert fresh is not None
         return fresh
@@ -341,9 +337,7 @@ async def expire_due(session: AsyncSession, metrics: Metrics, limit: int = 100) 
     expired = 0
     for approval_id, client_id in await repo.due_for_expiry(now, limit):
         if await repo.expire_if_due(approval_id, now):
-            await on_final(
-                session, repo, metrics, approval_id, client_id, ApprovalStatus.EXPIRED, "system"
-            )
+            await on_final(session, repo, metrics, expiry(approval_id, client_id))
             expired += 1
     return expired
 
@@ -446,10 +440,7 @@ async def cancel(
     approval = await load_for_client(session, metrics, client.id, approval_id)
     if not await repo.decide(approval.id, now_utc(), status=ApprovalStatus.CANCELLED):
         raise already_decided(await reread(session, repo, metrics, approval))
-    await on_final(
-        session,
-        repo,
-        metrics,
+    cancelled = Outcome(
         approval.id,
         client.id,
         ApprovalStatus.CANCELLED,
@@ -457,6 +448,7 @@ async def cancel(
         actor_id=client.id,
         created_at=approval.created_at,
     )
+    await on_final(session, repo, metrics, cancelled)
     final = await repo.get(approval.id, client.id)
     assert final is not None
     return await describe(session, final)
@@ -625,10 +617,7 @@ async def respond(
         await repo.reset_push_count(device.client_id)
     if answer.fraud:
         await report_fraud(session, repo, settings, device, approval.id, now)
-    await on_final(
-        session,
-        repo,
-        metrics,
+    answered = Outcome(
         approval.id,
         device.client_id,
         status,
@@ -636,9 +625,9 @@ async def respond(
         actor_id=device.id,
         event="approval.answered",
         created_at=approval.created_at,
-        decision=answer.decision,
-        reason=reason,
+        detail={"decision": answer.decision, "reason": reason},
     )
+    await on_final(session, repo, metrics, answered)
     return DecisionResult(approval_id=approval.id, status=status)
 
 
