@@ -1,6 +1,6 @@
 """The expiry sweep: a background task that expires approvals nobody is watching.
 
-Readers already report and persist expiry the moment it is due (`service.refresh_expiry`);
+Readers already report and persist expiry the moment it is due (`outcomes.refresh_expiry`);
 the sweep is for the rest, so the audit trail, the decision metrics and the outbox stay
 truthful. Every few seconds is enough: nothing waits on it."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pns_server.approvals.service import expire_due
+from pns_server.approvals.outcomes import expire_due
 from pns_server.db import Database
 from pns_server.metrics import Metrics
 

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
-from pns_server.approvals import service
+from pns_server.approvals import answers, creation, service
 from pns_server.approvals.schemas import (
     ApprovalCreate,
     ApprovalCreated,
@@ -65,7 +65,7 @@ async def create_approval(
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> ApprovalCreated:
-    created = await service.create(
+    created = await creation.create(
         session, settings, runtime.metrics, client, body, idempotency_key
     )
     if created.replayed:
@@ -118,4 +118,4 @@ async def answer_approval(
     settings: SettingsDep,
     runtime: RuntimeDep,
 ) -> DecisionResult:
-    return await service.respond(session, settings, runtime.metrics, device, approval_id, body)
+    return await answers.respond(session, settings, runtime.metrics, device, approval_id, body)

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client_sdk import approval_message_v2, context_sha256, key_proof
 from client_sdk._keys import verify_approval_signature, verify_key_proof
 from client_sdk._wire import pairing_secret_of
-from pns_server.approvals import service as approvals
-from pns_server.approvals.service import signed_message
+from pns_server.approvals import signing as approvals
+from pns_server.approvals.signing import signed_message
 from pns_server.devices.schemas import DeviceCreate
 from pns_server.models import Approval
 from pns_server.security import parse_public_key, verify_signature

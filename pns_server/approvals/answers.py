@@ -1,0 +1,146 @@
+"""A device's answer: its shape, signature and clock are checked, then one UPDATE
+decides (the first answer wins; a fraud report locks push for the client)."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.approvals.outcomes import Outcome, already_decided, on_final, reread
+from pns_server.approvals.repository import ApprovalRepository
+from pns_server.approvals.schemas import (
+    DecisionResult,
+    DeviceDecision,
+)
+from pns_server.approvals.signing import check_signature
+from pns_server.audit import record
+from pns_server.config import Settings
+from pns_server.errors import (
+    InvalidRequest,
+    NotFound,
+    StaleTimestamp,
+)
+from pns_server.metrics import Metrics
+from pns_server.models import Approval, Device
+from pns_server.security import constant_time_equals
+from pns_server.states import ApprovalStatus
+from pns_server.topics import now_utc
+
+MAX_CLOCK_SKEW = timedelta(seconds=120)
+
+
+def parse_device_time(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise InvalidRequest(
+            "timestamp must be an RFC 3339 time with a zone, e.g. 2026-11-30T09:12:18Z.",
+            errors=[{"field": "timestamp", "message": "not an RFC 3339 time", "type": "value"}],
+        )
+    return parsed
+
+
+def check_answer_shape(answer: DeviceDecision) -> None:
+    if answer.fraud and answer.decision != "reject":
+        raise InvalidRequest(
+            "fraud: true is only valid with decision: reject.",
+            errors=[{"field": "fraud", "message": "only with reject", "type": "value"}],
+        )
+
+
+def check_fresh(timestamp: datetime, now: datetime) -> None:
+    if abs(timestamp - now) > MAX_CLOCK_SKEW:
+        raise StaleTimestamp(
+            "The timestamp is more than 120 s from server time; set the phone's clock "
+            "automatically (GET /v1/ping returns server time).",
+            server_time=now,
+        )
+
+
+def outcome_of(approval: Approval, answer: DeviceDecision) -> tuple[ApprovalStatus, str | None]:
+    """(status, reason) that this answer leads to."""
+    if answer.decision == "reject":
+        return ApprovalStatus.REJECTED, "fraud" if answer.fraud else "user_rejected"
+    if approval.number_matching:
+        expected = approval.match_code or ""
+        given = answer.match_code or ""
+        if not expected or not constant_time_equals(given, expected):
+            return ApprovalStatus.REJECTED, "number_mismatch"
+    return ApprovalStatus.APPROVED, None
+
+
+async def respond(
+    session: AsyncSession,
+    settings: Settings,
+    metrics: Metrics,
+    device: Device,
+    approval_id: str,
+    answer: DeviceDecision,
+) -> DecisionResult:
+    repo = ApprovalRepository(session)
+    approval = await repo.get(approval_id, device.client_id)
+    if approval is None:
+        raise NotFound("No such approval for this device's client.")
+    check_answer_shape(answer)
+    timestamp = parse_device_time(answer.timestamp)
+    check_signature(device, approval, answer)
+    now = now_utc()
+    check_fresh(timestamp, now)
+    status, reason = outcome_of(approval, answer)
+    won = await repo.decide(
+        approval.id,
+        now,
+        status=status,
+        reason=reason,
+        device_id=device.id,
+        response_decision=answer.decision,
+        response_match_code=answer.match_code,
+        response_timestamp=answer.timestamp,
+        response_signature=answer.signature,
+        response_public_key=base64.b64encode(device.public_key or b"").decode(),
+        fraud=answer.fraud,
+    )
+    if not won:
+        raise already_decided(await reread(session, repo, metrics, approval))
+    device.last_used_at = now
+    if status is ApprovalStatus.APPROVED:
+        await repo.reset_push_count(device.client_id)
+    if answer.fraud:
+        await report_fraud(session, repo, settings, device, approval.id, now)
+    answered = Outcome(
+        approval.id,
+        device.client_id,
+        status,
+        "device",
+        actor_id=device.id,
+        event="approval.answered",
+        created_at=approval.created_at,
+        detail={"decision": answer.decision, "reason": reason},
+    )
+    await on_final(session, repo, metrics, answered)
+    return DecisionResult(approval_id=approval.id, status=status)
+
+
+async def report_fraud(
+    session: AsyncSession,
+    repo: ApprovalRepository,
+    settings: Settings,
+    device: Device,
+    approval_id: str,
+    now: datetime,
+) -> None:
+    until = now + timedelta(seconds=settings.fraud_lock_seconds)
+    await repo.lock_push(device.client_id, until)
+    record(
+        session,
+        "approval.fraud_reported",
+        client_id=device.client_id,
+        actor="device",
+        actor_id=device.id,
+        subject_id=approval_id,
+        locked_until=until.isoformat(),
+    )

@@ -1,0 +1,199 @@
+"""Creating an approval: number matching, the push limits and fraud lock, idempotent
+replays, one pending approval per client, and the deliveries the outbox sends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.approvals.outcomes import Outcome, expiry, on_final
+from pns_server.approvals.repository import ApprovalRepository
+from pns_server.approvals.schemas import (
+    ApprovalCreate,
+    ApprovalCreated,
+)
+from pns_server.audit import record
+from pns_server.config import Settings
+from pns_server.db import publish_after_commit
+from pns_server.errors import (
+    IdempotencyConflict,
+    NoAppDevices,
+    PlainPushNotAllowed,
+    PushLimit,
+    PushLocked,
+)
+from pns_server.metrics import Metrics
+from pns_server.models import Approval, Client, Delivery, Device
+from pns_server.security import new_id
+from pns_server.states import ApprovalStatus, DeliveryStatus
+from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc, pending_topic
+
+
+def new_match_code(digits: int) -> str:
+    return f"{secrets.randbelow(10**digits):0{digits}d}"
+
+
+def request_fingerprint(data: ApprovalCreate) -> str:
+    canonical = json.dumps(data.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Created:
+    body: ApprovalCreated
+    replayed: bool
+
+
+def created_body(approval: Approval) -> ApprovalCreated:
+    return ApprovalCreated(
+        approval_id=approval.id,
+        status=approval.status,
+        expires_at=approval.expires_at,
+        match_code=approval.match_code,
+        devices_notified=approval.devices_notified,
+    )
+
+
+def check_plain_push(settings: Settings, data: ApprovalCreate) -> None:
+    if not data.number_matching and not settings.allow_plain_push:
+        raise PlainPushNotAllowed(
+            "This relay requires number matching (plain approve/deny invites push-fatigue "
+            "attacks); send number_matching: true or ask the operator for PNS_ALLOW_PLAIN_PUSH."
+        )
+
+
+def check_not_locked(client: Client, now: datetime) -> None:
+    if client.locked_until is not None and client.locked_until > now:
+        raise PushLocked(
+            "A fraud report blocks push approvals for now; sign in with a one-time password.",
+            locked_until=client.locked_until,
+        )
+
+
+def check_push_limit(settings: Settings, client: Client) -> None:
+    if client.pushes_since_success >= settings.max_pushes_without_success:
+        raise PushLimit(
+            f"{client.pushes_since_success} push approvals since the last successful sign-in; "
+            "sign in with a one-time password or recovery code to allow push again.",
+            limit=settings.max_pushes_without_success,
+        )
+
+
+async def replay_or_conflict(existing: Approval, fingerprint: str) -> Created:
+    if existing.request_hash != fingerprint:
+        raise IdempotencyConflict(
+            "This Idempotency-Key was already used with a different request; use a new key."
+        )
+    return Created(created_body(existing), replayed=True)
+
+
+async def supersede_pending(
+    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, client_id: str, now: datetime
+) -> None:
+    """One pending approval per client: older ones expire or are cancelled, one UPDATE each."""
+    for approval_id in await repo.pending_ids(client_id):
+        if await repo.expire_if_due(approval_id, now):
+            await on_final(session, repo, metrics, expiry(approval_id, client_id))
+        elif await repo.decide(approval_id, now, status=ApprovalStatus.CANCELLED):
+            superseded = Outcome(
+                approval_id,
+                client_id,
+                ApprovalStatus.CANCELLED,
+                "client",
+                actor_id=client_id,
+                event="approval.superseded",
+            )
+            await on_final(session, repo, metrics, superseded)
+
+
+def deliveries_for(approval_id: str, devices: Sequence[Device], now: datetime) -> list[Delivery]:
+    return [
+        Delivery(
+            id=new_id(),
+            approval_id=approval_id,
+            device_id=device.id,
+            service=device.push_service or "log",
+            status=DeliveryStatus.QUEUED,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        for device in devices
+        if device.push_status == "ok" and device.push_token
+    ]
+
+
+async def create(
+    session: AsyncSession,
+    settings: Settings,
+    metrics: Metrics,
+    client: Client,
+    data: ApprovalCreate,
+    idempotency_key: str | None,
+) -> Created:
+    check_plain_push(settings, data)
+    repo = ApprovalRepository(session)
+    now = now_utc()
+    client = await repo.lock_client(client.id)
+    fingerprint = request_fingerprint(data)
+    if idempotency_key is not None:
+        existing = await repo.by_idempotency_key(client.id, idempotency_key)
+        if existing is not None:
+            return await replay_or_conflict(existing, fingerprint)
+    check_not_locked(client, now)
+    devices = await repo.app_devices(client.id)
+    if not devices:
+        raise NoAppDevices(
+            "No authenticator app is paired; pair one (POST /v1/pairings kind=app) or use OTP."
+        )
+    check_push_limit(settings, client)
+    await supersede_pending(session, repo, metrics, client.id, now)
+
+    approval = Approval(
+        id=new_id(),
+        client_id=client.id,
+        status=ApprovalStatus.PENDING,
+        idempotency_key=idempotency_key,
+        request_hash=fingerprint,
+        username=data.username,
+        hostname=data.hostname,
+        ip=data.ip,
+        action=data.action,
+        message=data.message,
+        client_nonce=data.client_nonce,
+        number_matching=data.number_matching,
+        match_code=new_match_code(settings.match_code_digits) if data.number_matching else None,
+        created_at=now,
+        expires_at=now + timedelta(seconds=data.ttl_seconds),
+        fraud=False,
+        devices_notified=len(devices),
+    )
+    deliveries = deliveries_for(approval.id, devices, now)
+    repo.add(approval, deliveries)
+    await repo.count_push(client.id)
+    await session.flush()
+    record(
+        session,
+        "approval.created",
+        client_id=client.id,
+        actor="client",
+        actor_id=client.id,
+        subject_id=approval.id,
+        action=data.action,
+        username=data.username,
+        number_matching=data.number_matching,
+        devices=len(devices),
+        pushes=len(deliveries),
+    )
+    metrics.approvals_created.inc()
+    publish_after_commit(session, approval_topic(approval.id))
+    publish_after_commit(session, pending_topic(client.id))
+    if deliveries:
+        publish_after_commit(session, OUTBOX_TOPIC)
+    return Created(created_body(approval), replayed=False)

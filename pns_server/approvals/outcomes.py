@@ -1,0 +1,102 @@
+"""Final states: the record of who won an approval, what follows the winning UPDATE
+(outbox, wake-ups, metrics, audit), and expiry, which any reader may persist."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pns_server.approvals.repository import ApprovalRepository
+from pns_server.audit import record
+from pns_server.db import publish_after_commit
+from pns_server.errors import (
+    AlreadyDecided,
+)
+from pns_server.metrics import Metrics
+from pns_server.models import Approval
+from pns_server.states import ApprovalStatus
+from pns_server.topics import approval_topic, now_utc, pending_topic
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A final state one UPDATE just won, and whom the audit trail credits with it."""
+
+    approval_id: str
+    client_id: str
+    status: ApprovalStatus
+    actor: str  # "client", "device" or "system"
+    actor_id: str | None = None
+    event: str | None = None  # the audit event; `approval.<status>` when None
+    created_at: datetime | None = None  # set to observe the time to decision
+    detail: Mapping[str, object] = field(default_factory=dict)  # extra audit fields
+
+
+def expiry(approval_id: str, client_id: str) -> Outcome:
+    return Outcome(approval_id, client_id, ApprovalStatus.EXPIRED, "system")
+
+
+async def on_final(
+    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, outcome: Outcome
+) -> None:
+    """Everything that follows the winning UPDATE: outbox, wake-ups, metrics, audit."""
+    await repo.drop_queued_deliveries(outcome.approval_id)
+    publish_after_commit(session, approval_topic(outcome.approval_id))
+    publish_after_commit(session, pending_topic(outcome.client_id))
+    metrics.approvals_decided.labels(status=outcome.status).inc()
+    if outcome.created_at is not None:
+        elapsed = now_utc() - outcome.created_at
+        metrics.approval_decision_seconds.observe(elapsed.total_seconds())
+    record(
+        session,
+        outcome.event or f"approval.{outcome.status}",
+        client_id=outcome.client_id,
+        actor=outcome.actor,
+        actor_id=outcome.actor_id,
+        subject_id=outcome.approval_id,
+        **outcome.detail,
+    )
+
+
+async def refresh_expiry(
+    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, approval: Approval
+) -> Approval:
+    """Report expiry the moment it is due, whoever reads first persists it."""
+    if approval.status == ApprovalStatus.PENDING and approval.expires_at <= now_utc():
+        if await repo.expire_if_due(approval.id, now_utc()):
+            await on_final(session, repo, metrics, expiry(approval.id, approval.client_id))
+        fresh = await repo.get(approval.id, approval.client_id)
+        assert fresh is not None
+        return fresh
+    return approval
+
+
+async def reread(
+    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, approval: Approval
+) -> Approval:
+    """The row as the winner left it: after a lost UPDATE our loaded copy is stale."""
+    fresh = await repo.get(approval.id, approval.client_id)
+    return await refresh_expiry(session, repo, metrics, fresh or approval)
+
+
+async def expire_due(session: AsyncSession, metrics: Metrics, limit: int = 100) -> int:
+    """Expire what nobody is watching, so the audit trail and outbox stay truthful."""
+    repo = ApprovalRepository(session)
+    now = now_utc()
+    expired = 0
+    for approval_id, client_id in await repo.due_for_expiry(now, limit):
+        if await repo.expire_if_due(approval_id, now):
+            await on_final(session, repo, metrics, expiry(approval_id, client_id))
+            expired += 1
+    return expired
+
+
+def already_decided(approval: Approval) -> AlreadyDecided:
+    return AlreadyDecided(
+        f"This approval is already {approval.status}; start a new one if needed.",
+        # `status` in a problem body is the HTTP status (RFC 9457); the approval's goes here.
+        approval_status=approval.status,
+    )
