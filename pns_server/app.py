@@ -19,7 +19,6 @@ from pns_server.config import Settings
 from pns_server.devices.router import router as devices_router
 from pns_server.docs_page import install_docs_page
 from pns_server.health import router as health_router
-from pns_server.metrics import Metrics
 from pns_server.middleware import BodyLimitMiddleware, RefuseControlCharacters
 from pns_server.observability import RequestObserver
 from pns_server.otp.router import router as otp_router
@@ -27,7 +26,7 @@ from pns_server.outbox.dispatcher import start_dispatcher
 from pns_server.pairings.router import router as pairings_router
 from pns_server.problems import install_error_handlers
 from pns_server.ratelimit import LocalWindows
-from pns_server.runtime import build_runtime, close_runtime
+from pns_server.runtime import AppContext, build_runtime, close_runtime
 from pns_server.webapp import router as webapp
 
 log = logging.getLogger("pns")
@@ -35,9 +34,10 @@ log = logging.getLogger("pns")
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
+    context: AppContext = app.state.context
+    settings = context.settings
     webapp.warn_if_not_https(settings)
-    runtime = await build_runtime(settings, app.state.metrics)
+    runtime = await build_runtime(context)
     app.state.runtime = runtime
     dispatcher = start_dispatcher(runtime)
     runtime.tasks.append(
@@ -63,13 +63,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings
-    app.state.metrics = Metrics()
+    context = AppContext(settings)
+    app.state.context = context
     app.state.local_limits = LocalWindows()
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RefuseControlCharacters)
-    app.add_middleware(RequestObserver, metrics=app.state.metrics)
+    app.add_middleware(RequestObserver, metrics=context.metrics)
     # Added last = outermost: the access log, the metrics and the per-IP limits all see the
     # caller's address, taken from X-Forwarded-For only when the peer is a trusted proxy.
     app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)

@@ -19,7 +19,7 @@ from pns_server.db import Database
 from pns_server.errors import Unauthenticated
 from pns_server.models import Client, Device
 from pns_server.ratelimit import count_caller
-from pns_server.runtime import Runtime
+from pns_server.runtime import AppContext, Runtime
 from pns_server.security import constant_time_equals, hash_token
 
 # How stale `Client.last_seen_at` may be: the price of not writing it on every request.
@@ -32,8 +32,8 @@ def get_runtime(request: Request) -> Runtime:
 
 
 def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+    context: AppContext = request.app.state.context
+    return context.settings
 
 
 def get_database(request: Request) -> Database:

@@ -7,7 +7,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
@@ -70,7 +70,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request, runtime: RuntimeDep) -> Response:
+async def metrics(runtime: RuntimeDep) -> Response:
     # The database-backed gauges are counted per scrape: always current, and no work at all
     # between scrapes.
     try:
@@ -78,7 +78,7 @@ async def metrics(request: Request, runtime: RuntimeDep) -> Response:
             await runtime.metrics.refresh_from_database(runtime.db)
     except Exception as exc:
         log.warning("metrics: database gauges not refreshed (%s)", type(exc).__name__)
-    rendered = request.app.state.metrics.render()
+    rendered = runtime.metrics.render()
     return Response(rendered, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -154,7 +154,7 @@ def client_ip(request: Request) -> str:
 
 
 def _runtime_parts(request: Request) -> tuple[Database, Settings]:
-    return request.app.state.runtime.db, request.app.state.settings
+    return request.app.state.runtime.db, request.app.state.context.settings
 
 
 async def limit_registration_per_ip(request: Request) -> None:
@@ -170,7 +170,7 @@ async def limit_pairing_per_ip(request: Request) -> None:
 def count_caller(request: Request, subject: str) -> None:
     """The per-caller API limit, in process memory; called by the authentication
     dependencies once a token is known to be valid, so made-up tokens count toward nothing."""
-    settings: Settings = request.app.state.settings
+    settings: Settings = request.app.state.context.settings
     windows: LocalWindows = request.app.state.local_limits
     limit = caller_limit(settings)
     raise_if_exceeded(limit, windows.hit(limit, subject, time.time()))

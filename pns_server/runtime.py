@@ -1,4 +1,5 @@
-"""Everything built at start-up and shared by requests; lives on `app.state.runtime`."""
+"""What a running app shares: `AppContext` (settings and metrics, `app.state.context`) from
+`create_app` on, and the `Runtime` the lifespan builds on top of it (`app.state.runtime`)."""
 
 from __future__ import annotations
 
@@ -32,19 +33,37 @@ class Worker(Protocol):
     async def stop(self, timeout: float = 5.0) -> None: ...
 
 
-@dataclass
-class Runtime:
-    """The one place settings, metrics and every shared resource live for a running app."""
+@dataclass(frozen=True)
+class AppContext:
+    """The one home of settings and metrics. It exists before the runtime: the middleware
+    (metrics) and the rate limiters (settings) are wired in `create_app`, long before the
+    lifespan opens the database. The runtime is built from it and reads through it, so
+    there is never a second copy to drift."""
 
     settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+@dataclass
+class Runtime:
+    """Every shared resource of a running app: database, notifier, keys, push senders."""
+
+    context: AppContext
     db: Database
     notifier: Notifier
     box: SecretBox
-    metrics: Metrics
     push_readiness: PushReadiness = field(default_factory=PushReadiness)
     senders: dict[str, PushSender] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     dispatcher: Worker | None = None  # set by the lifespan once it has started one
+
+    @property
+    def settings(self) -> Settings:
+        return self.context.settings
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.context.metrics
 
     def sender_for(self, service: str) -> PushSender:
         return self.senders.get(service) or self.senders["log"]
@@ -65,7 +84,8 @@ def secret_keys(settings: Settings) -> list[str]:
     return keys
 
 
-async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:
+async def build_runtime(context: AppContext) -> Runtime:
+    settings = context.settings
     if settings.is_embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     elif (path := settings.sqlite_path) is not None:
@@ -89,11 +109,10 @@ async def build_runtime(settings: Settings, metrics: Metrics | None = None) -> R
     await notifier.start()
     db = Database(engine, notifier.publish, notifier.before_commit)
     runtime = Runtime(
-        settings=settings,
+        context=context,
         db=db,
         notifier=notifier,
         box=box,
-        metrics=metrics or Metrics(),
         push_readiness=push_readiness,
         senders=senders,
     )

@@ -22,8 +22,8 @@ from pns_server.errors import (
     NotFound,
     StaleTimestamp,
 )
-from pns_server.metrics import Metrics
 from pns_server.models import Approval, Device
+from pns_server.runtime import Runtime
 from pns_server.security import constant_time_equals
 from pns_server.states import ApprovalStatus
 from pns_server.topics import now_utc
@@ -75,12 +75,12 @@ def outcome_of(approval: Approval, answer: DeviceDecision) -> tuple[ApprovalStat
 
 async def respond(
     session: AsyncSession,
-    settings: Settings,
-    metrics: Metrics,
+    runtime: Runtime,
     device: Device,
     approval_id: str,
     answer: DeviceDecision,
 ) -> DecisionResult:
+    settings, metrics = runtime.settings, runtime.metrics
     repo = ApprovalRepository(session)
     approval = await repo.get(approval_id, device.client_id)
     if approval is None:

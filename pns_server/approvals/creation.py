@@ -30,6 +30,7 @@ from pns_server.errors import (
 )
 from pns_server.metrics import Metrics
 from pns_server.models import Approval, Client, Delivery, Device
+from pns_server.runtime import Runtime
 from pns_server.security import new_id
 from pns_server.states import ApprovalStatus, DeliveryStatus
 from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc, pending_topic
@@ -131,12 +132,12 @@ def deliveries_for(approval_id: str, devices: Sequence[Device], now: datetime) -
 
 async def create(
     session: AsyncSession,
-    settings: Settings,
-    metrics: Metrics,
+    runtime: Runtime,
     client: Client,
     data: ApprovalCreate,
     idempotency_key: str | None,
 ) -> Created:
+    settings, metrics = runtime.settings, runtime.metrics
     check_plain_push(settings, data)
     repo = ApprovalRepository(session)
     now = now_utc()

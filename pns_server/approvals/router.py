@@ -22,7 +22,6 @@ from pns_server.deps import (
     DatabaseDep,
     RuntimeDep,
     SessionDep,
-    SettingsDep,
     bearer_token,
     client_by_token,
 )
@@ -43,7 +42,7 @@ async def limit_approvals_per_client(request: Request, db: DatabaseDep) -> None:
     before the request's unit of work (refused attempts count too). The token is checked
     first, in that same transaction: a made-up token counts nothing and writes no row."""
     token = bearer_token(request)
-    limit = Limit("approvals", request.app.state.settings.approval_rate_per_minute, 60)
+    limit = Limit("approvals", request.app.state.context.settings.approval_rate_per_minute, 60)
     async with db.session() as session:
         client = await client_by_token(session, token)
         result = await hit_in(session, limit, client.id)
@@ -60,14 +59,11 @@ async def create_approval(
     body: ApprovalCreate,
     client: CurrentClient,
     session: SessionDep,
-    settings: SettingsDep,
     runtime: RuntimeDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> ApprovalCreated:
-    created = await creation.create(
-        session, settings, runtime.metrics, client, body, idempotency_key
-    )
+    created = await creation.create(session, runtime, client, body, idempotency_key)
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return created.body
@@ -90,7 +86,7 @@ async def get_approval(
 async def cancel_approval(
     approval_id: str, client: CurrentClient, session: SessionDep, runtime: RuntimeDep
 ) -> ApprovalState:
-    return await service.cancel(session, runtime.metrics, client, approval_id)
+    return await service.cancel(session, runtime, client, approval_id)
 
 
 @router.get("/v1/device/approvals", response_model=DeviceApprovalList)
@@ -106,7 +102,7 @@ async def list_device_approvals(
 async def get_device_approval(
     approval_id: str, device: CurrentDevice, session: SessionDep, runtime: RuntimeDep
 ) -> DeviceApproval:
-    return await service.device_view(session, runtime.metrics, device, approval_id)
+    return await service.device_view(session, runtime, device, approval_id)
 
 
 @router.post("/v1/device/approvals/{approval_id}/response", response_model=DecisionResult)
@@ -115,7 +111,6 @@ async def answer_approval(
     body: DeviceDecision,
     device: CurrentDevice,
     session: SessionDep,
-    settings: SettingsDep,
     runtime: RuntimeDep,
 ) -> DecisionResult:
-    return await answers.respond(session, settings, runtime.metrics, device, approval_id, body)
+    return await answers.respond(session, runtime, device, approval_id, body)

@@ -110,8 +110,9 @@ async def wait_for_state(
 
 
 async def cancel(
-    session: AsyncSession, metrics: Metrics, client: Client, approval_id: str
+    session: AsyncSession, runtime: Runtime, client: Client, approval_id: str
 ) -> ApprovalState:
+    metrics = runtime.metrics
     repo = ApprovalRepository(session)
     approval = await load_for_client(session, metrics, client.id, approval_id)
     if not await repo.decide(approval.id, now_utc(), status=ApprovalStatus.CANCELLED):
@@ -179,7 +180,7 @@ async def wait_for_pending(runtime: Runtime, device: Device, wait: float) -> Dev
 
 
 async def device_view(
-    session: AsyncSession, metrics: Metrics, device: Device, approval_id: str
+    session: AsyncSession, runtime: Runtime, device: Device, approval_id: str
 ) -> DeviceApproval:
-    approval = await load_for_client(session, metrics, device.client_id, approval_id)
+    approval = await load_for_client(session, runtime.metrics, device.client_id, approval_id)
     return for_device(approval, await ApprovalRepository(session).client_name(device.client_id))

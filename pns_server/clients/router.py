@@ -4,7 +4,7 @@ from fastapi import APIRouter, status
 
 from pns_server.clients import service
 from pns_server.clients.schemas import ClientCreate, ClientCreated, ClientInfo
-from pns_server.deps import CurrentClient, SessionDep, SettingsDep
+from pns_server.deps import CurrentClient, RuntimeDep, SessionDep
 from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import RegisterLimit
 
@@ -18,9 +18,9 @@ router = APIRouter(tags=["clients"], responses=PROBLEM_RESPONSES)
     dependencies=[RegisterLimit],
 )
 async def register_client(
-    body: ClientCreate, session: SessionDep, settings: SettingsDep
+    body: ClientCreate, session: SessionDep, runtime: RuntimeDep
 ) -> ClientCreated:
-    return await service.register(session, settings, body)
+    return await service.register(session, runtime, body)
 
 
 @router.get("/v1/client", response_model=ClientInfo)

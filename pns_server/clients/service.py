@@ -10,6 +10,7 @@ from pns_server.clients.schemas import ClientCreate, ClientCreated, ClientInfo
 from pns_server.config import Settings
 from pns_server.errors import EditionUnsupported, RegistrationKeyInvalid
 from pns_server.models import Client
+from pns_server.runtime import Runtime
 from pns_server.security import CLIENT_TOKEN_PREFIX, constant_time_equals, hash_token, new_id
 from pns_server.security import new_token as make_token
 
@@ -35,7 +36,8 @@ def check_edition(settings: Settings, edition: str) -> str:
     return edition
 
 
-async def register(session: AsyncSession, settings: Settings, data: ClientCreate) -> ClientCreated:
+async def register(session: AsyncSession, runtime: Runtime, data: ClientCreate) -> ClientCreated:
+    settings = runtime.settings
     check_registration_key(settings, data.registration_key)
     edition = check_edition(settings, data.edition)
     token = make_token(CLIENT_TOKEN_PREFIX)

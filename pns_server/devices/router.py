@@ -31,14 +31,14 @@ async def remove_device(device_id: str, client: CurrentClient, session: SessionD
 async def enrol_device(
     body: DeviceCreate, session: SessionDep, runtime: RuntimeDep
 ) -> DeviceCreated:
-    return await service.enrol_app_device(session, runtime.settings, runtime.box, body)
+    return await service.enrol_app_device(session, runtime, body)
 
 
 @router.put("/v1/device/push", status_code=status.HTTP_204_NO_CONTENT)
 async def update_push(
     body: PushRegistration, device: CurrentDevice, session: SessionDep, runtime: RuntimeDep
 ) -> Response:
-    await service.update_push(session, runtime.settings, device, body)
+    await service.update_push(session, runtime, device, body)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -28,9 +28,9 @@ from pns_server.errors import (
 )
 from pns_server.models import Client, Device, Pairing
 from pns_server.push.webpush import endpoint_problem
+from pns_server.runtime import Runtime
 from pns_server.security import (
     DEVICE_TOKEN_PREFIX,
-    SecretBox,
     hash_token,
     new_id,
     new_token,
@@ -128,8 +128,9 @@ async def claim_app_pairing(session: AsyncSession, pairing_token: str) -> Pairin
 
 
 async def enrol_app_device(
-    session: AsyncSession, settings: Settings, box: SecretBox, data: DeviceCreate
+    session: AsyncSession, runtime: Runtime, data: DeviceCreate
 ) -> DeviceCreated:
+    settings, box = runtime.settings, runtime.box
     # Every check on the request comes first, so a refused phone does not burn the code.
     if data.platform != "web":
         if data.os_version is None:
@@ -212,10 +213,10 @@ async def remove_for_client(session: AsyncSession, client: Client, device_id: st
 
 
 async def update_push(
-    session: AsyncSession, settings: Settings, device: Device, push: PushRegistration
+    session: AsyncSession, runtime: Runtime, device: Device, push: PushRegistration
 ) -> None:
     check_push_service(device.platform, push, field="service")
-    check_webpush_endpoint(settings, push, field="endpoint")
+    check_webpush_endpoint(runtime.settings, push, field="endpoint")
     apply_push(device, push)
     record(
         session,

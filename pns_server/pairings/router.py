@@ -28,7 +28,7 @@ WaitSeconds = Annotated[
 async def start_pairing(
     body: PairingCreate, client: CurrentClient, session: SessionDep, runtime: RuntimeDep
 ) -> PairingCreated:
-    return await service.start(session, runtime.settings, runtime.box, client, body)
+    return await service.start(session, runtime, client, body)
 
 
 @router.post("/v1/pairings/{pairing_id}/confirm", response_model=PairingConfirmed)
@@ -39,9 +39,7 @@ async def confirm_pairing(
     session: SessionDep,
     runtime: RuntimeDep,
 ) -> PairingConfirmed:
-    return await service.confirm(
-        session, runtime.settings, runtime.box, client, pairing_id, body.code
-    )
+    return await service.confirm(session, runtime, client, pairing_id, body.code)
 
 
 @router.get("/v1/pairings/{pairing_id}", response_model=PairingStatus)

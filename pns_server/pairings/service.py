@@ -64,8 +64,9 @@ def not_found() -> NotFound:
 
 
 async def start(
-    session: AsyncSession, settings: Settings, box: SecretBox, client: Client, data: PairingCreate
+    session: AsyncSession, runtime: Runtime, client: Client, data: PairingCreate
 ) -> PairingCreated:
+    settings, box = runtime.settings, runtime.box
     now = datetime.now(UTC)
     pairing = Pairing(
         id=new_id(),
@@ -127,13 +128,9 @@ def check_confirmable(pairing: Pairing, now: datetime) -> None:
 
 
 async def confirm(
-    session: AsyncSession,
-    settings: Settings,
-    box: SecretBox,
-    client: Client,
-    pairing_id: str,
-    code: str,
+    session: AsyncSession, runtime: Runtime, client: Client, pairing_id: str, code: str
 ) -> PairingConfirmed:
+    settings, box = runtime.settings, runtime.box
     pairings = PairingRepository(session)
     pairing = await pairings.get_for_client(pairing_id, client.id)
     if pairing is None:
