@@ -155,6 +155,16 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_class in DATABASE_UNAVAILABLE:
         app.add_exception_handler(exc_class, _database_unavailable)
 
+    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+        # A connection that died under a statement (the server restarted or went away) is an
+        # outage, not a bug: 503, so the caller retries. Anything else is a bug.
+        if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+            return await _database_unavailable(request, exc)
+        log_unexpected(log, exc)
+        return problem_response(internal_error())
+
+    app.add_exception_handler(sa_exc.DBAPIError, _database_error)
+
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # The last resort: the request observer answers these first, with the request id.
