@@ -74,9 +74,21 @@ async def long_poll(
         gone = True
         subscription.wake()
 
+    async def first_read(not_before: float) -> T:
+        # A wait that starts while the database restarts rides it out like a re-read does;
+        # a caller that asked for no wait gets the error at once.
+        while True:
+            try:
+                return await fresh(not_before)
+            except Exception:
+                if loop.time() >= give_up:
+                    raise
+                log.warning("long-poll read failed; retrying while the wait lasts")
+                await asyncio.sleep(min(RETRY_READ_SECONDS, max(give_up - loop.time(), 0.0)))
+
     async with notifier.subscribe(topic) as subscription:
         try:
-            value = await fresh(subscription.since)
+            value = await first_read(subscription.since)
             while not is_settled(value) and not notifier.closing:
                 left = give_up - loop.time()
                 if left <= 0:
