@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive
 
 from pns_server.realtime.base import Notifier, Subscription
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 # After a failed re-read (database restarting), try again this soon rather than failing the
 # wait: the caller would otherwise miss the decision made once the database is back.
 RETRY_READ_SECONDS = 0.5
+# What a database restart or overload raises; anything else (a 404, a bug) ends the wait.
+TRANSIENT = (SQLAlchemyError, OSError)
 
 
 Disconnected = Callable[[], Awaitable[None]]
@@ -80,7 +83,7 @@ async def long_poll(
         while True:
             try:
                 return await fresh(not_before)
-            except Exception:
+            except TRANSIENT:
                 if loop.time() >= give_up:
                     raise
                 log.warning("long-poll read failed; retrying while the wait lasts")
@@ -101,7 +104,7 @@ async def long_poll(
                     break
                 try:
                     value = await fresh(subscription.woken_at if woken else time.monotonic())
-                except Exception:
+                except TRANSIENT:
                     if loop.time() >= give_up:
                         raise
                     log.warning("long-poll re-read failed; retrying while the wait lasts")
