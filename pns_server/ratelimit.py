@@ -11,8 +11,10 @@ neither writes rows nor crowds out real callers.
 
 The per-caller API limit guards load, not a secret, so it is counted in process memory
 (`LocalWindows`): a database round trip on every call would cost more than it protects, and
-with N replicas a caller gets at most N times the limit. Limits that guard secrets
-(registration, pairing tokens, admin token, OTP attempts) stay in the database."""
+with N replicas a caller gets at most N times the limit. So is the per-client limit on
+approval requests (the push-fatigue guard that matters, pushes without a successful sign-in,
+is counted in the database with each push). Limits that guard secrets (registration,
+pairing tokens, admin token, OTP attempts) stay in the database."""
 
 from __future__ import annotations
 
@@ -174,6 +176,20 @@ def count_caller(request: Request, subject: str) -> None:
     windows: LocalWindows = request.app.state.local_limits
     limit = caller_limit(settings)
     raise_if_exceeded(limit, windows.hit(limit, subject, time.time()))
+
+
+def approval_limit(settings: Settings) -> Limit:
+    return Limit("approvals", settings.approval_rate_per_minute, 60)
+
+
+def count_approval(request: Request, client_id: str) -> None:
+    """The per-client limit on approval requests, in process memory like the API limit: it
+    guards load and the owner's patience, not a secret, and the durable guard against push
+    fatigue (PNS_MAX_PUSHES_WITHOUT_SUCCESS) is counted in the database with each push."""
+    settings: Settings = request.app.state.context.settings
+    windows: LocalWindows = request.app.state.local_limits
+    limit = approval_limit(settings)
+    raise_if_exceeded(limit, windows.hit(limit, client_id, time.time()))
 
 
 async def limit_admin_per_ip(request: Request) -> None:

@@ -19,14 +19,11 @@ from pns_server.deps import (
     CurrentClientDetached,
     CurrentDevice,
     CurrentDeviceDetached,
-    DatabaseDep,
     RuntimeDep,
     SessionDep,
-    bearer_token,
-    client_by_token,
 )
 from pns_server.problems import PROBLEM_RESPONSES
-from pns_server.ratelimit import Limit, hit_in, raise_if_exceeded
+from pns_server.ratelimit import count_approval
 from pns_server.realtime.longpoll import until_disconnected
 
 router = APIRouter(tags=["approvals"], responses=PROBLEM_RESPONSES)
@@ -37,16 +34,10 @@ IdempotencyKey = Annotated[
 Wait = Annotated[float, Query(ge=0, le=60, description="seconds to wait while pending")]
 
 
-async def limit_approvals_per_client(request: Request, db: DatabaseDep) -> None:
-    """PNS_APPROVAL_RATE_PER_MINUTE per client, counted in one short transaction of its own
-    before the request's unit of work (refused attempts count too). The token is checked
-    first, in that same transaction: a made-up token counts nothing and writes no row."""
-    token = bearer_token(request)
-    limit = Limit("approvals", request.app.state.context.settings.approval_rate_per_minute, 60)
-    async with db.session() as session:
-        client = await client_by_token(session, token)
-        result = await hit_in(session, limit, client.id)
-    raise_if_exceeded(limit, result)
+def limit_approvals_per_client(request: Request, client: CurrentClient) -> None:
+    """PNS_APPROVAL_RATE_PER_MINUTE per client, refused attempts included; counted once the
+    token is known to be valid (a made-up token counts nothing), in process memory."""
+    count_approval(request, client.id)
 
 
 @router.post(
