@@ -14,7 +14,7 @@ from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import AdminLimit
 
 
-def admin_api_enabled(settings: SettingsDep) -> None:
+async def admin_api_enabled(settings: SettingsDep) -> None:
     """Without PNS_ADMIN_TOKEN no token can be right: say so instead of a bare 401."""
     if settings.admin_token is None:
         raise Unauthenticated(

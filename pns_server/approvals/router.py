@@ -34,7 +34,7 @@ IdempotencyKey = Annotated[
 Wait = Annotated[float, Query(ge=0, le=60, description="seconds to wait while pending")]
 
 
-def limit_approvals_per_client(request: Request, client: CurrentClient) -> None:
+async def limit_approvals_per_client(request: Request, client: CurrentClient) -> None:
     """PNS_APPROVAL_RATE_PER_MINUTE per client, refused attempts included; counted once the
     token is known to be valid (a made-up token counts nothing), in process memory."""
     count_approval(request, client.id)

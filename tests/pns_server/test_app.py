@@ -3,6 +3,7 @@ and follows the operations conventions (proxy addresses, 500s, docs, metrics).""
 
 from __future__ import annotations
 
+import inspect
 import platform
 import re
 import sys
@@ -96,6 +97,27 @@ def test_every_route_is_limited_and_carries_problem_docs() -> None:
             assert names & (COUNTING_AUTH | PER_IP), route.path
         if route.path != "/v1/ping":
             assert {"4XX", 503} <= set(route.responses), route.path
+
+
+def dependency_calls(dependant: Dependant) -> list[object]:
+    calls: list[object] = [] if dependant.call is None else [dependant.call]
+    for sub in dependant.dependencies:
+        calls += dependency_calls(sub)
+    return calls
+
+
+def test_no_route_runs_work_in_a_worker_thread() -> None:
+    """FastAPI runs a plain `def` endpoint or dependency in a worker thread: a hand-off
+    that costs more CPU than a short request's own work, on every request."""
+    threaded = {
+        f"{route.path}: {getattr(call, '__qualname__', call)}"
+        for route in create_app().routes
+        if isinstance(route, APIRoute)
+        for call in dependency_calls(route.dependant)
+        if not (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call))
+        and not (inspect.isclass(call))  # request parameters and security schemes
+    }
+    assert threaded == set()
 
 
 # -- operations conventions ------------------------------------------------------------
