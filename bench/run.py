@@ -14,7 +14,11 @@ from typing import Any
 
 from bench import harness
 from bench.harness import RESULTS, Databases, raise_open_files_limit, table, write_result
-from bench.scenarios import FULL, QUICK, SCENARIOS
+from bench.layers import db_layers
+from bench.scenarios import FULL, QUICK
+from bench.scenarios import SCENARIOS as RELAY_SCENARIOS
+
+SCENARIOS = {**RELAY_SCENARIOS, "db_layers": db_layers}
 
 
 def keep_relay_logs(tmp: Path, label: str) -> str:

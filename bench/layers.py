@@ -1,0 +1,132 @@
+"""`db_layers`: what one database operation costs at each layer the relay goes through.
+
+Runs in this process (no relay): the token lookup every authenticated request makes, timed
+in CPU per operation through the driver alone, through SQLAlchemy Core on a connection,
+and through the ORM session the relay's units of work use (`Database.session()` and
+`Database.read()`), plus the cost of one more ORM statement inside a unit of work. It
+separates what the database round trip costs from what the layers above it cost."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiosqlite
+import asyncpg
+from sqlalchemy import select
+
+from pns_server.config import async_database_url
+from pns_server.db import Database, create_engine
+from pns_server.models import Base, Client
+from pns_server.security import hash_token
+
+if TYPE_CHECKING:
+    from bench.harness import Databases
+    from bench.scenarios import Size
+
+TOKEN = "pnsc_layers-benchmark-token"
+LOOKUP_PG = "SELECT * FROM clients WHERE token_hash = $1"
+LOOKUP_SQLITE = "SELECT * FROM clients WHERE token_hash = ?"
+
+
+async def cpu_ms_per_op(operation: Callable[[], Awaitable[Any]], count: int) -> float:
+    for _ in range(min(100, count)):  # statement caches warm, connections open
+        await operation()
+    started = time.process_time()
+    for _ in range(count):
+        await operation()
+    return round(1000 * (time.process_time() - started) / count, 4)
+
+
+async def seeded(db: Database) -> None:
+    async with db.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    async with db.session() as session:
+        session.add(Client(id="c" * 32, token_hash=hash_token(TOKEN), name="BENCH", edition="pro"))
+
+
+async def driver_figures(kind: str, url: str, count: int) -> dict[str, float]:
+    token_hash = hash_token(TOKEN)
+    if kind == "postgres":
+        conn = await asyncpg.connect(url)
+        try:
+            lookup = await conn.prepare(LOOKUP_PG)
+
+            async def in_transaction() -> None:
+                async with conn.transaction():
+                    await lookup.fetchrow(token_hash)
+
+            return {
+                "driver_lookup": await cpu_ms_per_op(lambda: lookup.fetchrow(token_hash), count),
+                "driver_begin_lookup_commit": await cpu_ms_per_op(in_transaction, count),
+            }
+        finally:
+            await conn.close()
+    lite = await aiosqlite.connect(url.split("///", 1)[1], isolation_level=None)
+    try:
+
+        async def lookup_sqlite() -> None:
+            async with lite.execute(LOOKUP_SQLITE, (token_hash,)) as cursor:
+                await cursor.fetchone()
+
+        async def in_transaction_sqlite() -> None:
+            await lite.execute("BEGIN IMMEDIATE")
+            await lookup_sqlite()
+            await lite.execute("COMMIT")
+
+        return {
+            "driver_lookup": await cpu_ms_per_op(lookup_sqlite, count),
+            "driver_begin_lookup_commit": await cpu_ms_per_op(in_transaction_sqlite, count),
+        }
+    finally:
+        await lite.close()
+
+
+async def sqlalchemy_figures(db: Database, count: int) -> dict[str, float]:
+    token_hash = hash_token(TOKEN)
+    by_token = select(Client).where(Client.token_hash == token_hash)
+    columns = select(Client.id, Client.name).where(Client.token_hash == token_hash)
+
+    async def core_on_connection() -> None:
+        async with db.engine.begin() as conn:
+            (await conn.execute(columns)).first()
+
+    async def orm_unit_of_work(statements: int = 1) -> None:
+        async with db.session() as session:
+            for _ in range(statements):
+                await session.scalar(by_token)
+
+    async def orm_read() -> None:
+        async with db.read() as session:
+            await session.scalar(by_token)
+
+    async def empty_unit_of_work() -> None:
+        async with db.session() as session:
+            await session.connection()
+
+    one = await cpu_ms_per_op(orm_unit_of_work, count)
+    five = await cpu_ms_per_op(lambda: orm_unit_of_work(5), count)
+    return {
+        "sqlalchemy_core_transaction": await cpu_ms_per_op(core_on_connection, count),
+        "orm_unit_of_work_one_lookup": one,
+        "orm_read_one_lookup": await cpu_ms_per_op(orm_read, count),
+        "orm_unit_of_work_no_statement": await cpu_ms_per_op(empty_unit_of_work, count),
+        "orm_each_further_statement": round((five - one) / 4, 4),
+    }
+
+
+async def db_layers(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
+    count = 4 * size.route_requests  # 800 quick, 2,000 full
+    url = await dbs.fresh(kind)
+    db = Database(create_engine(async_database_url(url)))
+    try:
+        await seeded(db)
+        figures = await sqlalchemy_figures(db, count)
+    finally:
+        await db.dispose()
+    figures = {**await driver_figures(kind, url, count), **figures}
+    return [
+        {"database": kind, "operations": count, **{k + "_cpu_ms": v for k, v in figures.items()}}
+    ]
