@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.config import Settings
@@ -77,15 +77,21 @@ def _invalid_token() -> Unauthenticated:
     )
 
 
+# Built once: SQLAlchemy computes a statement's cache key on every execution of a new
+# statement object (~0.1 ms of CPU), and these run on every authenticated request.
+CLIENT_BY_TOKEN = select(Client).where(Client.token_hash == bindparam("token_hash"))
+DEVICE_BY_TOKEN = select(Device).where(Device.token_hash == bindparam("token_hash"))
+
+
 async def client_by_token(session: AsyncSession, token: str) -> Client:
-    client = await session.scalar(select(Client).where(Client.token_hash == hash_token(token)))
+    client = await session.scalar(CLIENT_BY_TOKEN, {"token_hash": hash_token(token)})
     if client is None:
         raise _invalid_token()
     return client
 
 
 async def _device_by_token(session: AsyncSession, token: str) -> Device:
-    device = await session.scalar(select(Device).where(Device.token_hash == hash_token(token)))
+    device = await session.scalar(DEVICE_BY_TOKEN, {"token_hash": hash_token(token)})
     if device is None:
         raise _invalid_token()
     return device
