@@ -108,6 +108,28 @@ _CLAIM_STEP = (
 
 _INSERT_AUDIT = insert(_audit)
 
+_AUDIT_FIELDS = ("at", "client_id", "actor", "actor_id", "event", "subject_id", "detail")
+
+# PostgreSQL: the step claim and the audit row of its success in one round trip. The claim
+# is a data-modifying CTE; the INSERT reads its RETURNING, so the row exists only if the
+# claim won, and the statement returns a row exactly then.
+_claimed = _CLAIM_STEP.cte("claimed")
+_CLAIM_STEP_AUDITED = (
+    insert(_audit)
+    .from_select(
+        list(_AUDIT_FIELDS),
+        select(
+            *(
+                _claimed.c.id
+                if name == "subject_id"
+                else bindparam(f"audit_{name}", type_=_audit.c[name].type)
+                for name in _AUDIT_FIELDS
+            )
+        ),
+    )
+    .returning(_audit.c.subject_id)
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Throttle:
@@ -195,6 +217,21 @@ class OtpRepository:
         result = await self.session.execute(_CLAIM_STEP, params)
         return result.first() is not None
 
+    async def claim_step_audited(
+        self, device_id: str, step: int, now: datetime, audit: dict[str, Any]
+    ) -> bool:
+        """`claim_step`, and when it wins, the audit row `audit` (from `audit_row`; its
+        subject is the device): one statement on PostgreSQL, the two in turn elsewhere."""
+        params = {"device_id": device_id, "step": step, "now": now}
+        if self.session.get_bind().dialect.name == "postgresql":
+            params.update({f"audit_{name}": v for name, v in audit.items() if name != "subject_id"})
+            result = await self.session.execute(_CLAIM_STEP_AUDITED, params)
+            return result.first() is not None
+        if not await self.claim_step(device_id, step, now):
+            return False
+        await self.session.execute(_INSERT_AUDIT, audit)
+        return True
+
     async def add_audit(
         self,
         event: str,
@@ -207,15 +244,14 @@ class OtpRepository:
     ) -> None:
         """The audit row `audit.record` would add, written now as one INSERT (no entity
         waiting for the flush); it commits or rolls back with the rest of the request."""
-        row = {
-            "at": utcnow(),
-            "client_id": client_id,
-            "actor": actor,
-            "actor_id": actor_id,
-            "event": event,
-            "subject_id": subject_id,
-            "detail": detail or None,
-        }
+        row = audit_row(
+            event,
+            client_id=client_id,
+            actor=actor,
+            actor_id=actor_id,
+            subject_id=subject_id,
+            **detail,
+        )
         await self.session.execute(_INSERT_AUDIT, row)
 
     async def replace_recovery_codes(
@@ -257,3 +293,24 @@ class OtpRepository:
             )
         )
         return int(count or 0)
+
+
+def audit_row(
+    event: str,
+    *,
+    client_id: str,
+    actor: str,
+    actor_id: str | None = None,
+    subject_id: str | None = None,
+    **detail: Any,
+) -> dict[str, Any]:
+    """The columns of an audit row, as `audit.record` fills them."""
+    return {
+        "at": utcnow(),
+        "client_id": client_id,
+        "actor": actor,
+        "actor_id": actor_id,
+        "event": event,
+        "subject_id": subject_id,
+        "detail": detail or None,
+    }

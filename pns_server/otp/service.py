@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pns_server.errors import OtpInvalid, OtpReplayed, PnsError, RecoveryCodeInvalid
 from pns_server.models import Client
 from pns_server.otp import recovery_codes, throttle
-from pns_server.otp.repository import OtpDevice, OtpRepository, Throttle
+from pns_server.otp.repository import OtpDevice, OtpRepository, Throttle, audit_row
 from pns_server.otp.schemas import OtpAccepted, RecoveryCodeAccepted, RecoveryCodesCreated
 from pns_server.runtime import Runtime
 from pns_server.security import SecretBox
@@ -37,7 +37,8 @@ async def verify_otp(
     by the user must not eat an attempt). Anything else that does not match counts.
 
     Statements of an accepted code: the locking read of the client row with its devices, the
-    step claim, the audit row, and the counter reset only when there is something to reset."""
+    step claim with its audit row (one statement on PostgreSQL), and the counter reset only
+    when there is something to reset."""
     now = datetime.now(UTC)
     repo = OtpRepository(session)
     state = await repo.lock_for_verify(client.id)
@@ -53,17 +54,17 @@ async def verify_otp(
             continue
         # The read above may predate a concurrent claim (PostgreSQL re-reads only the locked
         # client row after waiting for it): this conditional UPDATE is what decides.
-        if await repo.claim_step(device.id, step, now):
+        accepted = audit_row(
+            "otp.accepted",
+            client_id=client.id,
+            actor="client",
+            actor_id=client.id,
+            subject_id=device.id,
+            kind=device.kind,
+        )
+        if await repo.claim_step_audited(device.id, step, now, accepted):
             if state.pushes_since_success or not throttle.is_clear(state.throttle):
                 await repo.reset_after_success(client.id)
-            await repo.add_audit(
-                "otp.accepted",
-                client_id=client.id,
-                actor="client",
-                actor_id=client.id,
-                subject_id=device.id,
-                kind=device.kind,
-            )
             runtime.metrics.otp_verifications.labels(result="accepted").inc()
             return OtpAccepted(device_id=device.id)
     if matches:

@@ -59,22 +59,23 @@ async def device(http: httpx.AsyncClient, client: RegisteredClient) -> PairedDev
     return await pair_app_device(http, client)
 
 
+# On PostgreSQL the step claim and its audit row are one statement (a data-modifying CTE).
+ACCEPTED = {"sqlite": ["SELECT", "UPDATE", "INSERT"], "postgres": ["SELECT", "WITH"]}
+
+
 async def test_accepted_code(
-    app: FastAPI, db: Database, client: RegisteredClient, device: PairedDevice
+    app: FastAPI, db: Database, client: RegisteredClient, device: PairedDevice, db_kind: str
 ) -> None:
-    assert await check(app, db, client.client_id, device.otp()) == (
-        ["SELECT", "UPDATE", "INSERT"],
-        None,
-    )
+    assert await check(app, db, client.client_id, device.otp()) == (ACCEPTED[db_kind], None)
 
 
 async def test_accepted_code_with_counters_to_reset(
-    app: FastAPI, db: Database, client: RegisteredClient, device: PairedDevice
+    app: FastAPI, db: Database, client: RegisteredClient, device: PairedDevice, db_kind: str
 ) -> None:
     wrong = await check(app, db, client.client_id, wrong_code(device.totp_secret))
     assert wrong == (["SELECT", "UPDATE"], "otp_invalid")
     assert await check(app, db, client.client_id, device.otp()) == (
-        ["SELECT", "UPDATE", "UPDATE", "INSERT"],
+        [*ACCEPTED[db_kind], "UPDATE"],
         None,
     )
 
