@@ -1,7 +1,9 @@
 """One-time passwords and recovery codes: the rules. Lockout policy: see throttle.py.
 
-Every check takes the client row first (`lock_throttle`), refuses at once when locked, then
-looks at the code. Codes, secrets and code hashes never reach logs, audit or error details."""
+Every check takes the client row first (`lock_throttle`, or `lock_for_verify` which also
+reads the devices), refuses at once when locked, then looks at the code. What is decided
+from values read (whether a success has counters to reset) is decided under that lock.
+Codes, secrets and code hashes never reach logs, audit or error details."""
 
 from __future__ import annotations
 
