@@ -48,7 +48,9 @@ _LOCK_FOR_VERIFY = (
     .select_from(
         _clients.outerjoin(
             _devices,
-            (_devices.c.client_id == _clients.c.id) & _devices.c.kind.in_(OTP_DEVICE_KINDS),
+            (_devices.c.client_id == _clients.c.id)
+            # Fixed binds, not an expanding IN: nothing to rewrite at each execution.
+            & _devices.c.kind.in_([bindparam(f"kind_{kind}", kind) for kind in OTP_DEVICE_KINDS]),
         )
     )
     .where(_clients.c.id == bindparam("client_id"))
