@@ -44,18 +44,25 @@ def code_at_step(params: TotpParams, step: int) -> str:
     return str(params.totp().generate_otp(step))
 
 
+def could_be_code(code: str, digits: int) -> bool:
+    """Whether `code` has the shape of a `digits`-digit code: a cheap test that spares
+    opening a secret for input that cannot match."""
+    # isdigit() alone admits non-ASCII digits, which compare_digest refuses with a TypeError.
+    return len(code) == digits and code.isascii() and code.isdigit()
+
+
 def matching_step(params: TotpParams, code: str, at: datetime, window: int = 1) -> int | None:
     """The time step (within ±window of `at`) whose code equals `code`, else None.
 
     Compares in constant time and checks every candidate, so timing does not reveal which
     step matched."""
-    # isdigit() alone admits non-ASCII digits, which compare_digest refuses with a TypeError.
-    if len(code) != params.digits or not (code.isascii() and code.isdigit()):
+    if not could_be_code(code, params.digits):
         return None
+    totp = params.totp()  # one generator for every candidate step
     now = time_step(params, at)
     found: int | None = None
     for step in range(now - window, now + window + 1):
-        if hmac.compare_digest(code_at_step(params, step), code) and found is None:
+        if hmac.compare_digest(totp.generate_otp(step), code) and found is None:
             found = step
     return found
 

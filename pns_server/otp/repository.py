@@ -9,19 +9,127 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.models import Client, Device, RecoveryCode
-from pns_server.security import new_id
+from pns_server.models import AuditEvent, Base, Client, Device, RecoveryCode, utcnow
+from pns_server.security import SealedAt, new_id
 
 OTP_DEVICE_KINDS = ("app", "totp")
 
+# The hot statements are plain Core on the tables, built once: no ORM entity is loaded or
+# flushed, and a statement built once keeps its cache key, so it is not re-derived per call.
+_clients = Base.metadata.tables[Client.__tablename__]
+_devices = Base.metadata.tables[Device.__tablename__]
+_audit = Base.metadata.tables[AuditEvent.__tablename__]
+
 _THROTTLE_COLUMNS = (
-    Client.otp_consecutive_failures,
-    Client.otp_failures_since_success,
-    Client.otp_lock_count,
-    Client.otp_locked_until,
+    _clients.c.otp_consecutive_failures,
+    _clients.c.otp_failures_since_success,
+    _clients.c.otp_lock_count,
+    _clients.c.otp_locked_until,
+)
+
+# One round trip takes the client row (FOR UPDATE OF clients on PostgreSQL) and reads what a
+# verification needs of it and of its OTP devices. Outer join: a client without devices
+# still gets its row locked and its counters read.
+_LOCK_FOR_VERIFY = (
+    select(
+        *_THROTTLE_COLUMNS,
+        _clients.c.pushes_since_success,
+        _devices.c.id,
+        _devices.c.kind,
+        _devices.c.totp_secret,
+        _devices.c.totp_algorithm,
+        _devices.c.totp_digits,
+        _devices.c.totp_period,
+        _devices.c.last_otp_step,
+    )
+    .select_from(
+        _clients.outerjoin(
+            _devices,
+            (_devices.c.client_id == _clients.c.id)
+            # Fixed binds, not an expanding IN: nothing to rewrite at each execution.
+            & _devices.c.kind.in_([bindparam(f"kind_{kind}", kind) for kind in OTP_DEVICE_KINDS]),
+        )
+    )
+    .where(_clients.c.id == bindparam("client_id"))
+    .order_by(_devices.c.created_at, _devices.c.id)
+    .with_for_update(of=_clients)
+)
+
+_LOCK_THROTTLE = (
+    select(*_THROTTLE_COLUMNS)
+    .where(_clients.c.id == bindparam("client_id"))
+    .with_for_update(of=_clients)
+)
+
+_RECORD_FAILURE = (
+    update(_clients)
+    .where(_clients.c.id == bindparam("client_id"))
+    .values(
+        otp_consecutive_failures=_clients.c.otp_consecutive_failures + 1,
+        otp_failures_since_success=_clients.c.otp_failures_since_success + 1,
+    )
+    .returning(*_THROTTLE_COLUMNS)
+)
+
+_IMPOSE_LOCK = (
+    update(_clients)
+    .where(_clients.c.id == bindparam("client_id"))
+    .values(
+        otp_locked_until=bindparam("until"),
+        otp_lock_count=_clients.c.otp_lock_count + 1,
+        otp_consecutive_failures=0,
+    )
+    .returning(*_THROTTLE_COLUMNS)
+)
+
+_RESET_AFTER_SUCCESS = (
+    update(_clients)
+    .where(_clients.c.id == bindparam("client_id"))
+    .values(
+        otp_consecutive_failures=0,
+        otp_failures_since_success=0,
+        otp_lock_count=0,
+        otp_locked_until=None,
+        pushes_since_success=0,
+    )
+)
+
+# The replay guard: the step is taken only if it is newer than the last one taken.
+_CLAIM_STEP = (
+    update(_devices)
+    .where(
+        _devices.c.id == bindparam("device_id"),
+        or_(_devices.c.last_otp_step.is_(None), _devices.c.last_otp_step < bindparam("step")),
+    )
+    .values(last_otp_step=bindparam("step"), last_used_at=bindparam("now"))
+    .returning(_devices.c.id)
+)
+
+_INSERT_AUDIT = insert(_audit)
+
+_AUDIT_FIELDS = ("at", "client_id", "actor", "actor_id", "event", "subject_id", "detail")
+
+# PostgreSQL: the step claim and the audit row of its success in one round trip. The claim
+# is a data-modifying CTE; the INSERT reads its RETURNING, so the row exists only if the
+# claim won, and the statement returns a row exactly then.
+_claimed = _CLAIM_STEP.cte("claimed")
+_CLAIM_STEP_AUDITED = (
+    insert(_audit)
+    .from_select(
+        list(_AUDIT_FIELDS),
+        select(
+            *(
+                _claimed.c.id
+                if name == "subject_id"
+                else bindparam(f"audit_{name}", type_=_audit.c[name].type)
+                for name in _AUDIT_FIELDS
+            )
+        ),
+    )
+    .returning(_audit.c.subject_id)
 )
 
 
@@ -39,92 +147,114 @@ class Throttle:
         return cls(int(row[0] or 0), int(row[1] or 0), int(row[2] or 0), row[3])
 
 
+@dataclass(frozen=True, slots=True)
+class OtpDevice:
+    """What checking a code needs of an app or TOTP device: a plain row, not an entity."""
+
+    id: str
+    client_id: str
+    kind: str
+    totp_secret: str
+    algorithm: str
+    digits: int
+    period: int
+    last_otp_step: int | None
+
+    @property
+    def secret_site(self) -> SealedAt:
+        """Where `totp_secret` was sealed (`Device.secret_site` of the same row)."""
+        return SealedAt(Device.__tablename__, self.id, self.client_id)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyState:
+    """The locked client's counters and its OTP devices, in pairing order."""
+
+    throttle: Throttle
+    pushes_since_success: int
+    devices: list[OtpDevice]
+
+
 class OtpRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+
+    async def lock_for_verify(self, client_id: str) -> VerifyState:
+        """`lock_throttle` and the client's OTP devices in one statement (see there)."""
+        rows = (await self.session.execute(_LOCK_FOR_VERIFY, {"client_id": client_id})).all()
+        first = rows[0]  # the client row exists: the caller authenticated with it
+        devices = [
+            OtpDevice(row[5], client_id, row[6], row[7], row[8], row[9], row[10], row[11])
+            for row in rows
+            if row[5] is not None
+        ]
+        return VerifyState(Throttle.from_row(first), int(first[4] or 0), devices)
 
     async def lock_throttle(self, client_id: str) -> Throttle:
         """Read the counters and hold the client row until commit (FOR UPDATE on PostgreSQL;
         SQLite's write transactions are serial already). Every OTP and recovery-code check of
         one client therefore takes the client row first: one lock order, no deadlocks, and
         the lock check sees the latest failures from every process."""
-        row = (
-            await self.session.execute(
-                select(*_THROTTLE_COLUMNS).where(Client.id == client_id).with_for_update()
-            )
-        ).one()
+        row = (await self.session.execute(_LOCK_THROTTLE, {"client_id": client_id})).one()
         return Throttle.from_row(row)
 
     async def record_failure(self, client_id: str) -> Throttle:
-        row = (
-            await self.session.execute(
-                update(Client)
-                .where(Client.id == client_id)
-                .values(
-                    otp_consecutive_failures=Client.otp_consecutive_failures + 1,
-                    otp_failures_since_success=Client.otp_failures_since_success + 1,
-                )
-                .returning(*_THROTTLE_COLUMNS)
-                .execution_options(synchronize_session=False)
-            )
-        ).one()
+        row = (await self.session.execute(_RECORD_FAILURE, {"client_id": client_id})).one()
         return Throttle.from_row(row)
 
     async def impose_lock(self, client_id: str, until: datetime) -> Throttle:
         """Lock until `until`; the next round of attempts starts from zero after it."""
-        row = (
-            await self.session.execute(
-                update(Client)
-                .where(Client.id == client_id)
-                .values(
-                    otp_locked_until=until,
-                    otp_lock_count=Client.otp_lock_count + 1,
-                    otp_consecutive_failures=0,
-                )
-                .returning(*_THROTTLE_COLUMNS)
-                .execution_options(synchronize_session=False)
-            )
-        ).one()
+        params = {"client_id": client_id, "until": until}
+        row = (await self.session.execute(_IMPOSE_LOCK, params)).one()
         return Throttle.from_row(row)
 
     async def reset_after_success(self, client_id: str) -> None:
         """A successful login clears the OTP throttle and the push-fatigue counter."""
-        await self.session.execute(
-            update(Client)
-            .where(Client.id == client_id)
-            .values(
-                otp_consecutive_failures=0,
-                otp_failures_since_success=0,
-                otp_lock_count=0,
-                otp_locked_until=None,
-                pushes_since_success=0,
-            )
-            .execution_options(synchronize_session=False)
-        )
-
-    async def otp_devices(self, client_id: str) -> Sequence[Device]:
-        return (
-            await self.session.scalars(
-                select(Device)
-                .where(Device.client_id == client_id, Device.kind.in_(OTP_DEVICE_KINDS))
-                .order_by(Device.created_at, Device.id)
-            )
-        ).all()
+        await self.session.execute(_RESET_AFTER_SUCCESS, {"client_id": client_id})
 
     async def claim_step(self, device_id: str, step: int, now: datetime) -> bool:
         """Accept a time step for a device at most once: the replay guard is this single
         conditional UPDATE, so two processes submitting one code cannot both win."""
-        result = await self.session.execute(
-            update(Device)
-            .where(
-                Device.id == device_id,
-                (Device.last_otp_step.is_(None)) | (Device.last_otp_step < step),
-            )
-            .values(last_otp_step=step, last_used_at=now)
-            .returning(Device.id)
-            .execution_options(synchronize_session=False)
+        params = {"device_id": device_id, "step": step, "now": now}
+        result = await self.session.execute(_CLAIM_STEP, params)
+        return result.first() is not None
+
+    async def claim_step_audited(
+        self, device_id: str, step: int, now: datetime, audit: dict[str, Any]
+    ) -> bool:
+        """`claim_step`, and when it wins, the audit row `audit` (from `audit_row`; its
+        subject is the device): one statement on PostgreSQL, the two in turn elsewhere."""
+        params = {"device_id": device_id, "step": step, "now": now}
+        if self.session.get_bind().dialect.name == "postgresql":
+            params.update({f"audit_{name}": v for name, v in audit.items() if name != "subject_id"})
+            result = await self.session.execute(_CLAIM_STEP_AUDITED, params)
+            return result.first() is not None
+        if not await self.claim_step(device_id, step, now):
+            return False
+        await self.session.execute(_INSERT_AUDIT, audit)
+        return True
+
+    async def add_audit(
+        self,
+        event: str,
+        *,
+        client_id: str,
+        actor: str,
+        actor_id: str | None = None,
+        subject_id: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """The audit row `audit.record` would add, written now as one INSERT (no entity
+        waiting for the flush); it commits or rolls back with the rest of the request."""
+        row = audit_row(
+            event,
+            client_id=client_id,
+            actor=actor,
+            actor_id=actor_id,
+            subject_id=subject_id,
+            **detail,
         )
-        return result.scalar_one_or_none() is not None
+        await self.session.execute(_INSERT_AUDIT, row)
 
     async def replace_recovery_codes(
         self, client_id: str, code_hashes: Sequence[str], now: datetime
@@ -165,3 +295,24 @@ class OtpRepository:
             )
         )
         return int(count or 0)
+
+
+def audit_row(
+    event: str,
+    *,
+    client_id: str,
+    actor: str,
+    actor_id: str | None = None,
+    subject_id: str | None = None,
+    **detail: Any,
+) -> dict[str, Any]:
+    """The columns of an audit row, as `audit.record` fills them."""
+    return {
+        "at": utcnow(),
+        "client_id": client_id,
+        "actor": actor,
+        "actor_id": actor_id,
+        "event": event,
+        "subject_id": subject_id,
+        "detail": detail or None,
+    }

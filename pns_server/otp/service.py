@@ -1,7 +1,9 @@
 """One-time passwords and recovery codes: the rules. Lockout policy: see throttle.py.
 
-Every check takes the client row first (`lock_throttle`), refuses at once when locked, then
-looks at the code. Codes, secrets and code hashes never reach logs, audit or error details."""
+Every check takes the client row first (`lock_throttle`, or `lock_for_verify` which also
+reads the devices), refuses at once when locked, then looks at the code. What is decided
+from values read (whether a success has counters to reset) is decided under that lock.
+Codes, secrets and code hashes never reach logs, audit or error details."""
 
 from __future__ import annotations
 
@@ -13,15 +15,14 @@ from typing import Any, NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.audit import record
 from pns_server.errors import OtpInvalid, OtpReplayed, PnsError, RecoveryCodeInvalid
-from pns_server.models import Client, Device
+from pns_server.models import Client
 from pns_server.otp import recovery_codes, throttle
-from pns_server.otp.repository import OtpRepository
+from pns_server.otp.repository import OtpDevice, OtpRepository, Throttle, audit_row
 from pns_server.otp.schemas import OtpAccepted, RecoveryCodeAccepted, RecoveryCodesCreated
 from pns_server.runtime import Runtime
 from pns_server.security import SecretBox
-from pns_server.totp import TotpParams, matching_step
+from pns_server.totp import TotpParams, could_be_code, matching_step
 
 log = logging.getLogger(__name__)
 
@@ -35,30 +36,37 @@ async def verify_otp(
 
     A code that matches but whose step the device already used is `otp_replayed`; it does
     not count as a failure (it proves nothing an attacker could guess, and a double-click
-    by the user must not eat an attempt). Anything else that does not match counts."""
+    by the user must not eat an attempt). Anything else that does not match counts.
+
+    Statements of an accepted code: the locking read of the client row with its devices, the
+    step claim with its audit row (one statement on PostgreSQL), and the counter reset only
+    when there is something to reset."""
     now = datetime.now(UTC)
     repo = OtpRepository(session)
-    await ensure_unlocked(repo, runtime, client.id, now)
+    state = await repo.lock_for_verify(client.id)
+    refuse_if_locked(runtime, state.throttle, now)
     typed = "".join(code.split())  # people type "123 456"
     matches = [
         (device, step)
-        for device in await repo.otp_devices(client.id)
+        for device in state.devices
         if (step := matching_device_step(runtime.box, device, typed, now)) is not None
     ]
     for device, step in matches:
         if device.last_otp_step is not None and step <= device.last_otp_step:
             continue
-        if await repo.claim_step(device.id, step, now):
-            await repo.reset_after_success(client.id)
-            record(
-                session,
-                "otp.accepted",
-                client_id=client.id,
-                actor="client",
-                actor_id=client.id,
-                subject_id=device.id,
-                kind=device.kind,
-            )
+        # The read above may predate a concurrent claim (PostgreSQL re-reads only the locked
+        # client row after waiting for it): this conditional UPDATE is what decides.
+        accepted = audit_row(
+            "otp.accepted",
+            client_id=client.id,
+            actor="client",
+            actor_id=client.id,
+            subject_id=device.id,
+            kind=device.kind,
+        )
+        if await repo.claim_step_audited(device.id, step, now, accepted):
+            if state.pushes_since_success or not throttle.is_clear(state.throttle):
+                await repo.reset_after_success(client.id)
             runtime.metrics.otp_verifications.labels(result="accepted").inc()
             return OtpAccepted(device_id=device.id)
     if matches:
@@ -67,7 +75,9 @@ async def verify_otp(
     await fail(session, runtime, client.id, now, wrong_otp)
 
 
-def matching_device_step(box: SecretBox, device: Device, code: str, now: datetime) -> int | None:
+def matching_device_step(box: SecretBox, device: OtpDevice, code: str, now: datetime) -> int | None:
+    if not could_be_code(code, device.digits):
+        return None  # no secret opened for what cannot be a code of this device
     try:
         secret = box.open(device.totp_secret, device.secret_site)
     except ValueError:
@@ -77,9 +87,9 @@ def matching_device_step(box: SecretBox, device: Device, code: str, now: datetim
         return None
     params = TotpParams(
         secret=secret,
-        algorithm=device.totp_algorithm,
-        digits=device.totp_digits,
-        period=device.totp_period,
+        algorithm=device.algorithm,
+        digits=device.digits,
+        period=device.period,
     )
     return matching_step(params, code, now)
 
@@ -96,8 +106,7 @@ async def create_recovery_codes(
     repo = OtpRepository(session)
     await repo.lock_throttle(client.id)
     await repo.replace_recovery_codes(client.id, hashes, datetime.now(UTC))
-    record(
-        session,
+    await repo.add_audit(
         "recovery.generated",
         client_id=client.id,
         actor="client",
@@ -125,8 +134,7 @@ async def verify_recovery_code(
     if candidates and await repo.use_recovery_code(client.id, candidates, now):
         await repo.reset_after_success(client.id)
         remaining = await repo.unused_recovery_codes(client.id)
-        record(
-            session,
+        await repo.add_audit(
             "recovery.used",
             client_id=client.id,
             actor="client",
@@ -141,7 +149,11 @@ async def verify_recovery_code(
 async def ensure_unlocked(
     repo: OtpRepository, runtime: Runtime, client_id: str, now: datetime
 ) -> None:
-    refusal = throttle.refusal_if_locked(await repo.lock_throttle(client_id), now)
+    refuse_if_locked(runtime, await repo.lock_throttle(client_id), now)
+
+
+def refuse_if_locked(runtime: Runtime, counters: Throttle, now: datetime) -> None:
+    refusal = throttle.refusal_if_locked(counters, now)
     if refusal is not None:
         runtime.metrics.otp_verifications.labels(result="locked").inc()
         raise refusal
@@ -172,12 +184,12 @@ async def fail(
     counters = await repo.record_failure(client_id)
     runtime.metrics.otp_verifications.labels(result="invalid").inc()
     if throttle.is_capped(counters):
-        record_lock(session, client_id, counters.failures_since_success, None)
+        await record_lock(repo, client_id, counters.failures_since_success, None)
         raise wrong(attempts_left=0, locked_until=None, admin_unlock_required=True)
     if counters.consecutive_failures >= settings.otp_max_failures:
         until = now + throttle.lock_duration(settings, counters.lock_count)
         counters = await repo.impose_lock(client_id, until)
-        record_lock(session, client_id, counters.failures_since_success, until)
+        await record_lock(repo, client_id, counters.failures_since_success, until)
         raise wrong(
             attempts_left=0,
             locked_until=until,
@@ -187,11 +199,10 @@ async def fail(
     raise wrong(attempts_left=throttle.attempts_left(settings, counters))
 
 
-def record_lock(
-    session: AsyncSession, client_id: str, failures: int, until: datetime | None
+async def record_lock(
+    repo: OtpRepository, client_id: str, failures: int, until: datetime | None
 ) -> None:
-    record(
-        session,
+    await repo.add_audit(
         "otp.locked",
         client_id=client_id,
         actor="system",

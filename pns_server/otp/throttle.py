@@ -33,6 +33,16 @@ def is_capped(throttle: Throttle) -> bool:
     return throttle.failures_since_success >= FAILURE_CAP
 
 
+def is_clear(throttle: Throttle) -> bool:
+    """Nothing a success would reset: no failures, no locks, no lock in force or past."""
+    return not (
+        throttle.consecutive_failures
+        or throttle.failures_since_success
+        or throttle.lock_count
+        or throttle.locked_until is not None
+    )
+
+
 def retry_after(locked_until: datetime, now: datetime) -> int:
     return max(1, math.ceil((locked_until - now).total_seconds()))
 

@@ -118,6 +118,38 @@ class TestLock:
         assert (await submit(http, client, device.otp())).status_code == 200
         assert (await submit(http, client, bad)).json()["attempts_left"] == 4
 
+    @pytest.mark.parametrize(
+        "leftover",
+        [
+            {"otp_consecutive_failures": 3},
+            {"otp_failures_since_success": 40},
+            {"otp_lock_count": 2},
+            {"otp_locked_until": datetime(2020, 1, 1, tzinfo=UTC)},
+            {"pushes_since_success": 7},
+        ],
+        ids=lambda leftover: next(iter(leftover)),
+    )
+    async def test_success_clears_any_single_leftover(
+        self,
+        http: httpx.AsyncClient,
+        client: RegisteredClient,
+        device: PairedDevice,
+        edit_client: ClientEditor,
+        load_client: Callable[[str], Awaitable[Client]],
+        leftover: dict[str, object],
+    ) -> None:
+        # A success writes the reset only when there is something to reset: each counter
+        # on its own must be enough to trigger it.
+        await edit_client(client.client_id, **leftover)
+        assert (await submit(http, client, device.otp())).status_code == 200
+        row = await load_client(client.client_id)
+        assert (row.otp_consecutive_failures, row.otp_failures_since_success) == (0, 0)
+        assert (row.otp_lock_count, row.otp_locked_until, row.pushes_since_success) == (
+            0,
+            None,
+            0,
+        )
+
     async def test_lock_is_audited_without_codes(
         self,
         http: httpx.AsyncClient,

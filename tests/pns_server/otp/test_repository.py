@@ -7,10 +7,12 @@ import asyncio
 from datetime import UTC, datetime
 
 import httpx
+from sqlalchemy import select
 
 from pns_server.db import Database
+from pns_server.models import AuditEvent, Device
 from pns_server.otp import recovery_codes
-from pns_server.otp.repository import OtpRepository
+from pns_server.otp.repository import OtpRepository, audit_row
 from tests.support.factories import RegisteredClient, pair_app_device
 
 STEP = 60_000_000
@@ -35,6 +37,43 @@ async def test_claim_step_wins_once_across_sessions(
     ]
     assert await claim(STEP - 1) is False
     assert await claim(STEP + 1) is True
+
+
+async def test_audited_claim_writes_its_row_only_when_it_wins(
+    http: httpx.AsyncClient, client: RegisteredClient, db: Database
+) -> None:
+    device = await pair_app_device(http, client)
+
+    async def claim(step: int) -> bool:
+        row = audit_row(
+            "otp.accepted",
+            client_id=client.client_id,
+            actor="client",
+            actor_id=client.client_id,
+            subject_id=device.device_id,
+            kind="app",
+        )
+        async with db.session() as session:
+            return await OtpRepository(session).claim_step_audited(
+                device.device_id, step, datetime.now(UTC), row
+            )
+
+    wins = await asyncio.gather(*(claim(STEP) for _ in range(4)))
+    assert sorted(wins) == [False, False, False, True]
+    assert await claim(STEP) is False
+    async with db.session() as session:
+        events = (
+            await session.scalars(
+                select(AuditEvent).where(
+                    AuditEvent.client_id == client.client_id, AuditEvent.event == "otp.accepted"
+                )
+            )
+        ).all()
+        stored = await session.get(Device, device.device_id)
+    assert [(e.subject_id, e.actor, e.actor_id, e.detail) for e in events] == [
+        (device.device_id, "client", client.client_id, {"kind": "app"})
+    ]
+    assert stored is not None and stored.last_otp_step == STEP
 
 
 async def test_failure_counts_are_not_lost_under_concurrency(
