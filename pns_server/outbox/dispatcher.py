@@ -20,8 +20,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.db import publish_after_commit
-from pns_server.models import Approval, Delivery, Device
-from pns_server.outbox.repository import DeliveryRepository
+from pns_server.outbox.repository import ClaimedRow, DeliveryRepository
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.realtime.base import Subscription
 from pns_server.runtime import Runtime
@@ -46,13 +45,15 @@ class Sent:
     result: PushResult
 
 
-def push_text(client_name: str, approval: Approval) -> tuple[str, str]:
+def push_text(
+    client_name: str, username: str | None, hostname: str | None, action: str
+) -> tuple[str, str]:
     """A short human text: who asks and for what; never a code, token or secret."""
-    who = approval.username or "Someone"
-    where = approval.hostname or client_name
+    who = username or "Someone"
+    where = hostname or client_name
     return (
-        f"{client_name}: approve {approval.action}?",
-        f"{who} wants to {approval.action} on {where}. Open the app to answer.",
+        f"{client_name}: approve {action}?",
+        f"{who} wants to {action} on {where}. Open the app to answer.",
     )
 
 
@@ -111,6 +112,7 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._subscription: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
+        self._metric_children: dict[tuple[str, Outcome], tuple[Any, Any]] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -193,71 +195,77 @@ class Dispatcher:
 
     async def _claim(self, now: datetime) -> list[Claimed]:
         lease = now + timedelta(seconds=self.runtime.settings.push_lease_seconds)
-        skip_locked = self.runtime.db.dialect == "postgresql"
+        postgresql = self.runtime.db.dialect == "postgresql"
         async with self.runtime.db.session() as session:
-            deliveries = DeliveryRepository(session)
-            ids = await deliveries.claim(now, lease, self.batch_size, skip_locked=skip_locked)
-            if not ids:
-                return []
-            return [self._prepare(now, lease, *row) for row in await deliveries.load(ids)]
+            rows = await DeliveryRepository(session).claim(
+                now, lease, self.batch_size, postgresql=postgresql
+            )
+        return [self._prepare(now, lease, row) for row in rows]
 
-    def _prepare(
-        self,
-        now: datetime,
-        lease: datetime,
-        delivery: Delivery,
-        device: Device,
-        approval: Approval,
-        client_name: str,
-    ) -> Claimed:
+    @staticmethod
+    def _prepare(now: datetime, lease: datetime, row: ClaimedRow) -> Claimed:
+        """A claimed row (repository.CLAIMED_COLUMNS) as a message, or why it is skipped."""
+
         def skip(status: DeliveryStatus, error: str | None) -> Claimed:
-            return Claimed(delivery.id, lease, delivery.attempts, None, (status, error))
+            return Claimed(row.delivery_id, lease, row.attempts, None, (status, error))
 
-        if approval.status != ApprovalStatus.PENDING:
+        if row.approval_status != ApprovalStatus.PENDING:
             return skip(DeliveryStatus.DROPPED, None)
-        if approval.expires_at <= now:
+        if row.expires_at <= now:
             return skip(DeliveryStatus.FAILED, "the approval expired before the push went out")
-        if device.push_status != "ok" or not device.push_token:
+        if row.push_status != "ok" or not row.push_token:
             return skip(DeliveryStatus.FAILED, "the device has no valid push token")
-        title, body = push_text(client_name, approval)
+        title, body = push_text(row.client_name, row.username, row.hostname, row.action)
         message = PushMessage(
-            approval_id=approval.id,
-            device_id=device.id,
-            service=delivery.service,
-            token=device.push_token,
-            environment=device.push_environment or "production",
+            approval_id=row.approval_id,
+            device_id=row.device_id,
+            service=row.service,
+            token=row.push_token,
+            environment=row.push_environment or "production",
             title=title,
             body=body,
-            expires_at=approval.expires_at,
-            data={"approval_id": approval.id, "type": "approval"},
+            expires_at=row.expires_at,
+            data={"approval_id": row.approval_id, "type": "approval"},
             webpush_keys=(
-                (device.push_p256dh, device.push_auth)
-                if device.push_p256dh and device.push_auth
-                else None
+                (row.push_p256dh, row.push_auth) if row.push_p256dh and row.push_auth else None
             ),
         )
-        return Claimed(delivery.id, lease, delivery.attempts, message)
+        return Claimed(row.delivery_id, lease, row.attempts, message)
 
     async def _send(self, job: Claimed) -> Sent:
         message = job.message
         assert message is not None
         sender = self.runtime.sender_for(message.service)
         # The sender has its own timeout; this one only guards against a sender that forgets.
+        # (asyncio.timeout, not wait_for: no extra task per push.)
         guard = self.runtime.settings.push_timeout_seconds * 2
         async with self._limit:
             started = time.perf_counter()
             try:
-                result = await asyncio.wait_for(sender.send(message), guard)
+                async with asyncio.timeout(guard):
+                    result = await sender.send(message)
             except TimeoutError:
                 result = PushResult(Outcome.RETRY, reason="timed out")
             except Exception as exc:
                 result = PushResult(Outcome.RETRY, reason=f"sender error: {type(exc).__name__}")
             elapsed = time.perf_counter() - started
-        metrics = self.runtime.metrics
-        metrics.push_sends.labels(service=message.service, outcome=result.outcome.value).inc()
-        metrics.push_send_seconds.labels(service=message.service).observe(elapsed)
+        sends, seconds = self._metrics(message.service, result.outcome)
+        sends.inc()
+        seconds.observe(elapsed)
         log_outcome(message, result)
         return Sent(job, result)
+
+    def _metrics(self, service: str, outcome: Outcome) -> tuple[Any, Any]:
+        """The labelled counter and histogram of a (service, outcome), looked up once."""
+        key = (service, outcome)
+        children = self._metric_children.get(key)
+        if children is None:
+            metrics = self.runtime.metrics
+            children = self._metric_children[key] = (
+                metrics.push_sends.labels(service=service, outcome=outcome.value),
+                metrics.push_send_seconds.labels(service=service),
+            )
+        return children
 
     # --- recording -----------------------------------------------------------------------
 

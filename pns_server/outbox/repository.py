@@ -1,5 +1,6 @@
-"""The outbox's queries: claim due deliveries under a lease, load what a send needs, and
-finish each one only while our lease holds (a reclaimed delivery belongs to its new owner)."""
+"""The outbox's queries: claim due deliveries under a lease together with what a send needs,
+and finish each one only while our lease holds (a reclaimed delivery belongs to its new
+owner)."""
 
 from __future__ import annotations
 
@@ -13,24 +14,58 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pns_server.models import Approval, Client, Delivery, Device
 from pns_server.states import DeliveryStatus
 
+# What a claimed delivery's send needs: the delivery, its device's push address, the
+# approval (still pending? expired? its text) and the client's name.
+CLAIMED_COLUMNS = (
+    Delivery.id.label("delivery_id"),
+    Delivery.attempts,
+    Delivery.service,
+    Device.id.label("device_id"),
+    Device.push_token,
+    Device.push_environment,
+    Device.push_status,
+    Device.push_p256dh,
+    Device.push_auth,
+    Approval.id.label("approval_id"),
+    Approval.status.label("approval_status"),
+    Approval.expires_at,
+    Approval.username,
+    Approval.hostname,
+    Approval.action,
+    Client.name.label("client_name"),
+)
+CLAIM_JOIN = (
+    Device.id == Delivery.device_id,
+    Approval.id == Delivery.approval_id,
+    Client.id == Approval.client_id,
+)
+
+
+ClaimedRow = Row[*tuple[Any, ...]]
+
 
 class DeliveryRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
     async def claim(
-        self, now: datetime, lease_until: datetime, limit: int, *, skip_locked: bool
-    ) -> list[str]:
+        self, now: datetime, lease_until: datetime, limit: int, *, postgresql: bool
+    ) -> Sequence[ClaimedRow]:
         """Lease up to `limit` due deliveries (queued and due, or sending with a lapsed
-        lease) in one UPDATE; `skip_locked` (PostgreSQL) lets replicas claim side by side."""
+        lease) and return what their sends need (CLAIMED_COLUMNS), as plain rows.
+
+        PostgreSQL: one statement, `UPDATE ... FROM` the device, approval and client rows,
+        `RETURNING` them, over a `FOR UPDATE SKIP LOCKED` pick so replicas claim side by
+        side. SQLite's RETURNING cannot name the joined tables, so there the claimed ids are
+        read in a second statement of the same transaction (SQLite serialises writers)."""
         due = or_(
             and_(Delivery.status == DeliveryStatus.QUEUED, Delivery.next_attempt_at <= now),
             and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
         )
         pick = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(limit)
-        if skip_locked:
+        if postgresql:
             pick = pick.with_for_update(skip_locked=True)
-        claimed = await self.session.execute(
+        lease = (
             update(Delivery)
             .where(Delivery.id.in_(pick.scalar_subquery()))
             .values(
@@ -38,21 +73,18 @@ class DeliveryRepository:
                 lease_until=lease_until,
                 attempts=Delivery.attempts + 1,
             )
-            .returning(Delivery.id)
             .execution_options(synchronize_session=False)
         )
-        return list(claimed.scalars())
-
-    async def load(
-        self, delivery_ids: Sequence[str]
-    ) -> Sequence[Row[Delivery, Device, Approval, str]]:
-        """Each claimed delivery with its device, approval and the client's name."""
+        if postgresql:
+            claimed = await self.session.execute(
+                lease.where(*CLAIM_JOIN).returning(*CLAIMED_COLUMNS)
+            )
+            return claimed.all()
+        ids = list((await self.session.execute(lease.returning(Delivery.id))).scalars())
+        if not ids:
+            return []
         rows = await self.session.execute(
-            select(Delivery, Device, Approval, Client.name)
-            .join(Device, Device.id == Delivery.device_id)
-            .join(Approval, Approval.id == Delivery.approval_id)
-            .join(Client, Client.id == Approval.client_id)
-            .where(Delivery.id.in_(delivery_ids))
+            select(*CLAIMED_COLUMNS).where(Delivery.id.in_(ids), *CLAIM_JOIN)
         )
         return rows.all()
 
