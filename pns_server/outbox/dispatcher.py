@@ -108,6 +108,7 @@ class Dispatcher:
         self.poll_interval = poll_interval
         self.retry_base = retry_base
         self.retry_max = retry_max
+        self.concurrency = concurrency
         self._limit = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
         self._subscription: Subscription | None = None
@@ -143,16 +144,25 @@ class Dispatcher:
         return not self._stopping.is_set() and not self.runtime.notifier.closing
 
     async def _run(self) -> None:
+        """A pipeline: claim whenever there is room for more sends in flight, and record
+        each outcome as it completes. A slow or hung push holds one place of `concurrency`,
+        never the pushes claimed after it (a round-by-round loop would wait for the slowest
+        push of a batch before claiming the next)."""
         async with self.runtime.notifier.subscribe(OUTBOX_TOPIC) as subscription:
             self._subscription = subscription
-            while self._should_run():
-                try:
-                    handled = await self.run_once()
-                except Exception:
-                    log.exception("push dispatcher round failed; retrying shortly")
-                    handled = 0
-                if handled < self.batch_size and self._should_run():
-                    await subscription.wait(self.poll_interval)
+            pipeline = _Pipeline(self, subscription)
+            try:
+                while self._should_run():
+                    try:
+                        more_due = await pipeline.claim_and_start()
+                    except Exception:
+                        log.exception("push dispatcher round failed; retrying shortly")
+                        more_due = False
+                    if not more_due and self._should_run():
+                        await subscription.wait(self.poll_interval)
+                await pipeline.drain()  # stopping: finish what is in flight
+            finally:
+                pipeline.abandon()  # cancelled: unrecorded sends keep their lease
 
     # --- one round -----------------------------------------------------------------------
 
@@ -193,12 +203,12 @@ class Dispatcher:
             for task in sends:
                 task.cancel()
 
-    async def _claim(self, now: datetime) -> list[Claimed]:
+    async def _claim(self, now: datetime, limit: int | None = None) -> list[Claimed]:
         lease = now + timedelta(seconds=self.runtime.settings.push_lease_seconds)
         postgresql = self.runtime.db.dialect == "postgresql"
         async with self.runtime.db.session() as session:
             rows = await DeliveryRepository(session).claim(
-                now, lease, self.batch_size, postgresql=postgresql
+                now, lease, limit or self.batch_size, postgresql=postgresql
             )
         return [self._prepare(now, lease, row) for row in rows]
 
@@ -358,6 +368,71 @@ class Dispatcher:
             )
         else:
             await self._finish(session, job, DeliveryStatus.QUEUED, reason, next_attempt_at=next_at)
+
+
+class _Pipeline:
+    """The running dispatcher's sends in flight and the recorder of their outcomes."""
+
+    def __init__(self, dispatcher: Dispatcher, subscription: Subscription) -> None:
+        self.dispatcher = dispatcher
+        self.subscription = subscription
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.done: asyncio.Queue[Sent] = asyncio.Queue()
+        self.waiting_for_room = False
+        self.recorder = asyncio.create_task(self._record_forever(), name="pns-outbox-recorder")
+
+    async def claim_and_start(self) -> bool:
+        """Claim as many due deliveries as there is room for and start sending them; True
+        when more may be due right away (a full claim), False when it is time to wait."""
+        dispatcher = self.dispatcher
+        room = min(dispatcher.batch_size, dispatcher.concurrency - len(self.in_flight))
+        if room <= 0:
+            self.waiting_for_room = True  # the recorder wakes us when sends complete
+            return False
+        now = now_utc()
+        jobs = await dispatcher._claim(now, room)
+        skipped = [job for job in jobs if job.message is None]
+        if skipped:
+            await dispatcher._record(now, skipped, [])
+        for job in jobs:
+            if job.message is not None:
+                task = asyncio.create_task(self._send(job))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
+        return len(jobs) == room
+
+    async def _send(self, job: Claimed) -> None:
+        self.done.put_nowait(await self.dispatcher._send(job))
+
+    async def _record_forever(self) -> None:
+        """Outcomes that complete while a record transaction runs go together in the next."""
+        dispatcher = self.dispatcher
+        while True:
+            finished = [await self.done.get()]
+            while not self.done.empty():
+                finished.append(self.done.get_nowait())
+            try:
+                await dispatcher._record(now_utc(), [], finished)
+            except Exception:
+                # Unrecorded, they keep their lease and are sent again once it expires.
+                log.exception("recording %d push outcomes failed", len(finished))
+            for _ in finished:
+                self.done.task_done()
+            if self.waiting_for_room:
+                self.waiting_for_room = False
+                self.subscription.wake()
+
+    async def drain(self) -> None:
+        """Let the sends in flight finish and their outcomes be recorded (stop() bounds
+        this with its timeout)."""
+        while self.in_flight:
+            await asyncio.wait(set(self.in_flight))
+        await self.done.join()
+
+    def abandon(self) -> None:
+        for task in self.in_flight:
+            task.cancel()
+        self.recorder.cancel()
 
 
 def start_dispatcher(runtime: Runtime) -> Dispatcher:

@@ -406,3 +406,111 @@ async def test_one_line_per_push_that_did_not_go_out(
     assert [r.levelname for r in lines] == [level]
     assert body["approval_id"] in lines[0].getMessage()
     assert phone.device_id in lines[0].getMessage()
+
+
+class HoldFirstSender:
+    """Holds the first push it gets until released; answers every other one at once."""
+
+    service = "apns"
+
+    def __init__(self) -> None:
+        self.sent: list[PushMessage] = []
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, message: PushMessage) -> PushResult:
+        self.sent.append(message)
+        if len(self.sent) == 1:
+            self.holding.set()
+            await self.release.wait()
+        return PushResult(Outcome.DELIVERED)
+
+    async def close(self) -> None:
+        return None
+
+
+async def wait_for_statuses(app: FastAPI, approval_id: str, wanted: list[str]) -> None:
+    async with asyncio.timeout(10):
+        while sorted(d.status for d in await deliveries(app, approval_id)) != wanted:
+            await asyncio.sleep(0.02)
+
+
+async def test_a_slow_push_does_not_hold_up_the_pushes_claimed_after_it(
+    app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+) -> None:
+    runtime = runtime_of(app)
+    assert runtime.dispatcher is not None
+    await runtime.dispatcher.stop()
+    sender = HoldFirstSender()
+    runtime.senders["apns"] = sender
+    other = await register_client(http, name="OTHERSRV")
+    await pair_app_device(http, other)
+    dispatcher = Dispatcher(runtime)
+    dispatcher.start()
+    try:
+        slow = await request_approval(http, client)
+        await asyncio.wait_for(sender.holding.wait(), 10)
+        # Claimed while the first push is still in flight, sent and recorded at once.
+        quick = await request_approval(http, other)
+        await wait_for_statuses(app, quick["approval_id"], ["sent"])
+        assert [d.status for d in await deliveries(app, slow["approval_id"])] == ["sending"]
+        sender.release.set()
+        await wait_for_statuses(app, slow["approval_id"], ["sent"])
+        assert [m.approval_id for m in sender.sent] == [slow["approval_id"], quick["approval_id"]]
+    finally:
+        sender.release.set()
+        await dispatcher.stop()
+    assert not dispatcher.running
+
+
+class GateSender:
+    """Holds every push until the gate opens; counts how many wait at once."""
+
+    service = "apns"
+
+    def __init__(self) -> None:
+        self.sent: list[PushMessage] = []
+        self.waiting = 0
+        self.most_waiting = 0
+        self.gate = asyncio.Event()
+
+    async def send(self, message: PushMessage) -> PushResult:
+        self.sent.append(message)
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        await self.gate.wait()
+        self.waiting -= 1
+        return PushResult(Outcome.DELIVERED)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_no_more_than_concurrency_pushes_are_in_flight_and_the_rest_follow(
+    app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+) -> None:
+    runtime = runtime_of(app)
+    assert runtime.dispatcher is not None
+    await runtime.dispatcher.stop()
+    for index in range(4):
+        await pair_app_device(http, client, name=f"phone {index}")
+    sender = GateSender()
+    runtime.senders["apns"] = sender
+    dispatcher = Dispatcher(runtime, concurrency=2, poll_interval=30)
+    dispatcher.start()
+    try:
+        body = await request_approval(http, client)
+        async with asyncio.timeout(10):
+            while sender.waiting < 2:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # room for a wrong third claim to show
+        assert sender.waiting == 2
+        statuses = sorted(d.status for d in await deliveries(app, body["approval_id"]))
+        assert statuses == ["queued"] * 3 + ["sending"] * 2
+        # Completions make room: the rest are claimed without waiting for the poll interval.
+        sender.gate.set()
+        await wait_for_statuses(app, body["approval_id"], ["sent"] * 5)
+    finally:
+        sender.gate.set()
+        await dispatcher.stop()
+    assert sender.most_waiting == 2 and len(sender.sent) == 5
