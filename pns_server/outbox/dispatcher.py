@@ -288,14 +288,24 @@ class Dispatcher:
         self, now: datetime, skipped: Sequence[Claimed], sent: Sequence[Sent]
     ) -> None:
         delivered = [item.job for item in sent if item.result.outcome is Outcome.DELIVERED]
+        retried = {
+            item.job.message.approval_id
+            for item in sent
+            if item.result.outcome is Outcome.RETRY and item.job.message is not None
+        }
         async with self.runtime.db.session() as session:
             for job in skipped:
                 assert job.skip is not None
                 await self._finish(session, job, job.skip[0], job.skip[1])
             await self._finish_delivered(session, delivered)
+            # Whether a retry is still worth it: one read for all of them (a provider outage
+            # fails a whole batch at once), not one per push.
+            statuses = (
+                await DeliveryRepository(session).approval_statuses(retried) if retried else {}
+            )
             for outcome in sent:
                 if outcome.result.outcome is not Outcome.DELIVERED:
-                    await self._apply(session, now, outcome)
+                    await self._apply(session, statuses, outcome)
 
     async def _finish_delivered(self, session: AsyncSession, jobs: Sequence[Claimed]) -> None:
         """The common outcome in one UPDATE per lease instead of one per delivery; like
@@ -324,7 +334,9 @@ class Dispatcher:
             publish_after_commit(session, approval_topic(job.message.approval_id))
         return changed
 
-    async def _apply(self, session: AsyncSession, now: datetime, sent: Sent) -> None:
+    async def _apply(
+        self, session: AsyncSession, approval_statuses: dict[str, str], sent: Sent
+    ) -> None:
         """Record a send that did not deliver (deliveries are finished in bulk)."""
         job, result = sent.job, sent.result
         assert result.outcome is not Outcome.DELIVERED
@@ -341,19 +353,19 @@ class Dispatcher:
                 session, job, DeliveryStatus.FAILED, f"push configuration error: {reason}"
             )
         else:
-            await self._retry_or_give_up(session, now, job, reason, result.retry_after)
+            approval = approval_statuses.get(message.approval_id)
+            await self._retry_or_give_up(session, approval, job, reason, result.retry_after)
 
     async def _retry_or_give_up(
         self,
         session: AsyncSession,
-        now: datetime,
+        approval: str | None,
         job: Claimed,
         reason: str,
         retry_after: float | None,
     ) -> None:
         message = job.message
         assert message is not None
-        approval = await DeliveryRepository(session).approval_status(message.approval_id)
         next_at = now_utc() + timedelta(seconds=self.backoff(job.attempts, retry_after))
         if approval != ApprovalStatus.PENDING:
             await self._finish(

@@ -4,7 +4,7 @@ owner)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -135,8 +135,9 @@ class DeliveryRepository:
             .execution_options(synchronize_session=False)
         )
 
-    async def approval_status(self, approval_id: str) -> str | None:
-        status: str | None = await self.session.scalar(
-            select(Approval.status).where(Approval.id == approval_id)
+    async def approval_statuses(self, approval_ids: Iterable[str]) -> dict[str, str]:
+        """Each approval's status (a deleted approval is absent)."""
+        rows = await self.session.execute(
+            select(Approval.id, Approval.status).where(Approval.id.in_(list(approval_ids)))
         )
-        return status
+        return {approval_id: status for approval_id, status in rows}

@@ -514,3 +514,46 @@ async def test_no_more_than_concurrency_pushes_are_in_flight_and_the_rest_follow
         sender.gate.set()
         await dispatcher.stop()
     assert sender.most_waiting == 2 and len(sender.sent) == 5
+
+
+async def test_an_outage_queues_every_push_of_a_batch_again_with_one_status_read(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    for index in range(2):
+        await pair_app_device(http, client, name=f"phone {index}")
+    runtime_of(app).senders["apns"] = ScriptedSender(
+        PushResult(Outcome.RETRY, reason="ServiceUnavailable", status_code=503)
+    )
+    body = await request_approval(http, client)
+    before = datetime.now(UTC)
+    assert await manual.run_once() == 3
+    rows = await deliveries(app, body["approval_id"])
+    assert [(d.status, d.attempts, d.last_error) for d in rows] == [
+        ("queued", 1, "ServiceUnavailable")
+    ] * 3
+    assert all(d.next_attempt_at >= before + timedelta(seconds=0.5) for d in rows)
+
+
+async def test_a_push_that_failed_while_its_approval_was_decided_gives_up(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    body = await request_approval(http, client)
+
+    class AnswerThenFail(ScriptedSender):
+        async def send(self, message: PushMessage) -> PushResult:
+            assert (await answer(http, phone, message.approval_id, "reject")).status_code == 200
+            return PushResult(Outcome.RETRY, reason="ServiceUnavailable", status_code=503)
+
+    runtime_of(app).senders["apns"] = AnswerThenFail(PushResult(Outcome.DELIVERED))
+    assert await manual.run_once() == 1
+    [delivery] = await deliveries(app, body["approval_id"])
+    assert delivery.status == "failed"
+    assert delivery.last_error == "ServiceUnavailable; gave up: approval rejected"
