@@ -294,9 +294,7 @@ class Dispatcher:
             if item.result.outcome is Outcome.RETRY and item.job.message is not None
         }
         async with self.runtime.db.session() as session:
-            for job in skipped:
-                assert job.skip is not None
-                await self._finish(session, job, job.skip[0], job.skip[1])
+            await self._finish_skipped(session, skipped)
             await self._finish_delivered(session, delivered)
             # Whether a retry is still worth it: one read for all of them (a provider outage
             # fails a whole batch at once), not one per push.
@@ -306,6 +304,17 @@ class Dispatcher:
             for outcome in sent:
                 if outcome.result.outcome is not Outcome.DELIVERED:
                     await self._apply(session, statuses, outcome)
+
+    async def _finish_skipped(self, session: AsyncSession, jobs: Sequence[Claimed]) -> None:
+        """Deliveries with nothing to send (approval decided or expired, token gone): one
+        UPDATE per (lease, outcome), e.g. all the phones of an approval answered meanwhile."""
+        groups: dict[tuple[datetime, DeliveryStatus, str | None], list[str]] = defaultdict(list)
+        for job in jobs:
+            assert job.skip is not None
+            groups[(job.lease_until, *job.skip)].append(job.delivery_id)
+        deliveries = DeliveryRepository(session)
+        for (lease, status, error), ids in groups.items():
+            await deliveries.finish_all(ids, lease, status, error)
 
     async def _finish_delivered(self, session: AsyncSession, jobs: Sequence[Claimed]) -> None:
         """The common outcome in one UPDATE per lease instead of one per delivery; like

@@ -92,6 +92,20 @@ class DeliveryRepository:
         self, delivery_ids: Sequence[str], lease_until: datetime, at: datetime
     ) -> set[str]:
         """Mark delivered those still under this lease; returns their approvals' ids."""
+        return await self.finish_all(
+            delivery_ids, lease_until, DeliveryStatus.SENT, None, sent_at=at
+        )
+
+    async def finish_all(
+        self,
+        delivery_ids: Sequence[str],
+        lease_until: datetime,
+        status: DeliveryStatus,
+        error: str | None,
+        **extra: Any,
+    ) -> set[str]:
+        """One outcome for many deliveries, those still under this lease, in one UPDATE;
+        returns their approvals' ids."""
         finished = await self.session.execute(
             update(Delivery)
             .where(
@@ -99,7 +113,7 @@ class DeliveryRepository:
                 Delivery.status == DeliveryStatus.SENDING,
                 Delivery.lease_until == lease_until,
             )
-            .values(status=DeliveryStatus.SENT, last_error=None, lease_until=None, sent_at=at)
+            .values(status=status, last_error=error, lease_until=None, **extra)
             .returning(Delivery.approval_id)
             .execution_options(synchronize_session=False)
         )

@@ -557,3 +557,24 @@ async def test_a_push_that_failed_while_its_approval_was_decided_gives_up(
     [delivery] = await deliveries(app, body["approval_id"])
     assert delivery.status == "failed"
     assert delivery.last_error == "ServiceUnavailable; gave up: approval rejected"
+
+
+async def test_every_phone_of_an_approval_that_expired_first_fails_in_one_round(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    for index in range(3):
+        await pair_app_device(http, client, name=f"phone {index}")
+    sender = ScriptedSender(PushResult(Outcome.DELIVERED))
+    runtime_of(app).senders["apns"] = sender
+    body = await request_approval(http, client, ttl_seconds=10)
+    assert await manual.run_once(now=datetime.now(UTC) + timedelta(seconds=11)) == 4
+    rows = await deliveries(app, body["approval_id"])
+    assert [(d.status, d.last_error) for d in rows] == [
+        ("failed", "the approval expired before the push went out")
+    ] * 4
+    assert all(d.lease_until is None for d in rows)
+    assert sender.sent == []
