@@ -5,13 +5,56 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import CursorResult, Update, case, func, select, update
+from sqlalchemy import CursorResult, ScalarSelect, Update, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from pns_server.models import Approval, Client, Delivery, Device
 from pns_server.states import OPEN_DELIVERY, ApprovalStatus, DeliveryStatus
+
+
+class Summary(NamedTuple):
+    """An approval's deliveries: queued or being sent, sent, failed, the latest error."""
+
+    queued: int
+    sent: int
+    failed: int
+    last_error: str | None
+
+
+def _count(approval_id: InstrumentedAttribute[str] | str, *status: str) -> ScalarSelect[int]:
+    return (
+        select(func.count())
+        .where(Delivery.approval_id == approval_id, Delivery.status.in_(status))
+        .scalar_subquery()
+    )
+
+
+def _summary_columns(
+    approval_id: InstrumentedAttribute[str] | str,
+) -> tuple[ScalarSelect[Any], ...]:
+    """The delivery summary as scalar subqueries, to ride along in one statement with the
+    approval itself (or alone): one round trip instead of one per figure."""
+    last_error = (
+        select(Delivery.last_error)
+        .where(Delivery.approval_id == approval_id, Delivery.last_error.is_not(None))
+        .order_by(Delivery.next_attempt_at.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return (
+        _count(approval_id, *OPEN_DELIVERY),
+        _count(approval_id, DeliveryStatus.SENT),
+        _count(approval_id, DeliveryStatus.FAILED),
+        last_error,
+    )
+
+
+def _summary(values: Sequence[Any]) -> Summary:
+    queued, sent, failed, last_error = values
+    return Summary(int(queued or 0), int(sent or 0), int(failed or 0), last_error)
 
 
 class ApprovalRepository:
@@ -34,10 +77,6 @@ class ApprovalRepository:
         )
         assert client is not None
         return client
-
-    async def client_name(self, client_id: str) -> str:
-        name = await self.session.scalar(select(Client.name).where(Client.id == client_id))
-        return name or ""
 
     async def count_push(self, client_id: str) -> None:
         await self._rowcount(
@@ -81,23 +120,56 @@ class ApprovalRepository:
             .execution_options(populate_existing=True)
         )
 
+    async def with_summary(
+        self, approval_id: str, client_id: str
+    ) -> tuple[Approval, Summary] | None:
+        """The approval and its delivery summary in one statement (what a status read or a
+        woken long-poll needs), or None when this client has no such approval."""
+        row = (
+            await self.session.execute(
+                select(Approval, *_summary_columns(Approval.id))
+                .where(Approval.id == approval_id, Approval.client_id == client_id)
+                .execution_options(populate_existing=True)
+            )
+        ).first()
+        if row is None:
+            return None
+        return row[0], _summary(row[1:])
+
+    async def with_client_name(
+        self, approval_id: str, client_id: str
+    ) -> tuple[Approval, str] | None:
+        """The approval and its client's name in one statement (what the phone is shown)."""
+        row = (
+            await self.session.execute(
+                select(Approval, Client.name)
+                .join(Client, Client.id == Approval.client_id)
+                .where(Approval.id == approval_id, Approval.client_id == client_id)
+                .execution_options(populate_existing=True)
+            )
+        ).first()
+        return None if row is None else (row[0], row[1] or "")
+
     async def by_idempotency_key(self, client_id: str, key: str) -> Approval | None:
         return await self.session.scalar(
             select(Approval).where(Approval.client_id == client_id, Approval.idempotency_key == key)
         )
 
-    async def pending_for_client(self, client_id: str, now: datetime) -> Sequence[Approval]:
-        return (
-            await self.session.scalars(
-                select(Approval)
-                .where(
-                    Approval.client_id == client_id,
-                    Approval.status == ApprovalStatus.PENDING,
-                    Approval.expires_at > now,
-                )
-                .order_by(Approval.created_at.desc())
+    async def pending_for_client(
+        self, client_id: str, now: datetime
+    ) -> Sequence[tuple[Approval, str]]:
+        """Live pending approvals, newest first, each with its client's name (one join)."""
+        rows = await self.session.execute(
+            select(Approval, Client.name)
+            .join(Client, Client.id == Approval.client_id)
+            .where(
+                Approval.client_id == client_id,
+                Approval.status == ApprovalStatus.PENDING,
+                Approval.expires_at > now,
             )
-        ).all()
+            .order_by(Approval.created_at.desc())
+        )
+        return [(row[0], row[1] or "") for row in rows]
 
     async def pending_ids(self, client_id: str) -> list[str]:
         rows = await self.session.scalars(
@@ -120,6 +192,50 @@ class ApprovalRepository:
         )
         return changed == 1
 
+    async def decide_counting_queued(
+        self, approval_id: str, now: datetime, **values: Any
+    ) -> int | None:
+        """`decide` that also returns, from the same statement, how many of the approval's
+        deliveries are still queued (usually none: the push went out before the answer),
+        so dropping them costs a statement only when there are some. None if someone else
+        won."""
+        row = (
+            await self.session.execute(
+                update(Approval)
+                .where(
+                    Approval.id == approval_id,
+                    Approval.status == ApprovalStatus.PENDING,
+                    Approval.expires_at > now,
+                )
+                .values(decided_at=now, **values)
+                .returning(_count(approval_id, DeliveryStatus.QUEUED))
+                .execution_options(synchronize_session=False)
+            )
+        ).first()
+        return None if row is None else int(row[0])
+
+    async def decide_returning(
+        self, approval_id: str, client_id: str, now: datetime, **values: Any
+    ) -> tuple[Approval, int] | None:
+        """`decide` for this client's approval, returning the row as decided and how many
+        of its deliveries are still queued, in one statement; None if it was not a live
+        pending approval of this client (unknown, decided or due to expire)."""
+        row = (
+            await self.session.execute(
+                update(Approval)
+                .where(
+                    Approval.id == approval_id,
+                    Approval.client_id == client_id,
+                    Approval.status == ApprovalStatus.PENDING,
+                    Approval.expires_at > now,
+                )
+                .values(decided_at=now, **values)
+                .returning(Approval, _count(approval_id, DeliveryStatus.QUEUED))
+                .execution_options(synchronize_session=False, populate_existing=True)
+            )
+        ).first()
+        return None if row is None else (row[0], int(row[1]))
+
     async def expire_if_due(self, approval_id: str, now: datetime) -> bool:
         changed = await self._rowcount(
             update(Approval)
@@ -131,6 +247,24 @@ class ApprovalRepository:
             .values(status=ApprovalStatus.EXPIRED, decided_at=Approval.expires_at)
         )
         return changed == 1
+
+    async def expire_returning(
+        self, approval_id: str, client_id: str, now: datetime
+    ) -> Approval | None:
+        """`expire_if_due` that returns the expired row (no re-read); None if not due."""
+        expired: Approval | None = await self.session.scalar(
+            update(Approval)
+            .where(
+                Approval.id == approval_id,
+                Approval.client_id == client_id,
+                Approval.status == ApprovalStatus.PENDING,
+                Approval.expires_at <= now,
+            )
+            .values(status=ApprovalStatus.EXPIRED, decided_at=Approval.expires_at)
+            .returning(Approval)
+            .execution_options(synchronize_session=False, populate_existing=True)
+        )
+        return expired
 
     async def due_for_expiry(self, now: datetime, limit: int) -> Sequence[tuple[str, str]]:
         rows = await self.session.execute(
@@ -150,21 +284,6 @@ class ApprovalRepository:
             .values(status=DeliveryStatus.DROPPED, lease_until=None)
         )
 
-    async def delivery_summary(self, approval_id: str) -> tuple[int, int, int, str | None]:
-        """(queued or being sent, sent, failed, the latest error)."""
-        row = (
-            await self.session.execute(
-                select(
-                    func.count(case((Delivery.status.in_(OPEN_DELIVERY), 1))),
-                    func.count(case((Delivery.status == DeliveryStatus.SENT, 1))),
-                    func.count(case((Delivery.status == DeliveryStatus.FAILED, 1))),
-                ).where(Delivery.approval_id == approval_id)
-            )
-        ).one()
-        last_error = await self.session.scalar(
-            select(Delivery.last_error)
-            .where(Delivery.approval_id == approval_id, Delivery.last_error.is_not(None))
-            .order_by(Delivery.next_attempt_at.desc())
-            .limit(1)
-        )
-        return int(row[0]), int(row[1]), int(row[2]), last_error
+    async def delivery_summary(self, approval_id: str) -> Summary:
+        row = (await self.session.execute(select(*_summary_columns(approval_id)))).one()
+        return _summary(row)
