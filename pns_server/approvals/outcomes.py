@@ -48,9 +48,12 @@ async def on_final(
     queued: int | None = None,
 ) -> None:
     """Everything that follows the winning UPDATE: outbox, wake-ups, metrics, audit.
-    `queued`: how many deliveries the winning UPDATE saw still queued, when it counted
-    them; none means nothing to drop (one that a dispatcher re-queues after that is
-    dropped when claimed: it never sends for a decided approval)."""
+
+    `queued`: how many deliveries the winning UPDATE itself saw still queued, if it
+    counted them (None: drop whatever is queued now). At 0, usually, the push went out
+    before the answer and there is nothing to drop; a delivery that a dispatcher puts back
+    in the queue after that is dropped when claimed (it never sends for a decided
+    approval), as one being sent at the decision always was."""
     if queued is None or queued > 0:
         await repo.drop_queued_deliveries(outcome.approval_id)
     publish_after_commit(session, approval_topic(outcome.approval_id))
