@@ -582,14 +582,23 @@ async def approve(
 async def wait_until_final(
     http: httpx.AsyncClient, party: Party, approval_id: str, wait: int = 30
 ) -> dict[str, Any]:
-    """What the SDK does: long-poll, and poll again when a delivery update ends the wait."""
+    """What the SDK's `login()` without `on_progress` does: long-poll, asking the relay to
+    answer only with the decision or once every push failed (`until=final_or_failed`; a
+    relay that predates it answers push outcomes too, and this polls again)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         response = await http.get(
-            f"/v1/approvals/{approval_id}", params={"wait": wait}, headers=party.client.headers
+            f"/v1/approvals/{approval_id}",
+            params={"wait": wait, "until": "final_or_failed"},
+            headers=party.client.headers,
         )
         response.raise_for_status()
         state: dict[str, Any] = response.json()
-        if state["status"] != "pending":
+        if state["status"] != "pending" or all_failed(state["delivery"]):
             return state
     raise TimeoutError(approval_id)
+
+
+def all_failed(delivery: dict[str, Any]) -> bool:
+    """The SDK's `Delivery.all_failed`: where its login gives up on push."""
+    return bool(delivery["failed"] > 0 and delivery["queued"] == 0 and delivery["sent"] == 0)

@@ -113,7 +113,7 @@ async def decide_many(
         poll = asyncio.create_task(
             waiter.get(
                 f"/v1/approvals/{approval_id}",
-                params={"wait": 30},
+                params={"wait": 30, "until": "final_or_failed"},  # as the SDK's login asks
                 headers=party.client.headers,
             )
         )

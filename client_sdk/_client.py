@@ -44,6 +44,7 @@ from client_sdk._models import (
     Ping,
     RecoveryCodes,
     RecoveryResult,
+    WaitUntil,
 )
 from client_sdk._wire import DEFAULT_LONG_POLL, DEFAULT_RETRIES, MAX_WAIT, Call
 
@@ -329,9 +330,18 @@ class PnsClient(SyncLifecycle, _Base):
         return self._send(call)
 
     def get_approval(
-        self, approval_id: str, wait: float = 0, *, match_code: str | None = None
+        self,
+        approval_id: str,
+        wait: float = 0,
+        *,
+        match_code: str | None = None,
+        until: WaitUntil | None = None,
     ) -> Approval:
         """An approval's state; with `wait` (0..60 s) a long-poll.
+
+        A long-poll on a pending approval returns on its decision, and also when its
+        delivery counts change; with `until="final_or_failed"` only when every push failed,
+        with `until="final"` on the decision alone.
 
         An `approved` answer is believed only if this client requested the approval and the
         device key it pinned at pairing signed this login's nonce and context, in time, with
@@ -343,7 +353,7 @@ class PnsClient(SyncLifecycle, _Base):
             if client.get_approval(req.approval_id, wait=20).approved:
                 grant_access()
         """
-        return self._run(self._flows.get_approval(approval_id, wait, match_code))
+        return self._run(self._flows.get_approval(approval_id, wait, match_code, until))
 
     def wait_for_approval(
         self,
@@ -357,7 +367,9 @@ class PnsClient(SyncLifecycle, _Base):
         `timeout` seconds passed: then the latest pending state is returned).
 
         `on_progress` receives every new state, delivery counts included, so a UI can
-        offer the one-time password as soon as `approval.delivery.all_failed`.
+        offer the one-time password as soon as `approval.delivery.all_failed`. Without
+        it, each long-poll asks the relay to answer only with the decision (`until=final`):
+        no request is spent on "push sent".
 
         Example::
 
@@ -628,7 +640,12 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
         return await self._send(call)
 
     async def get_approval(
-        self, approval_id: str, wait: float = 0, *, match_code: str | None = None
+        self,
+        approval_id: str,
+        wait: float = 0,
+        *,
+        match_code: str | None = None,
+        until: WaitUntil | None = None,
     ) -> Approval:
         """An approval's state; with `wait` (0..60 s) a long-poll.
 
@@ -638,7 +655,7 @@ class AsyncPnsClient(AsyncLifecycle, _Base):
 
             approval = await client.get_approval(req.approval_id, wait=20)
         """
-        return await self._run(self._flows.get_approval(approval_id, wait, match_code))
+        return await self._run(self._flows.get_approval(approval_id, wait, match_code, until))
 
     async def wait_for_approval(
         self,

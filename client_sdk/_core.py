@@ -31,6 +31,7 @@ from client_sdk._models import (
     Ping,
     RecoveryCodes,
     RecoveryResult,
+    WaitUntil,
 )
 from client_sdk._trust import Expected, check_approval, complete_pairing
 from client_sdk._wire import (
@@ -334,11 +335,17 @@ class ClientCore:
         with self._lock:
             return self._expected.get(approval_id)
 
-    def get_approval(self, approval_id: str, wait: float) -> Call[Approval]:
+    def get_approval(
+        self, approval_id: str, wait: float, until: WaitUntil | None = None
+    ) -> Call[Approval]:
+        params: dict[str, Any] = {"wait": wait_param(wait)}
+        if until is not None:
+            # A relay older than `until` ignores it and wakes on every change: still right.
+            params["until"] = until
         request = ApiRequest(
             "GET",
             f"/v1/approvals/{path_id(approval_id)}",
-            params={"wait": wait_param(wait)},
+            params=params,
             wait=wait_param(wait),
             retry="connect",
         )

@@ -41,7 +41,14 @@ from client_sdk._exceptions import (
     PushUnavailable,
     RecoveryCodeInvalid,
 )
-from client_sdk._models import Approval, ApprovalRequested, CodePrompt, LoginResult, Pairing
+from client_sdk._models import (
+    Approval,
+    ApprovalRequested,
+    CodePrompt,
+    LoginResult,
+    Pairing,
+    WaitUntil,
+)
 from client_sdk._wire import (
     ApiRequest,
     Call,
@@ -145,6 +152,15 @@ def _done(approval: Approval, stop_early: bool) -> bool:
     return stop_early and fallback_reason(approval) is not None
 
 
+def wake_for(progress: bool, stop_early: bool) -> WaitUntil | None:
+    """What the long-poll should wake for. Someone watching progress sees every delivery
+    change (the relay's default); otherwise only what ends the wait, so the relay holds
+    the poll through "push sent" instead of answering it and being asked again."""
+    if progress:
+        return None
+    return "final_or_failed" if stop_early else "final"
+
+
 def _after_wait_reason(approval: Approval, user_chose: bool) -> str:
     reason = fallback_reason(approval) or "timeout"
     if reason == "cancelled" and user_chose:
@@ -199,9 +215,13 @@ class ClientFlows:
         return done
 
     def get_approval(
-        self, approval_id: str, wait: float = 0, match_code: str | None = None
+        self,
+        approval_id: str,
+        wait: float = 0,
+        match_code: str | None = None,
+        until: WaitUntil | None = None,
     ) -> Flow[Approval]:
-        approval = yield from send(self.core.get_approval(approval_id, wait))
+        approval = yield from send(self.core.get_approval(approval_id, wait, until))
         return self.core.check_approval(approval, approval_id, match_code=match_code)
 
     def wait_for_approval(
@@ -217,9 +237,10 @@ class ClientFlows:
         the push can no longer succeed (all deliveries failed)."""
         deadline = self._deadline(timeout)
         last: Approval | None = None
+        until = wake_for(on_progress is not None, stop_early)
         while True:
             wait = self._next_wait(deadline, self.long_poll_seconds)
-            approval = yield from self.get_approval(approval_id, wait, match_code)
+            approval = yield from self.get_approval(approval_id, wait, match_code, until)
             if on_progress is not None and approval != last:
                 yield Invoke(on_progress, approval)
             last = approval

@@ -27,6 +27,10 @@ __all__ = [
 ]
 
 PairingKind = Literal["app", "totp"]
+# What else ends a long-poll on a pending approval: `change` (the relay's default) any
+# change of its delivery counts, `final_or_failed` only every push having failed, `final`
+# nothing but the decision.
+WaitUntil = Literal["change", "final", "final_or_failed"]
 FINAL_APPROVAL_STATUSES = frozenset({"approved", "rejected", "expired", "cancelled"})
 
 

@@ -91,7 +91,7 @@ async def respond(
     now = now_utc()
     check_fresh(timestamp, now)
     status, reason = outcome_of(approval, answer)
-    won = await repo.decide(
+    queued = await repo.decide_counting_queued(
         approval.id,
         now,
         status=status,
@@ -104,7 +104,7 @@ async def respond(
         response_public_key=base64.b64encode(device.public_key or b"").decode(),
         fraud=answer.fraud,
     )
-    if not won:
+    if queued is None:
         raise already_decided(await reread(session, repo, metrics, approval))
     device.last_used_at = now
     if status is ApprovalStatus.APPROVED:
@@ -121,7 +121,7 @@ async def respond(
         created_at=approval.created_at,
         detail={"decision": answer.decision, "reason": reason},
     )
-    await on_final(session, repo, metrics, answered)
+    await on_final(session, repo, metrics, answered, queued=queued)
     return DecisionResult(approval_id=approval.id, status=status)
 
 

@@ -40,10 +40,22 @@ def expiry(approval_id: str, client_id: str) -> Outcome:
 
 
 async def on_final(
-    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, outcome: Outcome
+    session: AsyncSession,
+    repo: ApprovalRepository,
+    metrics: Metrics,
+    outcome: Outcome,
+    *,
+    queued: int | None = None,
 ) -> None:
-    """Everything that follows the winning UPDATE: outbox, wake-ups, metrics, audit."""
-    await repo.drop_queued_deliveries(outcome.approval_id)
+    """Everything that follows the winning UPDATE: outbox, wake-ups, metrics, audit.
+
+    `queued`: how many deliveries the winning UPDATE itself saw still queued, if it
+    counted them (None: drop whatever is queued now). At 0, usually, the push went out
+    before the answer and there is nothing to drop; a delivery that a dispatcher puts back
+    in the queue after that is dropped when claimed (it never sends for a decided
+    approval), as one being sent at the decision always was."""
+    if queued is None or queued > 0:
+        await repo.drop_queued_deliveries(outcome.approval_id)
     publish_after_commit(session, approval_topic(outcome.approval_id))
     publish_after_commit(session, pending_topic(outcome.client_id))
     metrics.approvals_decided.labels(status=outcome.status).inc()
@@ -65,13 +77,21 @@ async def refresh_expiry(
     session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, approval: Approval
 ) -> Approval:
     """Report expiry the moment it is due, whoever reads first persists it."""
-    if approval.status == ApprovalStatus.PENDING and approval.expires_at <= now_utc():
-        if await repo.expire_if_due(approval.id, now_utc()):
+    if is_due(approval):
+        expired = await repo.expire_returning(approval.id, approval.client_id, now_utc())
+        if expired is not None:
             await on_final(session, repo, metrics, expiry(approval.id, approval.client_id))
+            return expired
+        # Someone else decided or expired it first: their row, as they left it.
         fresh = await repo.get(approval.id, approval.client_id)
         assert fresh is not None
         return fresh
     return approval
+
+
+def is_due(approval: Approval) -> bool:
+    """Pending past its expiry: a reader must persist the expiry before reporting it."""
+    return approval.status == ApprovalStatus.PENDING and approval.expires_at <= now_utc()
 
 
 async def reread(

@@ -13,6 +13,7 @@ from pns_server.approvals.schemas import (
     DeviceApproval,
     DeviceApprovalList,
     DeviceDecision,
+    WaitUntil,
 )
 from pns_server.deps import (
     CurrentClient,
@@ -32,6 +33,16 @@ IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
 ]
 Wait = Annotated[float, Query(ge=0, le=60, description="seconds to wait while pending")]
+Until = Annotated[
+    WaitUntil,
+    Query(
+        description=(
+            "what else ends the wait while pending: `change` (default) any change of the "
+            "delivery counts; `final_or_failed` only every push having failed; `final` "
+            "nothing but the decision (or expiry, or a cancel)"
+        )
+    ),
+]
 
 
 async def limit_approvals_per_client(request: Request, client: CurrentClient) -> None:
@@ -67,9 +78,10 @@ async def get_approval(
     client: CurrentClientDetached,
     runtime: RuntimeDep,
     wait: Wait = 0,
+    until: Until = "change",
 ) -> ApprovalState:
     return await service.wait_for_state(
-        runtime, client, approval_id, wait, until_disconnected(request.receive)
+        runtime, client, approval_id, wait, until_disconnected(request.receive), until
     )
 
 

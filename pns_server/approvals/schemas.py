@@ -11,6 +11,10 @@ from pns_server.schemas import RequestModel, ResponseModel, Timestamp, Verbatim
 
 ApprovalStatusName = Literal["pending", "approved", "rejected", "expired", "cancelled"]
 Reason = Literal["number_mismatch", "fraud", "user_rejected"]
+# What ends a client's long-poll on a pending approval besides its decision (and `wait`):
+# `change` any change of the delivery counts, `final_or_failed` only every push having
+# failed, `final` nothing else.
+WaitUntil = Literal["change", "final", "final_or_failed"]
 
 
 SIGNATURE_V1 = "pns-approval-v1"

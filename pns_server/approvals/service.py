@@ -5,10 +5,18 @@ per concern: `creation`, `answers` (a device's signed answer), `signing`, and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.approvals.outcomes import Outcome, already_decided, on_final, refresh_expiry, reread
-from pns_server.approvals.repository import ApprovalRepository
+from pns_server.approvals.outcomes import (
+    Outcome,
+    already_decided,
+    is_due,
+    on_final,
+    refresh_expiry,
+)
+from pns_server.approvals.repository import ApprovalRepository, Summary
 from pns_server.approvals.schemas import (
     ApprovalContext,
     ApprovalState,
@@ -16,6 +24,7 @@ from pns_server.approvals.schemas import (
     DeviceApproval,
     DeviceApprovalList,
     SignedResponse,
+    WaitUntil,
 )
 from pns_server.approvals.signing import signature_version
 from pns_server.errors import (
@@ -39,10 +48,7 @@ async def load_for_client(
     return await refresh_expiry(session, repo, metrics, approval)
 
 
-async def describe(session: AsyncSession, approval: Approval) -> ApprovalState:
-    queued, sent, failed, last_error = await ApprovalRepository(session).delivery_summary(
-        approval.id
-    )
+def describe(approval: Approval, summary: Summary) -> ApprovalState:
     response = None
     if approval.response_decision is not None:
         response = SignedResponse(
@@ -62,14 +68,65 @@ async def describe(session: AsyncSession, approval: Approval) -> ApprovalState:
         decided_at=approval.decided_at,
         device_id=approval.device_id,
         response=response,
-        delivery=DeliverySummary(queued=queued, sent=sent, failed=failed, last_error=last_error),
+        delivery=DeliverySummary(
+            queued=summary.queued,
+            sent=summary.sent,
+            failed=summary.failed,
+            last_error=summary.last_error,
+        ),
     )
 
 
 async def state(
     session: AsyncSession, metrics: Metrics, client_id: str, approval_id: str
 ) -> ApprovalState:
-    return await describe(session, await load_for_client(session, metrics, client_id, approval_id))
+    """The approval and its deliveries, read in one statement; an expiry that is due is
+    persisted first (it drops queued deliveries, so the summary is read again then)."""
+    repo = ApprovalRepository(session)
+    found = await repo.with_summary(approval_id, client_id)
+    if found is None:
+        raise NotFound("No such approval for this client.")
+    approval, summary = found
+    if is_due(approval):
+        approval = await refresh_expiry(session, repo, metrics, approval)
+        summary = await repo.delivery_summary(approval.id)
+    return describe(approval, summary)
+
+
+async def read_state(runtime: Runtime, client_id: str, approval_id: str) -> ApprovalState:
+    """`state` for a long-poll: one read statement (outside a transaction where the
+    database allows it); only an approval whose expiry is due takes a unit of work."""
+    async with runtime.db.read() as session:
+        found = await ApprovalRepository(session).with_summary(approval_id, client_id)
+    if found is None:
+        raise NotFound("No such approval for this client.")
+    if not is_due(found[0]):
+        return describe(*found)
+    async with runtime.db.session() as session:
+        return await state(session, runtime.metrics, client_id, approval_id)
+
+
+def settles(until: WaitUntil) -> Callable[[ApprovalState], bool]:
+    """When a long-poll on a pending approval may return, as its caller asked (`until`)."""
+    pending = ApprovalStatus.PENDING.value
+    if until == "final":
+        return lambda value: value.status != pending
+    if until == "final_or_failed":
+        return lambda value: value.status != pending or all_failed(value.delivery)
+    first: list[DeliverySummary] = []
+
+    def changed(value: ApprovalState) -> bool:
+        # A delivery outcome also ends the wait: the client can offer OTP at once.
+        if not first:
+            first.append(value.delivery)
+        return value.status != pending or value.delivery != first[0]
+
+    return changed
+
+
+def all_failed(delivery: DeliverySummary) -> bool:
+    """Every push failed and none is still on its way: the push cannot succeed any more."""
+    return delivery.failed > 0 and delivery.queued == 0 and delivery.sent == 0
 
 
 async def wait_for_state(
@@ -78,28 +135,21 @@ async def wait_for_state(
     approval_id: str,
     wait: float,
     disconnected: Disconnected | None = None,
+    until: WaitUntil = "change",
 ) -> ApprovalState:
-    """The approval's state; with `wait`, a long-poll that returns once it is decided or a
-    delivery outcome changes. One short session per read: the wait holds no connection."""
+    """The approval's state; with `wait`, a long-poll that returns once it is decided or,
+    as `until` asks, a delivery outcome changes (`change`) or every push failed
+    (`final_or_failed`). One short read per look: the wait holds no connection."""
 
     async def read() -> ApprovalState:
-        async with runtime.db.session() as session:
-            return await state(session, runtime.metrics, client.id, approval_id)
-
-    first: list[ApprovalState] = []
-
-    def is_settled(value: ApprovalState) -> bool:
-        # A delivery outcome also ends the wait: the client can offer OTP at once.
-        if not first:
-            first.append(value)
-        return value.status != ApprovalStatus.PENDING.value or value.delivery != first[0].delivery
+        return await read_state(runtime, client.id, approval_id)
 
     with runtime.metrics.longpoll_waiters.track_inprogress():
         return await long_poll(
             runtime.notifier,
             approval_topic(approval_id),
             read,
-            is_settled,
+            settles(until),
             wait,
             deadline_of=lambda value: (
                 value.expires_at if value.status == ApprovalStatus.PENDING.value else None
@@ -112,11 +162,16 @@ async def wait_for_state(
 async def cancel(
     session: AsyncSession, runtime: Runtime, client: Client, approval_id: str
 ) -> ApprovalState:
+    """The UPDATE comes first and returns the row it cancelled: a cancel that wins needs
+    no read before it; one that does not finds out why (404, decided, expired) after."""
     metrics = runtime.metrics
     repo = ApprovalRepository(session)
-    approval = await load_for_client(session, metrics, client.id, approval_id)
-    if not await repo.decide(approval.id, now_utc(), status=ApprovalStatus.CANCELLED):
-        raise already_decided(await reread(session, repo, metrics, approval))
+    won = await repo.decide_returning(
+        approval_id, client.id, now_utc(), status=ApprovalStatus.CANCELLED
+    )
+    if won is None:
+        raise already_decided(await load_for_client(session, metrics, client.id, approval_id))
+    approval, queued = won
     cancelled = Outcome(
         approval.id,
         client.id,
@@ -125,10 +180,8 @@ async def cancel(
         actor_id=client.id,
         created_at=approval.created_at,
     )
-    await on_final(session, repo, metrics, cancelled)
-    final = await repo.get(approval.id, client.id)
-    assert final is not None
-    return await describe(session, final)
+    await on_final(session, repo, metrics, cancelled, queued=queued)
+    return describe(approval, await repo.delivery_summary(approval.id))
 
 
 def for_device(approval: Approval, client_name: str) -> DeviceApproval:
@@ -151,10 +204,8 @@ def for_device(approval: Approval, client_name: str) -> DeviceApproval:
 
 
 async def pending_for(session: AsyncSession, client_id: str) -> DeviceApprovalList:
-    repo = ApprovalRepository(session)
-    name = await repo.client_name(client_id)
-    pending = await repo.pending_for_client(client_id, now_utc())
-    return DeviceApprovalList(approvals=[for_device(a, name) for a in pending])
+    pending = await ApprovalRepository(session).pending_for_client(client_id, now_utc())
+    return DeviceApprovalList(approvals=[for_device(a, name) for a, name in pending])
 
 
 async def wait_for_pending(runtime: Runtime, device: Device, wait: float) -> DeviceApprovalList:
@@ -182,5 +233,10 @@ async def wait_for_pending(runtime: Runtime, device: Device, wait: float) -> Dev
 async def device_view(
     session: AsyncSession, runtime: Runtime, device: Device, approval_id: str
 ) -> DeviceApproval:
-    approval = await load_for_client(session, runtime.metrics, device.client_id, approval_id)
-    return for_device(approval, await ApprovalRepository(session).client_name(device.client_id))
+    repo = ApprovalRepository(session)
+    found = await repo.with_client_name(approval_id, device.client_id)
+    if found is None:
+        raise NotFound("No such approval for this client.")
+    approval, client_name = found
+    approval = await refresh_expiry(session, repo, runtime.metrics, approval)
+    return for_device(approval, client_name)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 
 from client_sdk import (
@@ -191,6 +193,52 @@ class TestLoginHelper:
         result = client.login(username="admin", ask_code=lambda p: prompts.append(p) or "")
         assert result.fallback_reason == "push_unavailable" and not result.success
         assert [p.reason for p in prompts] == ["push_unavailable"]
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """The real transport, keeping each request's URL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[httpx.URL] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.urls.append(request.url)
+        return super().handle_request(request)
+
+
+def test_a_login_without_progress_is_one_long_poll(live_server: LiveServer) -> None:
+    """The push goes out while the client waits; the relay holds the wait through it, so
+    the client asks for the approval's state once."""
+    registration = PnsClient.register(live_server.url, name="FILESRV01", edition="pro")
+    recorder = RecordingTransport()
+    with PnsClient(
+        live_server.url, registration.client_token, long_poll_seconds=20, transport=recorder
+    ) as client:
+        pairing = client.start_pairing("app")
+        with DeviceClient.pair(pairing.qr_payload or "", push=APNS, **IPHONE) as device:
+            client.wait_for_pairing(pairing.pairing_id, timeout=10)
+            approvers: list[threading.Thread] = []
+
+            def approve_after_the_push(requested: ApprovalRequested) -> None:
+                def later() -> None:
+                    time.sleep(0.5)  # the relay's log sender sends at once
+                    device.approve(requested.approval_id, requested.match_code)
+
+                approvers.append(threading.Thread(target=later))
+                approvers[0].start()
+
+            recorder.urls.clear()
+            result = client.login(
+                username="admin", show_match_code=approve_after_the_push, ask_code=lambda _p: ""
+            )
+            approvers[0].join(10)
+    assert (result.success, result.method) == (True, "push")
+    assert result.approval is not None and result.approval.delivery is not None
+    assert result.approval.delivery.sent == 1  # the push went out before the answer
+    polls = [u for u in recorder.urls if u.path.startswith("/v1/approvals/")]
+    assert len(polls) == 1
+    assert polls[0].params["until"] == "final_or_failed"
 
 
 class TestAsync:

@@ -68,6 +68,7 @@ class Canned:
     def __init__(self, user_chooses_code: bool = False) -> None:
         self.answers: dict[str, list[Answer]] = {}
         self.sent: list[str] = []
+        self.queries: dict[str, list[dict[str, Any]]] = {}
         self.steps: list[Step] = []
         self.bodies: dict[str, Any] = {}
         self.user_chooses_code = user_chooses_code
@@ -103,6 +104,7 @@ class Canned:
     def reply(self, request: ApiRequest) -> Reply:
         route = f"{request.method} {request.path}"
         self.sent.append(route)
+        self.queries.setdefault(route, []).append(dict(request.params or {}))
         assert len(self.sent) < 50, "the flow does not stop"
         self.bodies[route] = request.json
         queue = self.answers.get(route)
@@ -202,6 +204,8 @@ class Login:
         canned: Canned,
         codes: list[str | None] | None = None,
         created: Answer = httpx.Response(201, json=CREATED),
+        *,
+        watch_progress: bool = True,
     ) -> None:
         self.core = ClientCore("tok", KeyStore())
         self.phone = Phone(self.core)
@@ -211,6 +215,10 @@ class Login:
         self.prompts: list[CodePrompt] = []
         self.shown: list[str | None] = []
         self.progress: list[str] = []
+        self.watch_progress = watch_progress
+
+    def on_progress(self, approval: Any) -> None:
+        self.progress.append(approval.status)
 
     def ask_code(self, prompt: CodePrompt) -> str | None:
         self.prompts.append(prompt)
@@ -232,7 +240,7 @@ class Login:
                 request,
                 ask_code=self.ask_code,
                 show_match_code=lambda req: self.shown.append(req.match_code),
-                on_progress=lambda a: self.progress.append(a.status),
+                on_progress=self.on_progress if self.watch_progress else None,
                 max_code_attempts=3,
             )
         )
@@ -289,6 +297,36 @@ class TestLogin:
             DELETE,
             "POST /v1/recovery-codes/verify",
         ]
+
+    def test_progress_watchers_are_woken_by_every_delivery_change(self) -> None:
+        canned = Canned().on(GET, approval(), approval(delivery=FAILED))
+        canned.on(DELETE, approval("cancelled", delivery=FAILED))
+        Login(canned, codes=[None]).run()
+        assert [q.get("until") for q in canned.queries[GET]] == [None, None]
+
+    def test_without_progress_one_long_poll_waits_for_what_ends_the_push(self) -> None:
+        canned = Canned()
+        login = Login(canned, watch_progress=False)
+        canned.on(GET, login.phone.answer(canned))
+        result = login.run()
+        assert (result.success, result.method) == (True, "push")
+        assert canned.sent == ["POST /v1/approvals", GET]
+        assert canned.queries[GET] == [{"wait": 25, "until": "final_or_failed"}]
+
+    def test_without_progress_a_failed_delivery_still_falls_back_to_the_code(self) -> None:
+        # What the relay answers for `final_or_failed` once every push failed; an older
+        # relay that ignores `until` answers earlier states too, and the flow polls again.
+        canned = (
+            Canned()
+            .on(GET, approval(delivery={**FAILED, "failed": 0, "sent": 1}))
+            .on(GET, approval(delivery=FAILED))
+            .on(DELETE, approval("cancelled", delivery=FAILED))
+        )
+        login = Login(canned, codes=[None], watch_progress=False)
+        result = login.run()
+        assert result.fallback_reason == "delivery_failed" and login.progress == []
+        assert canned.sent == ["POST /v1/approvals", GET, GET, DELETE]
+        assert {q["until"] for q in canned.queries[GET]} == {"final_or_failed"}
 
     def test_the_user_choosing_a_code_cancels_the_push(self) -> None:
         canned = Canned(user_chooses_code=True).on(DELETE, approval("cancelled"))
@@ -397,6 +435,28 @@ class TestWaits:
         flows = ClientFlows(ClientCore("tok", KeyStore()), long_poll_seconds=25)
         canned.run(flows.wait_for_approval(APPROVAL, None, None, None))
         assert canned.sent == [GET, GET]
+
+    @pytest.mark.parametrize(
+        ("progress", "stop_early", "until"),
+        [
+            (False, False, "final"),
+            (False, True, "final_or_failed"),
+            (True, False, None),
+            (True, True, None),
+        ],
+    )
+    def test_a_wait_asks_to_be_woken_only_for_what_it_needs(
+        self, progress: bool, stop_early: bool, until: str | None
+    ) -> None:
+        canned = Canned().on(GET, approval("expired"))
+        flows = ClientFlows(ClientCore("tok", KeyStore()), long_poll_seconds=25)
+        seen: list[Any] = []
+        wait = flows.wait_for_approval(
+            APPROVAL, None, seen.append if progress else None, None, stop_early=stop_early
+        )
+        assert canned.run(wait).status == "expired"
+        assert [q.get("until") for q in canned.queries[GET]] == [until]
+        assert len(seen) == (1 if progress else 0)
 
     def test_wait_for_pairing_until_completed(self) -> None:
         core = ClientCore("tok", KeyStore())

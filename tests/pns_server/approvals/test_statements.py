@@ -1,0 +1,136 @@
+"""What the hot approval requests ask of the database: each round trip to it costs more
+than the work it does, so a status read is one statement, the phone's detail one, and a
+signed answer reads the approval once and decides it in one UPDATE that also tells it
+whether any push is left to drop. Counted are the statements that name the approval
+(the running dispatcher and expiry sweep never do in these tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from sqlalchemy import event, select, update
+
+from pns_server.models import Delivery
+from tests.pns_server.approvals.helpers import (
+    answer,
+    request_approval,
+    runtime_of,
+    settle_deliveries,
+)
+from tests.support.factories import PairedDevice, RegisteredClient
+
+
+@contextmanager
+def statements_about(app: FastAPI, *ids: str) -> Iterator[list[str]]:
+    """The SQL statements run meanwhile whose parameters carry one of `ids`."""
+    engine = runtime_of(app).db.engine.sync_engine
+    seen: list[str] = []
+
+    def on_execute(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+    ) -> None:
+        if any(one in repr(parameters) for one in ids):
+            seen.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+
+
+def verbs(seen: list[str]) -> list[str]:
+    """`SELECT approvals`, `UPDATE approvals`, `INSERT audit_events`... (PostgreSQL's
+    NOTIFY, the wake-up sent with the commit, is the notifier's and left out)."""
+    found = []
+    for statement in seen:
+        words = statement.split()
+        if "pg_notify" in statement:
+            continue
+        if words[0] == "SELECT":
+            found.append("SELECT approvals" if " FROM approvals " in statement else "SELECT")
+        elif words[0] == "INSERT":
+            found.append(f"INSERT {words[2]}")
+        else:
+            found.append(f"{words[0]} {words[1]}")
+    return found
+
+
+class TestStatements:
+    async def test_a_status_read_is_one_statement(
+        self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        body = await request_approval(http, client)
+        await settle_deliveries(http, client, body["approval_id"])
+        url = f"/v1/approvals/{body['approval_id']}"
+        with statements_about(app, body["approval_id"]) as seen:
+            state = (await http.get(url, headers=client.headers)).json()
+        assert state["delivery"]["queued"] + state["delivery"]["sent"] == 1
+        assert verbs(seen) == ["SELECT approvals"]
+
+    async def test_the_phones_detail_is_one_statement(
+        self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        body = await request_approval(http, client)
+        url = f"/v1/device/approvals/{body['approval_id']}"
+        with statements_about(app, body["approval_id"], client.client_id) as seen:
+            detail = (await http.get(url, headers=phone.headers)).json()
+        assert detail["client_name"] == "FILESRV01"
+        assert verbs(seen) == ["SELECT approvals"]  # the client's name joined in
+
+    async def test_an_answer_after_the_push_went_out_drops_nothing(
+        self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        body = await request_approval(http, client)
+        await settle_deliveries(http, client, body["approval_id"])
+        with statements_about(app, body["approval_id"]) as seen:
+            decided = await answer(http, phone, body["approval_id"], "approve", body["match_code"])
+        assert decided.json()["status"] == "approved"
+        assert verbs(seen) == [
+            "SELECT approvals",
+            "UPDATE approvals",
+            "INSERT audit_events",
+        ]
+
+    async def test_an_answer_drops_a_push_still_queued(
+        self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        body = await request_approval(http, client)
+        await settle_deliveries(http, client, body["approval_id"])
+        later = datetime.now(UTC) + timedelta(hours=1)  # queued, but not due: not claimed
+        async with runtime_of(app).db.session() as session:
+            await session.execute(
+                update(Delivery)
+                .where(Delivery.approval_id == body["approval_id"])
+                .values(status="queued", next_attempt_at=later)
+            )
+        with statements_about(app, body["approval_id"]) as seen:
+            decided = await answer(http, phone, body["approval_id"], "approve", body["match_code"])
+        assert decided.json()["status"] == "approved"
+        assert "UPDATE deliveries" in verbs(seen)
+        async with runtime_of(app).db.session() as session:
+            statuses = list(
+                await session.scalars(
+                    select(Delivery.status).where(Delivery.approval_id == body["approval_id"])
+                )
+            )
+        assert statuses == ["dropped"]
+        state = await http.get(f"/v1/approvals/{body['approval_id']}", headers=client.headers)
+        assert state.json()["delivery"] == {"queued": 0, "sent": 0, "failed": 0, "last_error": None}
+
+    async def test_a_cancel_needs_no_read_before_its_update(
+        self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        body = await request_approval(http, client)
+        await settle_deliveries(http, client, body["approval_id"])
+        url = f"/v1/approvals/{body['approval_id']}"
+        with statements_about(app, body["approval_id"]) as seen:
+            cancelled = (await http.delete(url, headers=client.headers)).json()
+        assert cancelled["status"] == "cancelled" and cancelled["decided_at"] is not None
+        assert cancelled["delivery"]["queued"] + cancelled["delivery"]["sent"] == 1
+        assert verbs(seen) == ["UPDATE approvals", "INSERT audit_events", "SELECT"]
