@@ -11,19 +11,24 @@ from typing import Any, NamedTuple, cast
 from sqlalchemy import (
     ColumnElement,
     CursorResult,
+    Row,
     ScalarSelect,
     String,
     Update,
     bindparam,
     func,
+    insert,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from pns_server.models import Approval, Client, Delivery, Device
+from pns_server.models import Approval, Base, Client, Delivery, Device
 from pns_server.states import OPEN_DELIVERY, ApprovalStatus, DeliveryStatus
+
+# What creating an approval reads of each app device: id, push_status, push_token, service.
+AppDevice = Row[str, str, str | None, str | None]
 
 
 class Summary(NamedTuple):
@@ -105,6 +110,27 @@ _DROP_QUEUED = (
     .where(Delivery.approval_id == _APPROVAL_ID, Delivery.status == DeliveryStatus.QUEUED)
     .values(status=DeliveryStatus.DROPPED, lease_until=None)
 )
+# Creating an approval: plain rows and Core statements, no entity for the unit of work.
+_LOCK_CLIENT = (
+    select(Client.locked_until, Client.pushes_since_success)
+    .where(Client.id == bindparam("client"))
+    .with_for_update()
+)
+_APP_DEVICES = (
+    select(Device.id, Device.push_status, Device.push_token, Device.push_service)
+    .where(Device.client_id == bindparam("client"), Device.kind == "app")
+    .order_by(Device.created_at)
+)
+_PENDING_IDS = select(Approval.id).where(
+    Approval.client_id == bindparam("client"), Approval.status == ApprovalStatus.PENDING
+)
+_COUNT_PUSH = (
+    update(Client)
+    .where(Client.id == bindparam("client"))
+    .values(pushes_since_success=Client.pushes_since_success + 1)
+)
+_INSERT_APPROVAL = insert(Base.metadata.tables[Approval.__tablename__])
+_INSERT_DELIVERY = insert(Base.metadata.tables[Delivery.__tablename__])
 _REFRESH = {"populate_existing": True}
 _NO_SYNC = {"synchronize_session": False}
 _NO_SYNC_REFRESH = {"synchronize_session": False, "populate_existing": True}
@@ -145,23 +171,13 @@ class ApprovalRepository:
 
     # --- clients -------------------------------------------------------------------------
 
-    async def lock_client(self, client_id: str) -> Client:
-        """Serialise approval creation per client (SQLite's BEGIN IMMEDIATE already does)."""
-        client = await self.session.scalar(
-            select(Client)
-            .where(Client.id == client_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-        assert client is not None
-        return client
+    async def lock_client(self, client_id: str) -> Row[datetime | None, int]:
+        """Serialise approval creation per client (SQLite's BEGIN IMMEDIATE already does);
+        the row's `locked_until` and `pushes_since_success` as they are under the lock."""
+        return (await self.session.execute(_LOCK_CLIENT, {"client": client_id})).one()
 
     async def count_push(self, client_id: str) -> None:
-        await self._rowcount(
-            update(Client)
-            .where(Client.id == client_id)
-            .values(pushes_since_success=Client.pushes_since_success + 1)
-        )
+        await self.session.execute(_COUNT_PUSH, {"client": client_id}, execution_options=_NO_SYNC)
 
     async def reset_push_count(self, client_id: str) -> None:
         await self.session.execute(
@@ -175,21 +191,17 @@ class ApprovalRepository:
 
     # --- devices -------------------------------------------------------------------------
 
-    async def app_devices(self, client_id: str) -> Sequence[Device]:
-        """App installs that can answer: by push or by polling."""
-        return (
-            await self.session.scalars(
-                select(Device)
-                .where(Device.client_id == client_id, Device.kind == "app")
-                .order_by(Device.created_at)
-            )
-        ).all()
+    async def app_devices(self, client_id: str) -> Sequence[AppDevice]:
+        """App installs that can answer (by push or by polling): id and push fields."""
+        return (await self.session.execute(_APP_DEVICES, {"client": client_id})).all()
 
     # --- approvals -----------------------------------------------------------------------
 
-    def add(self, approval: Approval, deliveries: Sequence[Delivery]) -> None:
-        self.session.add(approval)
-        self.session.add_all(deliveries)
+    async def insert(self, approval: dict[str, Any], deliveries: Sequence[dict[str, Any]]) -> None:
+        """The new approval and its deliveries, as INSERTs (one for all the deliveries)."""
+        await self.session.execute(_INSERT_APPROVAL, approval)
+        if deliveries:
+            await self.session.execute(_INSERT_DELIVERY, list(deliveries))
 
     async def get(self, approval_id: str, client_id: str) -> Approval | None:
         return await self.session.scalar(
@@ -232,11 +244,7 @@ class ApprovalRepository:
         return [(row[0], row[1] or "") for row in rows]
 
     async def pending_ids(self, client_id: str) -> list[str]:
-        rows = await self.session.scalars(
-            select(Approval.id).where(
-                Approval.client_id == client_id, Approval.status == ApprovalStatus.PENDING
-            )
-        )
+        rows = await self.session.scalars(_PENDING_IDS, {"client": client_id})
         return list(rows)
 
     async def decide(self, approval_id: str, now: datetime, **values: Any) -> bool:

@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.models import AuditEvent, Base, Client, Device, RecoveryCode, utcnow
+from pns_server.audit import audit_row
+from pns_server.models import AuditEvent, Base, Client, Device, RecoveryCode
 from pns_server.security import SealedAt, new_id
 
 OTP_DEVICE_KINDS = ("app", "totp")
@@ -295,24 +296,3 @@ class OtpRepository:
             )
         )
         return int(count or 0)
-
-
-def audit_row(
-    event: str,
-    *,
-    client_id: str,
-    actor: str,
-    actor_id: str | None = None,
-    subject_id: str | None = None,
-    **detail: Any,
-) -> dict[str, Any]:
-    """The columns of an audit row, as `audit.record` fills them."""
-    return {
-        "at": utcnow(),
-        "client_id": client_id,
-        "actor": actor,
-        "actor_id": actor_id,
-        "event": event,
-        "subject_id": subject_id,
-        "detail": detail or None,
-    }

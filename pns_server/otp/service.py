@@ -15,10 +15,11 @@ from typing import Any, NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pns_server.audit import audit_row
 from pns_server.errors import OtpInvalid, OtpReplayed, PnsError, RecoveryCodeInvalid
 from pns_server.models import Client
 from pns_server.otp import recovery_codes, throttle
-from pns_server.otp.repository import OtpDevice, OtpRepository, Throttle, audit_row
+from pns_server.otp.repository import OtpDevice, OtpRepository, Throttle
 from pns_server.otp.schemas import OtpAccepted, RecoveryCodeAccepted, RecoveryCodesCreated
 from pns_server.runtime import Runtime
 from pns_server.security import SecretBox

@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 import httpx
 from sqlalchemy import select
 
+from pns_server.audit import audit_row
 from pns_server.db import Database
 from pns_server.models import AuditEvent, Device
 from pns_server.otp import recovery_codes
-from pns_server.otp.repository import OtpRepository, audit_row
+from pns_server.otp.repository import OtpRepository
 from tests.support.factories import RegisteredClient, pair_app_device
 
 STEP = 60_000_000
