@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Row, and_, or_, select, update
+from sqlalchemy import CursorResult, Row, and_, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.models import Approval, Client, Delivery, Device
@@ -43,6 +43,40 @@ CLAIM_JOIN = (
 
 ClaimedRow = Row[*tuple[Any, ...]]
 
+# Built once, with bind parameters: a statement object built per call costs its cache key
+# on every execution, more CPU than the dispatcher's own work for one push.
+_DUE = or_(
+    and_(Delivery.status == DeliveryStatus.QUEUED, Delivery.next_attempt_at <= bindparam("now")),
+    and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < bindparam("now")),
+)
+_PICK = select(Delivery.id).where(_DUE).order_by(Delivery.next_attempt_at).limit(bindparam("limit"))
+_LEASE = update(Delivery).values(
+    status=DeliveryStatus.SENDING,
+    lease_until=bindparam("new_lease"),
+    attempts=Delivery.attempts + 1,
+)
+_CLAIM_POSTGRESQL = _LEASE.where(
+    Delivery.id.in_(_PICK.with_for_update(skip_locked=True).scalar_subquery()), *CLAIM_JOIN
+).returning(*CLAIMED_COLUMNS)
+_CLAIM_IDS_SQLITE = _LEASE.where(Delivery.id.in_(_PICK.scalar_subquery())).returning(Delivery.id)
+_CLAIMED_SQLITE = select(*CLAIMED_COLUMNS).where(
+    Delivery.id.in_(bindparam("ids", expanding=True)), *CLAIM_JOIN
+)
+_FINISH = (
+    update(Delivery)
+    .where(
+        Delivery.id.in_(bindparam("ids", expanding=True)),
+        Delivery.status == DeliveryStatus.SENDING,
+        Delivery.lease_until == bindparam("lease"),
+    )
+    .returning(Delivery.approval_id)
+)
+# The common outcome, whole: the other outcomes add their own values per call.
+_FINISH_SENT = _FINISH.values(
+    status=DeliveryStatus.SENT, last_error=None, lease_until=None, sent_at=bindparam("at")
+)
+_NO_SYNC = {"synchronize_session": False}
+
 
 class DeliveryRepository:
     def __init__(self, session: AsyncSession) -> None:
@@ -58,43 +92,32 @@ class DeliveryRepository:
         `RETURNING` them, over a `FOR UPDATE SKIP LOCKED` pick so replicas claim side by
         side. SQLite's RETURNING cannot name the joined tables, so there the claimed ids are
         read in a second statement of the same transaction (SQLite serialises writers)."""
-        due = or_(
-            and_(Delivery.status == DeliveryStatus.QUEUED, Delivery.next_attempt_at <= now),
-            and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now),
-        )
-        pick = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(limit)
-        if postgresql:
-            pick = pick.with_for_update(skip_locked=True)
-        lease = (
-            update(Delivery)
-            .where(Delivery.id.in_(pick.scalar_subquery()))
-            .values(
-                status=DeliveryStatus.SENDING,
-                lease_until=lease_until,
-                attempts=Delivery.attempts + 1,
-            )
-            .execution_options(synchronize_session=False)
-        )
+        params = {"now": now, "limit": limit, "new_lease": lease_until}
         if postgresql:
             claimed = await self.session.execute(
-                lease.where(*CLAIM_JOIN).returning(*CLAIMED_COLUMNS)
+                _CLAIM_POSTGRESQL, params, execution_options=_NO_SYNC
             )
             return claimed.all()
-        ids = list((await self.session.execute(lease.returning(Delivery.id))).scalars())
+        ids = list(
+            (
+                await self.session.execute(_CLAIM_IDS_SQLITE, params, execution_options=_NO_SYNC)
+            ).scalars()
+        )
         if not ids:
             return []
-        rows = await self.session.execute(
-            select(*CLAIMED_COLUMNS).where(Delivery.id.in_(ids), *CLAIM_JOIN)
-        )
+        rows = await self.session.execute(_CLAIMED_SQLITE, {"ids": ids})
         return rows.all()
 
     async def finish_sent(
         self, delivery_ids: Sequence[str], lease_until: datetime, at: datetime
     ) -> set[str]:
         """Mark delivered those still under this lease; returns their approvals' ids."""
-        return await self.finish_all(
-            delivery_ids, lease_until, DeliveryStatus.SENT, None, sent_at=at
+        finished = await self.session.execute(
+            _FINISH_SENT,
+            {"ids": list(delivery_ids), "lease": lease_until, "at": at},
+            execution_options=_NO_SYNC,
         )
+        return set(finished.scalars())
 
     async def finish_all(
         self,
@@ -107,15 +130,9 @@ class DeliveryRepository:
         """One outcome for many deliveries, those still under this lease, in one UPDATE;
         returns their approvals' ids."""
         finished = await self.session.execute(
-            update(Delivery)
-            .where(
-                Delivery.id.in_(delivery_ids),
-                Delivery.status == DeliveryStatus.SENDING,
-                Delivery.lease_until == lease_until,
-            )
-            .values(status=status, last_error=error, lease_until=None, **extra)
-            .returning(Delivery.approval_id)
-            .execution_options(synchronize_session=False)
+            _FINISH.values(status=status, last_error=error, lease_until=None, **extra),
+            {"ids": list(delivery_ids), "lease": lease_until},
+            execution_options=_NO_SYNC,
         )
         return set(finished.scalars())
 
