@@ -27,7 +27,6 @@ from pns_server.deps import (
 )
 from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import Limit, hit_in, raise_if_exceeded
-from pns_server.realtime.longpoll import until_disconnected
 
 router = APIRouter(tags=["approvals"], responses=PROBLEM_RESPONSES)
 
@@ -72,14 +71,12 @@ async def create_approval(
 @router.get("/v1/approvals/{approval_id}", response_model=ApprovalState)
 async def get_approval(
     approval_id: str,
-    request: Request,
     client: CurrentClientDetached,
     runtime: RuntimeDep,
     wait: Wait = 0,
-) -> ApprovalState:
-    return await service.wait_for_state(
-        runtime, client, approval_id, wait, until_disconnected(request.receive)
-    )
+) -> Response:
+    # The body is an ApprovalState, rendered by the long-poll itself (see state_response).
+    return service.state_response(runtime, client, approval_id, wait)
 
 
 @router.delete("/v1/approvals/{approval_id}", response_model=ApprovalState)

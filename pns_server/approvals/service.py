@@ -23,7 +23,7 @@ from pns_server.errors import (
 )
 from pns_server.metrics import Metrics
 from pns_server.models import Approval, Client, Device
-from pns_server.realtime.longpoll import Disconnected, long_poll
+from pns_server.realtime.longpoll import Disconnected, LongPollResponse, Rendered, long_poll
 from pns_server.runtime import Runtime
 from pns_server.states import ApprovalStatus
 from pns_server.topics import approval_topic, now_utc, pending_topic
@@ -74,25 +74,27 @@ async def state(
 
 async def wait_for_state(
     runtime: Runtime,
-    client: Client,
+    client_id: str,
     approval_id: str,
     wait: float,
     disconnected: Disconnected | None = None,
-) -> ApprovalState:
+) -> Rendered[ApprovalState]:
     """The approval's state; with `wait`, a long-poll that returns once it is decided or a
-    delivery outcome changes. One short session per read: the wait holds no connection."""
+    delivery outcome changes. One short session per read: the wait holds no connection.
+    Waiters woken together share the read and its rendered body."""
 
-    async def read() -> ApprovalState:
+    async def read() -> Rendered[ApprovalState]:
         async with runtime.db.session() as session:
-            return await state(session, runtime.metrics, client.id, approval_id)
+            return Rendered(await state(session, runtime.metrics, client_id, approval_id))
 
-    first: list[ApprovalState] = []
+    first: list[DeliverySummary] = []
 
-    def is_settled(value: ApprovalState) -> bool:
+    def is_settled(read: Rendered[ApprovalState]) -> bool:
         # A delivery outcome also ends the wait: the client can offer OTP at once.
+        value = read.value
         if not first:
-            first.append(value)
-        return value.status != ApprovalStatus.PENDING.value or value.delivery != first[0].delivery
+            first.append(value.delivery)
+        return value.status != ApprovalStatus.PENDING.value or value.delivery != first[0]
 
     with runtime.metrics.longpoll_waiters.track_inprogress():
         return await long_poll(
@@ -101,12 +103,25 @@ async def wait_for_state(
             read,
             is_settled,
             wait,
-            deadline_of=lambda value: (
-                value.expires_at if value.status == ApprovalStatus.PENDING.value else None
+            deadline_of=lambda read: (
+                read.value.expires_at if read.value.status == ApprovalStatus.PENDING.value else None
             ),
-            share_key=f"{client.id}:{approval_id}",
+            share_key=f"{client_id}:{approval_id}",
             disconnected=disconnected,
         )
+
+
+def state_response(
+    runtime: Runtime, client: Client, approval_id: str, wait: float
+) -> LongPollResponse:
+    """GET /v1/approvals/{id}: `wait_for_state`, run as the response is sent, so a waiting
+    request holds neither the handler's frames nor the authenticated client row."""
+    client_id = client.id
+
+    async def poll(disconnected: Disconnected) -> bytes:
+        return (await wait_for_state(runtime, client_id, approval_id, wait, disconnected)).body
+
+    return LongPollResponse(poll)
 
 
 async def cancel(
