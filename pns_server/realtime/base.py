@@ -19,7 +19,7 @@ class Subscription:
     Thousands are held at once, so it is small: no Event (a deque each) and no Timeout
     object; while its waiter sleeps it holds one future and one timer, otherwise nothing."""
 
-    __slots__ = ("_waiter", "_woken", "since", "topic", "woken_at")
+    __slots__ = ("_waiter", "_woken", "caller_gone", "since", "topic", "woken_at")
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
@@ -28,6 +28,8 @@ class Subscription:
         self.woken_at = self.since
         self._woken = False
         self._waiter: asyncio.Future[None] | None = None
+        # Set (with a wake-up) when the HTTP caller has disconnected: the wait ends.
+        self.caller_gone = False
 
     def wake(self) -> None:
         self.woken_at = time.monotonic()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -69,16 +68,7 @@ async def long_poll(
             return await read()
         return await notifier.reads.run(share_key, read, not_before)
 
-    gone = False
-    watcher: asyncio.Task[None] | None = None
-
-    async def watch(subscription: Subscription) -> None:
-        nonlocal gone
-        assert disconnected is not None
-        with contextlib.suppress(Exception):  # a broken receive also means nobody listens
-            await disconnected()
-        gone = True
-        subscription.wake()
+    watcher: asyncio.Future[None] | None = None
 
     async def first_read(not_before: float) -> T:
         # A wait that starts while the database restarts rides it out like a re-read does;
@@ -101,9 +91,9 @@ async def long_poll(
                     break
                 if disconnected is not None and watcher is None:
                     # Started only once a wait is due: an immediate answer costs no task.
-                    watcher = asyncio.create_task(watch(subscription))
+                    watcher = _watch(disconnected, subscription)
                 woken = await subscription.wait(_timeout(notifier, value, left, deadline_of))
-                if gone:
+                if subscription.caller_gone:
                     break
                 try:
                     value = await fresh(subscription.woken_at if woken else time.monotonic())
@@ -116,6 +106,22 @@ async def long_poll(
             if watcher is not None:
                 watcher.cancel()
     return value
+
+
+def _watch(disconnected: Disconnected, subscription: Subscription) -> asyncio.Future[None]:
+    """A task that ends when the caller goes; its completion marks and wakes the wait. A
+    done-callback rather than a coroutine of ours around it: thousands of these are held."""
+    watcher = asyncio.ensure_future(disconnected())
+
+    def done(finished: asyncio.Future[None]) -> None:
+        if finished.cancelled():
+            return  # the wait ended first
+        finished.exception()  # a broken receive also means nobody listens (retrieved, not logged)
+        subscription.caller_gone = True
+        subscription.wake()
+
+    watcher.add_done_callback(done)
+    return watcher
 
 
 def _timeout(

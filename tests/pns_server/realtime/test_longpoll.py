@@ -291,3 +291,39 @@ class TestLongPollResponse:
         with pytest.raises(LookupError):
             await response({"type": "http"}, receive, send)
         assert sent == []  # the app's error handler can still answer
+
+
+async def test_a_broken_receive_ends_the_wait_as_a_disconnect() -> None:
+    notifier, row = MemoryNotifier(), Counter()
+
+    async def broken() -> None:
+        await asyncio.sleep(0.05)
+        raise OSError("connection reset")
+
+    value = await asyncio.wait_for(
+        long_poll(notifier, "t", row.read, settled, 60, disconnected=broken), 5
+    )
+    assert value == "pending"
+    assert notifier.waiter_count == 0
+
+
+async def test_an_answer_stops_the_disconnect_watch() -> None:
+    notifier, row = MemoryNotifier(), Counter()
+    watching = asyncio.Event()
+    stopped = asyncio.Event()
+
+    async def disconnected() -> None:
+        watching.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            stopped.set()
+
+    task = asyncio.create_task(
+        long_poll(notifier, "t", row.read, settled, 60, disconnected=disconnected)
+    )
+    await asyncio.wait_for(watching.wait(), 5)
+    row.value = "approved"
+    await notifier.publish(["t"])
+    assert await asyncio.wait_for(task, 5) == "approved"
+    await asyncio.wait_for(stopped.wait(), 5)  # no watcher left behind
