@@ -69,21 +69,26 @@ class SharedReads:
     """Waiters of one object, woken by one publish, share one read instead of each querying.
 
     A waiter joins only a read that *started after* its latest wake-up (`not_before`), so the
-    shared result always includes the commit that woke it: no wake-up is lost."""
+    shared result always includes the commit that woke it: no wake-up is lost. A waiter that
+    finds an older read under way waits for it to end and shares the next one: thousands of
+    long-polls arriving while one read runs cost one more read, not thousands."""
 
     def __init__(self) -> None:
         self._flights: dict[str, _Flight] = {}
 
     async def run(self, key: str, read: Callable[[], Awaitable[T]], not_before: float) -> T:
-        flight = self._flights.get(key)
-        if flight is not None and flight.started >= not_before:
+        while (flight := self._flights.get(key)) is not None:
+            if flight.started < not_before:
+                # It may have missed the commit we were woken for: not ours to share.
+                await asyncio.wait([flight.future])
+                continue
             try:
                 value: T = await asyncio.shield(flight.future)
                 return value
             except asyncio.CancelledError:
                 if not flight.future.cancelled():
                     raise  # we were cancelled ourselves
-                # the reading request went away: read for ourselves below
+                # the reading request went away: share the next read, or make it
         flight = _Flight(time.monotonic(), asyncio.get_running_loop().create_future())
         self._flights[key] = flight
         try:

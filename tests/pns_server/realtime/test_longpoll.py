@@ -327,3 +327,50 @@ async def test_an_answer_stops_the_disconnect_watch() -> None:
     await notifier.publish(["t"])
     assert await asyncio.wait_for(task, 5) == "approved"
     await asyncio.wait_for(stopped.wait(), 5)  # no watcher left behind
+
+
+async def test_waiters_arriving_during_an_older_read_share_the_next_one() -> None:
+    reads = SharedReads()
+    release = asyncio.Event()
+    state = {"value": "pending", "reads": 0}
+
+    async def slow_read() -> str:
+        state["reads"] += 1
+        seen = state["value"]
+        await release.wait()
+        await asyncio.sleep(0.01)  # a query's round trip
+        return seen
+
+    early = asyncio.create_task(reads.run("k", slow_read, not_before=0.0))
+    await asyncio.sleep(0)
+    state["value"] = "approved"  # committed after the early read looked
+    woken_at = time.monotonic()
+    late = [asyncio.create_task(reads.run("k", slow_read, not_before=woken_at)) for _ in range(30)]
+    await asyncio.sleep(0.01)
+    assert state["reads"] == 1  # the latecomers wait for the read under way to end...
+    release.set()
+    assert await early == "pending"
+    assert await asyncio.gather(*late) == ["approved"] * 30  # ...and none takes its result
+    assert state["reads"] == 2  # one more read for all thirty, not thirty
+
+
+async def test_a_failed_older_read_does_not_fail_the_latecomers() -> None:
+    reads = SharedReads()
+    release = asyncio.Event()
+    calls = {"n": 0}
+
+    async def read() -> str:
+        calls["n"] += 1
+        await release.wait()
+        if calls["n"] == 1:
+            raise OSError("database restarting")
+        return "approved"
+
+    early = asyncio.create_task(reads.run("k", read, not_before=0.0))
+    await asyncio.sleep(0)
+    late = asyncio.create_task(reads.run("k", read, not_before=time.monotonic()))
+    await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(OSError):
+        await early
+    assert await late == "approved"
