@@ -89,10 +89,10 @@ async def cancel_approval(
 @router.get("/v1/device/approvals", response_model=DeviceApprovalList)
 async def list_device_approvals(
     device: CurrentDeviceDetached, runtime: RuntimeDep, wait: Wait = 0
-) -> DeviceApprovalList:
+) -> Response:
     """The pending approvals; with `wait`, a long-poll that returns as soon as one is
     pending (at once if one already is). Holds no database connection while it waits."""
-    return await service.wait_for_pending(runtime, device, wait)
+    return service.pending_response(runtime, device, wait)
 
 
 @router.get("/v1/device/approvals/{approval_id}", response_model=DeviceApproval)

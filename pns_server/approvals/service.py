@@ -172,14 +172,15 @@ async def pending_for(session: AsyncSession, client_id: str) -> DeviceApprovalLi
     return DeviceApprovalList(approvals=[for_device(a, name) for a in pending])
 
 
-async def wait_for_pending(runtime: Runtime, device: Device, wait: float) -> DeviceApprovalList:
+async def wait_for_pending(
+    runtime: Runtime, client_id: str, wait: float, disconnected: Disconnected | None = None
+) -> Rendered[DeviceApprovalList]:
     """The pending approvals; with `wait`, a long-poll that returns as soon as one is
     pending (at once if one already is). Holds no database connection while it waits."""
-    client_id = device.client_id
 
-    async def read() -> DeviceApprovalList:
+    async def read() -> Rendered[DeviceApprovalList]:
         async with runtime.db.session() as session:
-            return await pending_for(session, client_id)
+            return Rendered(await pending_for(session, client_id))
 
     if wait <= 0:
         return await read()
@@ -188,10 +189,22 @@ async def wait_for_pending(runtime: Runtime, device: Device, wait: float) -> Dev
             runtime.notifier,
             pending_topic(client_id),
             read,
-            lambda value: bool(value.approvals),
+            lambda read: bool(read.value.approvals),
             wait,
             share_key=f"pending:{client_id}",
+            disconnected=disconnected,
         )
+
+
+def pending_response(runtime: Runtime, device: Device, wait: float) -> LongPollResponse:
+    """GET /v1/device/approvals: `wait_for_pending`, run as the response is sent (see
+    `state_response`); it also ends when the phone disconnects."""
+    client_id = device.client_id
+
+    async def poll(disconnected: Disconnected) -> bytes:
+        return (await wait_for_pending(runtime, client_id, wait, disconnected)).body
+
+    return LongPollResponse(poll)
 
 
 async def device_view(
