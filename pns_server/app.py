@@ -62,6 +62,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # so it works on an air-gapped site (the schema stays at /openapi.json).
         docs_url=None,
         redoc_url=None,
+        # The relay reports through its own /metrics and logs. FastAPI's OpenTelemetry hooks
+        # would otherwise look the OpenTelemetry providers up in os.environ on every request
+        # (several per cent of a request's CPU) to learn that none is configured.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     context = AppContext(settings)
     app.state.context = context

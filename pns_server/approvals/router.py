@@ -25,7 +25,6 @@ from pns_server.deps import (
 )
 from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import count_approval
-from pns_server.realtime.longpoll import until_disconnected
 
 router = APIRouter(tags=["approvals"], responses=PROBLEM_RESPONSES)
 
@@ -74,15 +73,13 @@ async def create_approval(
 @router.get("/v1/approvals/{approval_id}", response_model=ApprovalState)
 async def get_approval(
     approval_id: str,
-    request: Request,
     client: CurrentClientDetached,
     runtime: RuntimeDep,
     wait: Wait = 0,
     until: Until = "change",
-) -> ApprovalState:
-    return await service.wait_for_state(
-        runtime, client, approval_id, wait, until_disconnected(request.receive), until
-    )
+) -> Response:
+    # The body is an ApprovalState, rendered by the long-poll itself (see state_response).
+    return service.state_response(runtime, client, approval_id, wait, until)
 
 
 @router.delete("/v1/approvals/{approval_id}", response_model=ApprovalState)
@@ -95,10 +92,10 @@ async def cancel_approval(
 @router.get("/v1/device/approvals", response_model=DeviceApprovalList)
 async def list_device_approvals(
     device: CurrentDeviceDetached, runtime: RuntimeDep, wait: Wait = 0
-) -> DeviceApprovalList:
+) -> Response:
     """The pending approvals; with `wait`, a long-poll that returns as soon as one is
     pending (at once if one already is). Holds no database connection while it waits."""
-    return await service.wait_for_pending(runtime, device, wait)
+    return service.pending_response(runtime, device, wait)
 
 
 @router.get("/v1/device/approvals/{approval_id}", response_model=DeviceApproval)

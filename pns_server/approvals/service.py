@@ -32,7 +32,7 @@ from pns_server.errors import (
 )
 from pns_server.metrics import Metrics
 from pns_server.models import Approval, Client, Device
-from pns_server.realtime.longpoll import Disconnected, long_poll
+from pns_server.realtime.longpoll import Disconnected, LongPollResponse, Rendered, long_poll
 from pns_server.runtime import Runtime
 from pns_server.states import ApprovalStatus
 from pns_server.topics import approval_topic, now_utc, pending_topic
@@ -131,32 +131,49 @@ def all_failed(delivery: DeliverySummary) -> bool:
 
 async def wait_for_state(
     runtime: Runtime,
-    client: Client,
+    client_id: str,
     approval_id: str,
     wait: float,
     disconnected: Disconnected | None = None,
     until: WaitUntil = "change",
-) -> ApprovalState:
+) -> Rendered[ApprovalState]:
     """The approval's state; with `wait`, a long-poll that returns once it is decided or,
     as `until` asks, a delivery outcome changes (`change`) or every push failed
-    (`final_or_failed`). One short read per look: the wait holds no connection."""
+    (`final_or_failed`). One short read per look: the wait holds no connection. Waiters
+    woken together share the read and its rendered body."""
 
-    async def read() -> ApprovalState:
-        return await read_state(runtime, client.id, approval_id)
+    async def read() -> Rendered[ApprovalState]:
+        return Rendered(await read_state(runtime, client_id, approval_id))
+
+    settled = settles(until)
 
     with runtime.metrics.longpoll_waiters.track_inprogress():
         return await long_poll(
             runtime.notifier,
             approval_topic(approval_id),
             read,
-            settles(until),
+            lambda read: settled(read.value),
             wait,
-            deadline_of=lambda value: (
-                value.expires_at if value.status == ApprovalStatus.PENDING.value else None
+            deadline_of=lambda read: (
+                read.value.expires_at if read.value.status == ApprovalStatus.PENDING.value else None
             ),
-            share_key=f"{client.id}:{approval_id}",
+            share_key=f"{client_id}:{approval_id}",
             disconnected=disconnected,
         )
+
+
+def state_response(
+    runtime: Runtime, client: Client, approval_id: str, wait: float, until: WaitUntil = "change"
+) -> LongPollResponse:
+    """GET /v1/approvals/{id}: `wait_for_state`, run as the response is sent, so a waiting
+    request holds neither the handler's frames nor the authenticated client row."""
+    client_id = client.id
+
+    async def poll(disconnected: Disconnected) -> bytes:
+        polled = await wait_for_state(runtime, client_id, approval_id, wait, disconnected, until)
+        return polled.body
+
+    return LongPollResponse(poll)
 
 
 async def cancel(
@@ -208,14 +225,15 @@ async def pending_for(session: AsyncSession, client_id: str) -> DeviceApprovalLi
     return DeviceApprovalList(approvals=[for_device(a, name) for a, name in pending])
 
 
-async def wait_for_pending(runtime: Runtime, device: Device, wait: float) -> DeviceApprovalList:
+async def wait_for_pending(
+    runtime: Runtime, client_id: str, wait: float, disconnected: Disconnected | None = None
+) -> Rendered[DeviceApprovalList]:
     """The pending approvals; with `wait`, a long-poll that returns as soon as one is
     pending (at once if one already is). Holds no database connection while it waits."""
-    client_id = device.client_id
 
-    async def read() -> DeviceApprovalList:
+    async def read() -> Rendered[DeviceApprovalList]:
         async with runtime.db.session() as session:
-            return await pending_for(session, client_id)
+            return Rendered(await pending_for(session, client_id))
 
     if wait <= 0:
         return await read()
@@ -224,10 +242,22 @@ async def wait_for_pending(runtime: Runtime, device: Device, wait: float) -> Dev
             runtime.notifier,
             pending_topic(client_id),
             read,
-            lambda value: bool(value.approvals),
+            lambda read: bool(read.value.approvals),
             wait,
             share_key=f"pending:{client_id}",
+            disconnected=disconnected,
         )
+
+
+def pending_response(runtime: Runtime, device: Device, wait: float) -> LongPollResponse:
+    """GET /v1/device/approvals: `wait_for_pending`, run as the response is sent (see
+    `state_response`); it also ends when the phone disconnects."""
+    client_id = device.client_id
+
+    async def poll(disconnected: Disconnected) -> bytes:
+        return (await wait_for_pending(runtime, client_id, wait, disconnected)).body
+
+    return LongPollResponse(poll)
 
 
 async def device_view(

@@ -14,31 +14,49 @@ T = TypeVar("T")
 
 
 class Subscription:
-    """One waiter's wake-up flag. Set by publish, cleared when the waiter has seen it."""
+    """One waiter's wake-up flag. Set by publish, cleared when the waiter has seen it.
+
+    Thousands are held at once, so it is small: no Event (a deque each) and no Timeout
+    object; while its waiter sleeps it holds one future and one timer, otherwise nothing."""
+
+    __slots__ = ("_waiter", "_woken", "caller_gone", "since", "topic", "woken_at")
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self._event = asyncio.Event()
         self.since = time.monotonic()
         # When the latest wake-up came: a read started after it sees what caused it.
         self.woken_at = self.since
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
+        # Set (with a wake-up) when the HTTP caller has disconnected: the wait ends.
+        self.caller_gone = False
 
     def wake(self) -> None:
         self.woken_at = time.monotonic()
-        self._event.set()
+        self._woken = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def wait(self, timeout: float) -> bool:
         """True when woken (the state may have changed), False on timeout."""
-        if timeout <= 0 and not self._event.is_set():
+        if not self._woken and timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        if not self._woken:
             return False
-        try:
-            # asyncio.timeout, not wait_for: no extra task per waiter (thousands may wait).
-            async with asyncio.timeout(timeout):
-                await self._event.wait()
-        except TimeoutError:
-            return False
-        self._event.clear()
+        self._woken = False
         return True
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass
@@ -51,21 +69,26 @@ class SharedReads:
     """Waiters of one object, woken by one publish, share one read instead of each querying.
 
     A waiter joins only a read that *started after* its latest wake-up (`not_before`), so the
-    shared result always includes the commit that woke it: no wake-up is lost."""
+    shared result always includes the commit that woke it: no wake-up is lost. A waiter that
+    finds an older read under way waits for it to end and shares the next one: thousands of
+    long-polls arriving while one read runs cost one more read, not thousands."""
 
     def __init__(self) -> None:
         self._flights: dict[str, _Flight] = {}
 
     async def run(self, key: str, read: Callable[[], Awaitable[T]], not_before: float) -> T:
-        flight = self._flights.get(key)
-        if flight is not None and flight.started >= not_before:
+        while (flight := self._flights.get(key)) is not None:
+            if flight.started < not_before:
+                # It may have missed the commit we were woken for: not ours to share.
+                await asyncio.wait([flight.future])
+                continue
             try:
                 value: T = await asyncio.shield(flight.future)
                 return value
             except asyncio.CancelledError:
                 if not flight.future.cancelled():
                     raise  # we were cancelled ourselves
-                # the reading request went away: read for ourselves below
+                # the reading request went away: share the next read, or make it
         flight = _Flight(time.monotonic(), asyncio.get_running_loop().create_future())
         self._flights[key] = flight
         try:

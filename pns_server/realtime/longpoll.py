@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Generic, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.types import Receive
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from pns_server.realtime.base import Notifier, Subscription
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger(__name__)
 
 # After a failed re-read (database restarting), try again this soon rather than failing the
@@ -66,16 +68,7 @@ async def long_poll(
             return await read()
         return await notifier.reads.run(share_key, read, not_before)
 
-    gone = False
-    watcher: asyncio.Task[None] | None = None
-
-    async def watch(subscription: Subscription) -> None:
-        nonlocal gone
-        assert disconnected is not None
-        with contextlib.suppress(Exception):  # a broken receive also means nobody listens
-            await disconnected()
-        gone = True
-        subscription.wake()
+    watcher: asyncio.Future[None] | None = None
 
     async def first_read(not_before: float) -> T:
         # A wait that starts while the database restarts rides it out like a re-read does;
@@ -98,9 +91,9 @@ async def long_poll(
                     break
                 if disconnected is not None and watcher is None:
                     # Started only once a wait is due: an immediate answer costs no task.
-                    watcher = asyncio.create_task(watch(subscription))
+                    watcher = _watch(disconnected, subscription)
                 woken = await subscription.wait(_timeout(notifier, value, left, deadline_of))
-                if gone:
+                if subscription.caller_gone:
                     break
                 try:
                     value = await fresh(subscription.woken_at if woken else time.monotonic())
@@ -115,6 +108,22 @@ async def long_poll(
     return value
 
 
+def _watch(disconnected: Disconnected, subscription: Subscription) -> asyncio.Future[None]:
+    """A task that ends when the caller goes; its completion marks and wakes the wait. A
+    done-callback rather than a coroutine of ours around it: thousands of these are held."""
+    watcher = asyncio.ensure_future(disconnected())
+
+    def done(finished: asyncio.Future[None]) -> None:
+        if finished.cancelled():
+            return  # the wait ended first
+        finished.exception()  # a broken receive also means nobody listens (retrieved, not logged)
+        subscription.caller_gone = True
+        subscription.wake()
+
+    watcher.add_done_callback(done)
+    return watcher
+
+
 def _timeout(
     notifier: Notifier, value: T, left: float, deadline_of: Callable[[T], datetime | None]
 ) -> float:
@@ -127,3 +136,49 @@ def _timeout(
         until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05
         timeout = min(timeout, max(until_deadline, 0.0))
     return timeout
+
+
+class Rendered(Generic[M]):
+    """A read's value and its JSON body, rendered at most once: waiters woken together share
+    the read (`share_key`) and so its body too, so ten thousand answers cost one
+    serialisation. The body is what the route's `response_model` would send."""
+
+    __slots__ = ("_body", "value")
+
+    def __init__(self, value: M) -> None:
+        self.value = value
+        self._body: bytes | None = None
+
+    @property
+    def body(self) -> bytes:
+        if self._body is None:
+            self._body = self.value.model_dump_json().encode()
+        return self._body
+
+
+Poll = Callable[[Disconnected], Awaitable[bytes]]
+
+
+class LongPollResponse(Response):
+    """A 200 JSON answer whose long-poll runs while the response is sent, not in the handler.
+
+    The route's handler returns at once, so everything it held (the solved dependencies,
+    the authenticated ORM row, its frames) is gone before the wait starts: a waiting request
+    keeps only the server's and the middleware's frames. An error raised by the poll (a 404,
+    a 503) still reaches the app's error handlers, as nothing has been sent yet."""
+
+    media_type = "application/json"
+
+    def __init__(self, poll: Poll) -> None:
+        super().__init__(status_code=200, media_type=self.media_type)
+        self._poll = poll
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._poll(until_disconnected(receive))
+        own = (b"content-length", b"content-type")
+        extra = [(k, v) for k, v in self.raw_headers if k not in own]
+        self.body = body
+        self.raw_headers = []
+        self.init_headers()
+        self.raw_headers.extend(extra)
+        await super().__call__(scope, receive, send)

@@ -4,6 +4,7 @@ and follows the operations conventions (proxy addresses, 500s, docs, metrics).""
 from __future__ import annotations
 
 import inspect
+import os
 import platform
 import re
 import sys
@@ -216,3 +217,24 @@ async def test_metrics_carry_process_build_and_long_poll_buckets(http: httpx.Asy
     assert 'pns_http_request_seconds_bucket{le="60.0",method="GET",route="/v1/ping"}' in text
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
     assert [n for n in names if n.endswith("_created")] == []
+
+
+async def test_a_request_does_not_search_the_environment(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI's OpenTelemetry hooks are off: the relay has its own metrics and logs, and the
+    hooks looked the providers up in os.environ on every request, to find none."""
+    await http.get("/healthz")
+    environ = type(os.environ)
+    lookups: list[str] = []
+    original = environ.__getitem__
+
+    def counting(self: os._Environ[str], key: str) -> str:
+        lookups.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(environ, "__getitem__", counting)
+    for _ in range(5):
+        assert (await http.get("/healthz")).status_code == 200
+    monkeypatch.undo()
+    assert lookups == []

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -9,6 +10,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from pns_server.approvals.schemas import DeviceApprovalList
 from pns_server.models import AuditEvent
 from tests.pns_server.approvals.helpers import (
     answer,
@@ -50,6 +52,25 @@ class TestPendingList:
             "client_nonce": None,
         }
         assert body["match_code"] not in response.text.replace(body["approval_id"], "")
+
+    async def test_a_wait_wakes_every_phone_with_the_same_list(
+        self, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        second = await pair_app_device(http, client)
+        waiting = [
+            asyncio.create_task(http.get("/v1/device/approvals?wait=30", headers=p.headers))
+            for p in (phone, second, phone)
+        ]
+        await asyncio.sleep(0.2)
+        assert not any(task.done() for task in waiting)
+        body = await request_approval(http, client)
+        answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        for response in answers:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "application/json"
+            listed = DeviceApprovalList.model_validate_json(response.content)
+            assert [a.approval_id for a in listed.approvals] == [body["approval_id"]]
+        assert answers[0].content == answers[1].content == answers[2].content
 
     async def test_skips_decided_expired_and_other_clients(
         self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice

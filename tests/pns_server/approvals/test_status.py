@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from pns_server.approvals.schemas import ApprovalState
 from pns_server.models import AuditEvent, Delivery
 from tests.pns_server.approvals.helpers import (
     LOGIN,
@@ -120,6 +121,30 @@ class TestStatus:
 
 
 class TestLongPoll:
+    async def test_the_answer_is_the_documented_state(
+        self, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        body = await request_approval(http, client)
+        await settle_deliveries(http, client, body["approval_id"])
+        waiters = [
+            asyncio.create_task(
+                http.get(f"/v1/approvals/{body['approval_id']}?wait=30", headers=client.headers)
+            )
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.2)
+        await answer(http, phone, body["approval_id"], "approve", body["match_code"])
+        for response in await asyncio.wait_for(asyncio.gather(*waiters), 10):
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "application/json"
+            assert response.headers["x-request-id"]
+            state = ApprovalState.model_validate_json(response.content)
+            assert state.status == "approved"
+            assert state.response is not None and state.response.decision == "approve"
+            # The same fields, in the same form, as the answer without a wait.
+            plain = await http.get(f"/v1/approvals/{body['approval_id']}", headers=client.headers)
+            assert response.json() == plain.json()
+
     async def test_wakes_on_the_decision(
         self, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
     ) -> None:

@@ -5,9 +5,11 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import BaseModel
+from starlette.types import Message, Receive
 
 from pns_server.realtime.base import SharedReads
-from pns_server.realtime.longpoll import long_poll
+from pns_server.realtime.longpoll import Disconnected, LongPollResponse, Rendered, long_poll
 from pns_server.realtime.memory import MemoryNotifier
 
 
@@ -172,3 +174,203 @@ class TestSharedReads:
         leader.cancel()
         assert await follower == "approved"
         assert calls == 2
+
+
+class TestSubscription:
+    async def test_a_wakeup_before_the_wait_is_kept_for_it(self) -> None:
+        async with MemoryNotifier().subscribe("t") as subscription:
+            subscription.wake()
+            assert await asyncio.wait_for(subscription.wait(30), 1) is True
+            assert await subscription.wait(0.05) is False  # seen once, then cleared
+
+    async def test_a_wakeup_after_a_timeout_is_not_lost(self) -> None:
+        notifier = MemoryNotifier()
+        async with notifier.subscribe("t") as subscription:
+            assert await subscription.wait(0.01) is False
+            await notifier.publish(["t"])
+            assert await subscription.wait(0) is True
+
+    async def test_a_cancelled_wait_leaves_the_subscription_usable(self) -> None:
+        notifier = MemoryNotifier()
+        async with notifier.subscribe("t") as subscription:
+            waiting = asyncio.create_task(subscription.wait(30))
+            await asyncio.sleep(0.01)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await notifier.publish(["t"])
+            assert await asyncio.wait_for(subscription.wait(30), 1) is True
+
+
+class Reply(BaseModel):
+    status: str
+
+
+class TestRendered:
+    async def test_waiters_woken_together_share_one_rendered_body(self) -> None:
+        notifier, row = MemoryNotifier(), Counter()
+
+        async def read() -> Rendered[Reply]:
+            value = await row.read()
+            await asyncio.sleep(0.01)
+            return Rendered(Reply(status=value))
+
+        def done(value: Rendered[Reply]) -> bool:
+            return settled(value.value.status)
+
+        tasks = [
+            asyncio.create_task(long_poll(notifier, "t", read, done, 30, share_key="k"))
+            for _ in range(20)
+        ]
+        while notifier.waiter_count < 20:
+            await asyncio.sleep(0)
+        row.value = "approved"
+        await notifier.publish(["t"])
+        bodies = [answer.body for answer in await asyncio.wait_for(asyncio.gather(*tasks), 5)]
+        assert bodies[0] == b'{"status":"approved"}'
+        assert len({id(body) for body in bodies}) < 5  # one serialisation, shared
+
+
+class TestLongPollResponse:
+    @staticmethod
+    async def call(response: LongPollResponse, receive: Receive) -> list[Message]:
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await response({"type": "http", "method": "GET"}, receive, send)
+        return sent
+
+    async def test_sends_the_polled_body_as_json(self) -> None:
+        async def poll(_disconnected: object) -> bytes:
+            return b'{"status":"approved"}'
+
+        async def receive() -> Message:
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        start, body = await self.call(LongPollResponse(poll), receive)
+        assert start["status"] == 200
+        assert (b"content-type", b"application/json") in start["headers"]
+        assert (b"content-length", b"21") in start["headers"]
+        assert body["body"] == b'{"status":"approved"}'
+
+    async def test_the_wait_ends_when_the_caller_disconnects(self) -> None:
+        notifier, row = MemoryNotifier(), Counter()
+
+        async def poll(disconnected: Disconnected) -> bytes:
+            value = await long_poll(notifier, "t", row.read, settled, 60, disconnected=disconnected)
+            return value.encode()
+
+        messages = [{"type": "http.request", "body": b""}, {"type": "http.disconnect"}]
+
+        async def receive() -> Message:
+            await asyncio.sleep(0.05)
+            return messages.pop(0)
+
+        started = asyncio.get_running_loop().time()
+        sent = await asyncio.wait_for(self.call(LongPollResponse(poll), receive), 5)
+        assert asyncio.get_running_loop().time() - started < 2
+        assert sent[1]["body"] == b"pending"
+        assert notifier.waiter_count == 0
+
+    async def test_an_error_before_the_answer_propagates_unsent(self) -> None:
+        async def poll(_disconnected: object) -> bytes:
+            raise LookupError("no such approval")
+
+        async def receive() -> Message:
+            return {"type": "http.disconnect"}
+
+        response = LongPollResponse(poll)
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with pytest.raises(LookupError):
+            await response({"type": "http"}, receive, send)
+        assert sent == []  # the app's error handler can still answer
+
+
+async def test_a_broken_receive_ends_the_wait_as_a_disconnect() -> None:
+    notifier, row = MemoryNotifier(), Counter()
+
+    async def broken() -> None:
+        await asyncio.sleep(0.05)
+        raise OSError("connection reset")
+
+    value = await asyncio.wait_for(
+        long_poll(notifier, "t", row.read, settled, 60, disconnected=broken), 5
+    )
+    assert value == "pending"
+    assert notifier.waiter_count == 0
+
+
+async def test_an_answer_stops_the_disconnect_watch() -> None:
+    notifier, row = MemoryNotifier(), Counter()
+    watching = asyncio.Event()
+    stopped = asyncio.Event()
+
+    async def disconnected() -> None:
+        watching.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            stopped.set()
+
+    task = asyncio.create_task(
+        long_poll(notifier, "t", row.read, settled, 60, disconnected=disconnected)
+    )
+    await asyncio.wait_for(watching.wait(), 5)
+    row.value = "approved"
+    await notifier.publish(["t"])
+    assert await asyncio.wait_for(task, 5) == "approved"
+    await asyncio.wait_for(stopped.wait(), 5)  # no watcher left behind
+
+
+async def test_waiters_arriving_during_an_older_read_share_the_next_one() -> None:
+    reads = SharedReads()
+    release = asyncio.Event()
+    state = {"value": "pending", "reads": 0}
+
+    async def slow_read() -> str:
+        state["reads"] += 1
+        seen = state["value"]
+        await release.wait()
+        await asyncio.sleep(0.01)  # a query's round trip
+        return seen
+
+    early = asyncio.create_task(reads.run("k", slow_read, not_before=0.0))
+    await asyncio.sleep(0)
+    state["value"] = "approved"  # committed after the early read looked
+    woken_at = time.monotonic()
+    late = [asyncio.create_task(reads.run("k", slow_read, not_before=woken_at)) for _ in range(30)]
+    await asyncio.sleep(0.01)
+    assert state["reads"] == 1  # the latecomers wait for the read under way to end...
+    release.set()
+    assert await early == "pending"
+    assert await asyncio.gather(*late) == ["approved"] * 30  # ...and none takes its result
+    assert state["reads"] == 2  # one more read for all thirty, not thirty
+
+
+async def test_a_failed_older_read_does_not_fail_the_latecomers() -> None:
+    reads = SharedReads()
+    release = asyncio.Event()
+    calls = {"n": 0}
+
+    async def read() -> str:
+        calls["n"] += 1
+        await release.wait()
+        if calls["n"] == 1:
+            raise OSError("database restarting")
+        return "approved"
+
+    early = asyncio.create_task(reads.run("k", read, not_before=0.0))
+    await asyncio.sleep(0)
+    late = asyncio.create_task(reads.run("k", read, not_before=time.monotonic()))
+    await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(OSError):
+        await early
+    assert await late == "approved"
