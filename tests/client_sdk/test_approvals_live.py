@@ -67,7 +67,10 @@ class TestApprovalFlow:
         details = device.approval(requested.approval_id)
         assert details.context["username"] == "admin"
         assert details.number_matching is True
-        assert requested.match_code not in str(details)
+        # Its texts, not its ids and times, whose digits may contain the code by chance.
+        texts = [details.client_name or ""]
+        texts += [str(details.context.get(key) or "") for key in ("username", "action", "message")]
+        assert all(requested.match_code not in text for text in texts)
 
         # The phone answers while the client long-polls; progress reaches the callback.
         progress: list[Approval] = []
