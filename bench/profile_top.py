@@ -4,7 +4,7 @@ Prints, as a share of busy samples (idle frames excluded):
 - by library: the library of the innermost frame (self time), so ORM, SQL compilation,
   driver, framework, validation, crypto and our own code add up to 100%;
 - by operation: samples with a known step of ours anywhere on the stack (inclusive), e.g.
-  pool pre-ping, commit, token lookup, dispatcher;
+  connection check at checkout, commit, token lookup, dispatcher;
 - the top N functions by self and by inclusive samples."""
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ LIBRARIES = (
 )
 
 OPERATIONS = (
-    ("pool pre-ping (SELECT 1 per checkout)", ("_async_ping", "do_ping", "_do_ping")),
+    (
+        "connection check at checkout (probe or pre-ping)",
+        ("_probe_on_checkout", "_async_ping", "do_ping", "_do_ping"),
+    ),
     ("pool checkout / return", ("_ConnectionFairy._checkout", "_ConnectionRecord.checkin")),
     ("commit", ("AsyncSession.commit", "Session.commit")),
     ("token -> client / device lookup", ("_client_by_token", "_device_by_token")),
