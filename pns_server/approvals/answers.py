@@ -106,7 +106,7 @@ async def respond(
     )
     if queued is None:
         raise already_decided(await reread(session, repo, metrics, approval))
-    device.last_used_at = now
+    await repo.touch_device(device.id, now)
     if status is ApprovalStatus.APPROVED:
         await repo.reset_push_count(device.client_id)
     if answer.fraud:

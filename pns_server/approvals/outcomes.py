@@ -9,8 +9,8 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pns_server import audit
 from pns_server.approvals.repository import ApprovalRepository
-from pns_server.audit import record
 from pns_server.db import publish_after_commit
 from pns_server.errors import (
     AlreadyDecided,
@@ -62,7 +62,7 @@ async def on_final(
     if outcome.created_at is not None:
         elapsed = now_utc() - outcome.created_at
         metrics.approval_decision_seconds.observe(elapsed.total_seconds())
-    record(
+    await audit.write(
         session,
         outcome.event or f"approval.{outcome.status}",
         client_id=outcome.client_id,

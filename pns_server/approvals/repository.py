@@ -129,6 +129,9 @@ _COUNT_PUSH = (
     .where(Client.id == bindparam("client"))
     .values(pushes_since_success=Client.pushes_since_success + 1)
 )
+_TOUCH_DEVICE = (
+    update(Device).where(Device.id == bindparam("device")).values(last_used_at=bindparam("at"))
+)
 _INSERT_APPROVAL = insert(Base.metadata.tables[Approval.__tablename__])
 _INSERT_DELIVERY = insert(Base.metadata.tables[Delivery.__tablename__])
 _REFRESH = {"populate_existing": True}
@@ -190,6 +193,12 @@ class ApprovalRepository:
         )
 
     # --- devices -------------------------------------------------------------------------
+
+    async def touch_device(self, device_id: str, at: datetime) -> None:
+        """The device's `last_used_at`, as one UPDATE (no entity flushed at commit)."""
+        await self.session.execute(
+            _TOUCH_DEVICE, {"device": device_id, "at": at}, execution_options=_NO_SYNC
+        )
 
     async def app_devices(self, client_id: str) -> Sequence[AppDevice]:
         """App installs that can answer (by push or by polling): id and push fields."""

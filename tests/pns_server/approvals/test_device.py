@@ -154,6 +154,9 @@ class TestAnswer:
         )
         metrics = runtime_of(app).metrics.render().decode()
         assert 'pns_approvals_decided_total{status="approved"} 1.0' in metrics
+        devices = (await http.get("/v1/devices", headers=client.headers)).json()["devices"]
+        [used] = [d for d in devices if d["device_id"] == phone.device_id]
+        assert used["last_used_at"] is not None
 
     @pytest.mark.parametrize("typed", ["wrong", None, ""])
     async def test_wrong_code_rejects(
