@@ -23,17 +23,10 @@ def record(
     **detail: Any,
 ) -> None:
     """Add an audit row to the current unit of work (it commits with the change it records)."""
-    session.add(
-        AuditEvent(
-            at=utcnow(),
-            client_id=client_id,
-            actor=actor,
-            actor_id=actor_id,
-            event=event,
-            subject_id=subject_id,
-            detail=detail or None,
-        )
+    row = audit_row(
+        event, client_id=client_id, actor=actor, actor_id=actor_id, subject_id=subject_id, **detail
     )
+    session.add(AuditEvent(**row))
 
 
 def audit_row(
