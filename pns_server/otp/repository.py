@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.audit import audit_row
+from pns_server.audit import INSERT_AUDIT
 from pns_server.models import AuditEvent, Base, Client, Device, RecoveryCode
 from pns_server.security import SealedAt, new_id
 
@@ -108,8 +108,6 @@ _CLAIM_STEP = (
     .values(last_otp_step=bindparam("step"), last_used_at=bindparam("now"))
     .returning(_devices.c.id)
 )
-
-_INSERT_AUDIT = insert(_audit)
 
 _AUDIT_FIELDS = ("at", "client_id", "actor", "actor_id", "event", "subject_id", "detail")
 
@@ -232,30 +230,8 @@ class OtpRepository:
             return result.first() is not None
         if not await self.claim_step(device_id, step, now):
             return False
-        await self.session.execute(_INSERT_AUDIT, audit)
+        await self.session.execute(INSERT_AUDIT, audit)
         return True
-
-    async def add_audit(
-        self,
-        event: str,
-        *,
-        client_id: str,
-        actor: str,
-        actor_id: str | None = None,
-        subject_id: str | None = None,
-        **detail: Any,
-    ) -> None:
-        """The audit row `audit.record` would add, written now as one INSERT (no entity
-        waiting for the flush); it commits or rolls back with the rest of the request."""
-        row = audit_row(
-            event,
-            client_id=client_id,
-            actor=actor,
-            actor_id=actor_id,
-            subject_id=subject_id,
-            **detail,
-        )
-        await self.session.execute(_INSERT_AUDIT, row)
 
     async def replace_recovery_codes(
         self, client_id: str, code_hashes: Sequence[str], now: datetime

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.audit import audit_row
+from pns_server import audit
 from pns_server.errors import OtpInvalid, OtpReplayed, PnsError, RecoveryCodeInvalid
 from pns_server.models import Client
 from pns_server.otp import recovery_codes, throttle
@@ -57,7 +57,7 @@ async def verify_otp(
             continue
         # The read above may predate a concurrent claim (PostgreSQL re-reads only the locked
         # client row after waiting for it): this conditional UPDATE is what decides.
-        accepted = audit_row(
+        accepted = audit.audit_row(
             "otp.accepted",
             client_id=client.id,
             actor="client",
@@ -107,7 +107,8 @@ async def create_recovery_codes(
     repo = OtpRepository(session)
     await repo.lock_throttle(client.id)
     await repo.replace_recovery_codes(client.id, hashes, datetime.now(UTC))
-    await repo.add_audit(
+    await audit.write(
+        session,
         "recovery.generated",
         client_id=client.id,
         actor="client",
@@ -135,7 +136,8 @@ async def verify_recovery_code(
     if candidates and await repo.use_recovery_code(client.id, candidates, now):
         await repo.reset_after_success(client.id)
         remaining = await repo.unused_recovery_codes(client.id)
-        await repo.add_audit(
+        await audit.write(
+            session,
             "recovery.used",
             client_id=client.id,
             actor="client",
@@ -185,12 +187,12 @@ async def fail(
     counters = await repo.record_failure(client_id)
     runtime.metrics.otp_verifications.labels(result="invalid").inc()
     if throttle.is_capped(counters):
-        await record_lock(repo, client_id, counters.failures_since_success, None)
+        await record_lock(session, client_id, counters.failures_since_success, None)
         raise wrong(attempts_left=0, locked_until=None, admin_unlock_required=True)
     if counters.consecutive_failures >= settings.otp_max_failures:
         until = now + throttle.lock_duration(settings, counters.lock_count)
         counters = await repo.impose_lock(client_id, until)
-        await record_lock(repo, client_id, counters.failures_since_success, until)
+        await record_lock(session, client_id, counters.failures_since_success, until)
         raise wrong(
             attempts_left=0,
             locked_until=until,
@@ -201,9 +203,10 @@ async def fail(
 
 
 async def record_lock(
-    repo: OtpRepository, client_id: str, failures: int, until: datetime | None
+    session: AsyncSession, client_id: str, failures: int, until: datetime | None
 ) -> None:
-    await repo.add_audit(
+    await audit.write(
+        session,
         "otp.locked",
         client_id=client_id,
         actor="system",
