@@ -108,6 +108,18 @@ async def sqlalchemy_figures(db: Database, count: int) -> dict[str, float]:
         async with db.read() as session:
             await session.scalar(select(Client).where(Client.token_hash == token_hash))
 
+    table = Base.metadata.tables[Client.__tablename__]
+    columns_built_once = select(*table.c).where(table.c.token_hash == bindparam("token_hash"))
+
+    async def driver_unit(statements: int = 1) -> None:
+        async with db.unit() as unit:
+            for _ in range(statements):
+                (await unit.execute(columns_built_once, {"token_hash": token_hash})).first()
+
+    async def driver_unit_read() -> None:
+        async with db.unit_read() as unit:
+            (await unit.execute(columns_built_once, {"token_hash": token_hash})).first()
+
     async def empty_unit_of_work() -> None:
         async with db.session() as session:
             await session.connection()
@@ -116,7 +128,12 @@ async def sqlalchemy_figures(db: Database, count: int) -> dict[str, float]:
     five = await cpu_ms_per_op(lambda: orm_unit_of_work(5), count)
     one_built = await cpu_ms_per_op(lambda: orm_unit_of_work_built_once(1), count)
     five_built = await cpu_ms_per_op(lambda: orm_unit_of_work_built_once(5), count)
+    unit_one = await cpu_ms_per_op(driver_unit, count)
+    unit_five = await cpu_ms_per_op(lambda: driver_unit(5), count)
     return {
+        "driver_unit_one_lookup": unit_one,
+        "driver_unit_read_one_lookup": await cpu_ms_per_op(driver_unit_read, count),
+        "driver_unit_each_further_statement": round((unit_five - unit_one) / 4, 4),
         "sqlalchemy_core_transaction": await cpu_ms_per_op(core_on_connection, count),
         "orm_unit_of_work_one_lookup": one,
         "orm_read_one_lookup": await cpu_ms_per_op(orm_read, count),

@@ -5,27 +5,32 @@ a woken long-poll always reads the new state and no request waits on a side conn
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
 
+from pns_server.driver import DriverUnit
 from pns_server.errors import PnsError
 
 TOPICS_KEY = "pns_topics"
 
+# What runs a unit's statements: an ORM session, or (hot routes) the driver connection.
+Executor = AsyncSession | DriverUnit
 Publisher = Callable[[Iterable[str]], Awaitable[None]]
-InTransaction = Callable[[AsyncSession, Iterable[str]], Awaitable[None]]
+InTransaction = Callable[[Executor, Iterable[str]], Awaitable[None]]
 
 
-def publish_after_commit(session: AsyncSession, topic: str) -> None:
+def publish_after_commit(session: Executor, topic: str) -> None:
     """Queue a realtime topic; it is published only if the transaction commits."""
     session.info.setdefault(TOPICS_KEY, set()).add(topic)
 
@@ -145,6 +150,62 @@ class Database:
             await self._publish(topics)
         if kept_error is not None:
             raise kept_error
+
+    @asynccontextmanager
+    async def unit(self) -> AsyncIterator[DriverUnit]:
+        """`session()` for the routes every login runs: the same unit of work (commit when
+        the block succeeds, the same `PnsError.commit` rule, topics out with the commit),
+        its Core statements run on the driver connection (see `pns_server.driver`)."""
+        kept_error: PnsError | None = None
+        async with self.engine.connect() as connection:
+            unit = await self._driver_unit(connection)
+            await unit.run_sql(self._begin)
+            try:
+                yield unit
+                await self._commit_unit(unit)
+            except PnsError as error:
+                if not error.commit:
+                    await self._rollback_unit(unit)
+                    raise
+                await self._commit_unit(unit)
+                kept_error = error
+            except BaseException:
+                await self._rollback_unit(unit)
+                raise
+        topics = unit.info.pop(TOPICS_KEY, None)
+        if topics and self._publish is not None:
+            await self._publish(topics)
+        if kept_error is not None:
+            raise kept_error
+
+    @asynccontextmanager
+    async def unit_read(self) -> AsyncIterator[DriverUnit]:
+        """`read()` on the driver connection: for statements that change nothing, each
+        consistent on its own (no transaction: one round trip each). Never write in it."""
+        async with self.engine.connect() as connection:
+            yield await self._driver_unit(connection)
+
+    async def _driver_unit(self, connection: AsyncConnection) -> DriverUnit:
+        raw = await connection.get_raw_connection()
+        return DriverUnit(connection, raw.driver_connection, self.engine.dialect)
+
+    @property
+    def _begin(self) -> str:
+        # SQLite: take the write lock at BEGIN (see `_configure_sqlite`).
+        return "BEGIN" if self.dialect == "postgresql" else "BEGIN IMMEDIATE"
+
+    async def _commit_unit(self, unit: DriverUnit) -> None:
+        topics = unit.info.get(TOPICS_KEY)
+        if topics and self._before_commit is not None:
+            await self._before_commit(unit, topics)
+        await unit.run_sql("COMMIT")
+
+    async def _rollback_unit(self, unit: DriverUnit) -> None:
+        if unit.broken:
+            return  # invalidated: the server ends its transaction with the connection
+        # On failure the connection is invalidated; the original error is what matters.
+        with contextlib.suppress(exc.DBAPIError):
+            await unit.run_sql("ROLLBACK")
 
     async def _commit(self, session: AsyncSession) -> None:
         topics = session.info.get(TOPICS_KEY)

@@ -1,24 +1,28 @@
 """Dependency aliases, in one short file: `SessionDep`, `CurrentClient`, `CurrentDevice`...
 
-`CurrentClient`/`CurrentDevice` authenticate inside the request's unit of work;
-`CurrentClientDetached`/`CurrentDeviceDetached` (for long-polls) in a short read of their
-own, so the wait that follows holds no connection."""
+`CurrentClient`/`CurrentDevice` authenticate inside the request's ORM unit of work;
+`UnitClient`/`UnitDevice` inside a unit on the driver connection (`UnitDep`, the routes
+every login runs); `CurrentClientDetached`/`CurrentDeviceDetached` (for long-polls) in a
+short read of their own, so the wait that follows holds no connection. The last four give
+the caller's row (`ClientRow`, `DeviceRow`), not an ORM entity."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.config import Settings
 from pns_server.db import Database
+from pns_server.driver import DriverUnit
 from pns_server.errors import Unauthenticated
-from pns_server.models import Client, Device
+from pns_server.models import Base, Client, Device
 from pns_server.ratelimit import count_caller
+from pns_server.rows import ClientRow, DeviceRow
 from pns_server.runtime import AppContext, Runtime
 from pns_server.security import constant_time_equals, hash_token
 
@@ -55,10 +59,17 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def get_unit(request: Request) -> AsyncIterator[DriverUnit]:
+    """The unit of work of the routes every login runs (`Database.unit`)."""
+    async with runtime_of(request).db.unit() as unit:
+        yield unit
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+UnitDep = Annotated[DriverUnit, Depends(get_unit, scope="function")]
 
 
 def bearer_token(request: Request) -> str:
@@ -81,6 +92,16 @@ def _invalid_token() -> Unauthenticated:
 # statement object (~0.1 ms of CPU), and these run on every authenticated request.
 CLIENT_BY_TOKEN = select(Client).where(Client.token_hash == bindparam("token_hash"))
 DEVICE_BY_TOKEN = select(Device).where(Device.token_hash == bindparam("token_hash"))
+# The same as rows with the tables' columns, for units on the driver connection.
+_clients = Base.metadata.tables[Client.__tablename__]
+_devices = Base.metadata.tables[Device.__tablename__]
+CLIENT_ROW_BY_TOKEN = select(*_clients.c).where(_clients.c.token_hash == bindparam("token_hash"))
+DEVICE_ROW_BY_TOKEN = select(*_devices.c).where(_devices.c.token_hash == bindparam("token_hash"))
+_NOTE_SEEN = (
+    update(_clients)
+    .where(_clients.c.id == bindparam("client"))
+    .values(last_seen_at=bindparam("at"))
+)
 
 
 async def client_by_token(session: AsyncSession, token: str) -> Client:
@@ -113,13 +134,37 @@ def note_seen(client: Client) -> None:
         client.last_seen_at = now
 
 
-async def current_client_detached(request: Request, db: DatabaseDep) -> Client:
+async def current_client_detached(request: Request, db: DatabaseDep) -> ClientRow:
     """For long-polls: authenticate with a short read so the wait holds no connection."""
     token = bearer_token(request)
-    async with db.read() as session:
-        client = await client_by_token(session, token)
+    async with db.unit_read() as unit:
+        client: ClientRow = await _row_by_token(unit, CLIENT_ROW_BY_TOKEN, token)
     count_caller(request, "client:" + client.id)
     return client
+
+
+async def _row_by_token(unit: DriverUnit, statement: Any, token: str) -> Any:
+    row = (await unit.execute(statement, {"token_hash": hash_token(token)})).first()
+    if row is None:
+        raise _invalid_token()
+    return row
+
+
+async def unit_client(request: Request, unit: UnitDep) -> ClientRow:
+    """`current_client` in a unit on the driver connection: the client's row."""
+    client: ClientRow = await _row_by_token(unit, CLIENT_ROW_BY_TOKEN, bearer_token(request))
+    count_caller(request, "client:" + client.id)
+    now = datetime.now(UTC)
+    if client.last_seen_at is None or now - client.last_seen_at >= SEEN_RESOLUTION:
+        await unit.execute(_NOTE_SEEN, {"client": client.id, "at": now})
+    return client
+
+
+async def unit_device(request: Request, unit: UnitDep) -> DeviceRow:
+    """`current_device` in a unit on the driver connection: the device's row."""
+    device: DeviceRow = await _row_by_token(unit, DEVICE_ROW_BY_TOKEN, bearer_token(request))
+    count_caller(request, "device:" + device.id)
+    return device
 
 
 async def current_device(request: Request, session: SessionDep) -> Device:
@@ -128,11 +173,11 @@ async def current_device(request: Request, session: SessionDep) -> Device:
     return device
 
 
-async def current_device_detached(request: Request, db: DatabaseDep) -> Device:
-    """For long-polls: authenticate with a short session so the wait holds no connection."""
+async def current_device_detached(request: Request, db: DatabaseDep) -> DeviceRow:
+    """For long-polls: authenticate with a short read so the wait holds no connection."""
     token = bearer_token(request)
-    async with db.read() as session:
-        device = await _device_by_token(session, token)
+    async with db.unit_read() as unit:
+        device: DeviceRow = await _row_by_token(unit, DEVICE_ROW_BY_TOKEN, token)
     count_caller(request, "device:" + device.id)
     return device
 
@@ -147,7 +192,10 @@ async def require_admin(request: Request, settings: SettingsDep) -> None:
 
 
 CurrentClient = Annotated[Client, Depends(current_client)]
-CurrentClientDetached = Annotated[Client, Depends(current_client_detached)]
+CurrentClientDetached = Annotated[ClientRow, Depends(current_client_detached)]
 CurrentDevice = Annotated[Device, Depends(current_device)]
-CurrentDeviceDetached = Annotated[Device, Depends(current_device_detached)]
+CurrentDeviceDetached = Annotated[DeviceRow, Depends(current_device_detached)]
+# For routes whose work runs in `UnitDep` (the hot routes): the caller's row, in that unit.
+UnitClient = Annotated[ClientRow, Depends(unit_client)]
+UnitDevice = Annotated[DeviceRow, Depends(unit_device)]
 AdminDep = Annotated[None, Depends(require_admin)]

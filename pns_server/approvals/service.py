@@ -33,6 +33,7 @@ from pns_server.errors import (
 from pns_server.metrics import Metrics
 from pns_server.models import Approval, Client, Device
 from pns_server.realtime.longpoll import Disconnected, LongPollResponse, Rendered, long_poll
+from pns_server.rows import ClientRow, DeviceRow
 from pns_server.runtime import Runtime
 from pns_server.states import ApprovalStatus
 from pns_server.topics import approval_topic, now_utc, pending_topic
@@ -163,7 +164,7 @@ async def wait_for_state(
 
 
 def state_response(
-    runtime: Runtime, client: Client, approval_id: str, wait: float, until: WaitUntil = "change"
+    runtime: Runtime, client: ClientRow, approval_id: str, wait: float, until: WaitUntil = "change"
 ) -> LongPollResponse:
     """GET /v1/approvals/{id}: `wait_for_state`, run as the response is sent, so a waiting
     request holds neither the handler's frames nor the authenticated client row."""
@@ -249,7 +250,7 @@ async def wait_for_pending(
         )
 
 
-def pending_response(runtime: Runtime, device: Device, wait: float) -> LongPollResponse:
+def pending_response(runtime: Runtime, device: DeviceRow, wait: float) -> LongPollResponse:
     """GET /v1/device/approvals: `wait_for_pending`, run as the response is sent (see
     `state_response`); it also ends when the phone disconnects."""
     client_id = device.client_id

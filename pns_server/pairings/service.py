@@ -29,6 +29,7 @@ from pns_server.pairings.schemas import (
     PairingStatus,
 )
 from pns_server.realtime.longpoll import Disconnected, long_poll
+from pns_server.rows import ClientRow
 from pns_server.runtime import Runtime
 from pns_server.security import PAIRING_TOKEN_PREFIX, SecretBox, hash_token, new_id, new_token
 from pns_server.topics import pairing_topic
@@ -237,7 +238,7 @@ async def read_status(db: Database, client_id: str, pairing_id: str) -> PairingS
 
 async def wait_for_status(
     runtime: Runtime,
-    client: Client,
+    client: ClientRow,
     pairing_id: str,
     wait: float,
     disconnected: Disconnected | None = None,

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-from sqlalchemy.ext.asyncio import AsyncSession
+from typing import TYPE_CHECKING
 
 from pns_server.realtime.base import LocalFanout
+
+if TYPE_CHECKING:
+    from pns_server.db import Executor
 
 
 class MemoryNotifier(LocalFanout):
@@ -17,7 +19,7 @@ class MemoryNotifier(LocalFanout):
         self.closing = True
         self.wake_all()
 
-    async def before_commit(self, session: AsyncSession, topics: Iterable[str]) -> None:
+    async def before_commit(self, session: Executor, topics: Iterable[str]) -> None:
         return None  # nothing leaves the process
 
     async def publish(self, topics: Iterable[str]) -> None:

@@ -4,16 +4,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.realtime.base import LocalFanout
 
+if TYPE_CHECKING:
+    from pns_server.db import Executor
+
 log = logging.getLogger(__name__)
 CHANNEL = "pns_events"
+# Built once: it runs in every committing unit of work that wakes someone.
+NOTIFY = text("SELECT pg_notify(:channel, topic) FROM unnest(CAST(:topics AS text[])) topic")
 
 
 def asyncpg_dsn(sqlalchemy_url: str) -> str:
@@ -111,12 +115,9 @@ class PostgresNotifier(LocalFanout):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def before_commit(self, session: AsyncSession, topics: Iterable[str]) -> None:
+    async def before_commit(self, session: Executor, topics: Iterable[str]) -> None:
         """NOTIFY every replica, in the committing transaction (delivered at commit)."""
-        await session.execute(
-            text("SELECT pg_notify(:channel, topic) FROM unnest(CAST(:topics AS text[])) topic"),
-            {"channel": CHANNEL, "topics": sorted(topics)},
-        )
+        await session.execute(NOTIFY, {"channel": CHANNEL, "topics": sorted(topics)})
 
     async def publish(self, topics: Iterable[str]) -> None:
         """After commit: wake this process's waiters (other replicas got the NOTIFY)."""
