@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.models import AuditEvent, Base, utcnow
+
+if TYPE_CHECKING:
+    from pns_server.db import Executor
 
 INSERT_AUDIT = insert(Base.metadata.tables[AuditEvent.__tablename__])
 
@@ -51,7 +54,7 @@ def audit_row(
 
 
 async def write(
-    session: AsyncSession,
+    session: Executor,
     event: str,
     *,
     client_id: str | None,
