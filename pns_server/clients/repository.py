@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pns_server.db import Executor
 from pns_server.models import Client, Device
 
 
@@ -13,14 +14,13 @@ class ClientRepository:
     def add(self, client: Client) -> None:
         self.session.add(client)
 
-    async def device_counts(self, client_id: str) -> tuple[int, int]:
-        """(active devices, devices that can receive a push)."""
-        row = (
-            await self.session.execute(
-                select(
-                    func.count(Device.id),
-                    func.count(Device.id).filter(Device.push_status == "ok"),
-                ).where(Device.client_id == client_id)
-            )
-        ).one()
-        return int(row[0]), int(row[1])
+
+_DEVICE_COUNTS = select(
+    func.count(Device.id), func.count(Device.id).filter(Device.push_status == "ok")
+).where(Device.client_id == bindparam("client"))
+
+
+async def device_counts(executor: Executor, client_id: str) -> tuple[int, int]:
+    """(active devices, devices that can receive a push)."""
+    row = (await executor.execute(_DEVICE_COUNTS, {"client": client_id})).one()
+    return int(row[0]), int(row[1])

@@ -4,7 +4,7 @@ from fastapi import APIRouter, status
 
 from pns_server.clients import service
 from pns_server.clients.schemas import ClientCreate, ClientCreated, ClientInfo
-from pns_server.deps import CurrentClient, RuntimeDep, SessionDep
+from pns_server.deps import RuntimeDep, SessionDep, UnitClient, UnitDep
 from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import RegisterLimit
 
@@ -24,5 +24,5 @@ async def register_client(
 
 
 @router.get("/v1/client", response_model=ClientInfo)
-async def get_client(client: CurrentClient, session: SessionDep) -> ClientInfo:
-    return await service.describe(session, client)
+async def get_client(client: UnitClient, unit: UnitDep) -> ClientInfo:
+    return await service.describe(unit, client)

@@ -5,11 +5,13 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.audit import record
-from pns_server.clients.repository import ClientRepository
+from pns_server.clients.repository import ClientRepository, device_counts
 from pns_server.clients.schemas import ClientCreate, ClientCreated, ClientInfo
 from pns_server.config import Settings
+from pns_server.db import Executor
 from pns_server.errors import EditionUnsupported, RegistrationKeyInvalid
 from pns_server.models import Client
+from pns_server.rows import ClientRow
 from pns_server.runtime import Runtime
 from pns_server.security import CLIENT_TOKEN_PREFIX, constant_time_equals, hash_token, new_id
 from pns_server.security import new_token as make_token
@@ -55,8 +57,8 @@ async def register(session: AsyncSession, runtime: Runtime, data: ClientCreate) 
     return ClientCreated(client_id=client.id, client_token=token, edition=edition)
 
 
-async def describe(session: AsyncSession, client: Client) -> ClientInfo:
-    devices, push_devices = await ClientRepository(session).device_counts(client.id)
+async def describe(unit: Executor, client: ClientRow) -> ClientInfo:
+    devices, push_devices = await device_counts(unit, client.id)
     locked = client.locked_until
     if locked is not None and locked <= datetime.now(UTC):
         locked = None

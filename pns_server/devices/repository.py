@@ -4,11 +4,26 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy import CursorResult, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pns_server.models import Device, Pairing
+from pns_server.db import Executor
+from pns_server.models import Base, Device, Pairing
+from pns_server.rows import DeviceRow
 from pns_server.states import PairingStatus
+
+_devices = Base.metadata.tables[Device.__tablename__]
+_OF_CLIENT = (
+    select(*_devices.c)
+    .where(_devices.c.client_id == bindparam("client"))
+    .order_by(_devices.c.created_at, _devices.c.id)
+)
+
+
+async def rows_of_client(executor: Executor, client_id: str) -> Sequence[DeviceRow]:
+    """The client's devices in pairing order, as rows (either kind of unit)."""
+    rows = (await executor.execute(_OF_CLIENT, {"client": client_id})).all()
+    return cast(Sequence[DeviceRow], rows)
 
 
 class DeviceRepository:
@@ -21,13 +36,8 @@ class DeviceRepository:
     async def get(self, device_id: str) -> Device | None:
         return await self.session.get(Device, device_id)
 
-    async def list_for_client(self, client_id: str) -> Sequence[Device]:
-        rows = await self.session.scalars(
-            select(Device)
-            .where(Device.client_id == client_id)
-            .order_by(Device.created_at, Device.id)
-        )
-        return rows.all()
+    async def list_for_client(self, client_id: str) -> Sequence[DeviceRow]:
+        return await rows_of_client(self.session, client_id)
 
     async def delete(self, device_id: str, *, client_id: str) -> bool:
         """Delete one of the client's devices; the database cascades its deliveries.

@@ -2,7 +2,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from pns_server.deps import CurrentClient, CurrentDevice, RuntimeDep, SessionDep
+from pns_server.deps import (
+    CurrentClient,
+    CurrentDevice,
+    RuntimeDep,
+    SessionDep,
+    UnitClient,
+    UnitDep,
+)
 from pns_server.devices import service
 from pns_server.devices.schemas import DeviceCreate, DeviceCreated, DeviceList, PushRegistration
 from pns_server.problems import PROBLEM_RESPONSES
@@ -12,8 +19,8 @@ router = APIRouter(tags=["devices"], responses=PROBLEM_RESPONSES)
 
 
 @router.get("/v1/devices", response_model=DeviceList)
-async def list_devices(client: CurrentClient, session: SessionDep) -> DeviceList:
-    return await service.list_devices(session, client)
+async def list_devices(client: UnitClient, unit: UnitDep) -> DeviceList:
+    return await service.list_devices(unit, client)
 
 
 @router.delete("/v1/devices/{device_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.audit import record
 from pns_server.config import Settings, parse_version
-from pns_server.db import publish_after_commit
-from pns_server.devices.repository import DeviceRepository
+from pns_server.db import Executor, publish_after_commit
+from pns_server.devices.repository import DeviceRepository, rows_of_client
 from pns_server.devices.schemas import (
     DeviceCreate,
     DeviceCreated,
@@ -28,6 +27,7 @@ from pns_server.errors import (
 )
 from pns_server.models import Client, Device, Pairing
 from pns_server.push.webpush import endpoint_problem
+from pns_server.rows import ClientRow, DeviceRow
 from pns_server.runtime import Runtime
 from pns_server.security import (
     DEVICE_TOKEN_PREFIX,
@@ -43,7 +43,7 @@ from pns_server.totp import TotpParams, new_secret
 PUSH_SERVICE_OF_PLATFORM = {"ios": "apns", "android": "fcm", "web": "webpush"}
 
 
-def device_out(device: Device) -> DeviceOut:
+def device_out(device: DeviceRow) -> DeviceOut:
     public_key = base64.b64encode(device.public_key).decode() if device.public_key else None
     return DeviceOut.model_validate(
         {
@@ -194,8 +194,8 @@ async def enrol_app_device(
     )
 
 
-async def list_devices(session: AsyncSession, client: Client) -> DeviceList:
-    devices: Sequence[Device] = await DeviceRepository(session).list_for_client(client.id)
+async def list_devices(unit: Executor, client: ClientRow) -> DeviceList:
+    devices = await rows_of_client(unit, client.id)
     return DeviceList(devices=[device_out(d) for d in devices])
 
 
