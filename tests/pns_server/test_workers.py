@@ -78,6 +78,20 @@ def connections_held(pid: int, port: int) -> int:
     return held
 
 
+def wait_until_dead(pid: int, timeout: float = 30) -> None:
+    """Until the process has exited (gone, or a zombie: its sockets are closed either way)."""
+    deadline = time.monotonic() + timeout
+    status = Path(f"/proc/{pid}/status")
+    while time.monotonic() < deadline:
+        try:
+            if "\nState:\tZ" in status.read_text():
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still running")
+
+
 def wait_for_workers(server: LiveServer, count: int, timeout: float = 60) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -140,6 +154,10 @@ async def test_two_workers_share_one_port_and_wake_each_other(two_workers: LiveS
 
             # A worker that dies is replaced; the relay answers meanwhile.
             os.kill(first, signal.SIGKILL)
+            # A connection the kernel hands to the dying worker's own socket in the moment
+            # before the process is gone is reset (SO_REUSEPORT: one socket per worker); the
+            # claim is that the relay answers from then on, while the worker is replaced.
+            await asyncio.to_thread(wait_until_dead, first)
             for _ in range(10):
                 async with httpx.AsyncClient(base_url=server.url, timeout=10) as fresh:
                     got = await fresh.get("/v1/client", headers=client.headers)
