@@ -65,8 +65,17 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
         # 20. With one connection they wait in the pool's FIFO queue instead: their turn
         # comes the moment the previous transaction ends, in arrival order, and one
         # aiosqlite thread serves them all. (`pool_size` only matters for PostgreSQL.)
+        # No ROLLBACK when a connection goes back to the pool (a hand-off to aiosqlite's
+        # thread each time): every unit ends its transaction itself, an ORM session's
+        # connection rolls back its own on close, and a unit whose ROLLBACK fails drops
+        # its connection (see `_rollback_unit`).
         engine = create_async_engine(
-            url, pool_size=1, max_overflow=0, pool_timeout=pool_timeout, hide_parameters=True
+            url,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=pool_timeout,
+            hide_parameters=True,
+            pool_reset_on_return=None,
         )
         _configure_sqlite(engine)
         return engine
@@ -162,13 +171,16 @@ class Database:
             await unit.run_sql(self._begin)
             try:
                 yield unit
-                await self._commit_unit(unit)
             except PnsError as error:
                 if not error.commit:
                     await self._rollback_unit(unit)
                     raise
-                await self._commit_unit(unit)
                 kept_error = error
+            except BaseException:
+                await self._rollback_unit(unit)
+                raise
+            try:
+                await self._commit_unit(unit)
             except BaseException:
                 await self._rollback_unit(unit)
                 raise
@@ -203,9 +215,13 @@ class Database:
     async def _rollback_unit(self, unit: DriverUnit) -> None:
         if unit.broken:
             return  # invalidated: the server ends its transaction with the connection
-        # On failure the connection is invalidated; the original error is what matters.
-        with contextlib.suppress(exc.DBAPIError):
+        try:
             await unit.run_sql("ROLLBACK")
+        except exc.DBAPIError:
+            # Never hand out a connection that may still be in a transaction; the original
+            # error is what the caller sees.
+            with contextlib.suppress(exc.DBAPIError):
+                await unit.invalidate()
 
     async def _commit(self, session: AsyncSession) -> None:
         topics = session.info.get(TOPICS_KEY)

@@ -265,7 +265,7 @@ class DriverUnit:
             if isinstance(error, asyncpg.exceptions.IntegrityConstraintViolationError):
                 return sa_exc.IntegrityError(sql, None, error, hide_parameters=True)
             if isinstance(error, _PG_UNAVAILABLE):
-                await self._invalidate()
+                await self.invalidate()
                 return sa_exc.OperationalError(
                     sql, None, error, hide_parameters=True, connection_invalidated=True
                 )
@@ -276,9 +276,11 @@ class DriverUnit:
                 return sa_exc.OperationalError(sql, None, error, hide_parameters=True)
         return sa_exc.DBAPIError(sql, None, error, hide_parameters=True)
 
-    async def _invalidate(self) -> None:
-        self.broken = True
-        await self.connection.invalidate()
+    async def invalidate(self) -> None:
+        """Drop this connection: the pool opens a new one for the next unit."""
+        if not self.broken:
+            self.broken = True
+            await self.connection.invalidate()
 
 
 _CACHE: dict[tuple[int, str, tuple[str, ...]], tuple[ClauseElement, Compiled]] = {}
