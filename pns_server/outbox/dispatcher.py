@@ -3,8 +3,8 @@
 Every server process runs one. Claims are one UPDATE over a `FOR UPDATE SKIP LOCKED`
 sub-select on PostgreSQL (SQLite serialises writers), so no delivery is sent twice while
 its lease holds; a process that dies mid-send leaves a lease that expires and is reclaimed.
-A round is two transactions on the driver connection (`Database.unit`): the claim (which
-also finishes the deliveries with nothing to send) and the record of the sends' outcomes."""
+Its transactions are units on the driver connection (`Database.unit`): the claim, which
+also finishes the deliveries with nothing to send, and the records of the sends' outcomes."""
 
 from __future__ import annotations
 
