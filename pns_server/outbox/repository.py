@@ -90,7 +90,8 @@ CLAIM_JOIN = (
 )
 
 # -- lists of ids -----------------------------------------------------------------------
-ID_SLOTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Few classes: each is a prepared statement per connection, and a NULL bind costs nothing.
+ID_SLOTS = (1, 4, 16, 64, 256)
 _ID_BINDS = tuple(bindparam(f"id{i}", None, type_=String) for i in range(ID_SLOTS[-1]))
 
 S = TypeVar("S", bound=ClauseElement)
