@@ -87,8 +87,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--compare",
         type=Path,
         metavar="DIR",
-        help="route_cost: also run the relay of another checkout (e.g. `git worktree add DIR "
-        "main`), alternating phases with this one",
+        help="route_cost, otp, push_dispatch: also run the relay of another checkout (e.g. "
+        "`git worktree add DIR main`), alternating phases with this one",
     )
     return parser.parse_args(argv)
 

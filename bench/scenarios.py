@@ -364,39 +364,73 @@ async def longpoll_capacity(
 
 
 # -- 4. push dispatch -----------------------------------------------------------------------
+@dataclass
+class PushSide:
+    """One relay's push figures, summed over its rounds."""
+
+    label: str
+    server: Any
+    http: httpx.AsyncClient
+    parties: list[Party]
+    rates: list[float]
+    used: dict[str, float]
+
+
 async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
+    """Rounds of approvals for many phones, each round timed from the first request to the
+    last push the fake provider receives. With `--compare DIR`, the relay of that checkout
+    is measured too, round for round in turns with this one (each on its own database, the
+    same fake providers)."""
+    sources: list[Path | None] = [None]
+    if harness.COMPARE_WITH is not None:
+        sources.append(harness.COMPARE_WITH)
     rows = []
     for service in ("apns", "fcm"):
-        url = await dbs.fresh(kind)
-        async with providers(tmp) as fakes:
-            with relays(url, tmp, 1, **fakes.env) as [server]:
-                async with http_client(server.url) as http:
-                    parties = await new_parties(http, size.push_parties, size.push_phones, service)
-                    fake = fakes.apns if service == "apns" else fakes.fcm
-                    per_round = size.push_parties * size.push_phones
-                    rates = []
-                    meter = meter_for(dbs, kind, server, fakes, None)
+        async with providers(tmp) as fakes, contextlib.AsyncExitStack() as stack:
+            sides = []
+            for source in sources:
+                url = await dbs.fresh(kind)
+                [server] = stack.enter_context(relays(url, tmp, 1, source=source, **fakes.env))
+                http = await stack.enter_async_context(http_client(server.url))
+                parties = await new_parties(http, size.push_parties, size.push_phones, service)
+                label = "this tree" if source is None else f"compare: {source.name}"
+                sides.append(PushSide(label, server, http, parties, [], {}))
+            fake = fakes.apns if service == "apns" else fakes.fcm
+            per_round = size.push_parties * size.push_phones
+            for round_number in range(1, size.push_rounds + 1):
+                for side in sides:
+                    meter = meter_for(dbs, kind, side.server, fakes, None)
                     with meter:
-                        for round_number in range(1, size.push_rounds + 1):
-                            before = (await fake.ask(op="count"))["count"]
-                            started = time.monotonic()
-                            await asyncio.gather(*(create_approval(http, p) for p in parties))
-                            seen = await fake.ask(op="wait", count=before + per_round, timeout=120)
-                            got = seen["count"] - before
-                            rates.append(got / (seen["last_at"] - started))
-                            assert got >= per_round, f"round {round_number}: {got} of {per_round}"
-        rows.append(
-            {
-                "database": kind,
-                "provider": service,
-                "pushes_per_round": per_round,
-                "rounds": size.push_rounds,
-                "pushes_per_s_best": round(max(rates), 1),
-                "pushes_per_s_mean": round(sum(rates) / len(rates), 1),
-                **meter.per(per_round * size.push_rounds, "push"),
-                **meter.used,
-            }
-        )
+                        before = (await fake.ask(op="count"))["count"]
+                        started = time.monotonic()
+                        await asyncio.gather(*(create_approval(side.http, p) for p in side.parties))
+                        seen = await fake.ask(op="wait", count=before + per_round, timeout=120)
+                    got = seen["count"] - before
+                    side.rates.append(got / (seen["last_at"] - started))
+                    assert got >= per_round, (
+                        f"{side.label} round {round_number}: {got} of {per_round}"
+                    )
+                    for key, value in meter.used.items():
+                        side.used[key] = round(side.used.get(key, 0.0) + value, 2)
+        for side in sides:
+            pushes = per_round * size.push_rounds
+            everyone = sum(v for k, v in side.used.items() if k.startswith("cpu_"))
+            rows.append(
+                {
+                    "database": kind,
+                    "relay": side.label,
+                    "provider": service,
+                    "pushes_per_round": per_round,
+                    "rounds": size.push_rounds,
+                    "pushes_per_s_best": round(max(side.rates), 1),
+                    "pushes_per_s_mean": round(sum(side.rates) / len(side.rates), 1),
+                    "relay_cpu_ms_per_push": round(
+                        1000 * side.used.get("cpu_relay_s", 0.0) / pushes, 2
+                    ),
+                    "all_cpu_ms_per_push": round(1000 * everyone / pushes, 2),
+                    **side.used,
+                }
+            )
     return rows
 
 

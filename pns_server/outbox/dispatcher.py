@@ -2,7 +2,9 @@
 
 Every server process runs one. Claims are one UPDATE over a `FOR UPDATE SKIP LOCKED`
 sub-select on PostgreSQL (SQLite serialises writers), so no delivery is sent twice while
-its lease holds; a process that dies mid-send leaves a lease that expires and is reclaimed."""
+its lease holds; a process that dies mid-send leaves a lease that expires and is reclaimed.
+Its transactions are units on the driver connection (`Database.unit`): the claim, which
+also finishes the deliveries with nothing to send, and the records of the sends' outcomes."""
 
 from __future__ import annotations
 
@@ -16,8 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.db import publish_after_commit
 from pns_server.outbox.repository import ClaimedRow, DeliveryRepository
@@ -168,15 +168,11 @@ class Dispatcher:
 
     async def run_once(self, now: datetime | None = None) -> int:
         """Claim a batch, send it, record it; returns deliveries handled."""
-        now = now or now_utc()
-        jobs = await self._claim(now)
-        skipped = [job for job in jobs if job.message is None]
-        if skipped:
-            await self._record(now, skipped, [])
-        await self._send_and_record(now, [job for job in jobs if job.message is not None])
+        jobs = await self._claim(now or now_utc())
+        await self._send_and_record([job for job in jobs if job.message is not None])
         return len(jobs)
 
-    async def _send_and_record(self, now: datetime, jobs: Sequence[Claimed]) -> None:
+    async def _send_and_record(self, jobs: Sequence[Claimed]) -> None:
         """Send concurrently and record each outcome as soon as it is known, so a crash
         re-sends at most what was still in flight. Outcomes that complete while a record
         transaction runs are recorded together in the next one: one transaction per push
@@ -196,7 +192,7 @@ class Dispatcher:
                 while not done.empty():
                     finished.append(done.get_nowait())
                 left -= len(finished)
-                await self._record(now, [], finished)
+                await self._record(finished)
         finally:
             # Only when recording failed or we are cancelled: unrecorded sends keep their
             # lease and are claimed again once it expires.
@@ -204,13 +200,15 @@ class Dispatcher:
                 task.cancel()
 
     async def _claim(self, now: datetime, limit: int | None = None) -> list[Claimed]:
+        """Lease due deliveries; those with nothing to send (approval decided or expired,
+        token gone) are finished in the same transaction, so only sends leave it open."""
         lease = now + timedelta(seconds=self.runtime.settings.push_lease_seconds)
-        postgresql = self.runtime.db.dialect == "postgresql"
-        async with self.runtime.db.session() as session:
-            rows = await DeliveryRepository(session).claim(
-                now, lease, limit or self.batch_size, postgresql=postgresql
-            )
-        return [self._prepare(now, lease, row) for row in rows]
+        async with self.runtime.db.unit() as unit:
+            deliveries = DeliveryRepository(unit)
+            rows = await deliveries.claim(now, lease, limit or self.batch_size)
+            jobs = [self._prepare(now, lease, row) for row in rows]
+            await self._finish_skipped(deliveries, [job for job in jobs if job.message is None])
+        return jobs
 
     @staticmethod
     def _prepare(now: datetime, lease: datetime, row: ClaimedRow) -> Claimed:
@@ -284,67 +282,63 @@ class Dispatcher:
         jittered = exponential * random.uniform(0.5, 1.0)
         return max(jittered, retry_after or 0.0)
 
-    async def _record(
-        self, now: datetime, skipped: Sequence[Claimed], sent: Sequence[Sent]
-    ) -> None:
+    async def _record(self, sent: Sequence[Sent]) -> None:
         delivered = [item.job for item in sent if item.result.outcome is Outcome.DELIVERED]
         retried = {
             item.job.message.approval_id
             for item in sent
             if item.result.outcome is Outcome.RETRY and item.job.message is not None
         }
-        async with self.runtime.db.session() as session:
-            await self._finish_skipped(session, skipped)
-            await self._finish_delivered(session, delivered)
+        async with self.runtime.db.unit() as unit:
+            deliveries = DeliveryRepository(unit)
+            await self._finish_delivered(deliveries, delivered)
             # Whether a retry is still worth it: one read for all of them (a provider outage
             # fails a whole batch at once), not one per push.
-            statuses = (
-                await DeliveryRepository(session).approval_statuses(retried) if retried else {}
-            )
+            statuses = await deliveries.approval_statuses(retried) if retried else {}
             for outcome in sent:
                 if outcome.result.outcome is not Outcome.DELIVERED:
-                    await self._apply(session, statuses, outcome)
+                    await self._apply(deliveries, statuses, outcome)
 
-    async def _finish_skipped(self, session: AsyncSession, jobs: Sequence[Claimed]) -> None:
+    @staticmethod
+    async def _finish_skipped(deliveries: DeliveryRepository, jobs: Sequence[Claimed]) -> None:
         """Deliveries with nothing to send (approval decided or expired, token gone): one
         UPDATE per (lease, outcome), e.g. all the phones of an approval answered meanwhile."""
         groups: dict[tuple[datetime, DeliveryStatus, str | None], list[str]] = defaultdict(list)
         for job in jobs:
             assert job.skip is not None
             groups[(job.lease_until, *job.skip)].append(job.delivery_id)
-        deliveries = DeliveryRepository(session)
         for (lease, status, error), ids in groups.items():
             await deliveries.finish_all(ids, lease, status, error)
 
-    async def _finish_delivered(self, session: AsyncSession, jobs: Sequence[Claimed]) -> None:
+    @staticmethod
+    async def _finish_delivered(deliveries: DeliveryRepository, jobs: Sequence[Claimed]) -> None:
         """The common outcome in one UPDATE per lease instead of one per delivery; like
         `_finish`, conditional on our lease."""
         by_lease: dict[datetime, list[str]] = defaultdict(list)
         for job in jobs:
             by_lease[job.lease_until].append(job.delivery_id)
-        deliveries = DeliveryRepository(session)
         for lease, ids in by_lease.items():
             for approval_id in await deliveries.finish_sent(ids, lease, now_utc()):
-                publish_after_commit(session, approval_topic(approval_id))
+                publish_after_commit(deliveries.unit, approval_topic(approval_id))
 
+    @staticmethod
     async def _finish(
-        self,
-        session: AsyncSession,
+        deliveries: DeliveryRepository,
         job: Claimed,
         status: DeliveryStatus,
         error: str | None,
-        **extra: Any,
+        next_attempt_at: datetime | None = None,
     ) -> bool:
         """Conditional on our lease: a reclaimed delivery belongs to its new owner."""
-        changed = await DeliveryRepository(session).finish(
-            job.delivery_id, job.lease_until, status, error, **extra
+        changed = await deliveries.finish(
+            job.delivery_id, job.lease_until, status, error, next_attempt_at=next_attempt_at
         )
         if changed and job.message is not None:
-            publish_after_commit(session, approval_topic(job.message.approval_id))
+            publish_after_commit(deliveries.unit, approval_topic(job.message.approval_id))
         return changed
 
     async def _apply(
-        self, session: AsyncSession, approval_statuses: dict[str, str], sent: Sent
+        self, deliveries: DeliveryRepository, approval_statuses: dict[str, str], sent: Sent
     ) -> None:
         """Record a send that did not deliver (deliveries are finished in bulk)."""
         job, result = sent.job, sent.result
@@ -354,20 +348,20 @@ class Dispatcher:
         reason = result.reason or result.outcome.value
         if result.outcome is Outcome.INVALID_TOKEN:
             if await self._finish(
-                session, job, DeliveryStatus.FAILED, f"invalid push token: {reason}"
+                deliveries, job, DeliveryStatus.FAILED, f"invalid push token: {reason}"
             ):
-                await DeliveryRepository(session).retire_token(message.device_id, message.token)
+                await deliveries.retire_token(message.device_id, message.token)
         elif result.outcome is Outcome.CONFIG_ERROR:
             await self._finish(
-                session, job, DeliveryStatus.FAILED, f"push configuration error: {reason}"
+                deliveries, job, DeliveryStatus.FAILED, f"push configuration error: {reason}"
             )
         else:
             approval = approval_statuses.get(message.approval_id)
-            await self._retry_or_give_up(session, approval, job, reason, result.retry_after)
+            await self._retry_or_give_up(deliveries, approval, job, reason, result.retry_after)
 
     async def _retry_or_give_up(
         self,
-        session: AsyncSession,
+        deliveries: DeliveryRepository,
         approval: str | None,
         job: Claimed,
         reason: str,
@@ -378,17 +372,17 @@ class Dispatcher:
         next_at = now_utc() + timedelta(seconds=self.backoff(job.attempts, retry_after))
         if approval != ApprovalStatus.PENDING:
             await self._finish(
-                session, job, DeliveryStatus.FAILED, f"{reason}; gave up: approval {approval}"
+                deliveries, job, DeliveryStatus.FAILED, f"{reason}; gave up: approval {approval}"
             )
         elif next_at >= message.expires_at:
             await self._finish(
-                session,
+                deliveries,
                 job,
                 DeliveryStatus.FAILED,
                 f"{reason}; gave up: the approval expires first",
             )
         else:
-            await self._finish(session, job, DeliveryStatus.QUEUED, reason, next_attempt_at=next_at)
+            await self._finish(deliveries, job, DeliveryStatus.QUEUED, reason, next_at)
 
 
 class _Pipeline:
@@ -410,11 +404,7 @@ class _Pipeline:
         if room <= 0:
             self.waiting_for_room = True  # the recorder wakes us when sends complete
             return False
-        now = now_utc()
-        jobs = await dispatcher._claim(now, room)
-        skipped = [job for job in jobs if job.message is None]
-        if skipped:
-            await dispatcher._record(now, skipped, [])
+        jobs = await dispatcher._claim(now_utc(), room)
         for job in jobs:
             if job.message is not None:
                 task = asyncio.create_task(self._send(job))
@@ -433,7 +423,7 @@ class _Pipeline:
             while not self.done.empty():
                 finished.append(self.done.get_nowait())
             try:
-                await dispatcher._record(now_utc(), [], finished)
+                await dispatcher._record(finished)
             except Exception:
                 # Unrecorded, they keep their lease and are sent again once it expires.
                 log.exception("recording %d push outcomes failed", len(finished))

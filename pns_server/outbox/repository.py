@@ -1,90 +1,198 @@
 """The outbox's queries: claim due deliveries under a lease together with what a send needs,
 and finish each one only while our lease holds (a reclaimed delivery belongs to its new
-owner)."""
+owner).
+
+They run on a unit on the driver connection (`Database.unit`), so each is a Core statement
+on the tables, built once here with bind parameters. A list of ids goes into an IN of fixed
+binds: one statement per size class (`ID_SLOTS`), the binds past the list's end left NULL
+(`id IN ('a', 'b', NULL, NULL)` matches 'a' and 'b' only), so a batch of any size runs one
+of a few statements compiled once per dialect."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import CursorResult, Row, and_, bindparam, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import ColumnElement, String, and_, bindparam, or_, select, update
+from sqlalchemy.sql import ClauseElement
 
-from pns_server.models import Approval, Client, Delivery, Device
+from pns_server.driver import DriverUnit
+from pns_server.models import Approval, Base, Client, Delivery, Device
 from pns_server.states import DeliveryStatus
 
-# What a claimed delivery's send needs: the delivery, its device's push address, the
-# approval (still pending? expired? its text) and the client's name.
+_deliveries = Base.metadata.tables[Delivery.__tablename__]
+_devices = Base.metadata.tables[Device.__tablename__]
+_approvals = Base.metadata.tables[Approval.__tablename__]
+_clients = Base.metadata.tables[Client.__tablename__]
+
+
+class ClaimedRow(Protocol):
+    """What a claimed delivery's send needs (`CLAIMED_COLUMNS`): the delivery, its device's
+    push address, the approval (still pending? expired? its text) and the client's name."""
+
+    @property
+    def delivery_id(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def service(self) -> str: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def push_token(self) -> str | None: ...
+    @property
+    def push_environment(self) -> str | None: ...
+    @property
+    def push_status(self) -> str: ...
+    @property
+    def push_p256dh(self) -> str | None: ...
+    @property
+    def push_auth(self) -> str | None: ...
+    @property
+    def approval_id(self) -> str: ...
+    @property
+    def approval_status(self) -> str: ...
+    @property
+    def expires_at(self) -> datetime: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def hostname(self) -> str | None: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def client_name(self) -> str: ...
+
+
 CLAIMED_COLUMNS = (
-    Delivery.id.label("delivery_id"),
-    Delivery.attempts,
-    Delivery.service,
-    Device.id.label("device_id"),
-    Device.push_token,
-    Device.push_environment,
-    Device.push_status,
-    Device.push_p256dh,
-    Device.push_auth,
-    Approval.id.label("approval_id"),
-    Approval.status.label("approval_status"),
-    Approval.expires_at,
-    Approval.username,
-    Approval.hostname,
-    Approval.action,
-    Client.name.label("client_name"),
+    _deliveries.c.id.label("delivery_id"),
+    _deliveries.c.attempts,
+    _deliveries.c.service,
+    _devices.c.id.label("device_id"),
+    _devices.c.push_token,
+    _devices.c.push_environment,
+    _devices.c.push_status,
+    _devices.c.push_p256dh,
+    _devices.c.push_auth,
+    _approvals.c.id.label("approval_id"),
+    _approvals.c.status.label("approval_status"),
+    _approvals.c.expires_at,
+    _approvals.c.username,
+    _approvals.c.hostname,
+    _approvals.c.action,
+    _clients.c.name.label("client_name"),
 )
 CLAIM_JOIN = (
-    Device.id == Delivery.device_id,
-    Approval.id == Delivery.approval_id,
-    Client.id == Approval.client_id,
+    _devices.c.id == _deliveries.c.device_id,
+    _approvals.c.id == _deliveries.c.approval_id,
+    _clients.c.id == _approvals.c.client_id,
 )
 
+# -- lists of ids -----------------------------------------------------------------------
+# Few classes: each is a prepared statement per connection, and a NULL bind costs nothing.
+ID_SLOTS = (1, 4, 16, 64, 256)
+_ID_BINDS = tuple(bindparam(f"id{i}", None, type_=String) for i in range(ID_SLOTS[-1]))
 
-ClaimedRow = Row[*tuple[Any, ...]]
+S = TypeVar("S", bound=ClauseElement)
 
-# Built once, with bind parameters: a statement object built per call costs its cache key
-# on every execution, more CPU than the dispatcher's own work for one push.
+
+def _per_size(
+    build: Callable[[ColumnElement[bool]], S], column: ColumnElement[Any]
+) -> dict[int, S]:
+    """`build(column IN (:id0 .. :idN-1))` for each size class N of `ID_SLOTS`."""
+    return {size: build(column.in_(_ID_BINDS[:size])) for size in ID_SLOTS}
+
+
+def _id_chunks(ids: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(size class, params naming each id) per chunk of at most the largest class; the
+    binds a chunk leaves unnamed are NULL."""
+    largest = ID_SLOTS[-1]
+    for start in range(0, len(ids), largest):
+        chunk = ids[start : start + largest]
+        size = next(slot for slot in ID_SLOTS if slot >= len(chunk))
+        yield size, {f"id{i}": value for i, value in enumerate(chunk)}
+
+
+# -- claim ------------------------------------------------------------------------------
 _DUE = or_(
-    and_(Delivery.status == DeliveryStatus.QUEUED, Delivery.next_attempt_at <= bindparam("now")),
-    and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < bindparam("now")),
+    and_(
+        _deliveries.c.status == DeliveryStatus.QUEUED,
+        _deliveries.c.next_attempt_at <= bindparam("now"),
+    ),
+    and_(
+        _deliveries.c.status == DeliveryStatus.SENDING,
+        _deliveries.c.lease_until < bindparam("now"),
+    ),
 )
-_PICK = select(Delivery.id).where(_DUE).order_by(Delivery.next_attempt_at).limit(bindparam("limit"))
-_LEASE = update(Delivery).values(
+_PICK = (
+    select(_deliveries.c.id)
+    .where(_DUE)
+    .order_by(_deliveries.c.next_attempt_at)
+    .limit(bindparam("limit"))
+)
+_LEASE = update(_deliveries).values(
     status=DeliveryStatus.SENDING,
     lease_until=bindparam("new_lease"),
-    attempts=Delivery.attempts + 1,
+    attempts=_deliveries.c.attempts + 1,
 )
 _CLAIM_POSTGRESQL = _LEASE.where(
-    Delivery.id.in_(_PICK.with_for_update(skip_locked=True).scalar_subquery()), *CLAIM_JOIN
+    _deliveries.c.id.in_(_PICK.with_for_update(skip_locked=True).scalar_subquery()), *CLAIM_JOIN
 ).returning(*CLAIMED_COLUMNS)
-_CLAIM_IDS_SQLITE = _LEASE.where(Delivery.id.in_(_PICK.scalar_subquery())).returning(Delivery.id)
-_CLAIMED_SQLITE = select(*CLAIMED_COLUMNS).where(
-    Delivery.id.in_(bindparam("ids", expanding=True)), *CLAIM_JOIN
+_CLAIM_IDS_SQLITE = _LEASE.where(_deliveries.c.id.in_(_PICK.scalar_subquery())).returning(
+    _deliveries.c.id
 )
-_FINISH = (
-    update(Delivery)
-    .where(
-        Delivery.id.in_(bindparam("ids", expanding=True)),
-        Delivery.status == DeliveryStatus.SENDING,
-        Delivery.lease_until == bindparam("lease"),
-    )
-    .returning(Delivery.approval_id)
+_CLAIMED_SQLITE = _per_size(
+    lambda ids: select(*CLAIMED_COLUMNS).where(ids, *CLAIM_JOIN), _deliveries.c.id
 )
-# The common outcome, whole: the other outcomes add their own values per call.
-_FINISH_SENT = _FINISH.values(
-    status=DeliveryStatus.SENT, last_error=None, lease_until=None, sent_at=bindparam("at")
+
+# -- finish -----------------------------------------------------------------------------
+_UNDER_LEASE = (
+    _deliveries.c.status == DeliveryStatus.SENDING,
+    _deliveries.c.lease_until == bindparam("lease"),
 )
-_NO_SYNC = {"synchronize_session": False}
+# The common outcome, whole; the others name their status and error.
+_FINISH_SENT = _per_size(
+    lambda ids: (
+        update(_deliveries)
+        .where(ids, *_UNDER_LEASE)
+        .values(
+            status=DeliveryStatus.SENT, last_error=None, lease_until=None, sent_at=bindparam("at")
+        )
+        .returning(_deliveries.c.approval_id)
+    ),
+    _deliveries.c.id,
+)
+_FINISH_ALL = _per_size(
+    lambda ids: (
+        update(_deliveries)
+        .where(ids, *_UNDER_LEASE)
+        .values(status=bindparam("status"), last_error=bindparam("error"), lease_until=None)
+        .returning(_deliveries.c.approval_id)
+    ),
+    _deliveries.c.id,
+)
+_FINISH_ONE = (
+    update(_deliveries)
+    .where(_deliveries.c.id == bindparam("delivery"), *_UNDER_LEASE)
+    .values(status=bindparam("status"), last_error=bindparam("error"), lease_until=None)
+)
+_QUEUE_AGAIN = _FINISH_ONE.values(next_attempt_at=bindparam("next_at"))
+_RETIRE_TOKEN = (
+    update(_devices)
+    .where(_devices.c.id == bindparam("device"), _devices.c.push_token == bindparam("token"))
+    .values(push_status="invalid_token")
+)
+_APPROVAL_STATUSES = _per_size(
+    lambda ids: select(_approvals.c.id, _approvals.c.status).where(ids), _approvals.c.id
+)
 
 
 class DeliveryRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, unit: DriverUnit) -> None:
+        self.unit = unit
 
-    async def claim(
-        self, now: datetime, lease_until: datetime, limit: int, *, postgresql: bool
-    ) -> Sequence[ClaimedRow]:
+    async def claim(self, now: datetime, lease_until: datetime, limit: int) -> list[ClaimedRow]:
         """Lease up to `limit` due deliveries (queued and due, or sending with a lapsed
         lease) and return what their sends need (CLAIMED_COLUMNS), as plain rows.
 
@@ -93,31 +201,23 @@ class DeliveryRepository:
         side. SQLite's RETURNING cannot name the joined tables, so there the claimed ids are
         read in a second statement of the same transaction (SQLite serialises writers)."""
         params = {"now": now, "limit": limit, "new_lease": lease_until}
-        if postgresql:
-            claimed = await self.session.execute(
-                _CLAIM_POSTGRESQL, params, execution_options=_NO_SYNC
-            )
-            return claimed.all()
-        ids = list(
-            (
-                await self.session.execute(_CLAIM_IDS_SQLITE, params, execution_options=_NO_SYNC)
-            ).scalars()
-        )
-        if not ids:
-            return []
-        rows = await self.session.execute(_CLAIMED_SQLITE, {"ids": ids})
-        return rows.all()
+        if self.unit.postgres:
+            return (await self.unit.execute(_CLAIM_POSTGRESQL, params)).all()
+        ids = await self.unit.scalars(_CLAIM_IDS_SQLITE, params)
+        rows: list[ClaimedRow] = []
+        for size, named in _id_chunks(ids):
+            rows += (await self.unit.execute(_CLAIMED_SQLITE[size], named)).all()
+        return rows
 
     async def finish_sent(
         self, delivery_ids: Sequence[str], lease_until: datetime, at: datetime
     ) -> set[str]:
         """Mark delivered those still under this lease; returns their approvals' ids."""
-        finished = await self.session.execute(
-            _FINISH_SENT,
-            {"ids": list(delivery_ids), "lease": lease_until, "at": at},
-            execution_options=_NO_SYNC,
-        )
-        return set(finished.scalars())
+        finished: set[str] = set()
+        for size, named in _id_chunks(delivery_ids):
+            params = {**named, "lease": lease_until, "at": at}
+            finished.update(await self.unit.scalars(_FINISH_SENT[size], params))
+        return finished
 
     async def finish_all(
         self,
@@ -125,16 +225,14 @@ class DeliveryRepository:
         lease_until: datetime,
         status: DeliveryStatus,
         error: str | None,
-        **extra: Any,
     ) -> set[str]:
         """One outcome for many deliveries, those still under this lease, in one UPDATE;
         returns their approvals' ids."""
-        finished = await self.session.execute(
-            _FINISH.values(status=status, last_error=error, lease_until=None, **extra),
-            {"ids": list(delivery_ids), "lease": lease_until},
-            execution_options=_NO_SYNC,
-        )
-        return set(finished.scalars())
+        finished: set[str] = set()
+        for size, named in _id_chunks(delivery_ids):
+            params = {**named, "lease": lease_until, "status": status, "error": error}
+            finished.update(await self.unit.scalars(_FINISH_ALL[size], params))
+        return finished
 
     async def finish(
         self,
@@ -142,33 +240,31 @@ class DeliveryRepository:
         lease_until: datetime,
         status: DeliveryStatus,
         error: str | None,
-        **extra: Any,
+        *,
+        next_attempt_at: datetime | None = None,
     ) -> bool:
-        """Record an outcome if our lease still holds; False when another owner has it."""
-        result = await self.session.execute(
-            update(Delivery)
-            .where(
-                Delivery.id == delivery_id,
-                Delivery.status == DeliveryStatus.SENDING,
-                Delivery.lease_until == lease_until,
-            )
-            .values(status=status, last_error=error, lease_until=None, **extra)
-            .execution_options(synchronize_session=False)
-        )
-        return int(cast(CursorResult[Any], result).rowcount) == 1
+        """Record an outcome if our lease still holds (with `next_attempt_at`: when to try
+        again); False when another owner has it."""
+        params: dict[str, Any] = {
+            "delivery": delivery_id,
+            "lease": lease_until,
+            "status": status,
+            "error": error,
+        }
+        if next_attempt_at is None:
+            statement = _FINISH_ONE
+        else:
+            statement, params["next_at"] = _QUEUE_AGAIN, next_attempt_at
+        return (await self.unit.execute(statement, params)).rowcount == 1
 
     async def retire_token(self, device_id: str, token: str) -> None:
         """Only the token we sent to: a token rotated meanwhile stays valid."""
-        await self.session.execute(
-            update(Device)
-            .where(Device.id == device_id, Device.push_token == token)
-            .values(push_status="invalid_token")
-            .execution_options(synchronize_session=False)
-        )
+        await self.unit.execute(_RETIRE_TOKEN, {"device": device_id, "token": token})
 
     async def approval_statuses(self, approval_ids: Iterable[str]) -> dict[str, str]:
         """Each approval's status (a deleted approval is absent)."""
-        rows = await self.session.execute(
-            select(Approval.id, Approval.status).where(Approval.id.in_(list(approval_ids)))
-        )
-        return {approval_id: status for approval_id, status in rows}
+        statuses: dict[str, str] = {}
+        for size, named in _id_chunks(list(approval_ids)):
+            for approval_id, status in await self.unit.execute(_APPROVAL_STATUSES[size], named):
+                statuses[approval_id] = status
+        return statuses

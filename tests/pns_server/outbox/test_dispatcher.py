@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select, update
 
+from pns_server import driver
 from pns_server.models import Delivery, Device
 from pns_server.outbox.dispatcher import Dispatcher
 from pns_server.push.base import Outcome, PushMessage, PushResult
@@ -578,3 +580,89 @@ async def test_every_phone_of_an_approval_that_expired_first_fails_in_one_round(
     ] * 4
     assert all(d.lease_until is None for d in rows)
     assert sender.sent == []
+
+
+# Set in the task that drives a round: the running expiry sweep's statements are not counted.
+_COUNTING: ContextVar[bool] = ContextVar("counting", default=False)
+
+
+async def statements_of(
+    monkeypatch: pytest.MonkeyPatch, round_: Callable[[], Awaitable[int]]
+) -> list[str]:
+    """The statements a round runs, PostgreSQL's NOTIFY (the wake-up) included."""
+    seen: list[str] = []
+
+    def note(sql: str) -> None:
+        if _COUNTING.get():
+            seen.append(" ".join(sql.split()))
+
+    monkeypatch.setattr(driver, "statement_listeners", [note])
+    token = _COUNTING.set(True)
+    try:
+        await round_()
+    finally:
+        _COUNTING.reset(token)
+    return seen
+
+
+def outbox_statements(seen: list[str]) -> list[str]:
+    """`claim`, `claimed rows` (SQLite's second read), `finish`, `notify`."""
+    names = []
+    for sql in seen:
+        if "pg_notify" in sql:
+            names.append("notify")
+        elif sql.startswith("UPDATE deliveries") and "LIMIT" in sql:
+            names.append("claim")
+        elif sql.startswith("SELECT deliveries.id AS delivery_id"):
+            names.append("claimed rows")
+        elif sql.startswith("UPDATE deliveries"):
+            names.append("finish")
+        else:
+            names.append(sql)
+    return names
+
+
+async def test_a_batch_is_claimed_in_one_statement_on_postgresql_and_recorded_in_one(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for index in range(2):
+        await pair_app_device(http, client, name=f"phone {index}")
+    sender = ScriptedSender(PushResult(Outcome.DELIVERED))
+    runtime_of(app).senders["apns"] = sender
+    body = await request_approval(http, client)
+    seen = await statements_of(monkeypatch, manual.run_once)
+    assert len(sender.sent) == 3
+    assert [d.status for d in await deliveries(app, body["approval_id"])] == ["sent"] * 3
+    if runtime_of(app).db.dialect == "postgresql":
+        # The approval's long-polls are woken by the NOTIFY sent with the finish's commit.
+        assert outbox_statements(seen) == ["claim", "finish", "notify"]
+    else:
+        assert outbox_statements(seen) == ["claim", "claimed rows", "finish"]
+
+
+async def test_deliveries_with_nothing_to_send_are_finished_with_their_claim(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await pair_app_device(http, client, name="iPad")
+    sender = ScriptedSender(PushResult(Outcome.DELIVERED))
+    runtime_of(app).senders["apns"] = sender
+    body = await request_approval(http, client, ttl_seconds=10)
+    later = datetime.now(UTC) + timedelta(seconds=11)
+    seen = await statements_of(monkeypatch, lambda: manual.run_once(now=later))
+    assert sender.sent == []
+    rows = await deliveries(app, body["approval_id"])
+    assert [(d.status, d.lease_until) for d in rows] == [("failed", None)] * 2
+    if runtime_of(app).db.dialect == "postgresql":
+        assert outbox_statements(seen) == ["claim", "finish"]
+    else:
+        assert outbox_statements(seen) == ["claim", "claimed rows", "finish"]
