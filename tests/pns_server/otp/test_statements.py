@@ -12,30 +12,34 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event
+from sqlalchemy import bindparam, select
 
+from pns_server import driver
 from pns_server.db import Database
 from pns_server.errors import PnsError
-from pns_server.models import Client
+from pns_server.models import Base, Client
 from pns_server.otp import service
 from tests.pns_server.otp.conftest import wrong_code
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device
 
+_clients = Base.metadata.tables[Client.__tablename__]
+CLIENT_ROW = select(*_clients.c).where(_clients.c.id == bindparam("id"))
+
 
 @contextmanager
-def statements(db: Database) -> Iterator[list[str]]:
-    """The first word of every statement sent while the block runs."""
+def statements() -> Iterator[list[str]]:
+    """The first word of every statement sent on the driver connection while the block runs
+    (not BEGIN/COMMIT, which every unit sends)."""
     seen: list[str] = []
 
-    def note(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
-        seen.append(statement.split(None, 1)[0].upper())
+    def note(sql: str) -> None:
+        seen.append(sql.split(None, 1)[0].upper())
 
-    engine = db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", note)
+    driver.statement_listeners.append(note)
     try:
         yield seen
     finally:
-        event.remove(engine, "before_cursor_execute", note)
+        driver.statement_listeners.remove(note)
 
 
 async def check(
@@ -43,14 +47,14 @@ async def check(
 ) -> tuple[list[str], str | None]:
     """The statements one check sends (the caller's own authentication aside), and the
     `code` of the error it answers, if any."""
-    async with db.session() as session:
-        client = await session.get(Client, client_id)
-        assert client is not None
-        with statements(db) as seen:
-            try:
-                await service.verify_otp(session, app.state.runtime, client, code)
-            except PnsError as error:
-                return list(seen), error.code
+    seen: list[str] = []
+    try:
+        async with db.unit() as unit:
+            client: Any = (await unit.execute(CLIENT_ROW, {"id": client_id})).one()
+            with statements() as seen:
+                await service.verify_otp(unit, app.state.runtime, client, code)
+    except PnsError as error:
+        return seen, error.code
     return seen, None
 
 
