@@ -13,7 +13,7 @@ from pns_server.audit import audit_row
 from pns_server.db import Database
 from pns_server.models import AuditEvent, Device
 from pns_server.otp import recovery_codes
-from pns_server.otp.repository import OtpRepository
+from pns_server.otp.repository import HASHES_PER_STATEMENT, OtpRepository
 from tests.support.factories import RegisteredClient, pair_app_device
 
 STEP = 60_000_000
@@ -104,3 +104,28 @@ async def test_recovery_code_used_once_across_sessions(
             )
 
     assert sorted(await asyncio.gather(use(), use(), use())) == [False, False, True]
+
+
+async def test_recovery_code_found_among_many_key_candidates(
+    client: RegisteredClient, db: Database
+) -> None:
+    """One hash per configured key: more candidates than one statement's places are tried
+    group by group, fewer fill the places with repeats; either way the code is used once."""
+    code_hash = recovery_codes.hash_code(client.client_id, "abcd-efgh-jk")
+    others = [recovery_codes.hash_code(client.client_id, f"abcd-efgh-{c}m") for c in "23456789"]
+    assert len(others) > HASHES_PER_STATEMENT
+    async with db.unit() as unit:
+        await OtpRepository(unit).replace_recovery_codes(
+            client.client_id, [code_hash], datetime.now(UTC)
+        )
+
+    async def use(candidates: list[str]) -> bool:
+        async with db.unit() as unit:
+            return await OtpRepository(unit).use_recovery_code(
+                client.client_id, candidates, datetime.now(UTC)
+            )
+
+    assert await use(others) is False
+    assert await use([]) is False
+    assert await use([*others, code_hash]) is True
+    assert await use([code_hash]) is False
