@@ -10,19 +10,20 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.audit import INSERT_AUDIT
+from pns_server.driver import DriverUnit
 from pns_server.models import AuditEvent, Base, Client, Device, RecoveryCode
 from pns_server.security import SealedAt, new_id
 
 OTP_DEVICE_KINDS = ("app", "totp")
 
-# The hot statements are plain Core on the tables, built once: no ORM entity is loaded or
-# flushed, and a statement built once keeps its cache key, so it is not re-derived per call.
+# Every statement is plain Core on the tables, built once with bindparams: it runs on the
+# driver connection (`pns_server.driver`), which compiles each statement once per dialect.
 _clients = Base.metadata.tables[Client.__tablename__]
 _devices = Base.metadata.tables[Device.__tablename__]
 _audit = Base.metadata.tables[AuditEvent.__tablename__]
+_codes = Base.metadata.tables[RecoveryCode.__tablename__]
 
 _THROTTLE_COLUMNS = (
     _clients.c.otp_consecutive_failures,
@@ -131,6 +132,29 @@ _CLAIM_STEP_AUDITED = (
     .returning(_audit.c.subject_id)
 )
 
+_DELETE_RECOVERY_CODES = delete(_codes).where(_codes.c.client_id == bindparam("client_id"))
+_INSERT_RECOVERY_CODE = insert(_codes)
+
+# A submitted code's keyed hash under each configured key (one, or a few during a key
+# rotation), tried in one statement: a fixed number of binds, not an expanding IN (which
+# would be rewritten at each execution). Unused places repeat a candidate; more candidates
+# than places (an unusual number of old keys) take one statement per group.
+HASHES_PER_STATEMENT = 4
+_USE_RECOVERY_CODE = (
+    update(_codes)
+    .where(
+        _codes.c.client_id == bindparam("client_id"),
+        _codes.c.code_hash.in_([bindparam(f"hash_{i}") for i in range(HASHES_PER_STATEMENT)]),
+        _codes.c.used_at.is_(None),
+    )
+    .values(used_at=bindparam("now"))
+    .returning(_codes.c.id)
+)
+
+_UNUSED_RECOVERY_CODES = select(func.count(_codes.c.id)).where(
+    _codes.c.client_id == bindparam("client_id"), _codes.c.used_at.is_(None)
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Throttle:
@@ -175,12 +199,12 @@ class VerifyState:
 
 
 class OtpRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, unit: DriverUnit) -> None:
+        self.unit = unit
 
     async def lock_for_verify(self, client_id: str) -> VerifyState:
         """`lock_throttle` and the client's OTP devices in one statement (see there)."""
-        rows = (await self.session.execute(_LOCK_FOR_VERIFY, {"client_id": client_id})).all()
+        rows = (await self.unit.execute(_LOCK_FOR_VERIFY, {"client_id": client_id})).all()
         first = rows[0]  # the client row exists: the caller authenticated with it
         devices = [
             OtpDevice(row[5], client_id, row[6], row[7], row[8], row[9], row[10], row[11])
@@ -194,43 +218,41 @@ class OtpRepository:
         SQLite's write transactions are serial already). Every OTP and recovery-code check of
         one client therefore takes the client row first: one lock order, no deadlocks, and
         the lock check sees the latest failures from every process."""
-        row = (await self.session.execute(_LOCK_THROTTLE, {"client_id": client_id})).one()
+        row = (await self.unit.execute(_LOCK_THROTTLE, {"client_id": client_id})).one()
         return Throttle.from_row(row)
 
     async def record_failure(self, client_id: str) -> Throttle:
-        row = (await self.session.execute(_RECORD_FAILURE, {"client_id": client_id})).one()
+        row = (await self.unit.execute(_RECORD_FAILURE, {"client_id": client_id})).one()
         return Throttle.from_row(row)
 
     async def impose_lock(self, client_id: str, until: datetime) -> Throttle:
         """Lock until `until`; the next round of attempts starts from zero after it."""
         params = {"client_id": client_id, "until": until}
-        row = (await self.session.execute(_IMPOSE_LOCK, params)).one()
+        row = (await self.unit.execute(_IMPOSE_LOCK, params)).one()
         return Throttle.from_row(row)
 
     async def reset_after_success(self, client_id: str) -> None:
         """A successful login clears the OTP throttle and the push-fatigue counter."""
-        await self.session.execute(_RESET_AFTER_SUCCESS, {"client_id": client_id})
+        await self.unit.execute(_RESET_AFTER_SUCCESS, {"client_id": client_id})
 
     async def claim_step(self, device_id: str, step: int, now: datetime) -> bool:
         """Accept a time step for a device at most once: the replay guard is this single
         conditional UPDATE, so two processes submitting one code cannot both win."""
         params = {"device_id": device_id, "step": step, "now": now}
-        result = await self.session.execute(_CLAIM_STEP, params)
-        return result.first() is not None
+        return (await self.unit.execute(_CLAIM_STEP, params)).first() is not None
 
     async def claim_step_audited(
         self, device_id: str, step: int, now: datetime, audit: dict[str, Any]
     ) -> bool:
         """`claim_step`, and when it wins, the audit row `audit` (from `audit_row`; its
         subject is the device): one statement on PostgreSQL, the two in turn elsewhere."""
-        params = {"device_id": device_id, "step": step, "now": now}
-        if self.session.get_bind().dialect.name == "postgresql":
+        if self.unit.postgres:
+            params: dict[str, Any] = {"device_id": device_id, "step": step, "now": now}
             params.update({f"audit_{name}": v for name, v in audit.items() if name != "subject_id"})
-            result = await self.session.execute(_CLAIM_STEP_AUDITED, params)
-            return result.first() is not None
+            return (await self.unit.execute(_CLAIM_STEP_AUDITED, params)).first() is not None
         if not await self.claim_step(device_id, step, now):
             return False
-        await self.session.execute(INSERT_AUDIT, audit)
+        await self.unit.execute(INSERT_AUDIT, audit)
         return True
 
     async def replace_recovery_codes(
@@ -238,9 +260,9 @@ class OtpRepository:
     ) -> None:
         """Delete the old set and insert the new one in the caller's transaction (the caller
         holds the client row, so two regenerations cannot interleave into 20 codes)."""
-        await self.session.execute(delete(RecoveryCode).where(RecoveryCode.client_id == client_id))
-        await self.session.execute(
-            insert(RecoveryCode),
+        await self.unit.execute(_DELETE_RECOVERY_CODES, {"client_id": client_id})
+        await self.unit.execute(
+            _INSERT_RECOVERY_CODE,
             [
                 {"id": new_id(), "client_id": client_id, "code_hash": h, "created_at": now}
                 for h in code_hashes
@@ -252,23 +274,16 @@ class OtpRepository:
     ) -> bool:
         """Mark an unused code used; one conditional UPDATE, so a code works exactly once.
         `code_hashes`: the code's keyed hash under each configured key (at most one row)."""
-        result = await self.session.execute(
-            update(RecoveryCode)
-            .where(
-                RecoveryCode.client_id == client_id,
-                RecoveryCode.code_hash.in_(code_hashes),
-                RecoveryCode.used_at.is_(None),
+        for start in range(0, len(code_hashes), HASHES_PER_STATEMENT):
+            group = code_hashes[start : start + HASHES_PER_STATEMENT]
+            params: dict[str, Any] = {"client_id": client_id, "now": now}
+            params.update(
+                {f"hash_{i}": group[min(i, len(group) - 1)] for i in range(HASHES_PER_STATEMENT)}
             )
-            .values(used_at=now)
-            .returning(RecoveryCode.id)
-            .execution_options(synchronize_session=False)
-        )
-        return result.first() is not None
+            if (await self.unit.execute(_USE_RECOVERY_CODE, params)).first() is not None:
+                return True
+        return False
 
     async def unused_recovery_codes(self, client_id: str) -> int:
-        count = await self.session.scalar(
-            select(func.count(RecoveryCode.id)).where(
-                RecoveryCode.client_id == client_id, RecoveryCode.used_at.is_(None)
-            )
-        )
+        count = await self.unit.scalar(_UNUSED_RECOVERY_CODES, {"client_id": client_id})
         return int(count or 0)

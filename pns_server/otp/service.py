@@ -13,14 +13,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from pns_server import audit
+from pns_server.driver import DriverUnit
 from pns_server.errors import OtpInvalid, OtpReplayed, PnsError, RecoveryCodeInvalid
-from pns_server.models import Client
 from pns_server.otp import recovery_codes, throttle
 from pns_server.otp.repository import OtpDevice, OtpRepository, Throttle
 from pns_server.otp.schemas import OtpAccepted, RecoveryCodeAccepted, RecoveryCodesCreated
+from pns_server.rows import ClientRow
 from pns_server.runtime import Runtime
 from pns_server.security import SecretBox
 from pns_server.totp import TotpParams, could_be_code, matching_step
@@ -31,7 +30,7 @@ WrongCode = Callable[..., PnsError]
 
 
 async def verify_otp(
-    session: AsyncSession, runtime: Runtime, client: Client, code: str
+    unit: DriverUnit, runtime: Runtime, client: ClientRow, code: str
 ) -> OtpAccepted:
     """Accept a current code (±1 step) of any of the client's app or TOTP devices, once.
 
@@ -43,7 +42,7 @@ async def verify_otp(
     step claim with its audit row (one statement on PostgreSQL), and the counter reset only
     when there is something to reset."""
     now = datetime.now(UTC)
-    repo = OtpRepository(session)
+    repo = OtpRepository(unit)
     state = await repo.lock_for_verify(client.id)
     refuse_if_locked(runtime, state.throttle, now)
     typed = "".join(code.split())  # people type "123 456"
@@ -73,7 +72,7 @@ async def verify_otp(
     if matches:
         runtime.metrics.otp_verifications.labels(result="replayed").inc()
         raise OtpReplayed("This code was already used; wait for the next one and enter it.")
-    await fail(session, runtime, client.id, now, wrong_otp)
+    await fail(unit, runtime, client.id, now, wrong_otp)
 
 
 def matching_device_step(box: SecretBox, device: OtpDevice, code: str, now: datetime) -> int | None:
@@ -96,7 +95,7 @@ def matching_device_step(box: SecretBox, device: OtpDevice, code: str, now: date
 
 
 async def create_recovery_codes(
-    session: AsyncSession, runtime: Runtime, client: Client
+    unit: DriverUnit, runtime: Runtime, client: ClientRow
 ) -> RecoveryCodesCreated:
     """A fresh set of codes replacing every earlier one (used or not), in one transaction."""
     codes = recovery_codes.generate_set()
@@ -104,11 +103,11 @@ async def create_recovery_codes(
         lambda: [recovery_codes.hash_code(client.id, code) for code in codes]
     )
     hashes = [runtime.box.keyed_hash(recovery_codes.pepper_input(client.id, h)) for h in inner]
-    repo = OtpRepository(session)
+    repo = OtpRepository(unit)
     await repo.lock_throttle(client.id)
     await repo.replace_recovery_codes(client.id, hashes, datetime.now(UTC))
     await audit.write(
-        session,
+        unit,
         "recovery.generated",
         client_id=client.id,
         actor="client",
@@ -119,7 +118,7 @@ async def create_recovery_codes(
 
 
 async def verify_recovery_code(
-    session: AsyncSession, runtime: Runtime, client: Client, code: str
+    unit: DriverUnit, runtime: Runtime, client: ClientRow, code: str
 ) -> RecoveryCodeAccepted:
     """Accept an unused recovery code once; wrong or used codes count toward the OTP lock."""
     canonical = recovery_codes.normalise(code)
@@ -131,13 +130,13 @@ async def verify_recovery_code(
         peppered = recovery_codes.pepper_input(client.id, inner)
         candidates = runtime.box.keyed_hash_candidates(peppered)
     now = datetime.now(UTC)
-    repo = OtpRepository(session)
+    repo = OtpRepository(unit)
     await ensure_unlocked(repo, runtime, client.id, now)
     if candidates and await repo.use_recovery_code(client.id, candidates, now):
         await repo.reset_after_success(client.id)
         remaining = await repo.unused_recovery_codes(client.id)
         await audit.write(
-            session,
+            unit,
             "recovery.used",
             client_id=client.id,
             actor="client",
@@ -146,7 +145,7 @@ async def verify_recovery_code(
         )
         runtime.metrics.otp_verifications.labels(result="accepted").inc()
         return RecoveryCodeAccepted(remaining=remaining)
-    await fail(session, runtime, client.id, now, wrong_recovery_code)
+    await fail(unit, runtime, client.id, now, wrong_recovery_code)
 
 
 async def ensure_unlocked(
@@ -179,20 +178,20 @@ def wrong_recovery_code(**extra: Any) -> PnsError:
 
 
 async def fail(
-    session: AsyncSession, runtime: Runtime, client_id: str, now: datetime, wrong: WrongCode
+    unit: DriverUnit, runtime: Runtime, client_id: str, now: datetime, wrong: WrongCode
 ) -> NoReturn:
     """Count a wrong code (committed although the request fails) and lock when due."""
-    repo = OtpRepository(session)
+    repo = OtpRepository(unit)
     settings = runtime.settings
     counters = await repo.record_failure(client_id)
     runtime.metrics.otp_verifications.labels(result="invalid").inc()
     if throttle.is_capped(counters):
-        await record_lock(session, client_id, counters.failures_since_success, None)
+        await record_lock(unit, client_id, counters.failures_since_success, None)
         raise wrong(attempts_left=0, locked_until=None, admin_unlock_required=True)
     if counters.consecutive_failures >= settings.otp_max_failures:
         until = now + throttle.lock_duration(settings, counters.lock_count)
         counters = await repo.impose_lock(client_id, until)
-        await record_lock(session, client_id, counters.failures_since_success, until)
+        await record_lock(unit, client_id, counters.failures_since_success, until)
         raise wrong(
             attempts_left=0,
             locked_until=until,
@@ -203,10 +202,10 @@ async def fail(
 
 
 async def record_lock(
-    session: AsyncSession, client_id: str, failures: int, until: datetime | None
+    unit: DriverUnit, client_id: str, failures: int, until: datetime | None
 ) -> None:
     await audit.write(
-        session,
+        unit,
         "otp.locked",
         client_id=client_id,
         actor="system",

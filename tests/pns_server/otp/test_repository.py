@@ -13,7 +13,7 @@ from pns_server.audit import audit_row
 from pns_server.db import Database
 from pns_server.models import AuditEvent, Device
 from pns_server.otp import recovery_codes
-from pns_server.otp.repository import OtpRepository
+from pns_server.otp.repository import HASHES_PER_STATEMENT, OtpRepository
 from tests.support.factories import RegisteredClient, pair_app_device
 
 STEP = 60_000_000
@@ -25,10 +25,8 @@ async def test_claim_step_wins_once_across_sessions(
     device = await pair_app_device(http, client)
 
     async def claim(step: int) -> bool:
-        async with db.session() as session:
-            return await OtpRepository(session).claim_step(
-                device.device_id, step, datetime.now(UTC)
-            )
+        async with db.unit() as unit:
+            return await OtpRepository(unit).claim_step(device.device_id, step, datetime.now(UTC))
 
     assert sorted(await asyncio.gather(*(claim(STEP) for _ in range(4)))) == [
         False,
@@ -54,8 +52,8 @@ async def test_audited_claim_writes_its_row_only_when_it_wins(
             subject_id=device.device_id,
             kind="app",
         )
-        async with db.session() as session:
-            return await OtpRepository(session).claim_step_audited(
+        async with db.unit() as unit:
+            return await OtpRepository(unit).claim_step_audited(
                 device.device_id, step, datetime.now(UTC), row
             )
 
@@ -81,9 +79,9 @@ async def test_failure_counts_are_not_lost_under_concurrency(
     http: httpx.AsyncClient, client: RegisteredClient, db: Database
 ) -> None:
     async def fail() -> int:
-        async with db.session() as session:
+        async with db.unit() as unit:
             return (
-                await OtpRepository(session).record_failure(client.client_id)
+                await OtpRepository(unit).record_failure(client.client_id)
             ).failures_since_success
 
     counts = await asyncio.gather(*(fail() for _ in range(6)))
@@ -94,15 +92,40 @@ async def test_recovery_code_used_once_across_sessions(
     client: RegisteredClient, db: Database
 ) -> None:
     code_hash = recovery_codes.hash_code(client.client_id, "abcd-efgh-jk")
-    async with db.session() as session:
-        await OtpRepository(session).replace_recovery_codes(
+    async with db.unit() as unit:
+        await OtpRepository(unit).replace_recovery_codes(
             client.client_id, [code_hash], datetime.now(UTC)
         )
 
     async def use() -> bool:
-        async with db.session() as session:
-            return await OtpRepository(session).use_recovery_code(
+        async with db.unit() as unit:
+            return await OtpRepository(unit).use_recovery_code(
                 client.client_id, [code_hash], datetime.now(UTC)
             )
 
     assert sorted(await asyncio.gather(use(), use(), use())) == [False, False, True]
+
+
+async def test_recovery_code_found_among_many_key_candidates(
+    client: RegisteredClient, db: Database
+) -> None:
+    """One hash per configured key: more candidates than one statement's places are tried
+    group by group, fewer fill the places with repeats; either way the code is used once."""
+    code_hash = recovery_codes.hash_code(client.client_id, "abcd-efgh-jk")
+    others = [recovery_codes.hash_code(client.client_id, f"abcd-efgh-{c}m") for c in "23456789"]
+    assert len(others) > HASHES_PER_STATEMENT
+    async with db.unit() as unit:
+        await OtpRepository(unit).replace_recovery_codes(
+            client.client_id, [code_hash], datetime.now(UTC)
+        )
+
+    async def use(candidates: list[str]) -> bool:
+        async with db.unit() as unit:
+            return await OtpRepository(unit).use_recovery_code(
+                client.client_id, candidates, datetime.now(UTC)
+            )
+
+    assert await use(others) is False
+    assert await use([]) is False
+    assert await use([*others, code_hash]) is True
+    assert await use([code_hash]) is False
