@@ -20,8 +20,8 @@ SWEEP_INTERVAL = 5.0  # seconds between sweeps
 
 async def sweep_once(db: Database, metrics: Metrics) -> int:
     """Expire what is overdue (a batch); returns how many approvals it expired."""
-    async with db.session() as session:
-        return await expire_due(session, metrics)
+    async with db.unit() as unit:
+        return await expire_due(unit, metrics)
 
 
 async def sweep_periodically(
