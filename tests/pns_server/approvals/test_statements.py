@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from pns_server import driver
 from pns_server.models import Delivery
@@ -48,6 +49,22 @@ def statements_run() -> Iterator[list[str]]:
     finally:
         driver.statement_listeners.remove(_on_statement)
         _COUNTING.reset(token)
+
+
+@contextmanager
+def orm_statements(app: FastAPI) -> Iterator[list[str]]:
+    """Every statement run meanwhile through SQLAlchemy's own execution (ORM sessions)."""
+    engine = runtime_of(app).db.engine.sync_engine
+    seen: list[str] = []
+
+    def on_execute(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        seen.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
 
 
 def _callers_own_row(words: list[str]) -> bool:
@@ -147,3 +164,19 @@ class TestStatements:
         assert cancelled["status"] == "cancelled" and cancelled["decided_at"] is not None
         assert cancelled["delivery"]["queued"] + cancelled["delivery"]["sent"] == 1
         assert verbs(seen) == ["UPDATE approvals", "INSERT audit_events", "SELECT"]
+
+    async def test_creating_an_approval_authenticates_once(
+        self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        """The rate limit and the route share the request's one authenticated client, in
+        the unit the route runs in (no token lookup through an ORM session beside it)."""
+        with statements_run() as seen, orm_statements(app) as orm:
+            await request_approval(http, client)
+        assert sum("token_hash =" in statement for statement in seen) == 1
+        assert not [statement for statement in orm if "token_hash =" in statement]
+        assert verbs(seen) == [
+            "SELECT approvals",  # any pending approval to supersede
+            "INSERT approvals",
+            "INSERT deliveries",
+            "INSERT audit_events",
+        ]
