@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -101,12 +101,14 @@ async def reread(
     return await refresh_expiry(unit, repo, metrics, fresh or approval)
 
 
-async def expire_due(unit: DriverUnit, metrics: Metrics, limit: int = 100) -> int:
-    """Expire what nobody is watching, so the audit trail and outbox stay truthful."""
+async def expire_due(
+    unit: DriverUnit, metrics: Metrics, due: Sequence[tuple[str, str]], now: datetime
+) -> int:
+    """Expire `due` (id, client id), each by its conditional UPDATE: one decided or expired
+    meanwhile by someone else is left as they left it."""
     repo = ApprovalRepository(unit)
-    now = now_utc()
     expired = 0
-    for approval_id, client_id in await repo.due_for_expiry(now, limit):
+    for approval_id, client_id in due:
         if await repo.expire_if_due(approval_id, now):
             await on_final(unit, repo, metrics, expiry(approval_id, client_id))
             expired += 1
