@@ -116,8 +116,12 @@ async def expire_due(
 
 
 def already_decided(approval: ApprovalRow) -> AlreadyDecided:
+    """The refusal of a late answer or cancel, given the row as it is now (`reread`,
+    `refresh_expiry`). It commits: when that read found the expiry due, it persisted it
+    (with its audit row and wake-ups), and the first reader's expiry must stick."""
     return AlreadyDecided(
         f"This approval is already {approval.status}; start a new one if needed.",
+        commit=True,
         # `status` in a problem body is the HTTP status (RFC 9457); the approval's goes here.
         approval_status=approval.status,
     )
