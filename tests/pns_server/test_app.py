@@ -81,6 +81,8 @@ COUNTING_AUTH = {
     "current_client_detached",
     "current_device",
     "current_device_detached",
+    "unit_client",
+    "unit_device",
 }
 PER_IP = {"limit_registration_per_ip", "limit_pairing_per_ip"}
 # No token and nothing behind them but the clock or one public key.
