@@ -6,8 +6,7 @@ from __future__ import annotations
 import base64
 from datetime import datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from pns_server import audit
 from pns_server.approvals.outcomes import Outcome, already_decided, on_final, reread
 from pns_server.approvals.repository import ApprovalRepository
 from pns_server.approvals.schemas import (
@@ -15,14 +14,14 @@ from pns_server.approvals.schemas import (
     DeviceDecision,
 )
 from pns_server.approvals.signing import check_signature
-from pns_server.audit import record
 from pns_server.config import Settings
+from pns_server.driver import DriverUnit
 from pns_server.errors import (
     InvalidRequest,
     NotFound,
     StaleTimestamp,
 )
-from pns_server.models import Approval, Device
+from pns_server.rows import ApprovalRow, DeviceRow
 from pns_server.runtime import Runtime
 from pns_server.security import constant_time_equals
 from pns_server.states import ApprovalStatus
@@ -61,7 +60,7 @@ def check_fresh(timestamp: datetime, now: datetime) -> None:
         )
 
 
-def outcome_of(approval: Approval, answer: DeviceDecision) -> tuple[ApprovalStatus, str | None]:
+def outcome_of(approval: ApprovalRow, answer: DeviceDecision) -> tuple[ApprovalStatus, str | None]:
     """(status, reason) that this answer leads to."""
     if answer.decision == "reject":
         return ApprovalStatus.REJECTED, "fraud" if answer.fraud else "user_rejected"
@@ -74,14 +73,14 @@ def outcome_of(approval: Approval, answer: DeviceDecision) -> tuple[ApprovalStat
 
 
 async def respond(
-    session: AsyncSession,
+    unit: DriverUnit,
     runtime: Runtime,
-    device: Device,
+    device: DeviceRow,
     approval_id: str,
     answer: DeviceDecision,
 ) -> DecisionResult:
     settings, metrics = runtime.settings, runtime.metrics
-    repo = ApprovalRepository(session)
+    repo = ApprovalRepository(unit)
     approval = await repo.get(approval_id, device.client_id)
     if approval is None:
         raise NotFound("No such approval for this device's client.")
@@ -105,12 +104,12 @@ async def respond(
         fraud=answer.fraud,
     )
     if queued is None:
-        raise already_decided(await reread(session, repo, metrics, approval))
+        raise already_decided(await reread(unit, repo, metrics, approval))
     await repo.touch_device(device.id, now)
     if status is ApprovalStatus.APPROVED:
         await repo.reset_push_count(device.client_id)
     if answer.fraud:
-        await report_fraud(session, repo, settings, device, approval.id, now)
+        await report_fraud(unit, repo, settings, device, approval.id, now)
     answered = Outcome(
         approval.id,
         device.client_id,
@@ -121,22 +120,22 @@ async def respond(
         created_at=approval.created_at,
         detail={"decision": answer.decision, "reason": reason},
     )
-    await on_final(session, repo, metrics, answered, queued=queued)
+    await on_final(unit, repo, metrics, answered, queued=queued)
     return DecisionResult(approval_id=approval.id, status=status)
 
 
 async def report_fraud(
-    session: AsyncSession,
+    unit: DriverUnit,
     repo: ApprovalRepository,
     settings: Settings,
-    device: Device,
+    device: DeviceRow,
     approval_id: str,
     now: datetime,
 ) -> None:
     until = now + timedelta(seconds=settings.fraud_lock_seconds)
     await repo.lock_push(device.client_id, until)
-    record(
-        session,
+    await audit.write(
+        unit,
         "approval.fraud_reported",
         client_id=device.client_id,
         actor="device",

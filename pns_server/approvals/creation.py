@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from pns_server import audit
 from pns_server.approvals.outcomes import Outcome, expiry, on_final
 from pns_server.approvals.repository import AppDevice, ApprovalRepository
@@ -22,6 +20,7 @@ from pns_server.approvals.schemas import (
 )
 from pns_server.config import Settings
 from pns_server.db import publish_after_commit
+from pns_server.driver import DriverUnit
 from pns_server.errors import (
     IdempotencyConflict,
     NoAppDevices,
@@ -30,7 +29,7 @@ from pns_server.errors import (
     PushLocked,
 )
 from pns_server.metrics import Metrics
-from pns_server.models import Approval, Client
+from pns_server.rows import ApprovalRow, ClientRow
 from pns_server.runtime import Runtime
 from pns_server.security import new_id
 from pns_server.states import ApprovalStatus, DeliveryStatus
@@ -52,7 +51,7 @@ class Created:
     replayed: bool
 
 
-def created_body(approval: Approval) -> ApprovalCreated:
+def created_body(approval: ApprovalRow) -> ApprovalCreated:
     return ApprovalCreated(
         approval_id=approval.id,
         status=approval.status,
@@ -87,7 +86,7 @@ def check_push_limit(settings: Settings, pushes_since_success: int) -> None:
         )
 
 
-async def replay_or_conflict(existing: Approval, fingerprint: str) -> Created:
+async def replay_or_conflict(existing: ApprovalRow, fingerprint: str) -> Created:
     if existing.request_hash != fingerprint:
         raise IdempotencyConflict(
             "This Idempotency-Key was already used with a different request; use a new key."
@@ -96,12 +95,12 @@ async def replay_or_conflict(existing: Approval, fingerprint: str) -> Created:
 
 
 async def supersede_pending(
-    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, client_id: str, now: datetime
+    unit: DriverUnit, repo: ApprovalRepository, metrics: Metrics, client_id: str, now: datetime
 ) -> None:
     """One pending approval per client: older ones expire or are cancelled, one UPDATE each."""
     for approval_id in await repo.pending_ids(client_id):
         if await repo.expire_if_due(approval_id, now):
-            await on_final(session, repo, metrics, expiry(approval_id, client_id))
+            await on_final(unit, repo, metrics, expiry(approval_id, client_id))
         elif await repo.decide(approval_id, now, status=ApprovalStatus.CANCELLED):
             superseded = Outcome(
                 approval_id,
@@ -111,7 +110,7 @@ async def supersede_pending(
                 actor_id=client_id,
                 event="approval.superseded",
             )
-            await on_final(session, repo, metrics, superseded)
+            await on_final(unit, repo, metrics, superseded)
 
 
 def deliveries_for(
@@ -168,17 +167,17 @@ def new_approval(
 
 
 async def create(
-    session: AsyncSession,
+    unit: DriverUnit,
     runtime: Runtime,
-    client: Client,
+    client: ClientRow,
     data: ApprovalCreate,
     idempotency_key: str | None,
 ) -> Created:
-    """Plain rows and Core statements throughout: a login creates one of these, and the
-    unit of work's entities and flush cost more CPU than the statements themselves."""
+    """Plain rows and Core statements throughout, on the driver connection: a login
+    creates one of these."""
     settings, metrics = runtime.settings, runtime.metrics
     check_plain_push(settings, data)
-    repo = ApprovalRepository(session)
+    repo = ApprovalRepository(unit)
     now = now_utc()
     locked = await repo.lock_client(client.id)
     fingerprint = request_fingerprint(data)
@@ -193,7 +192,7 @@ async def create(
             "No authenticator app is paired; pair one (POST /v1/pairings kind=app) or use OTP."
         )
     check_push_limit(settings, locked.pushes_since_success)
-    await supersede_pending(session, repo, metrics, client.id, now)
+    await supersede_pending(unit, repo, metrics, client.id, now)
 
     approval = new_approval(
         settings, client.id, data, idempotency_key, fingerprint, len(devices), now
@@ -202,7 +201,7 @@ async def create(
     await repo.insert(approval, deliveries)
     await repo.count_push(client.id)
     await audit.write(
-        session,
+        unit,
         "approval.created",
         client_id=client.id,
         actor="client",
@@ -215,10 +214,10 @@ async def create(
         pushes=len(deliveries),
     )
     metrics.approvals_created.inc()
-    publish_after_commit(session, approval_topic(approval["id"]))
-    publish_after_commit(session, pending_topic(client.id))
+    publish_after_commit(unit, approval_topic(approval["id"]))
+    publish_after_commit(unit, pending_topic(client.id))
     if deliveries:
-        publish_after_commit(session, OUTBOX_TOPIC)
+        publish_after_commit(unit, OUTBOX_TOPIC)
     body = ApprovalCreated(
         approval_id=approval["id"],
         status=approval["status"],

@@ -3,20 +3,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server import audit
 from pns_server.approvals.repository import ApprovalRepository
 from pns_server.db import publish_after_commit
+from pns_server.driver import DriverUnit
 from pns_server.errors import (
     AlreadyDecided,
 )
 from pns_server.metrics import Metrics
-from pns_server.models import Approval
+from pns_server.rows import ApprovalRow
 from pns_server.states import ApprovalStatus
 from pns_server.topics import approval_topic, now_utc, pending_topic
 
@@ -40,7 +39,7 @@ def expiry(approval_id: str, client_id: str) -> Outcome:
 
 
 async def on_final(
-    session: AsyncSession,
+    unit: DriverUnit,
     repo: ApprovalRepository,
     metrics: Metrics,
     outcome: Outcome,
@@ -56,14 +55,14 @@ async def on_final(
     approval), as one being sent at the decision always was."""
     if queued is None or queued > 0:
         await repo.drop_queued_deliveries(outcome.approval_id)
-    publish_after_commit(session, approval_topic(outcome.approval_id))
-    publish_after_commit(session, pending_topic(outcome.client_id))
+    publish_after_commit(unit, approval_topic(outcome.approval_id))
+    publish_after_commit(unit, pending_topic(outcome.client_id))
     metrics.approvals_decided.labels(status=outcome.status).inc()
     if outcome.created_at is not None:
         elapsed = now_utc() - outcome.created_at
         metrics.approval_decision_seconds.observe(elapsed.total_seconds())
     await audit.write(
-        session,
+        unit,
         outcome.event or f"approval.{outcome.status}",
         client_id=outcome.client_id,
         actor=outcome.actor,
@@ -74,13 +73,13 @@ async def on_final(
 
 
 async def refresh_expiry(
-    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, approval: Approval
-) -> Approval:
+    unit: DriverUnit, repo: ApprovalRepository, metrics: Metrics, approval: ApprovalRow
+) -> ApprovalRow:
     """Report expiry the moment it is due, whoever reads first persists it."""
     if is_due(approval):
         expired = await repo.expire_returning(approval.id, approval.client_id, now_utc())
         if expired is not None:
-            await on_final(session, repo, metrics, expiry(approval.id, approval.client_id))
+            await on_final(unit, repo, metrics, expiry(approval.id, approval.client_id))
             return expired
         # Someone else decided or expired it first: their row, as they left it.
         fresh = await repo.get(approval.id, approval.client_id)
@@ -89,34 +88,40 @@ async def refresh_expiry(
     return approval
 
 
-def is_due(approval: Approval) -> bool:
+def is_due(approval: ApprovalRow) -> bool:
     """Pending past its expiry: a reader must persist the expiry before reporting it."""
     return approval.status == ApprovalStatus.PENDING and approval.expires_at <= now_utc()
 
 
 async def reread(
-    session: AsyncSession, repo: ApprovalRepository, metrics: Metrics, approval: Approval
-) -> Approval:
+    unit: DriverUnit, repo: ApprovalRepository, metrics: Metrics, approval: ApprovalRow
+) -> ApprovalRow:
     """The row as the winner left it: after a lost UPDATE our loaded copy is stale."""
     fresh = await repo.get(approval.id, approval.client_id)
-    return await refresh_expiry(session, repo, metrics, fresh or approval)
+    return await refresh_expiry(unit, repo, metrics, fresh or approval)
 
 
-async def expire_due(session: AsyncSession, metrics: Metrics, limit: int = 100) -> int:
-    """Expire what nobody is watching, so the audit trail and outbox stay truthful."""
-    repo = ApprovalRepository(session)
-    now = now_utc()
+async def expire_due(
+    unit: DriverUnit, metrics: Metrics, due: Sequence[tuple[str, str]], now: datetime
+) -> int:
+    """Expire `due` (id, client id), each by its conditional UPDATE: one decided or expired
+    meanwhile by someone else is left as they left it."""
+    repo = ApprovalRepository(unit)
     expired = 0
-    for approval_id, client_id in await repo.due_for_expiry(now, limit):
+    for approval_id, client_id in due:
         if await repo.expire_if_due(approval_id, now):
-            await on_final(session, repo, metrics, expiry(approval_id, client_id))
+            await on_final(unit, repo, metrics, expiry(approval_id, client_id))
             expired += 1
     return expired
 
 
-def already_decided(approval: Approval) -> AlreadyDecided:
+def already_decided(approval: ApprovalRow) -> AlreadyDecided:
+    """The refusal of a late answer or cancel, given the row as it is now (`reread`,
+    `refresh_expiry`). It commits: when that read found the expiry due, it persisted it
+    (with its audit row and wake-ups), and the first reader's expiry must stick."""
     return AlreadyDecided(
         f"This approval is already {approval.status}; start a new one if needed.",
+        commit=True,
         # `status` in a problem body is the HTTP status (RFC 9457); the approval's goes here.
         approval_status=approval.status,
     )

@@ -16,12 +16,12 @@ from pns_server.approvals.schemas import (
     WaitUntil,
 )
 from pns_server.deps import (
-    CurrentClient,
     CurrentClientDetached,
-    CurrentDevice,
     CurrentDeviceDetached,
     RuntimeDep,
-    SessionDep,
+    UnitClient,
+    UnitDep,
+    UnitDevice,
 )
 from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import count_approval
@@ -44,9 +44,10 @@ Until = Annotated[
 ]
 
 
-async def limit_approvals_per_client(request: Request, client: CurrentClient) -> None:
+async def limit_approvals_per_client(request: Request, client: UnitClient) -> None:
     """PNS_APPROVAL_RATE_PER_MINUTE per client, refused attempts included; counted once the
-    token is known to be valid (a made-up token counts nothing), in process memory."""
+    token is known to be valid (a made-up token counts nothing), in process memory. The
+    client is the route's own (`UnitClient` is resolved once per request)."""
     count_approval(request, client.id)
 
 
@@ -58,13 +59,13 @@ async def limit_approvals_per_client(request: Request, client: CurrentClient) ->
 )
 async def create_approval(
     body: ApprovalCreate,
-    client: CurrentClient,
-    session: SessionDep,
+    client: UnitClient,
+    unit: UnitDep,
     runtime: RuntimeDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> ApprovalCreated:
-    created = await creation.create(session, runtime, client, body, idempotency_key)
+    created = await creation.create(unit, runtime, client, body, idempotency_key)
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return created.body
@@ -84,9 +85,9 @@ async def get_approval(
 
 @router.delete("/v1/approvals/{approval_id}", response_model=ApprovalState)
 async def cancel_approval(
-    approval_id: str, client: CurrentClient, session: SessionDep, runtime: RuntimeDep
+    approval_id: str, client: UnitClient, unit: UnitDep, runtime: RuntimeDep
 ) -> ApprovalState:
-    return await service.cancel(session, runtime, client, approval_id)
+    return await service.cancel(unit, runtime, client, approval_id)
 
 
 @router.get("/v1/device/approvals", response_model=DeviceApprovalList)
@@ -100,17 +101,17 @@ async def list_device_approvals(
 
 @router.get("/v1/device/approvals/{approval_id}", response_model=DeviceApproval)
 async def get_device_approval(
-    approval_id: str, device: CurrentDevice, session: SessionDep, runtime: RuntimeDep
+    approval_id: str, device: UnitDevice, unit: UnitDep, runtime: RuntimeDep
 ) -> DeviceApproval:
-    return await service.device_view(session, runtime, device, approval_id)
+    return await service.device_view(unit, runtime, device, approval_id)
 
 
 @router.post("/v1/device/approvals/{approval_id}/response", response_model=DecisionResult)
 async def answer_approval(
     approval_id: str,
     body: DeviceDecision,
-    device: CurrentDevice,
-    session: SessionDep,
+    device: UnitDevice,
+    unit: UnitDep,
     runtime: RuntimeDep,
 ) -> DecisionResult:
-    return await answers.respond(session, runtime, device, approval_id, body)
+    return await answers.respond(unit, runtime, device, approval_id, body)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from pns_server.approvals.outcomes import (
     Outcome,
     already_decided,
@@ -27,29 +25,29 @@ from pns_server.approvals.schemas import (
     WaitUntil,
 )
 from pns_server.approvals.signing import signature_version
+from pns_server.driver import DriverUnit
 from pns_server.errors import (
     NotFound,
 )
 from pns_server.metrics import Metrics
-from pns_server.models import Approval, Client, Device
 from pns_server.realtime.longpoll import Disconnected, LongPollResponse, Rendered, long_poll
-from pns_server.rows import ClientRow, DeviceRow
+from pns_server.rows import ApprovalRow, ClientRow, DeviceRow
 from pns_server.runtime import Runtime
 from pns_server.states import ApprovalStatus
 from pns_server.topics import approval_topic, now_utc, pending_topic
 
 
 async def load_for_client(
-    session: AsyncSession, metrics: Metrics, client_id: str, approval_id: str
-) -> Approval:
-    repo = ApprovalRepository(session)
+    unit: DriverUnit, metrics: Metrics, client_id: str, approval_id: str
+) -> ApprovalRow:
+    repo = ApprovalRepository(unit)
     approval = await repo.get(approval_id, client_id)
     if approval is None:
         raise NotFound("No such approval for this client.")
-    return await refresh_expiry(session, repo, metrics, approval)
+    return await refresh_expiry(unit, repo, metrics, approval)
 
 
-def describe(approval: Approval, summary: Summary) -> ApprovalState:
+def describe(approval: ApprovalRow, summary: Summary) -> ApprovalState:
     response = None
     if approval.response_decision is not None:
         response = SignedResponse(
@@ -79,32 +77,32 @@ def describe(approval: Approval, summary: Summary) -> ApprovalState:
 
 
 async def state(
-    session: AsyncSession, metrics: Metrics, client_id: str, approval_id: str
+    unit: DriverUnit, metrics: Metrics, client_id: str, approval_id: str
 ) -> ApprovalState:
     """The approval and its deliveries, read in one statement; an expiry that is due is
     persisted first (it drops queued deliveries, so the summary is read again then)."""
-    repo = ApprovalRepository(session)
+    repo = ApprovalRepository(unit)
     found = await repo.with_summary(approval_id, client_id)
     if found is None:
         raise NotFound("No such approval for this client.")
     approval, summary = found
     if is_due(approval):
-        approval = await refresh_expiry(session, repo, metrics, approval)
+        approval = await refresh_expiry(unit, repo, metrics, approval)
         summary = await repo.delivery_summary(approval.id)
     return describe(approval, summary)
 
 
 async def read_state(runtime: Runtime, client_id: str, approval_id: str) -> ApprovalState:
-    """`state` for a long-poll: one read statement (outside a transaction where the
-    database allows it); only an approval whose expiry is due takes a unit of work."""
-    async with runtime.db.read() as session:
-        found = await ApprovalRepository(session).with_summary(approval_id, client_id)
+    """`state` for a long-poll: one read statement, outside any transaction; only an
+    approval whose expiry is due takes a unit of work (which reads it again, locked)."""
+    async with runtime.db.unit_read() as unit:
+        found = await ApprovalRepository(unit).with_summary(approval_id, client_id)
     if found is None:
         raise NotFound("No such approval for this client.")
     if not is_due(found[0]):
         return describe(*found)
-    async with runtime.db.session() as session:
-        return await state(session, runtime.metrics, client_id, approval_id)
+    async with runtime.db.unit() as unit:
+        return await state(unit, runtime.metrics, client_id, approval_id)
 
 
 def settles(until: WaitUntil) -> Callable[[ApprovalState], bool]:
@@ -178,17 +176,17 @@ def state_response(
 
 
 async def cancel(
-    session: AsyncSession, runtime: Runtime, client: Client, approval_id: str
+    unit: DriverUnit, runtime: Runtime, client: ClientRow, approval_id: str
 ) -> ApprovalState:
     """The UPDATE comes first and returns the row it cancelled: a cancel that wins needs
     no read before it; one that does not finds out why (404, decided, expired) after."""
     metrics = runtime.metrics
-    repo = ApprovalRepository(session)
+    repo = ApprovalRepository(unit)
     won = await repo.decide_returning(
         approval_id, client.id, now_utc(), status=ApprovalStatus.CANCELLED
     )
     if won is None:
-        raise already_decided(await load_for_client(session, metrics, client.id, approval_id))
+        raise already_decided(await load_for_client(unit, metrics, client.id, approval_id))
     approval, queued = won
     cancelled = Outcome(
         approval.id,
@@ -198,11 +196,11 @@ async def cancel(
         actor_id=client.id,
         created_at=approval.created_at,
     )
-    await on_final(session, repo, metrics, cancelled, queued=queued)
+    await on_final(unit, repo, metrics, cancelled, queued=queued)
     return describe(approval, await repo.delivery_summary(approval.id))
 
 
-def for_device(approval: Approval, client_name: str) -> DeviceApproval:
+def for_device(approval: ApprovalRow, client_name: str) -> DeviceApproval:
     return DeviceApproval(
         approval_id=approval.id,
         status=approval.status,
@@ -221,8 +219,8 @@ def for_device(approval: Approval, client_name: str) -> DeviceApproval:
     )
 
 
-async def pending_for(session: AsyncSession, client_id: str) -> DeviceApprovalList:
-    pending = await ApprovalRepository(session).pending_for_client(client_id, now_utc())
+async def pending_for(unit: DriverUnit, client_id: str) -> DeviceApprovalList:
+    pending = await ApprovalRepository(unit).pending_for_client(client_id, now_utc())
     return DeviceApprovalList(approvals=[for_device(a, name) for a, name in pending])
 
 
@@ -233,8 +231,10 @@ async def wait_for_pending(
     pending (at once if one already is). Holds no database connection while it waits."""
 
     async def read() -> Rendered[DeviceApprovalList]:
-        async with runtime.db.session() as session:
-            return Rendered(await pending_for(session, client_id))
+        # Only live pending approvals are listed: an expired one needs no write to be left
+        # out, so this is one read statement outside any transaction.
+        async with runtime.db.unit_read() as unit:
+            return Rendered(await pending_for(unit, client_id))
 
     if wait <= 0:
         return await read()
@@ -262,12 +262,12 @@ def pending_response(runtime: Runtime, device: DeviceRow, wait: float) -> LongPo
 
 
 async def device_view(
-    session: AsyncSession, runtime: Runtime, device: Device, approval_id: str
+    unit: DriverUnit, runtime: Runtime, device: DeviceRow, approval_id: str
 ) -> DeviceApproval:
-    repo = ApprovalRepository(session)
+    repo = ApprovalRepository(unit)
     found = await repo.with_client_name(approval_id, device.client_id)
     if found is None:
         raise NotFound("No such approval for this client.")
     approval, client_name = found
-    approval = await refresh_expiry(session, repo, runtime.metrics, approval)
+    approval = await refresh_expiry(unit, repo, runtime.metrics, approval)
     return for_device(approval, client_name)

@@ -17,7 +17,7 @@ from pns_server.approvals.schemas import (
 from pns_server.errors import (
     SignatureInvalid,
 )
-from pns_server.models import Approval, Device
+from pns_server.rows import ApprovalRow, DeviceRow
 from pns_server.security import verify_signature
 
 
@@ -50,7 +50,7 @@ def context_sha256(
 
 
 def signed_message_v2(
-    approval: Approval, decision: str, match_code: str | None, timestamp: str
+    approval: ApprovalRow, decision: str, match_code: str | None, timestamp: str
 ) -> str:
     assert approval.client_nonce is not None
     context = context_sha256(
@@ -62,11 +62,11 @@ def signed_message_v2(
     )
 
 
-def signature_version(approval: Approval) -> str:
+def signature_version(approval: ApprovalRow) -> str:
     return SIGNATURE_V2 if approval.client_nonce is not None else SIGNATURE_V1
 
 
-def check_signature(device: Device, approval: Approval, answer: DeviceDecision) -> None:
+def check_signature(device: DeviceRow, approval: ApprovalRow, answer: DeviceDecision) -> None:
     """v2 (nonce and context) for approvals whose client sent a nonce, v1 otherwise: a v1
     signature never answers an approval that asked for v2."""
     if approval.client_nonce is not None:

@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from pns_server.approvals.expiry import sweep_once
 from pns_server.models import Approval, AuditEvent
 from pns_server.outbox.dispatcher import Dispatcher
-from tests.pns_server.approvals.helpers import request_approval, runtime_of
+from tests.pns_server.approvals.helpers import answer, request_approval, runtime_of
 from tests.support.factories import PairedDevice, RegisteredClient
 
 
@@ -67,3 +67,38 @@ class TestSweep:
         await backdate(app, body["approval_id"])
         await Dispatcher(runtime_of(app)).run_once()
         assert (await stored(app, body["approval_id"]))[0] == "pending"
+
+
+class TestLateRequests:
+    """An answer or a cancel that finds the approval past its expiry (nobody has persisted
+    it yet) is refused as already decided, and the expiry it found is persisted with it:
+    once, with its audit row, whatever reads it next."""
+
+    async def test_a_late_answer_persists_the_expiry(
+        self, http: httpx.AsyncClient, app: FastAPI, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        body = await request_approval(http, client)
+        await backdate(app, body["approval_id"])
+        late = await answer(http, phone, body["approval_id"], "approve", body["match_code"])
+        assert late.status_code == 409
+        assert late.json()["code"] == "already_decided"
+        assert late.json()["approval_status"] == "expired"
+        status, events = await stored(app, body["approval_id"])
+        assert status == "expired" and events.count("approval.expired") == 1
+        runtime = runtime_of(app)
+        assert await sweep_once(runtime.db, runtime.metrics) == 0
+
+    async def test_a_late_cancel_persists_the_expiry(
+        self, http: httpx.AsyncClient, app: FastAPI, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        body = await request_approval(http, client)
+        await backdate(app, body["approval_id"])
+        url = f"/v1/approvals/{body['approval_id']}"
+        late = await http.delete(url, headers=client.headers)
+        assert late.status_code == 409
+        assert late.json()["approval_status"] == "expired"
+        status, events = await stored(app, body["approval_id"])
+        assert status == "expired" and events.count("approval.expired") == 1
+        state = (await http.get(url, headers=client.headers)).json()
+        assert state["status"] == "expired"
+        assert (await stored(app, body["approval_id"]))[1].count("approval.expired") == 1

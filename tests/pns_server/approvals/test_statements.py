@@ -1,13 +1,15 @@
 """What the hot approval requests ask of the database: each round trip to it costs more
 than the work it does, so a status read is one statement, the phone's detail one, and a
 signed answer reads the approval once and decides it in one UPDATE that also tells it
-whether any push is left to drop. Counted are the statements that name the approval
-(the running dispatcher and expiry sweep never do in these tests)."""
+whether any push is left to drop. Counted are the statements the request itself runs (not
+the dispatcher's or the expiry sweep's, which run beside it), less the caller's
+authentication and bookkeeping on its own row (`clients`, `devices`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +17,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import event, select, update
 
+from pns_server import driver
 from pns_server.models import Delivery
 from tests.pns_server.approvals.helpers import (
     answer,
@@ -24,18 +27,38 @@ from tests.pns_server.approvals.helpers import (
 )
 from tests.support.factories import PairedDevice, RegisteredClient
 
+# Set around the requests under count; the tasks they start inherit it, the background
+# ones (started with the app) do not.
+_COUNTING: ContextVar[list[str] | None] = ContextVar("counting", default=None)
+
+
+def _on_statement(sql: str) -> None:
+    seen = _COUNTING.get()
+    if seen is not None:
+        seen.append(" ".join(sql.split()))
+
 
 @contextmanager
-def statements_about(app: FastAPI, *ids: str) -> Iterator[list[str]]:
-    """The SQL statements run meanwhile whose parameters carry one of `ids`."""
+def statements_run() -> Iterator[list[str]]:
+    """The SQL statements the requests made meanwhile (in this context) run."""
+    seen: list[str] = []
+    token = _COUNTING.set(seen)
+    driver.statement_listeners.append(_on_statement)
+    try:
+        yield seen
+    finally:
+        driver.statement_listeners.remove(_on_statement)
+        _COUNTING.reset(token)
+
+
+@contextmanager
+def orm_statements(app: FastAPI) -> Iterator[list[str]]:
+    """Every statement run meanwhile through SQLAlchemy's own execution (ORM sessions)."""
     engine = runtime_of(app).db.engine.sync_engine
     seen: list[str] = []
 
-    def on_execute(
-        _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
-    ) -> None:
-        if any(one in repr(parameters) for one in ids):
-            seen.append(" ".join(statement.split()))
+    def on_execute(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        seen.append(" ".join(statement.split()))
 
     event.listen(engine, "before_cursor_execute", on_execute)
     try:
@@ -44,13 +67,20 @@ def statements_about(app: FastAPI, *ids: str) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", on_execute)
 
 
+def _callers_own_row(words: list[str]) -> bool:
+    """A token lookup, `last_seen_at`, `last_used_at`, the push counter: not the approval's."""
+    if words[0] == "SELECT":
+        return words[words.index("FROM") + 1] in ("clients", "devices")
+    return words[0] == "UPDATE" and words[1] in ("clients", "devices")
+
+
 def verbs(seen: list[str]) -> list[str]:
     """`SELECT approvals`, `UPDATE approvals`, `INSERT audit_events`... (PostgreSQL's
     NOTIFY, the wake-up sent with the commit, is the notifier's and left out)."""
     found = []
     for statement in seen:
         words = statement.split()
-        if "pg_notify" in statement:
+        if "pg_notify" in statement or _callers_own_row(words):
             continue
         if words[0] == "SELECT":
             found.append("SELECT approvals" if " FROM approvals " in statement else "SELECT")
@@ -68,7 +98,7 @@ class TestStatements:
         body = await request_approval(http, client)
         await settle_deliveries(http, client, body["approval_id"])
         url = f"/v1/approvals/{body['approval_id']}"
-        with statements_about(app, body["approval_id"]) as seen:
+        with statements_run() as seen:
             state = (await http.get(url, headers=client.headers)).json()
         assert state["delivery"]["queued"] + state["delivery"]["sent"] == 1
         assert verbs(seen) == ["SELECT approvals"]
@@ -78,7 +108,7 @@ class TestStatements:
     ) -> None:
         body = await request_approval(http, client)
         url = f"/v1/device/approvals/{body['approval_id']}"
-        with statements_about(app, body["approval_id"], client.client_id) as seen:
+        with statements_run() as seen:
             detail = (await http.get(url, headers=phone.headers)).json()
         assert detail["client_name"] == "FILESRV01"
         assert verbs(seen) == ["SELECT approvals"]  # the client's name joined in
@@ -88,7 +118,7 @@ class TestStatements:
     ) -> None:
         body = await request_approval(http, client)
         await settle_deliveries(http, client, body["approval_id"])
-        with statements_about(app, body["approval_id"]) as seen:
+        with statements_run() as seen:
             decided = await answer(http, phone, body["approval_id"], "approve", body["match_code"])
         assert decided.json()["status"] == "approved"
         assert verbs(seen) == [
@@ -109,7 +139,7 @@ class TestStatements:
                 .where(Delivery.approval_id == body["approval_id"])
                 .values(status="queued", next_attempt_at=later)
             )
-        with statements_about(app, body["approval_id"]) as seen:
+        with statements_run() as seen:
             decided = await answer(http, phone, body["approval_id"], "approve", body["match_code"])
         assert decided.json()["status"] == "approved"
         assert "UPDATE deliveries" in verbs(seen)
@@ -129,8 +159,24 @@ class TestStatements:
         body = await request_approval(http, client)
         await settle_deliveries(http, client, body["approval_id"])
         url = f"/v1/approvals/{body['approval_id']}"
-        with statements_about(app, body["approval_id"]) as seen:
+        with statements_run() as seen:
             cancelled = (await http.delete(url, headers=client.headers)).json()
         assert cancelled["status"] == "cancelled" and cancelled["decided_at"] is not None
         assert cancelled["delivery"]["queued"] + cancelled["delivery"]["sent"] == 1
         assert verbs(seen) == ["UPDATE approvals", "INSERT audit_events", "SELECT"]
+
+    async def test_creating_an_approval_authenticates_once(
+        self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        """The rate limit and the route share the request's one authenticated client, in
+        the unit the route runs in (no token lookup through an ORM session beside it)."""
+        with statements_run() as seen, orm_statements(app) as orm:
+            await request_approval(http, client)
+        assert sum("token_hash =" in statement for statement in seen) == 1
+        assert not [statement for statement in orm if "token_hash =" in statement]
+        assert verbs(seen) == [
+            "SELECT approvals",  # any pending approval to supersede
+            "INSERT approvals",
+            "INSERT deliveries",
+            "INSERT audit_events",
+        ]
