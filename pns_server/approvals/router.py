@@ -101,9 +101,9 @@ async def list_device_approvals(
 
 @router.get("/v1/device/approvals/{approval_id}", response_model=DeviceApproval)
 async def get_device_approval(
-    approval_id: str, device: UnitDevice, unit: UnitDep, runtime: RuntimeDep
+    approval_id: str, device: CurrentDeviceDetached, runtime: RuntimeDep
 ) -> DeviceApproval:
-    return await service.device_view(unit, runtime, device, approval_id)
+    return await service.device_view(runtime, device, approval_id)
 
 
 @router.post("/v1/device/approvals/{approval_id}/response", response_model=DecisionResult)

@@ -261,13 +261,16 @@ def pending_response(runtime: Runtime, device: DeviceRow, wait: float) -> LongPo
     return LongPollResponse(poll)
 
 
-async def device_view(
-    unit: DriverUnit, runtime: Runtime, device: DeviceRow, approval_id: str
-) -> DeviceApproval:
-    repo = ApprovalRepository(unit)
-    found = await repo.with_client_name(approval_id, device.client_id)
+async def device_view(runtime: Runtime, device: DeviceRow, approval_id: str) -> DeviceApproval:
+    """What the phone is shown: one read outside any transaction (on SQLite, no write
+    lock for a read); only an approval whose expiry is due takes a unit of work."""
+    async with runtime.db.unit_read() as unit:
+        found = await ApprovalRepository(unit).with_client_name(approval_id, device.client_id)
     if found is None:
         raise NotFound("No such approval for this client.")
     approval, client_name = found
-    approval = await refresh_expiry(unit, repo, runtime.metrics, approval)
+    if is_due(approval):
+        async with runtime.db.unit() as unit:
+            repo = ApprovalRepository(unit)
+            approval = await refresh_expiry(unit, repo, runtime.metrics, approval)
     return for_device(approval, client_name)

@@ -88,6 +88,20 @@ class TestLateRequests:
         runtime = runtime_of(app)
         assert await sweep_once(runtime.db, runtime.metrics) == 0
 
+    async def test_the_phones_detail_persists_the_expiry_it_finds_once(
+        self, http: httpx.AsyncClient, app: FastAPI, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        """The detail is read outside a transaction; a due expiry still gets written (once,
+        with its audit row), and a second look finds it stored, not due."""
+        body = await request_approval(http, client)
+        await backdate(app, body["approval_id"])
+        url = f"/v1/device/approvals/{body['approval_id']}"
+        for _ in range(2):
+            seen = await http.get(url, headers=phone.headers)
+            assert seen.status_code == 200 and seen.json()["status"] == "expired"
+        status, events = await stored(app, body["approval_id"])
+        assert status == "expired" and events.count("approval.expired") == 1
+
     async def test_a_late_cancel_persists_the_expiry(
         self, http: httpx.AsyncClient, app: FastAPI, client: RegisteredClient, phone: PairedDevice
     ) -> None:
