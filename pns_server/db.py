@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy import event, exc
@@ -78,6 +79,7 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
             pool_reset_on_return=None,
         )
         _configure_sqlite(engine)
+        _end_stray_transactions(engine)
         return engine
     engine = create_async_engine(
         url,
@@ -87,7 +89,33 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
         hide_parameters=True,
     )
     _probe_on_checkout(engine)
+    _end_stray_transactions(engine)
     return engine
+
+
+def _end_stray_transactions(engine: AsyncEngine) -> None:
+    """Never hand out a connection still inside a transaction.
+
+    A unit of work ends its transaction itself, but a request cancelled between its BEGIN
+    (or the checkout probe's) and the block that rolls back on error would return its
+    connection mid-transaction, and SQLAlchemy's own reset does not see a transaction it
+    did not begin. The next unit would then commit what this one left (PostgreSQL), or
+    fail to begin at all (SQLite). So on return to the pool a connection still in a
+    transaction is rolled back: one flag read, a round trip only in that case."""
+    postgres = engine.dialect.name == "postgresql"
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _reset(dbapi_connection: Any, _record: Any, state: Any) -> None:
+        if not state.asyncio_safe:
+            return  # collected outside the event loop: SQLAlchemy terminates it
+        driver = dbapi_connection.driver_connection
+        if driver.is_in_transaction() if postgres else driver.in_transaction:
+            dbapi_connection.run_async(lambda connection: connection.execute("ROLLBACK"))
+
+
+# Set while `Database.unit()` checks a PostgreSQL connection out: the probe begins its
+# transaction (a context variable: it reaches the pool's greenlet, and no other request).
+_BEGIN_AT_CHECKOUT: ContextVar[bool] = ContextVar("pns_begin_at_checkout", default=False)
 
 
 def _probe_on_checkout(engine: AsyncEngine) -> None:
@@ -103,8 +131,10 @@ def _probe_on_checkout(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "checkout")
     def _probe(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        # A unit of work's BEGIN is as good a probe as `SELECT 1`: one round trip, not two.
+        probe = "BEGIN" if _BEGIN_AT_CHECKOUT.get() else "SELECT 1"
         try:
-            dbapi_connection.run_async(lambda driver: driver.execute("SELECT 1"))
+            dbapi_connection.run_async(lambda driver: driver.execute(probe))
         except Exception as error:
             raise exc.InvalidatePoolError(
                 f"connection failed its checkout probe: {error!r}"
@@ -166,9 +196,11 @@ class Database:
         the block succeeds, the same `PnsError.commit` rule, topics out with the commit),
         its Core statements run on the driver connection (see `pns_server.driver`)."""
         kept_error: PnsError | None = None
-        async with self.engine.connect() as connection:
+        async with self._connection(begun=True) as connection:
             unit = await self._driver_unit(connection)
-            await unit.run_sql(self._begin)
+            if self.dialect != "postgresql":
+                # SQLite: take the write lock at BEGIN (see `_configure_sqlite`).
+                await unit.run_sql("BEGIN IMMEDIATE")
             try:
                 yield unit
             except PnsError as error:
@@ -194,17 +226,27 @@ class Database:
     async def unit_read(self) -> AsyncIterator[DriverUnit]:
         """`read()` on the driver connection: for statements that change nothing, each
         consistent on its own (no transaction: one round trip each). Never write in it."""
-        async with self.engine.connect() as connection:
+        async with self._connection(begun=False) as connection:
             yield await self._driver_unit(connection)
+
+    @asynccontextmanager
+    async def _connection(self, *, begun: bool) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection; `begun`: on PostgreSQL, in a transaction begun by the
+        checkout probe."""
+        connection = self.engine.connect()
+        token = _BEGIN_AT_CHECKOUT.set(begun)
+        try:
+            await connection.start()
+        finally:
+            _BEGIN_AT_CHECKOUT.reset(token)
+        try:
+            yield connection
+        finally:
+            await connection.close()
 
     async def _driver_unit(self, connection: AsyncConnection) -> DriverUnit:
         raw = await connection.get_raw_connection()
         return DriverUnit(connection, raw.driver_connection, self.engine.dialect)
-
-    @property
-    def _begin(self) -> str:
-        # SQLite: take the write lock at BEGIN (see `_configure_sqlite`).
-        return "BEGIN" if self.dialect == "postgresql" else "BEGIN IMMEDIATE"
 
     async def _commit_unit(self, unit: DriverUnit) -> None:
         topics = unit.info.get(TOPICS_KEY)

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert, UpdateBase
-from sqlalchemy.sql.selectable import Select
+from sqlalchemy.sql.selectable import Select, SelectBase
 
 Processor = Callable[[Any], Any] | None
 Params = Mapping[str, Any]
@@ -136,8 +136,13 @@ def _refuse_entities(statement: ClauseElement) -> None:
 
 
 def _result_columns(statement: ClauseElement) -> list[Any]:
-    if isinstance(statement, Select | UpdateBase):
-        return list(statement.exported_columns)
+    """The columns a statement returns. A `text()` statement runs for its effect (its rows,
+    if any, are not read; `text(...).columns(...)` names them)."""
+    if isinstance(statement, SelectBase | UpdateBase):
+        columns = list(statement.exported_columns)
+        if not columns and isinstance(statement, SelectBase):
+            raise UnsupportedStatement("a select without named columns (a text() fragment)")
+        return columns
     return []
 
 

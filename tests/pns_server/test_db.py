@@ -9,11 +9,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, literal_column, select, text
 
 from pns_server.config import async_database_url
 from pns_server.db import Database, create_engine
+from pns_server.models import Base
 from tests.support.postgres import Cluster, postgres_available, start_cluster
+
+ONE = select(literal_column("1"))
 
 
 async def test_sqlite_transactions_wait_their_turn_in_arrival_order(tmp_path: Path) -> None:
@@ -70,15 +73,22 @@ async def test_connections_a_postgres_restart_closed_are_never_handed_out(
     db = Database(create_engine(url, pool_size=5))
 
     async def burst() -> list[int]:
-        async def one() -> int:
-            async with db.session() as session:
-                await asyncio.sleep(0.01)  # overlap, so the pool opens several connections
-                return int((await session.execute(text("SELECT 1"))).scalar_one())
+        async def one(kind: int) -> int:
+            # Each kind of unit: the ORM session, the driver unit (whose checkout probe is
+            # its BEGIN) and the driver read.
+            if kind == 0:
+                async with db.session() as session:
+                    await asyncio.sleep(0.01)  # overlap: the pool opens several connections
+                    return int((await session.execute(text("SELECT 1"))).scalar_one())
+            context = db.unit() if kind == 1 else db.unit_read()
+            async with context as unit:
+                await asyncio.sleep(0.01)
+                return int(await unit.scalar(ONE))
 
-        return list(await asyncio.gather(*(one() for _ in range(10))))
+        return list(await asyncio.gather(*(one(n % 3) for n in range(12))))
 
     try:
-        assert await burst() == [1] * 10
+        assert await burst() == [1] * 12
         if loop_saw_the_close:
             await asyncio.to_thread(own_cluster.stop, "fast")
             await asyncio.to_thread(own_cluster.start)
@@ -87,7 +97,7 @@ async def test_connections_a_postgres_restart_closed_are_never_handed_out(
             # Blocking calls: the loop cannot read any close before the burst begins.
             own_cluster.stop("fast")
             own_cluster.start()
-        assert await burst() == [1] * 10
+        assert await burst() == [1] * 12
     finally:
         await db.dispose()
 
@@ -105,5 +115,32 @@ async def test_reads_skip_begin_and_commit_on_postgres(database_url: str) -> Non
         async with db.session() as session:
             first = (await session.execute(xid)).scalar_one()
             assert (await session.execute(xid)).scalar_one() == first
+    finally:
+        await db.dispose()
+
+
+async def test_a_connection_returned_mid_transaction_is_rolled_back(database_url: str) -> None:
+    """A request cancelled between its BEGIN and its block would return its connection
+    inside a transaction: the pool rolls it back, so the next unit neither commits what it
+    left (PostgreSQL) nor fails to begin (SQLite)."""
+    db = Database(create_engine(async_database_url(database_url), pool_size=1))
+    now = "now()" if db.dialect == "postgresql" else "'2026-11-30 09:00:00.000000'"
+    stray = (
+        "INSERT INTO clients (id, token_hash, name, edition, created_at, pushes_since_success,"
+        " otp_consecutive_failures, otp_failures_since_success, otp_lock_count)"
+        f" VALUES ('stray', 'stray', 'stray', 'pro', {now}, 0, 0, 0, 0)"
+    )
+    begin = "BEGIN" if db.dialect == "postgresql" else "BEGIN IMMEDIATE"
+    try:
+        for _ in range(2):
+            async with db.engine.connect() as connection:
+                raw = await connection.get_raw_connection()
+                await raw.driver_connection.execute(begin)
+                await raw.driver_connection.execute(stray)
+            async with db.unit() as unit:  # the same (only) connection
+                await unit.execute(ONE)
+        async with db.unit_read() as unit:
+            count = select(func.count()).select_from(Base.metadata.tables["clients"])
+            assert await unit.scalar(count) == 0
     finally:
         await db.dispose()

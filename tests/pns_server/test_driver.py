@@ -181,6 +181,8 @@ async def test_statements_that_could_differ_from_sqlalchemy_are_refused(db: Data
             await unit.execute(INSERT_CLIENT, row)
         with pytest.raises(UnsupportedStatement, match="'client'"):
             await unit.execute(CLIENT, {})
+        with pytest.raises(UnsupportedStatement, match="named columns"):
+            await unit.execute(select(text("1")))
 
 
 async def test_statements_built_per_call_still_run_once_the_cache_is_full(
