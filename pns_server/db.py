@@ -113,9 +113,11 @@ def _end_stray_transactions(engine: AsyncEngine) -> None:
             dbapi_connection.run_async(lambda connection: connection.execute("ROLLBACK"))
 
 
-# Set while `Database.unit()` checks a PostgreSQL connection out: the probe begins its
-# transaction (a context variable: it reaches the pool's greenlet, and no other request).
-_BEGIN_AT_CHECKOUT: ContextVar[bool] = ContextVar("pns_begin_at_checkout", default=False)
+# What the checkout probe sends: a unit of work's BEGIN is as good a probe as `SELECT 1`
+# (one round trip, not two), and a driver read needs none (its first statement is retried
+# on a new connection if the one it got was dead). A context variable: it reaches the
+# pool's greenlet, and no other request.
+_PROBE: ContextVar[str | None] = ContextVar("pns_checkout_probe", default="SELECT 1")
 
 
 def _probe_on_checkout(engine: AsyncEngine) -> None:
@@ -131,8 +133,9 @@ def _probe_on_checkout(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "checkout")
     def _probe(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        # A unit of work's BEGIN is as good a probe as `SELECT 1`: one round trip, not two.
-        probe = "BEGIN" if _BEGIN_AT_CHECKOUT.get() else "SELECT 1"
+        probe = _PROBE.get()
+        if probe is None:
+            return
         try:
             dbapi_connection.run_async(lambda driver: driver.execute(probe))
         except Exception as error:
@@ -196,7 +199,7 @@ class Database:
         the block succeeds, the same `PnsError.commit` rule, topics out with the commit),
         its Core statements run on the driver connection (see `pns_server.driver`)."""
         kept_error: PnsError | None = None
-        async with self._connection(begun=True) as connection:
+        async with self._connection(probe="BEGIN") as connection:
             unit = await self._driver_unit(connection)
             if self.dialect != "postgresql":
                 # SQLite: take the write lock at BEGIN (see `_configure_sqlite`).
@@ -225,24 +228,44 @@ class Database:
     @asynccontextmanager
     async def unit_read(self) -> AsyncIterator[DriverUnit]:
         """`read()` on the driver connection: for statements that change nothing, each
-        consistent on its own (no transaction: one round trip each). Never write in it."""
-        async with self._connection(begun=False) as connection:
-            yield await self._driver_unit(connection)
+        consistent on its own (no transaction: one round trip each). Never write in it.
+
+        On PostgreSQL the connection is not probed at checkout: if the first statement finds
+        it dead (a restart the event loop has not noticed yet), the statement is sent again
+        on a newly probed connection, which a read may always be."""
+        postgres = self.dialect == "postgresql"
+        connection = await self._open(probe=None if postgres else "SELECT 1")
+        unit = await self._driver_unit(connection)
+        if postgres:
+            unit.reconnect = self._reconnect
+        try:
+            yield unit
+        finally:
+            await unit.connection.close()
+
+    async def _reconnect(self, dead: AsyncConnection) -> tuple[AsyncConnection, Any]:
+        await dead.close()
+        connection = await self._open(probe="SELECT 1")
+        raw = await connection.get_raw_connection()
+        return connection, raw.driver_connection
 
     @asynccontextmanager
-    async def _connection(self, *, begun: bool) -> AsyncIterator[AsyncConnection]:
-        """A pooled connection; `begun`: on PostgreSQL, in a transaction begun by the
-        checkout probe."""
-        connection = self.engine.connect()
-        token = _BEGIN_AT_CHECKOUT.set(begun)
-        try:
-            await connection.start()
-        finally:
-            _BEGIN_AT_CHECKOUT.reset(token)
+    async def _connection(self, *, probe: str | None) -> AsyncIterator[AsyncConnection]:
+        connection = await self._open(probe=probe)
         try:
             yield connection
         finally:
             await connection.close()
+
+    async def _open(self, *, probe: str | None) -> AsyncConnection:
+        """A pooled connection, checked out with `probe` (PostgreSQL; see `_PROBE`)."""
+        connection = self.engine.connect()
+        token = _PROBE.set(probe)
+        try:
+            await connection.start()
+        finally:
+            _PROBE.reset(token)
+        return connection
 
     async def _driver_unit(self, connection: AsyncConnection) -> DriverUnit:
         raw = await connection.get_raw_connection()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import namedtuple
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +191,11 @@ class DriverUnit:
         self.postgres = dialect.name == "postgresql"
         self.info: dict[str, Any] = {}
         self.broken = False
+        # Set on a read whose connection was not probed at checkout: how to get a probed
+        # one if the first statement finds this one dead (then it is sent again, once).
+        self.reconnect: (
+            Callable[[AsyncConnection], Awaitable[tuple[AsyncConnection, Any]]] | None
+        ) = None
 
     async def execute(
         self,
@@ -207,6 +212,19 @@ class DriverUnit:
         arguments = compiled.arguments(given)
         for listener in statement_listeners:
             listener(compiled.sql)
+        try:
+            return await self._rows(compiled, arguments)
+        except sa_exc.OperationalError as error:
+            reconnect, self.reconnect = self.reconnect, None
+            if reconnect is None or not error.connection_invalidated:
+                raise
+            self.connection, self.driver = await reconnect(self.connection)
+            self.broken = False
+            return await self._rows(compiled, arguments)
+        finally:
+            self.reconnect = None
+
+    async def _rows(self, compiled: Compiled, arguments: tuple[Any, ...]) -> Rows:
         try:
             if compiled.row is not None:
                 records = await self._fetch(compiled.sql, arguments)
