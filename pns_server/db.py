@@ -188,10 +188,7 @@ class Database:
                 await session.rollback()
                 raise
             topics = session.info.pop(TOPICS_KEY, None)
-        if topics and self._publish is not None:
-            await self._publish(topics)
-        if kept_error is not None:
-            raise kept_error
+        await self._after_commit(topics, kept_error)
 
     @asynccontextmanager
     async def unit(self) -> AsyncIterator[DriverUnit]:
@@ -219,7 +216,10 @@ class Database:
             except BaseException:
                 await self._rollback_unit(unit)
                 raise
-        topics = unit.info.pop(TOPICS_KEY, None)
+        await self._after_commit(unit.info.pop(TOPICS_KEY, None), kept_error)
+
+    async def _after_commit(self, topics: set[str] | None, kept_error: PnsError | None) -> None:
+        """Wake this process's waiters, then raise the error the committed work answered."""
         if topics and self._publish is not None:
             await self._publish(topics)
         if kept_error is not None:
