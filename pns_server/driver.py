@@ -56,6 +56,20 @@ _PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
 statement_listeners: list[Callable[[str], None]] = []
 
 
+# SQLSTATEs of a database that is busy, not of a wrong statement: answered `503` with
+# Retry-After like an outage, not `500`. Class 40 (serialization failure, deadlock), class
+# 53 (insufficient resources), a cancelled statement (statement_timeout), a lock not
+# available (lock_timeout), an operator's or the server's shutdown.
+_TRANSIENT_CLASSES = ("40", "53")
+_TRANSIENT_STATES = frozenset({"57014", "55P03", "57P01", "57P02", "57P03"})
+
+
+def _is_transient(sqlstate: str | None) -> bool:
+    return sqlstate is not None and (
+        sqlstate.startswith(_TRANSIENT_CLASSES) or sqlstate in _TRANSIENT_STATES
+    )
+
+
 class UnsupportedStatement(TypeError):
     """A statement this path cannot run exactly as SQLAlchemy would (a programming error)."""
 
@@ -170,8 +184,10 @@ class Rows:
         return self._rows[0] if self._rows else None
 
     def one(self) -> Any:
-        if len(self._rows) != 1:
-            raise sa_exc.NoResultFound if not self._rows else sa_exc.MultipleResultsFound
+        if not self._rows:
+            raise sa_exc.NoResultFound("No row was found when one was required")
+        if len(self._rows) > 1:
+            raise sa_exc.MultipleResultsFound("Multiple rows were found when one was required")
         return self._rows[0]
 
     def scalar(self) -> Any:
@@ -292,6 +308,8 @@ class DriverUnit:
                 return sa_exc.OperationalError(
                     sql, None, error, hide_parameters=True, connection_invalidated=True
                 )
+            if _is_transient(getattr(error, "sqlstate", None)):
+                return sa_exc.OperationalError(sql, None, error, hide_parameters=True)
         else:
             if isinstance(error, sqlite3.IntegrityError):
                 return sa_exc.IntegrityError(sql, None, error, hide_parameters=True)

@@ -225,3 +225,29 @@ async def test_statement_listeners_see_each_statement_but_not_transaction_contro
         await unit.execute(INSERT_CLIENT, client_row("c1"))
         await unit.execute(RENAME, {"client": "c1", "name": "n"})
     assert [sql.split(None, 1)[0] for sql in seen] == ["INSERT", "UPDATE"]
+
+
+@pytest.mark.postgres_only
+async def test_a_busy_database_is_reported_unavailable_not_as_a_bug(db: Database) -> None:
+    """A statement cancelled by statement_timeout (or a deadlock, a lock timeout): the
+    database is busy, so the request is answered 503 with Retry-After, like an outage."""
+    async with db.unit() as unit:
+        await unit.execute(INSERT_CLIENT, client_row("c1"))
+    with pytest.raises(exc.OperationalError) as raised:
+        async with db.unit() as unit:
+            await unit.execute(text("SET LOCAL statement_timeout = 1"))
+            await unit.execute(select(func.pg_sleep(0.5).label("slept")))
+    assert not raised.value.connection_invalidated  # the connection itself is fine
+    async with db.unit_read() as unit:
+        assert await unit.scalar(NAME, {"client": "c1"}) == "Backup"
+
+
+async def test_one_says_what_it_found(db: Database) -> None:
+    async with db.unit() as unit:
+        await unit.execute(INSERT_CLIENT, client_row("c1"))
+        await unit.execute(INSERT_CLIENT, client_row("c2"))
+        with pytest.raises(exc.NoResultFound):
+            (await unit.execute(CLIENT, {"client": "none"})).one()
+        every = select(clients.c.id).order_by(clients.c.id)
+        with pytest.raises(exc.MultipleResultsFound):
+            (await unit.execute(every)).one()
