@@ -29,6 +29,8 @@ TOPICS_KEY = "pns_topics"
 Executor = AsyncSession | DriverUnit
 Publisher = Callable[[Iterable[str]], Awaitable[None]]
 InTransaction = Callable[[Executor, Iterable[str]], Awaitable[None]]
+# The NOTIFY of these topics as one SQL string, or None to send it as a statement.
+NotifySql = Callable[[Iterable[str]], str | None]
 
 
 def publish_after_commit(session: Executor, topic: str) -> None:
@@ -150,6 +152,7 @@ class Database:
         engine: AsyncEngine,
         publish: Publisher | None = None,
         before_commit: InTransaction | None = None,
+        notify_sql: NotifySql | None = None,
     ) -> None:
         self.engine = engine
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
@@ -164,6 +167,7 @@ class Database:
         )
         self._publish = publish
         self._before_commit = before_commit
+        self._notify_sql = notify_sql
 
     @property
     def dialect(self) -> str:
@@ -273,8 +277,14 @@ class Database:
 
     async def _commit_unit(self, unit: DriverUnit) -> None:
         topics = unit.info.get(TOPICS_KEY)
-        if topics and self._before_commit is not None:
-            await self._before_commit(unit, topics)
+        if topics:
+            # PostgreSQL: the NOTIFY and the COMMIT in one round trip (one simple query).
+            notify = self._notify_sql(topics) if self._notify_sql is not None else None
+            if notify is not None:
+                await unit.run_sql(f"{notify}; COMMIT")
+                return
+            if self._before_commit is not None:
+                await self._before_commit(unit, topics)
         await unit.run_sql("COMMIT")
 
     async def _rollback_unit(self, unit: DriverUnit) -> None:

@@ -107,7 +107,7 @@ async def build_runtime(context: AppContext) -> Runtime:
     )
     notifier = create_notifier(settings.sqlalchemy_url, settings.listen_sqlalchemy_url)
     await notifier.start()
-    db = Database(engine, notifier.publish, notifier.before_commit)
+    db = Database(engine, notifier.publish, notifier.before_commit, notifier.notify_sql)
     runtime = Runtime(
         context=context,
         db=db,

@@ -22,6 +22,9 @@ class MemoryNotifier(LocalFanout):
     async def before_commit(self, session: Executor, topics: Iterable[str]) -> None:
         return None  # nothing leaves the process
 
+    def notify_sql(self, topics: Iterable[str]) -> str | None:
+        return None  # nothing leaves the process
+
     async def publish(self, topics: Iterable[str]) -> None:
         for topic in topics:
             self.wake(topic)

@@ -29,7 +29,7 @@ async def pair(database_url: str):
 def database_for(notifier: PostgresNotifier, database_url: str) -> Database:
     """A replica's database: topics go out as NOTIFY inside its transactions."""
     engine = create_engine(async_database_url(database_url), pool_size=1)
-    return Database(engine, notifier.publish, notifier.before_commit)
+    return Database(engine, notifier.publish, notifier.before_commit, notifier.notify_sql)
 
 
 async def commit_topics(notifier: PostgresNotifier, database_url: str, *topics: str) -> None:
@@ -91,3 +91,34 @@ async def test_notify_goes_out_with_the_commit_and_not_on_rollback(pair, databas
             assert await sub.wait(5)
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("topic", ["approval:9", "approval:it's"])
+async def test_a_driver_unit_notifies_with_its_commit_and_not_on_rollback(
+    pair, database_url: str, topic: str
+) -> None:
+    """NOTIFY and COMMIT in one round trip, or (a topic that cannot be a literal) the
+    parameterised NOTIFY: either way, delivered with the commit, never on rollback."""
+    a, b = pair
+    db = database_for(a, database_url)
+    try:
+        async with b.subscribe(topic) as sub:
+            with pytest.raises(RuntimeError):
+                async with db.unit() as unit:
+                    publish_after_commit(unit, topic)
+                    raise RuntimeError("the request failed")
+            assert not await sub.wait(0.5)
+            async with db.unit() as unit:
+                publish_after_commit(unit, topic)
+            assert await sub.wait(5)
+    finally:
+        await db.dispose()
+
+
+def test_notify_sql_writes_only_topics_that_cannot_break_out_of_a_literal() -> None:
+    notifier = PostgresNotifier("postgresql+asyncpg://unused/db")
+    assert notifier.notify_sql(["pending:ab12", "approval:ff00"]) == (
+        "SELECT pg_notify('pns_events', 'approval:ff00'), pg_notify('pns_events', 'pending:ab12')"
+    )
+    for hostile in ["approval:x'); DROP TABLE clients; --", "a b", "", "x" * 201, "é"]:
+        assert notifier.notify_sql(["outbox", hostile]) is None
