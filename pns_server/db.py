@@ -281,7 +281,7 @@ class Database:
             # PostgreSQL: the NOTIFY and the COMMIT in one round trip (one simple query).
             notify = self._notify_sql(topics) if self._notify_sql is not None else None
             if notify is not None:
-                await unit.run_sql(f"{notify}; COMMIT")
+                await unit.commit_after(notify)
                 return
             if self._before_commit is not None:
                 await self._before_commit(unit, topics)

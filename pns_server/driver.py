@@ -255,6 +255,12 @@ class DriverUnit:
     async def scalars(self, statement: ClauseElement, params: Params | None = None) -> list[Any]:
         return (await self.execute(statement, params)).scalars()
 
+    async def commit_after(self, sql: str) -> None:
+        """Run `sql` (a statement without parameters or rows) and COMMIT, in one round trip."""
+        for listener in statement_listeners:
+            listener(sql)
+        await self.run_sql(f"{sql}; COMMIT")
+
     async def run_sql(self, sql: str) -> None:
         """A statement with no parameters and no rows: BEGIN, COMMIT, ROLLBACK."""
         try:
