@@ -68,17 +68,12 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
         # 20. With one connection they wait in the pool's FIFO queue instead: their turn
         # comes the moment the previous transaction ends, in arrival order, and one
         # aiosqlite thread serves them all. (`pool_size` only matters for PostgreSQL.)
-        # No ROLLBACK when a connection goes back to the pool (a hand-off to aiosqlite's
-        # thread each time): every unit ends its transaction itself, an ORM session's
-        # connection rolls back its own on close, and a unit whose ROLLBACK fails drops
-        # its connection (see `_rollback_unit`).
+        # The pool's ROLLBACK on return stays (a hand-off to aiosqlite's thread): a unit
+        # cancelled while its BEGIN IMMEDIATE waits in that thread has no transaction yet
+        # when its connection returns, and one a moment later; the ROLLBACK, queued behind
+        # the BEGIN in the same thread, is what ends it.
         engine = create_async_engine(
-            url,
-            pool_size=1,
-            max_overflow=0,
-            pool_timeout=pool_timeout,
-            hide_parameters=True,
-            pool_reset_on_return=None,
+            url, pool_size=1, max_overflow=0, pool_timeout=pool_timeout, hide_parameters=True
         )
         _configure_sqlite(engine)
         _end_stray_transactions(engine)
@@ -100,10 +95,11 @@ def _end_stray_transactions(engine: AsyncEngine) -> None:
 
     A unit of work ends its transaction itself, but a request cancelled between its BEGIN
     (or the checkout probe's) and the block that rolls back on error would return its
-    connection mid-transaction, and SQLAlchemy's own reset does not see a transaction it
-    did not begin. The next unit would then commit what this one left (PostgreSQL), or
-    fail to begin at all (SQLite). So on return to the pool a connection still in a
-    transaction is rolled back: one flag read, a round trip only in that case."""
+    connection mid-transaction. On PostgreSQL SQLAlchemy's own reset does not see a
+    transaction it did not begin, and the next unit would commit what this one left; on
+    SQLite its ROLLBACK on return ends it anyway (this check is a second line there). So
+    on return to the pool a connection still in a transaction is rolled back: one flag
+    read, a round trip only in that case."""
     postgres = engine.dialect.name == "postgresql"
 
     @event.listens_for(engine.sync_engine, "reset")
