@@ -1,10 +1,11 @@
 """`db_layers`: what one database operation costs at each layer the relay goes through.
 
 Runs in this process (no relay): the token lookup every authenticated request makes, timed
-in CPU per operation through the driver alone, through SQLAlchemy Core on a connection,
-and through the ORM session the relay's units of work use (`Database.session()` and
-`Database.read()`), plus the cost of one more ORM statement inside a unit of work. It
-separates what the database round trip costs from what the layers above it cost."""
+in CPU per operation through the driver alone, through the relay's units on the driver
+connection (`Database.unit()`, `unit_read()`), through SQLAlchemy Core on a connection,
+and through the ORM session the cold routes use (`Database.session()`), plus the cost of
+one more statement inside each kind of unit. It separates what the database round trip
+costs from what the layers above it cost."""
 
 from __future__ import annotations
 
@@ -104,10 +105,6 @@ async def sqlalchemy_figures(db: Database, count: int) -> dict[str, float]:
             for _ in range(statements):
                 await session.scalar(built_once, {"token_hash": token_hash})
 
-    async def orm_read() -> None:
-        async with db.read() as session:
-            await session.scalar(select(Client).where(Client.token_hash == token_hash))
-
     table = Base.metadata.tables[Client.__tablename__]
     columns_built_once = select(*table.c).where(table.c.token_hash == bindparam("token_hash"))
 
@@ -136,7 +133,6 @@ async def sqlalchemy_figures(db: Database, count: int) -> dict[str, float]:
         "driver_unit_each_further_statement": round((unit_five - unit_one) / 4, 4),
         "sqlalchemy_core_transaction": await cpu_ms_per_op(core_on_connection, count),
         "orm_unit_of_work_one_lookup": one,
-        "orm_read_one_lookup": await cpu_ms_per_op(orm_read, count),
         "orm_unit_of_work_no_statement": await cpu_ms_per_op(empty_unit_of_work, count),
         "orm_each_further_statement": round((five - one) / 4, 4),
         "orm_each_further_statement_built_once": round((five_built - one_built) / 4, 4),

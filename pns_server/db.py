@@ -1,7 +1,9 @@
-"""Async engine and sessions. Only `Database.session()` commits. Realtime topics queued in
-the session go out with the commit: `before_commit` (PostgreSQL: NOTIFY inside the same
-transaction, delivered at commit) and `publish` after it (wakes this process's waiters), so
-a woken long-poll always reads the new state and no request waits on a side connection."""
+"""Async engine and units of work: `Database.session()` (the ORM, for the cold routes) and
+`Database.unit()` / `unit_read()` (the driver connection, for the routes every login runs;
+see `pns_server.driver`). Only `session()` and `unit()` commit. Realtime topics queued in a
+unit go out with the commit: NOTIFY inside the same transaction on PostgreSQL (delivered
+at commit), then `publish` after it (wakes this process's waiters), so a woken long-poll
+always reads the new state and no request waits on a side connection."""
 
 from __future__ import annotations
 
@@ -142,6 +144,11 @@ def _probe_on_checkout(engine: AsyncEngine) -> None:
             ) from error
 
 
+async def _driver_of(connection: AsyncConnection) -> Any:
+    """The asyncpg or aiosqlite connection under a pooled SQLAlchemy one."""
+    return (await connection.get_raw_connection()).driver_connection
+
+
 class Database:
     def __init__(
         self,
@@ -152,15 +159,6 @@ class Database:
     ) -> None:
         self.engine = engine
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
-        # PostgreSQL reads of one statement need no transaction: without BEGIN and COMMIT
-        # they are one round trip instead of three.
-        self._reader = (
-            async_sessionmaker(
-                engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
-            )
-            if engine.dialect.name == "postgresql"
-            else None
-        )
         self._publish = publish
         self._before_commit = before_commit
         self._notify_sql = notify_sql
@@ -246,8 +244,7 @@ class Database:
     async def _reconnect(self, dead: AsyncConnection) -> tuple[AsyncConnection, Any]:
         await dead.close()
         connection = await self._open(probe="SELECT 1")
-        raw = await connection.get_raw_connection()
-        return connection, raw.driver_connection
+        return connection, await _driver_of(connection)
 
     @asynccontextmanager
     async def _connection(self, *, probe: str | None) -> AsyncIterator[AsyncConnection]:
@@ -268,8 +265,7 @@ class Database:
         return connection
 
     async def _driver_unit(self, connection: AsyncConnection) -> DriverUnit:
-        raw = await connection.get_raw_connection()
-        return DriverUnit(connection, raw.driver_connection, self.engine.dialect)
+        return DriverUnit(connection, await _driver_of(connection), self.engine.dialect)
 
     async def _commit_unit(self, unit: DriverUnit) -> None:
         topics = unit.info.get(TOPICS_KEY)
@@ -299,17 +295,6 @@ class Database:
         if topics and self._before_commit is not None:
             await self._before_commit(session, topics)
         await session.commit()
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncSession]:
-        """A session for one read statement that changes nothing (a token lookup): outside
-        a transaction on PostgreSQL, a normal unit of work elsewhere. Never write in it."""
-        if self._reader is None:
-            async with self.session() as session:
-                yield session
-            return
-        async with self._reader() as session:
-            yield session
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -130,8 +130,12 @@ def note_seen(client: Client) -> None:
     client costs one small UPDATE a minute, not one per request. Only requests that hold a
     unit of work note it (a long-poll's detached read writes nothing)."""
     now = datetime.now(UTC)
-    if client.last_seen_at is None or now - client.last_seen_at >= SEEN_RESOLUTION:
+    if seen_is_stale(client.last_seen_at, now):
         client.last_seen_at = now
+
+
+def seen_is_stale(last_seen_at: datetime | None, now: datetime) -> bool:
+    return last_seen_at is None or now - last_seen_at >= SEEN_RESOLUTION
 
 
 async def current_client_detached(request: Request, db: DatabaseDep) -> ClientRow:
@@ -155,7 +159,7 @@ async def unit_client(request: Request, unit: UnitDep) -> ClientRow:
     client: ClientRow = await _row_by_token(unit, CLIENT_ROW_BY_TOKEN, bearer_token(request))
     count_caller(request, "client:" + client.id)
     now = datetime.now(UTC)
-    if client.last_seen_at is None or now - client.last_seen_at >= SEEN_RESOLUTION:
+    if seen_is_stale(client.last_seen_at, now):
         await unit.execute(_NOTE_SEEN, {"client": client.id, "at": now})
     return client
 

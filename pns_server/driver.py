@@ -56,6 +56,11 @@ _PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
 statement_listeners: list[Callable[[str], None]] = []
 
 
+def _observe(sql: str) -> None:
+    for listener in statement_listeners:
+        listener(sql)
+
+
 # SQLSTATEs of a database that is busy, not of a wrong statement: answered `503` with
 # Retry-After like an outage, not `500`. Class 40 (serialization failure, deadlock), class
 # 53 (insufficient resources), a cancelled statement (statement_timeout), a lock not
@@ -226,19 +231,16 @@ class DriverUnit:
         given = params or {}
         compiled = self._compiled(statement, given)
         arguments = compiled.arguments(given)
-        for listener in statement_listeners:
-            listener(compiled.sql)
+        _observe(compiled.sql)
+        reconnect, self.reconnect = self.reconnect, None  # the first statement only
         try:
             return await self._rows(compiled, arguments)
         except sa_exc.OperationalError as error:
-            reconnect, self.reconnect = self.reconnect, None
             if reconnect is None or not error.connection_invalidated:
                 raise
             self.connection, self.driver = await reconnect(self.connection)
             self.broken = False
             return await self._rows(compiled, arguments)
-        finally:
-            self.reconnect = None
 
     async def _rows(self, compiled: Compiled, arguments: tuple[Any, ...]) -> Rows:
         try:
@@ -257,8 +259,7 @@ class DriverUnit:
 
     async def commit_after(self, sql: str) -> None:
         """Run `sql` (a statement without parameters or rows) and COMMIT, in one round trip."""
-        for listener in statement_listeners:
-            listener(sql)
+        _observe(sql)
         await self.run_sql(f"{sql}; COMMIT")
 
     async def run_sql(self, sql: str) -> None:
@@ -279,8 +280,7 @@ class DriverUnit:
         if compiled.row is not None:
             raise UnsupportedStatement("RETURNING with many rows of parameters")
         arguments = [compiled.arguments(row) for row in rows]
-        for listener in statement_listeners:
-            listener(compiled.sql)
+        _observe(compiled.sql)
         try:
             await self.driver.executemany(compiled.sql, arguments)
         except Exception as error:

@@ -127,23 +127,18 @@ _DUE = (
 _EXPIRE = {"status": ApprovalStatus.EXPIRED, "decided_at": approvals.c.expires_at}
 _GET = select(*approvals.c).where(*_OF_CLIENT)
 _WITH_SUMMARY = select(*approvals.c, *_summary_columns(approvals.c.id)).where(*_OF_CLIENT)
-_WITH_CLIENT_NAME = (
-    select(*approvals.c, clients.c.name.label("client_name"))
-    .join_from(approvals, clients, clients.c.id == approvals.c.client_id)
-    .where(*_OF_CLIENT)
+# The approval with its client's name (what the phone is shown).
+_NAMED = select(*approvals.c, clients.c.name.label("client_name")).join_from(
+    approvals, clients, clients.c.id == approvals.c.client_id
 )
+_WITH_CLIENT_NAME = _NAMED.where(*_OF_CLIENT)
 _SUMMARY = select(*_summary_columns(_APPROVAL_ID))
 _QUEUED = _count(_APPROVAL_ID, DeliveryStatus.QUEUED).label("queued")
-_PENDING_FOR_CLIENT = (
-    select(*approvals.c, clients.c.name.label("client_name"))
-    .join_from(approvals, clients, clients.c.id == approvals.c.client_id)
-    .where(
-        approvals.c.client_id == _CLIENT_ID,
-        approvals.c.status == ApprovalStatus.PENDING,
-        approvals.c.expires_at > bindparam("now"),
-    )
-    .order_by(approvals.c.created_at.desc())
-)
+_PENDING_FOR_CLIENT = _NAMED.where(
+    approvals.c.client_id == _CLIENT_ID,
+    approvals.c.status == ApprovalStatus.PENDING,
+    approvals.c.expires_at > bindparam("now"),
+).order_by(approvals.c.created_at.desc())
 _BY_IDEMPOTENCY_KEY = select(*approvals.c).where(
     approvals.c.client_id == _CLIENT_ID, approvals.c.idempotency_key == bindparam("key")
 )

@@ -104,17 +104,21 @@ async def test_connections_a_postgres_restart_closed_are_never_handed_out(
 
 @pytest.mark.postgres_only
 async def test_reads_skip_begin_and_commit_on_postgres(database_url: str) -> None:
-    """`Database.read()` runs each statement as its own implicit transaction (one round
-    trip, no BEGIN/COMMIT); `session()` is one explicit transaction."""
+    """`Database.unit_read()` runs each statement as its own implicit transaction (one
+    round trip, no BEGIN/COMMIT); `session()` and `unit()` are one explicit transaction."""
     db = Database(create_engine(async_database_url(database_url), pool_size=1))
     xid = text("SELECT txid_current()")
+    xid_on_driver = select(func.txid_current().label("xid"))
     try:
-        async with db.read() as session:
-            first = (await session.execute(xid)).scalar_one()
-            assert (await session.execute(xid)).scalar_one() != first
+        async with db.unit_read() as unit:
+            first = await unit.scalar(xid_on_driver)
+            assert await unit.scalar(xid_on_driver) != first
         async with db.session() as session:
             first = (await session.execute(xid)).scalar_one()
             assert (await session.execute(xid)).scalar_one() == first
+        async with db.unit() as unit:
+            first = await unit.scalar(xid_on_driver)
+            assert await unit.scalar(xid_on_driver) == first
     finally:
         await db.dispose()
 
