@@ -19,9 +19,10 @@ import sqlite3
 from collections import namedtuple
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
+from sqlalchemy import ColumnElement, String, bindparam
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -328,6 +329,35 @@ class DriverUnit:
         if not self.broken:
             self.broken = True
             await self.connection.invalidate()
+
+
+S = TypeVar("S", bound=ClauseElement)
+
+
+class ValueList:
+    """A list of values in an `IN`, the way this path allows one (an expanding IN is
+    refused): a few statements compiled once, one per size class, with the binds past the
+    list's end left NULL (`x IN ('a', 'b', NULL, NULL)` matches 'a' and 'b' only). A list
+    longer than the largest class runs in chunks."""
+
+    def __init__(self, prefix: str, sizes: tuple[int, ...]) -> None:
+        self.prefix = prefix
+        self.sizes = sizes
+        self._binds = tuple(bindparam(f"{prefix}{i}", None, type_=String) for i in range(sizes[-1]))
+
+    def statements(
+        self, build: Callable[[ColumnElement[bool]], S], column: ColumnElement[Any]
+    ) -> dict[int, S]:
+        """`build(column IN (:<prefix>0 .. :<prefix>N-1))` for each size class N."""
+        return {size: build(column.in_(self._binds[:size])) for size in self.sizes}
+
+    def chunks(self, values: Sequence[Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(size class, params naming each value) per chunk of at most the largest class."""
+        largest = self.sizes[-1]
+        for start in range(0, len(values), largest):
+            chunk = values[start : start + largest]
+            size = next(slot for slot in self.sizes if slot >= len(chunk))
+            yield size, {f"{self.prefix}{i}": value for i, value in enumerate(chunk)}
 
 
 _CACHE: dict[tuple[int, str, tuple[str, ...]], tuple[ClauseElement, Compiled]] = {}

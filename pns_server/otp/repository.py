@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 
 from pns_server.audit import INSERT_AUDIT
-from pns_server.driver import DriverUnit
+from pns_server.driver import DriverUnit, ValueList
 from pns_server.models import AuditEvent, Base, Client, Device, RecoveryCode
 from pns_server.security import SealedAt, new_id
 
@@ -136,20 +136,19 @@ _DELETE_RECOVERY_CODES = delete(_codes).where(_codes.c.client_id == bindparam("c
 _INSERT_RECOVERY_CODE = insert(_codes)
 
 # A submitted code's keyed hash under each configured key (one, or a few during a key
-# rotation), tried in one statement: a fixed number of binds, not an expanding IN (which
-# would be rewritten at each execution). Unused places repeat a candidate; more candidates
-# than places (an unusual number of old keys) take one statement per group.
+# rotation), tried in one statement of a fixed number of binds; more candidates than that
+# (an unusual number of old keys) take one statement per group.
 HASHES_PER_STATEMENT = 4
-_USE_RECOVERY_CODE = (
-    update(_codes)
-    .where(
-        _codes.c.client_id == bindparam("client_id"),
-        _codes.c.code_hash.in_([bindparam(f"hash_{i}") for i in range(HASHES_PER_STATEMENT)]),
-        _codes.c.used_at.is_(None),
-    )
-    .values(used_at=bindparam("now"))
-    .returning(_codes.c.id)
-)
+_HASHES = ValueList("hash_", (HASHES_PER_STATEMENT,))
+_USE_RECOVERY_CODE = _HASHES.statements(
+    lambda in_hashes: (
+        update(_codes)
+        .where(_codes.c.client_id == bindparam("client_id"), in_hashes, _codes.c.used_at.is_(None))
+        .values(used_at=bindparam("now"))
+        .returning(_codes.c.id)
+    ),
+    _codes.c.code_hash,
+)[HASHES_PER_STATEMENT]
 
 _UNUSED_RECOVERY_CODES = select(func.count(_codes.c.id)).where(
     _codes.c.client_id == bindparam("client_id"), _codes.c.used_at.is_(None)
@@ -274,12 +273,8 @@ class OtpRepository:
     ) -> bool:
         """Mark an unused code used; one conditional UPDATE, so a code works exactly once.
         `code_hashes`: the code's keyed hash under each configured key (at most one row)."""
-        for start in range(0, len(code_hashes), HASHES_PER_STATEMENT):
-            group = code_hashes[start : start + HASHES_PER_STATEMENT]
-            params: dict[str, Any] = {"client_id": client_id, "now": now}
-            params.update(
-                {f"hash_{i}": group[min(i, len(group) - 1)] for i in range(HASHES_PER_STATEMENT)}
-            )
+        for _size, named in _HASHES.chunks(code_hashes):
+            params = {"client_id": client_id, "now": now, **named}
             if (await self.unit.execute(_USE_RECOVERY_CODE, params)).first() is not None:
                 return True
         return False

@@ -10,14 +10,13 @@ of a few statements compiled once per dialect."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, String, and_, bindparam, or_, select, update
-from sqlalchemy.sql import ClauseElement
+from sqlalchemy import and_, bindparam, or_, select, update
 
-from pns_server.driver import DriverUnit
+from pns_server.driver import DriverUnit, ValueList
 from pns_server.models import Approval, Base, Client, Delivery, Device
 from pns_server.states import DeliveryStatus
 
@@ -92,26 +91,7 @@ CLAIM_JOIN = (
 # -- lists of ids -----------------------------------------------------------------------
 # Few classes: each is a prepared statement per connection, and a NULL bind costs nothing.
 ID_SLOTS = (1, 4, 16, 64, 256)
-_ID_BINDS = tuple(bindparam(f"id{i}", None, type_=String) for i in range(ID_SLOTS[-1]))
-
-S = TypeVar("S", bound=ClauseElement)
-
-
-def _per_size(
-    build: Callable[[ColumnElement[bool]], S], column: ColumnElement[Any]
-) -> dict[int, S]:
-    """`build(column IN (:id0 .. :idN-1))` for each size class N of `ID_SLOTS`."""
-    return {size: build(column.in_(_ID_BINDS[:size])) for size in ID_SLOTS}
-
-
-def _id_chunks(ids: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(size class, params naming each id) per chunk of at most the largest class; the
-    binds a chunk leaves unnamed are NULL."""
-    largest = ID_SLOTS[-1]
-    for start in range(0, len(ids), largest):
-        chunk = ids[start : start + largest]
-        size = next(slot for slot in ID_SLOTS if slot >= len(chunk))
-        yield size, {f"id{i}": value for i, value in enumerate(chunk)}
+_IDS = ValueList("id", ID_SLOTS)
 
 
 # -- claim ------------------------------------------------------------------------------
@@ -142,7 +122,7 @@ _CLAIM_POSTGRESQL = _LEASE.where(
 _CLAIM_IDS_SQLITE = _LEASE.where(_deliveries.c.id.in_(_PICK.scalar_subquery())).returning(
     _deliveries.c.id
 )
-_CLAIMED_SQLITE = _per_size(
+_CLAIMED_SQLITE = _IDS.statements(
     lambda ids: select(*CLAIMED_COLUMNS).where(ids, *CLAIM_JOIN), _deliveries.c.id
 )
 
@@ -152,7 +132,7 @@ _UNDER_LEASE = (
     _deliveries.c.lease_until == bindparam("lease"),
 )
 # The common outcome, whole; the others name their status and error.
-_FINISH_SENT = _per_size(
+_FINISH_SENT = _IDS.statements(
     lambda ids: (
         update(_deliveries)
         .where(ids, *_UNDER_LEASE)
@@ -163,7 +143,7 @@ _FINISH_SENT = _per_size(
     ),
     _deliveries.c.id,
 )
-_FINISH_ALL = _per_size(
+_FINISH_ALL = _IDS.statements(
     lambda ids: (
         update(_deliveries)
         .where(ids, *_UNDER_LEASE)
@@ -183,7 +163,7 @@ _RETIRE_TOKEN = (
     .where(_devices.c.id == bindparam("device"), _devices.c.push_token == bindparam("token"))
     .values(push_status="invalid_token")
 )
-_APPROVAL_STATUSES = _per_size(
+_APPROVAL_STATUSES = _IDS.statements(
     lambda ids: select(_approvals.c.id, _approvals.c.status).where(ids), _approvals.c.id
 )
 
@@ -205,7 +185,7 @@ class DeliveryRepository:
             return (await self.unit.execute(_CLAIM_POSTGRESQL, params)).all()
         ids = await self.unit.scalars(_CLAIM_IDS_SQLITE, params)
         rows: list[ClaimedRow] = []
-        for size, named in _id_chunks(ids):
+        for size, named in _IDS.chunks(ids):
             rows += (await self.unit.execute(_CLAIMED_SQLITE[size], named)).all()
         return rows
 
@@ -214,7 +194,7 @@ class DeliveryRepository:
     ) -> set[str]:
         """Mark delivered those still under this lease; returns their approvals' ids."""
         finished: set[str] = set()
-        for size, named in _id_chunks(delivery_ids):
+        for size, named in _IDS.chunks(delivery_ids):
             params = {**named, "lease": lease_until, "at": at}
             finished.update(await self.unit.scalars(_FINISH_SENT[size], params))
         return finished
@@ -229,7 +209,7 @@ class DeliveryRepository:
         """One outcome for many deliveries, those still under this lease, in one UPDATE;
         returns their approvals' ids."""
         finished: set[str] = set()
-        for size, named in _id_chunks(delivery_ids):
+        for size, named in _IDS.chunks(delivery_ids):
             params = {**named, "lease": lease_until, "status": status, "error": error}
             finished.update(await self.unit.scalars(_FINISH_ALL[size], params))
         return finished
@@ -264,7 +244,7 @@ class DeliveryRepository:
     async def approval_statuses(self, approval_ids: Iterable[str]) -> dict[str, str]:
         """Each approval's status (a deleted approval is absent)."""
         statuses: dict[str, str] = {}
-        for size, named in _id_chunks(list(approval_ids)):
+        for size, named in _IDS.chunks(list(approval_ids)):
             for approval_id, status in await self.unit.execute(_APPROVAL_STATUSES[size], named):
                 statuses[approval_id] = status
         return statuses
