@@ -337,6 +337,11 @@ async def longpoll_capacity(
                 ramp = time.perf_counter() - ramp_started
                 held = await waiters_now(http)
                 rss_after = rss_kib(pid)
+                profiler = None
+                if harness.PROFILE_DIR is not None:
+                    # The wake on its own: the ramp would drown it in the whole run's profile.
+                    profiler = start_profiler(server, f"longpoll-wake-{kind}")
+                    await asyncio.sleep(1.0)  # py-spy attaches before the decisions
                 started = time.perf_counter()
                 await asyncio.gather(
                     *(
@@ -348,6 +353,8 @@ async def longpoll_capacity(
                     asyncio.gather(*(w.final for w in waits if w.final)), 120
                 )
                 wake_all = max(woken) - started
+                if profiler is not None:
+                    stop_profiler(profiler)
                 repolls = sum(w.asked for w in waits) - len(waits)
             finally:
                 for wait in waits:

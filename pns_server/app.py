@@ -26,6 +26,7 @@ from pns_server.outbox.dispatcher import start_dispatcher
 from pns_server.pairings.router import router as pairings_router
 from pns_server.problems import install_error_handlers
 from pns_server.ratelimit import LocalWindows
+from pns_server.realtime.longpoll import LongPollParking
 from pns_server.runtime import AppContext, build_runtime, close_runtime
 from pns_server.webapp import router as webapp
 
@@ -73,6 +74,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RefuseControlCharacters)
+    # Outside the router and FastAPI's request handling, inside the observer: a waiting
+    # long-poll holds only the frames outside this, and is still logged, counted and given
+    # its request id when it answers.
+    app.add_middleware(LongPollParking)
     app.add_middleware(RequestObserver, metrics=context.metrics)
     # Added last = outermost: the access log, the metrics and the per-IP limits all see the
     # caller's address, taken from X-Forwarded-For only when the peer is a trusted proxy.

@@ -78,6 +78,31 @@ def internal_error() -> InternalError:
     )
 
 
+def unavailable(exc: Exception) -> ServiceUnavailable:
+    """Overload (pool exhausted) or an outage: expected under stress, so one line and no
+    traceback (statement parameters may hold secrets)."""
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return ServiceUnavailable(
+        "The database is busy or unreachable; retry in a moment.",
+        headers={"Retry-After": "1"},
+    )
+
+
+def problem_for(exc: Exception) -> PnsError:
+    """The problem the app's error handlers answer an exception raised by our own code
+    with; also used where they cannot be reached any more (a parked long-poll)."""
+    if isinstance(exc, PnsError):
+        return exc
+    # A connection that died under a statement (the server restarted or went away) is an
+    # outage, not a bug: 503, so the caller retries. Any other database error is a bug.
+    if isinstance(exc, DATABASE_UNAVAILABLE) or (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    ):
+        return unavailable(exc)
+    log_unexpected(log, exc)
+    return internal_error()
+
+
 def problem_response(error: PnsError) -> JSONResponse:
     return JSONResponse(
         error.to_problem(), status_code=error.status, media_type=PROBLEM_JSON, headers=error.headers
@@ -140,28 +165,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(error)
 
     async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-        # Overload (pool exhausted) or an outage: expected under stress, so one line and no
-        # traceback (statement parameters may hold secrets).
-        log.warning("database unavailable: %s", type(exc).__name__)
-        return problem_response(
-            ServiceUnavailable(
-                "The database is busy or unreachable; retry in a moment.",
-                headers={"Retry-After": "1"},
-            )
-        )
+        return problem_response(unavailable(exc))
 
     # Registered per class, not under Exception: those handlers run in the outermost
     # middleware, which re-raises to the server after answering.
     for exc_class in DATABASE_UNAVAILABLE:
         app.add_exception_handler(exc_class, _database_unavailable)
 
-    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-        # A connection that died under a statement (the server restarted or went away) is an
-        # outage, not a bug: 503, so the caller retries. Anything else is a bug.
-        if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-            return await _database_unavailable(request, exc)
-        log_unexpected(log, exc)
-        return problem_response(internal_error())
+    async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+        return problem_response(problem_for(exc))
 
     app.add_exception_handler(sa_exc.DBAPIError, _database_error)
 

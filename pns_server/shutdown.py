@@ -9,6 +9,7 @@ stopped accepting, sees the connections close well within PNS_SHUTDOWN_TIMEOUT."
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -30,6 +31,17 @@ def release_waiters(app: FastAPI) -> None:
     runtime.notifier.wake_all()
 
 
+def freeze_startup_objects() -> None:
+    """Leave what the relay built to start (modules, classes, settings, the runtime: a
+    quarter of a million objects) out of every later garbage collection. A full
+    collection walks every tracked object and stops the event loop while it does; these
+    objects live as long as the process, so walking them only lengthens that pause, for
+    every request in flight. What was garbage by then is collected first."""
+    gc.collect()
+    gc.freeze()
+    log.debug("%d startup objects left out of garbage collection", gc.get_freeze_count())
+
+
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
@@ -39,6 +51,10 @@ class GracefulServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        freeze_startup_objects()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Unlike the base class we do not re-raise the signal after shutting down: a

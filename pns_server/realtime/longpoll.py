@@ -12,8 +12,9 @@ from typing import Generic, TypeVar
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pns_server.problems import problem_for, problem_response
 from pns_server.realtime.base import Notifier, Subscription
 
 T = TypeVar("T")
@@ -159,13 +160,29 @@ class Rendered(Generic[M]):
 Poll = Callable[[Disconnected], Awaitable[bytes]]
 
 
+# The scope key under which `LongPollParking` offers a waiting request a place to wait.
+PARKING = "pns.longpoll.parking"
+
+
+class Parked:
+    """A request's place in `LongPollParking`: the response that asked to wait there."""
+
+    __slots__ = ("response",)
+
+    def __init__(self) -> None:
+        self.response: LongPollResponse | None = None
+
+
 class LongPollResponse(Response):
     """A 200 JSON answer whose long-poll runs while the response is sent, not in the handler.
 
     The route's handler returns at once, so everything it held (the solved dependencies,
-    the authenticated ORM row, its frames) is gone before the wait starts: a waiting request
-    keeps only the server's and the middleware's frames. An error raised by the poll (a 404,
-    a 503) still reaches the app's error handlers, as nothing has been sent yet."""
+    the authenticated caller's row, its frames) is gone before the wait starts. Under
+    `LongPollParking` the wait is handed to that middleware, so the router, FastAPI's
+    request handling and the inner middleware return too: a waiting request keeps only the
+    server's frames, the outer middleware's and the wait's own. Without it (this response
+    used on its own) the wait runs here, and an error raised by the poll reaches the app's
+    error handlers, as nothing has been sent yet."""
 
     media_type = "application/json"
 
@@ -174,7 +191,17 @@ class LongPollResponse(Response):
         self._poll = poll
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await self._poll(until_disconnected(receive))
+        parked = scope.get(PARKING)
+        if isinstance(parked, Parked) and parked.response is None:
+            parked.response = self
+            return
+        await self.send_answer(await self.wait(receive), scope, receive, send)
+
+    async def wait(self, receive: Receive) -> bytes:
+        """Run the poll until it settles (or the caller goes); its body."""
+        return await self._poll(until_disconnected(receive))
+
+    async def send_answer(self, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         own = (b"content-length", b"content-type")
         extra = [(k, v) for k, v in self.raw_headers if k not in own]
         self.body = body
@@ -182,3 +209,35 @@ class LongPollResponse(Response):
         self.init_headers()
         self.raw_headers.extend(extra)
         await super().__call__(scope, receive, send)
+
+
+class LongPollParking:
+    """Pure ASGI: holds long-polls below the rest of the application.
+
+    A route that must wait answers with a `LongPollResponse`, which parks its poll here
+    instead of waiting where it was called; the inner application (the router, FastAPI,
+    the middleware inside this one) then returns, and the wait runs in this middleware's
+    frame. Ten thousand waiting requests so hold a few frames each rather than the whole
+    stack, and the garbage collector, which walks every object they hold, has a fraction
+    of the work. A poll that fails is answered here with the problem the app's own error
+    handlers would give (`problem_for`), since they have returned by then."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        parked = Parked()
+        scope[PARKING] = parked
+        await self.app(scope, receive, send)
+        response = parked.response
+        if response is None:
+            return  # answered inside
+        try:
+            body = await response.wait(receive)
+        except Exception as exc:
+            await problem_response(problem_for(exc))(scope, receive, send)
+            return
+        await response.send_answer(body, scope, receive, send)

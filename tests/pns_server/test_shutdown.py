@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import signal
 import time
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
+from pns_server.shutdown import GracefulServer
 from tests.conftest import server_env
 from tests.support.factories import pair_app_device, register_client
 from tests.support.server import LiveServer
@@ -73,3 +77,20 @@ async def test_sigterm_answers_every_long_poll_and_exits_cleanly(
     assert answered_in < 10
     assert code == 0, server.log()
     assert exited_in < 10 + 5
+
+
+async def test_the_objects_built_to_start_are_left_out_of_garbage_collection() -> None:
+    app = FastAPI()
+    server = GracefulServer(uvicorn.Config(app, port=0, log_config=None, lifespan="off"), app)
+    gc.unfreeze()
+    try:
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        # Frozen objects are no longer tracked by any generation a collection walks.
+        assert gc.get_freeze_count() > 10_000
+        assert not any(o is app for o in gc.get_objects())
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+    finally:
+        gc.unfreeze()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -144,6 +145,34 @@ class TestLongPoll:
             # The same fields, in the same form, as the answer without a wait.
             plain = await http.get(f"/v1/approvals/{body['approval_id']}", headers=client.headers)
             assert response.json() == plain.json()
+
+    async def test_a_woken_wait_is_logged_with_its_answer_and_its_id(
+        self,
+        http: httpx.AsyncClient,
+        client: RegisteredClient,
+        phone: PairedDevice,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # The wait runs after the router and FastAPI have returned (the long-poll parking):
+        # the observer outside it still sees the answer, its status and the whole wait.
+        body = await request_approval(http, client)
+        await settle_deliveries(http, client, body["approval_id"])
+        with caplog.at_level(logging.INFO, logger="pns.access"):
+            waiting = asyncio.create_task(
+                http.get(
+                    f"/v1/approvals/{body['approval_id']}?wait=30",
+                    headers={**client.headers, "X-Request-ID": "wait-1"},
+                )
+            )
+            await asyncio.sleep(0.3)
+            await answer(http, phone, body["approval_id"], "reject")
+            response = await asyncio.wait_for(waiting, 10)
+        assert response.status_code == 200
+        assert response.headers["x-request-id"] == "wait-1"
+        [line] = [r for r in caplog.records if getattr(r, "request_id", None) == "wait-1"]
+        assert line.status == 200  # type: ignore[attr-defined]
+        assert line.route == "/v1/approvals/{approval_id}"  # type: ignore[attr-defined]
+        assert line.duration_ms >= 300  # type: ignore[attr-defined]
 
     async def test_wakes_on_the_decision(
         self, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice

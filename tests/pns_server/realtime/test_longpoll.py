@@ -1,15 +1,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import BaseModel
-from starlette.types import Message, Receive
+from sqlalchemy.exc import OperationalError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pns_server.errors import NotFound
 from pns_server.realtime.base import SharedReads
-from pns_server.realtime.longpoll import Disconnected, LongPollResponse, Rendered, long_poll
+from pns_server.realtime.longpoll import (
+    Disconnected,
+    LongPollParking,
+    LongPollResponse,
+    Rendered,
+    long_poll,
+)
 from pns_server.realtime.memory import MemoryNotifier
 
 
@@ -291,6 +300,100 @@ class TestLongPollResponse:
         with pytest.raises(LookupError):
             await response({"type": "http"}, receive, send)
         assert sent == []  # the app's error handler can still answer
+
+
+class TestLongPollParking:
+    """The wait runs in the parking middleware once everything inside it has returned."""
+
+    @staticmethod
+    def inner_app(response: LongPollResponse, frames: list[str]) -> ASGIApp:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            frames.append("entered")
+            try:
+                await response(scope, receive, send)
+            finally:
+                frames.append("returned")
+
+        return app
+
+    @staticmethod
+    async def never_disconnects() -> Message:
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def test_the_inner_app_has_returned_while_the_poll_waits(self) -> None:
+        frames: list[str] = []
+        release = asyncio.Event()
+
+        async def poll(_disconnected: Disconnected) -> bytes:
+            frames.append("waiting")
+            await release.wait()
+            return b'{"status":"approved"}'
+
+        response = LongPollResponse(poll)
+        response.headers["cache-control"] = "no-store"
+        parking = LongPollParking(self.inner_app(response, frames))
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        task = asyncio.create_task(parking({"type": "http"}, self.never_disconnects, send))
+        while "waiting" not in frames:
+            await asyncio.sleep(0)
+        assert frames == ["entered", "returned", "waiting"]
+        assert sent == []
+        release.set()
+        await asyncio.wait_for(task, 5)
+        start, body = sent
+        assert start["status"] == 200
+        assert (b"content-type", b"application/json") in start["headers"]
+        assert (b"cache-control", b"no-store") in start["headers"]
+        assert body["body"] == b'{"status":"approved"}'
+
+    @pytest.mark.parametrize(
+        ("error", "status", "code"),
+        [
+            (NotFound("No such approval."), 404, "not_found"),
+            (OperationalError("SELECT 1", {}, OSError("connection refused")), 503, "unavailable"),
+            (LookupError("a bug"), 500, "internal_error"),
+        ],
+    )
+    async def test_a_failed_poll_is_answered_with_its_problem(
+        self, error: Exception, status: int, code: str
+    ) -> None:
+        async def poll(_disconnected: Disconnected) -> bytes:
+            await asyncio.sleep(0.01)
+            raise error
+
+        frames: list[str] = []
+        parking = LongPollParking(self.inner_app(LongPollResponse(poll), frames))
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(parking({"type": "http"}, self.never_disconnects, send), 5)
+        start, body = sent
+        assert start["status"] == status
+        assert (b"content-type", b"application/problem+json") in start["headers"]
+        assert json.loads(body["body"])["code"] == code
+        if status == 503:
+            assert (b"retry-after", b"1") in start["headers"]
+
+    async def test_other_responses_pass_through(self) -> None:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await LongPollParking(app)({"type": "http"}, self.never_disconnects, send)
+        assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+        assert sent[0]["status"] == 204
 
 
 async def test_a_broken_receive_ends_the_wait_as_a_disconnect() -> None:
