@@ -6,6 +6,8 @@ per concern: `creation`, `answers` (a device's signed answer), `signing`, and
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
+from functools import partial
 
 from pns_server.approvals.outcomes import (
     Outcome,
@@ -139,26 +141,39 @@ async def wait_for_state(
     """The approval's state; with `wait`, a long-poll that returns once it is decided or,
     as `until` asks, a delivery outcome changes (`change`) or every push failed
     (`final_or_failed`). One short read per look: the wait holds no connection. Waiters
-    woken together share the read and its rendered body."""
-
-    async def read() -> Rendered[ApprovalState]:
-        return Rendered(await read_state(runtime, client_id, approval_id))
-
-    settled = settles(until)
-
-    with runtime.metrics.longpoll_waiters.track_inprogress():
+    woken together share the read and its rendered body. Partials of module functions, not
+    closures: a wait holds them for up to a minute, thousands at once."""
+    waiters = runtime.metrics.longpoll_waiters
+    waiters.inc()
+    try:
         return await long_poll(
             runtime.notifier,
             approval_topic(approval_id),
-            read,
-            lambda read: settled(read.value),
+            partial(read_rendered_state, runtime, client_id, approval_id),
+            partial(settled_state, settles(until)),
             wait,
-            deadline_of=lambda read: (
-                read.value.expires_at if read.value.status == ApprovalStatus.PENDING.value else None
-            ),
+            deadline_of=pending_expiry,
             share_key=f"{client_id}:{approval_id}",
             disconnected=disconnected,
         )
+    finally:
+        waiters.dec()
+
+
+async def read_rendered_state(
+    runtime: Runtime, client_id: str, approval_id: str
+) -> Rendered[ApprovalState]:
+    return Rendered(await read_state(runtime, client_id, approval_id))
+
+
+def settled_state(settled: Callable[[ApprovalState], bool], read: Rendered[ApprovalState]) -> bool:
+    return settled(read.value)
+
+
+def pending_expiry(read: Rendered[ApprovalState]) -> datetime | None:
+    """When a pending approval expires by itself: the wait re-reads just after."""
+    pending = read.value.status == ApprovalStatus.PENDING.value
+    return read.value.expires_at if pending else None
 
 
 def state_response(
@@ -166,13 +181,19 @@ def state_response(
 ) -> LongPollResponse:
     """GET /v1/approvals/{id}: `wait_for_state`, run as the response is sent, so a waiting
     request holds neither the handler's frames nor the authenticated client row."""
-    client_id = client.id
+    return LongPollResponse(partial(state_body, runtime, client.id, approval_id, wait, until))
 
-    async def poll(disconnected: Disconnected) -> bytes:
-        polled = await wait_for_state(runtime, client_id, approval_id, wait, disconnected, until)
-        return polled.body
 
-    return LongPollResponse(poll)
+async def state_body(
+    runtime: Runtime,
+    client_id: str,
+    approval_id: str,
+    wait: float,
+    until: WaitUntil,
+    disconnected: Disconnected,
+) -> bytes:
+    polled = await wait_for_state(runtime, client_id, approval_id, wait, disconnected, until)
+    return polled.body
 
 
 async def cancel(
@@ -229,36 +250,46 @@ async def wait_for_pending(
 ) -> Rendered[DeviceApprovalList]:
     """The pending approvals; with `wait`, a long-poll that returns as soon as one is
     pending (at once if one already is). Holds no database connection while it waits."""
-
-    async def read() -> Rendered[DeviceApprovalList]:
-        # Only live pending approvals are listed: an expired one needs no write to be left
-        # out, so this is one read statement outside any transaction.
-        async with runtime.db.unit_read() as unit:
-            return Rendered(await pending_for(unit, client_id))
-
+    read = partial(read_rendered_pending, runtime, client_id)
     if wait <= 0:
         return await read()
-    with runtime.metrics.longpoll_waiters.track_inprogress():
+    waiters = runtime.metrics.longpoll_waiters
+    waiters.inc()
+    try:
         return await long_poll(
             runtime.notifier,
             pending_topic(client_id),
             read,
-            lambda read: bool(read.value.approvals),
+            any_pending,
             wait,
             share_key=f"pending:{client_id}",
             disconnected=disconnected,
         )
+    finally:
+        waiters.dec()
+
+
+async def read_rendered_pending(runtime: Runtime, client_id: str) -> Rendered[DeviceApprovalList]:
+    # Only live pending approvals are listed: an expired one needs no write to be left
+    # out, so this is one read statement outside any transaction.
+    async with runtime.db.unit_read() as unit:
+        return Rendered(await pending_for(unit, client_id))
+
+
+def any_pending(read: Rendered[DeviceApprovalList]) -> bool:
+    return bool(read.value.approvals)
 
 
 def pending_response(runtime: Runtime, device: DeviceRow, wait: float) -> LongPollResponse:
     """GET /v1/device/approvals: `wait_for_pending`, run as the response is sent (see
     `state_response`); it also ends when the phone disconnects."""
-    client_id = device.client_id
+    return LongPollResponse(partial(pending_body, runtime, device.client_id, wait))
 
-    async def poll(disconnected: Disconnected) -> bytes:
-        return (await wait_for_pending(runtime, client_id, wait, disconnected)).body
 
-    return LongPollResponse(poll)
+async def pending_body(
+    runtime: Runtime, client_id: str, wait: float, disconnected: Disconnected
+) -> bytes:
+    return (await wait_for_pending(runtime, client_id, wait, disconnected)).body
 
 
 async def device_view(runtime: Runtime, device: DeviceRow, approval_id: str) -> DeviceApproval:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -132,20 +132,39 @@ class LocalFanout:
             for sub in subs:
                 sub.wake()
 
-    @asynccontextmanager
-    async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
-        sub = Subscription(topic)
-        self._subs[topic].add(sub)
+    def subscribe(self, topic: str) -> Subscribed:
+        return Subscribed(self, Subscription(topic))
+
+    def add(self, sub: Subscription) -> None:
+        self._subs[sub.topic].add(sub)
         if self.closing:
             sub.wake()
-        try:
-            yield sub
-        finally:
-            subs = self._subs.get(topic)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._subs[topic]
+
+    def discard(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.topic)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.topic]
+
+
+class Subscribed:
+    """`async with notifier.subscribe(topic) as sub`: registered for the block. A class, not
+    an `asynccontextmanager`: that is three more objects (and a generator frame) for each
+    of the thousands of waits held at once."""
+
+    __slots__ = ("fanout", "sub")
+
+    def __init__(self, fanout: LocalFanout, sub: Subscription) -> None:
+        self.fanout = fanout
+        self.sub = sub
+
+    async def __aenter__(self) -> Subscription:
+        self.fanout.add(self.sub)
+        return self.sub
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.fanout.discard(self.sub)
 
 
 class Notifier(Protocol):

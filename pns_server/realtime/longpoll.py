@@ -63,29 +63,12 @@ async def long_poll(
     holding its slot (and re-reading) for a caller who will never see the answer."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + max(0.0, wait)
-
-    async def fresh(not_before: float) -> T:
-        if share_key is None:
-            return await read()
-        return await notifier.reads.run(share_key, read, not_before)
-
+    # No closures here: thousands of waits are held at once, and every cell and function
+    # object one holds is walked by each full garbage collection.
     watcher: asyncio.Future[None] | None = None
-
-    async def first_read(not_before: float) -> T:
-        # A wait that starts while the database restarts rides it out like a re-read does;
-        # a caller that asked for no wait gets the error at once.
-        while True:
-            try:
-                return await fresh(not_before)
-            except TRANSIENT:
-                if loop.time() >= give_up:
-                    raise
-                log.warning("long-poll read failed; retrying while the wait lasts")
-                await asyncio.sleep(min(RETRY_READ_SECONDS, max(give_up - loop.time(), 0.0)))
-
     async with notifier.subscribe(topic) as subscription:
         try:
-            value = await first_read(subscription.since)
+            value = await _first_read(notifier, read, share_key, subscription.since, give_up)
             while not is_settled(value) and not notifier.closing:
                 left = give_up - loop.time()
                 if left <= 0:
@@ -96,8 +79,9 @@ async def long_poll(
                 woken = await subscription.wait(_timeout(notifier, value, left, deadline_of))
                 if subscription.caller_gone:
                     break
+                not_before = subscription.woken_at if woken else time.monotonic()
                 try:
-                    value = await fresh(subscription.woken_at if woken else time.monotonic())
+                    value = await _fresh(notifier, read, share_key, not_before)
                 except TRANSIENT:
                     if loop.time() >= give_up:
                         raise
@@ -107,6 +91,34 @@ async def long_poll(
             if watcher is not None:
                 watcher.cancel()
     return value
+
+
+async def _fresh(
+    notifier: Notifier, read: Callable[[], Awaitable[T]], share_key: str | None, not_before: float
+) -> T:
+    if share_key is None:
+        return await read()
+    return await notifier.reads.run(share_key, read, not_before)
+
+
+async def _first_read(
+    notifier: Notifier,
+    read: Callable[[], Awaitable[T]],
+    share_key: str | None,
+    not_before: float,
+    give_up: float,
+) -> T:
+    """A wait that starts while the database restarts rides it out like a re-read does; a
+    caller that asked for no wait gets the error at once."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return await _fresh(notifier, read, share_key, not_before)
+        except TRANSIENT:
+            if loop.time() >= give_up:
+                raise
+            log.warning("long-poll read failed; retrying while the wait lasts")
+            await asyncio.sleep(min(RETRY_READ_SECONDS, max(give_up - loop.time(), 0.0)))
 
 
 def _watch(disconnected: Disconnected, subscription: Subscription) -> asyncio.Future[None]:
