@@ -353,6 +353,7 @@ async def longpoll_capacity(
                     asyncio.gather(*(w.final for w in waits if w.final)), 120
                 )
                 wake_all = max(woken) - started
+                woken_after = sorted(moment - started for moment in woken)
                 if profiler is not None:
                     stop_profiler(profiler)
                 repolls = sum(w.asked for w in waits) - len(waits)
@@ -369,6 +370,8 @@ async def longpoll_capacity(
             "rss_before_mb": round(rss_before / 1024, 1),
             "rss_held_mb": round(rss_after / 1024, 1),
             "mb_per_1000_waits": round(per_thousand, 1),
+            "wake_first_ms": round(woken_after[0] * 1000, 1),
+            "wake_p50_ms": round(woken_after[len(woken_after) // 2] * 1000, 1),
             "wake_all_ms": round(wake_all * 1000, 1),
             "repolls_during_run": repolls,
         }
