@@ -412,6 +412,11 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
                 sides.append(PushSide(label, server, http, parties, [], {}))
             fake = fakes.apns if service == "apns" else fakes.fcm
             per_round = size.push_parties * size.push_phones
+            profiler = None
+            if harness.PROFILE_DIR is not None:
+                # The rounds on their own: the set-up (pairing every phone) would drown them.
+                profiler = start_profiler(sides[0].server, f"push-rounds-{service}-{kind}")
+                await asyncio.sleep(1.0)  # py-spy attaches before the first round
             for round_number in range(1, size.push_rounds + 1):
                 for side in sides:
                     meter = meter_for(dbs, kind, side.server, fakes, None)
@@ -427,6 +432,8 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
                     )
                     for key, value in meter.used.items():
                         side.used[key] = round(side.used.get(key, 0.0) + value, 2)
+            if profiler is not None:
+                stop_profiler(profiler)
         for side in sides:
             pushes = per_round * size.push_rounds
             everyone = sum(v for k, v in side.used.items() if k.startswith("cpu_"))

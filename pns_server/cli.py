@@ -70,18 +70,13 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     if workers > 1:
         return serve_workers(settings, workers)
     from pns_server.app import create_app
-    from pns_server.shutdown import run_server
+    from pns_server.shutdown import run_server, server_options
 
     run_server(
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # our root handler (JSON or text, redacted) takes uvicorn's lines
-        access_log=False,
-        # create_app applies X-Forwarded-* itself, from PNS_FORWARDED_ALLOW_IPS only.
-        proxy_headers=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout,
+        **server_options(settings),
     )
     return 0
 

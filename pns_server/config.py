@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     webpush_subject: str | None = None
 
     shutdown_timeout: float = Field(default=10.0, ge=0)
+    # How long an idle keep-alive connection stays open. Longer than the idle timeout of
+    # the clients and proxies in front (httpx 5 s; nginx's upstream connections and cloud
+    # load balancers 60 s): a server that closes first races the client's next request on
+    # that connection, which then fails without an answer.
+    keep_alive_seconds: float = Field(default=90.0, gt=0)
     retention_days: int = Field(default=30, ge=1)
     retention_interval_seconds: int = Field(default=3600, ge=10)
 

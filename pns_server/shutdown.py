@@ -19,6 +19,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from pns_server.config import Settings
+
 log = logging.getLogger("pns")
 
 
@@ -67,6 +69,19 @@ class GracefulServer(uvicorn.Server):
         if self._loop is not None and not self._loop.is_closed():
             # A signal handler runs between bytecodes: hand the work to the loop.
             self._loop.call_soon_threadsafe(release_waiters, self.pns_app)
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for a relay process, alone (`serve`) or one of `--workers`."""
+    return {
+        "log_level": settings.log_level,
+        "log_config": None,  # our root handler (JSON or text, redacted) takes uvicorn's lines
+        "access_log": False,
+        # create_app applies X-Forwarded-* itself, from PNS_FORWARDED_ALLOW_IPS only.
+        "proxy_headers": False,
+        "timeout_graceful_shutdown": settings.shutdown_timeout,
+        "timeout_keep_alive": settings.keep_alive_seconds,
+    }
 
 
 def run_server(app: FastAPI, **config: Any) -> None:

@@ -22,7 +22,6 @@ import socket
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any
 
 from pns_server.config import Settings
 
@@ -70,7 +69,7 @@ def run_worker(index: int) -> None:
     from pns_server.app import create_app
     from pns_server.config import load_settings
     from pns_server.observability import configure_logging
-    from pns_server.shutdown import GracefulServer
+    from pns_server.shutdown import GracefulServer, server_options
 
     # The supervisor migrated already; N workers racing alembic would only fail.
     settings = load_settings().model_copy(update={"migrate_on_start": False})
@@ -83,15 +82,7 @@ def run_worker(index: int) -> None:
         )
         raise SystemExit(EXIT_CANNOT_START) from None
     app = create_app(settings)
-    options: dict[str, Any] = {
-        "log_level": settings.log_level,
-        "log_config": None,  # our root handler (JSON or text, redacted) takes uvicorn's lines
-        "access_log": False,
-        # create_app applies X-Forwarded-* itself, from PNS_FORWARDED_ALLOW_IPS only.
-        "proxy_headers": False,
-        "timeout_graceful_shutdown": settings.shutdown_timeout,
-    }
-    config = uvicorn.Config(app, **options)
+    config = uvicorn.Config(app, **server_options(settings))
     log.info("worker %d (pid %d) serving", index, multiprocessing.current_process().pid)
     server = GracefulServer(config, app)
     server.run(sockets=[sock])

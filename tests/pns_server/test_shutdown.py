@@ -12,7 +12,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from pns_server.shutdown import GracefulServer
+from pns_server.config import Settings
+from pns_server.shutdown import GracefulServer, server_options
 from tests.conftest import server_env
 from tests.support.factories import pair_app_device, register_client
 from tests.support.server import LiveServer
@@ -94,3 +95,30 @@ async def test_the_objects_built_to_start_are_left_out_of_garbage_collection() -
         await asyncio.wait_for(serving, 10)
     finally:
         gc.unfreeze()
+
+
+def test_idle_connections_outlive_the_clients_and_proxies_in_front() -> None:
+    # A server that closes an idle connection first races the client's next request on it
+    # (httpx keeps one 5 s, nginx an upstream one 60 s): that request fails unanswered.
+    options = server_options(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert options["timeout_keep_alive"] > 60
+
+
+async def test_the_keep_alive_setting_reaches_the_server(database_url: str, tmp_path: Path) -> None:
+    env = server_env(database_url, tmp_path, PNS_KEEP_ALIVE_SECONDS="1")
+    server = LiveServer(env, tmp_path / "server.log").start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        started = time.monotonic()
+        # uvicorn's own default would keep it for 5 s: closed after about 1 s, it is ours.
+        assert await asyncio.wait_for(reader.read(), 4.5) == b""
+        assert time.monotonic() - started >= 0.5
+        writer.close()
+    finally:
+        server.stop()
