@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from pns_server.config import Settings
 from pns_server.devices.router import router as devices_router
 from pns_server.docs_page import install_docs_page
 from pns_server.health import router as health_router
+from pns_server.metrics import GcPauses
 from pns_server.middleware import BodyLimitMiddleware, RefuseControlCharacters
 from pns_server.observability import RequestObserver
 from pns_server.otp.router import router as otp_router
@@ -40,6 +42,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     webapp.warn_if_not_https(settings)
     runtime = await build_runtime(context)
     app.state.runtime = runtime
+    gc_pauses = GcPauses(context.metrics.gc_pause_seconds)
+    gc.callbacks.append(gc_pauses)
     dispatcher = start_dispatcher(runtime)
     runtime.tasks.append(
         asyncio.create_task(sweep_periodically(runtime.db, runtime.metrics), name="pns-expiry")
@@ -47,6 +51,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        gc.callbacks.remove(gc_pauses)
         # Let pushes already in flight finish before the connections go away.
         await dispatcher.stop(timeout=min(5.0, settings.shutdown_timeout))
         await close_runtime(runtime)

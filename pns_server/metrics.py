@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,6 +28,7 @@ from pns_server.states import OPEN_DELIVERY
 log = logging.getLogger(__name__)
 # Request durations include long-polls, which are held up to 60 s: buckets reach that far.
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60)
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 # The `_created` timestamp series double every counter and histogram (and would name one
 # `pns_approvals_created_created`); rate() needs none of them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -83,6 +85,13 @@ class Metrics:
             "pns_longpoll_waiters", "Long-polls waiting right now", registry=r
         )
         self.devices = Gauge("pns_devices", "Active devices", ["kind", "push"], registry=r)
+        self.gc_pause_seconds = Histogram(
+            "pns_gc_pause_seconds",
+            "Garbage collections, by generation: every request in the process waits for one",
+            ["generation"],
+            registry=r,
+            buckets=GC_BUCKETS,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -104,3 +113,20 @@ class Metrics:
         for kind, service, count in device_rows:
             self.devices.labels(kind, service).set(count)
         self.outbox_pending.set(pending or 0)
+
+
+class GcPauses:
+    """A `gc.callbacks` entry timing each collection into `pns_gc_pause_seconds`. While one
+    runs the event loop stands still; a full collection walks every object the process
+    holds, so with thousands of long-polls waiting it takes a large part of a second: this
+    is the series that explains such a latency spike."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._by_generation = [histogram.labels(str(g)) for g in range(3)]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self._by_generation[info["generation"]].observe(time.perf_counter() - self._started)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -131,6 +132,17 @@ class TestHttpMetrics:
             'pns_http_request_seconds_count{method="GET",route="/v1/approvals/{approval_id}"}'
             in text
         )
+
+    async def test_garbage_collection_pauses_by_generation(self, http: httpx.AsyncClient) -> None:
+        def full_collections(text: str) -> float:
+            found = re.search(r'^pns_gc_pause_seconds_count\{generation="2"\} (\S+)$', text, re.M)
+            assert found is not None
+            return float(found.group(1))
+
+        before = full_collections((await http.get("/metrics")).text)
+        gc.collect()
+        gc.collect()
+        assert full_collections((await http.get("/metrics")).text) >= before + 2
 
     async def test_gauges_from_the_database_and_the_notifier(
         self, http: httpx.AsyncClient, app
