@@ -5,7 +5,6 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -60,10 +59,32 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-@dataclass
 class _Flight:
-    started: float
-    future: asyncio.Future[Any]
+    """A read under way, and the futures of the waiters who joined it."""
+
+    __slots__ = ("joined", "started")
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.joined: list[asyncio.Future[Any]] = []
+
+    def join(self) -> asyncio.Future[Any]:
+        joined: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.joined.append(joined)
+        return joined
+
+    def settle(self, value: Any = None, error: BaseException | None = None) -> None:
+        for joined in self.joined:
+            if joined.done():
+                continue  # that waiter was cancelled: nobody to tell
+            if error is None:
+                joined.set_result(value)
+            else:
+                joined.set_exception(error)
+
+
+class _ReadAbandoned(Exception):
+    """The waiter making the read was cancelled: the others share the next one."""
 
 
 class SharedReads:
@@ -72,39 +93,40 @@ class SharedReads:
     A waiter joins only a read that *started after* its latest wake-up (`not_before`), so the
     shared result always includes the commit that woke it: no wake-up is lost. A waiter that
     finds an older read under way waits for it to end and shares the next one: thousands of
-    long-polls arriving while one read runs cost one more read, not thousands."""
+    long-polls arriving while one read runs cost one more read, not thousands.
+
+    Each joiner awaits a future of its own, settled by the reader: a joiner cancelled
+    leaves the others be (what `asyncio.shield` would give, without its two callbacks per
+    joiner, for each of ten thousand woken waiters)."""
 
     def __init__(self) -> None:
         self._flights: dict[str, _Flight] = {}
 
     async def run(self, key: str, read: Callable[[], Awaitable[T]], not_before: float) -> T:
         while (flight := self._flights.get(key)) is not None:
-            if flight.started < not_before:
-                # It may have missed the commit we were woken for: not ours to share.
-                await asyncio.wait([flight.future])
-                continue
+            shares = flight.started >= not_before
             try:
-                value: T = await asyncio.shield(flight.future)
+                value: T = await flight.join()
+            except _ReadAbandoned:
+                continue  # share the next read, or make it
+            except Exception:
+                if shares:
+                    raise
+                continue  # an older read's failure is not ours: read again
+            if shares:
                 return value
-            except asyncio.CancelledError:
-                if not flight.future.cancelled():
-                    raise  # we were cancelled ourselves
-                # the reading request went away: share the next read, or make it
-        flight = _Flight(time.monotonic(), asyncio.get_running_loop().create_future())
+            # It may have missed the commit we were woken for: not ours to share.
+        flight = _Flight()
         self._flights[key] = flight
         try:
             value = await read()
         except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                flight.future.cancel()
-            else:
-                flight.future.set_exception(exc)
-                flight.future.exception()  # joined waiters re-raise it; never "unretrieved"
+            del self._flights[key]
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            flight.settle(error=_ReadAbandoned() if cancelled else exc)
             raise
-        finally:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-        flight.future.set_result(value)
+        del self._flights[key]
+        flight.settle(value)
         return value
 
 

@@ -185,6 +185,27 @@ class TestSharedReads:
         assert await follower == "approved"
         assert calls == 2
 
+    async def test_a_cancelled_joiner_leaves_the_read_to_the_others(self) -> None:
+        reads = SharedReads()
+        calls = 0
+
+        async def read() -> str:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.05)
+            return "approved"
+
+        leader = asyncio.create_task(reads.run("k", read, 0.0))
+        await asyncio.sleep(0)
+        quitter = asyncio.create_task(reads.run("k", read, 0.0))
+        stayer = asyncio.create_task(reads.run("k", read, 0.0))
+        await asyncio.sleep(0)
+        quitter.cancel()
+        assert await leader == "approved"
+        assert await stayer == "approved"
+        assert quitter.cancelled()
+        assert calls == 1  # the joiner's cancel did not cancel the shared read
+
 
 class TestSubscription:
     async def test_a_wakeup_before_the_wait_is_kept_for_it(self) -> None:
