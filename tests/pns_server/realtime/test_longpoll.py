@@ -109,6 +109,18 @@ async def test_closing_releases_waiters_with_the_current_state() -> None:
     assert await asyncio.wait_for(task, 5) == "pending"
 
 
+class SlowRead:
+    """A read that takes a query's round trip, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        await asyncio.sleep(0.05)
+        return "approved"
+
+
 class TestSharedReads:
     async def test_waiters_woken_together_share_one_read(self) -> None:
         class DatabaseRead(Counter):
@@ -168,33 +180,17 @@ class TestSharedReads:
                 await task
 
     async def test_a_cancelled_reader_leaves_the_others_to_read_themselves(self) -> None:
-        reads = SharedReads()
-        calls = 0
-
-        async def read() -> str:
-            nonlocal calls
-            calls += 1
-            await asyncio.sleep(0.05)
-            return "approved"
-
+        reads, read = SharedReads(), SlowRead()
         leader = asyncio.create_task(reads.run("k", read, 0.0))
         await asyncio.sleep(0)
         follower = asyncio.create_task(reads.run("k", read, 0.0))
         await asyncio.sleep(0)
         leader.cancel()
         assert await follower == "approved"
-        assert calls == 2
+        assert read.calls == 2
 
     async def test_a_cancelled_joiner_leaves_the_read_to_the_others(self) -> None:
-        reads = SharedReads()
-        calls = 0
-
-        async def read() -> str:
-            nonlocal calls
-            calls += 1
-            await asyncio.sleep(0.05)
-            return "approved"
-
+        reads, read = SharedReads(), SlowRead()
         leader = asyncio.create_task(reads.run("k", read, 0.0))
         await asyncio.sleep(0)
         quitter = asyncio.create_task(reads.run("k", read, 0.0))
@@ -204,7 +200,7 @@ class TestSharedReads:
         assert await leader == "approved"
         assert await stayer == "approved"
         assert quitter.cancelled()
-        assert calls == 1  # the joiner's cancel did not cancel the shared read
+        assert read.calls == 1  # the joiner's cancel did not cancel the shared read
 
 
 class TestSubscription:
