@@ -504,6 +504,21 @@ def start_profiler(server: LiveServer, name: str = "relay") -> subprocess.Popen[
     )
 
 
+@contextlib.asynccontextmanager
+async def profiled(server: LiveServer, name: str, wanted: bool = True) -> AsyncIterator[None]:
+    """py-spy on `server` for this block alone, when `bench.run --profile DIR` asked for it
+    (and `wanted`): a phase's profile without the set-up around it."""
+    if PROFILE_DIR is None or not wanted:
+        yield
+        return
+    profiler = start_profiler(server, name)
+    await asyncio.sleep(1.0)  # py-spy attaches before the block's work starts
+    try:
+        yield
+    finally:
+        stop_profiler(profiler)
+
+
 def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
     """py-spy writes its output on SIGINT."""
     profiler.send_signal(signal.SIGINT)

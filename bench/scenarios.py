@@ -28,12 +28,11 @@ from bench.harness import (
     new_party,
     percentiles,
     phones,
+    profiled,
     providers,
     relays,
     rss_kib,
     signed_answer,
-    start_profiler,
-    stop_profiler,
     wait_until_final,
 )
 
@@ -339,25 +338,20 @@ async def longpoll_capacity(
                 ramp = time.perf_counter() - ramp_started
                 held = await waiters_now(http)
                 rss_after = rss_kib(pid)
-                profiler = None
-                if harness.PROFILE_DIR is not None:
-                    # The wake on its own: the ramp would drown it in the whole run's profile.
-                    profiler = start_profiler(server, f"longpoll-wake-{kind}")
-                    await asyncio.sleep(1.0)  # py-spy attaches before the decisions
-                started = time.perf_counter()
-                await asyncio.gather(
-                    *(
-                        approve(http, p.phones[0], a["approval_id"], a["match_code"])
-                        for p, a in zip(parties, approvals, strict=True)
+                # The wake on its own: the ramp would drown it in the whole run's profile.
+                async with profiled(server, f"longpoll-wake-{kind}"):
+                    started = time.perf_counter()
+                    await asyncio.gather(
+                        *(
+                            approve(http, p.phones[0], a["approval_id"], a["match_code"])
+                            for p, a in zip(parties, approvals, strict=True)
+                        )
                     )
-                )
-                woken = await asyncio.wait_for(
-                    asyncio.gather(*(w.final for w in waits if w.final)), 120
-                )
+                    woken = await asyncio.wait_for(
+                        asyncio.gather(*(w.final for w in waits if w.final)), 120
+                    )
                 wake_all = max(woken) - started
                 woken_after = sorted(moment - started for moment in woken)
-                if profiler is not None:
-                    stop_profiler(profiler)
                 repolls = sum(w.asked for w in waits) - len(waits)
             finally:
                 for wait in waits:
@@ -414,28 +408,25 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
                 sides.append(PushSide(label, server, http, parties, [], {}))
             fake = fakes.apns if service == "apns" else fakes.fcm
             per_round = size.push_parties * size.push_phones
-            profiler = None
-            if harness.PROFILE_DIR is not None:
-                # The rounds on their own: the set-up (pairing every phone) would drown them.
-                profiler = start_profiler(sides[0].server, f"push-rounds-{service}-{kind}")
-                await asyncio.sleep(1.0)  # py-spy attaches before the first round
-            for round_number in range(1, size.push_rounds + 1):
-                for side in sides:
-                    meter = meter_for(dbs, kind, side.server, fakes, None)
-                    with meter:
-                        before = (await fake.ask(op="count"))["count"]
-                        started = time.monotonic()
-                        await asyncio.gather(*(create_approval(side.http, p) for p in side.parties))
-                        seen = await fake.ask(op="wait", count=before + per_round, timeout=120)
-                    got = seen["count"] - before
-                    side.rates.append(got / (seen["last_at"] - started))
-                    assert got >= per_round, (
-                        f"{side.label} round {round_number}: {got} of {per_round}"
-                    )
-                    for key, value in meter.used.items():
-                        side.used[key] = round(side.used.get(key, 0.0) + value, 2)
-            if profiler is not None:
-                stop_profiler(profiler)
+            # The rounds on their own: the set-up (pairing every phone) would drown them.
+            async with profiled(sides[0].server, f"push-rounds-{service}-{kind}"):
+                for round_number in range(1, size.push_rounds + 1):
+                    for side in sides:
+                        meter = meter_for(dbs, kind, side.server, fakes, None)
+                        with meter:
+                            before = (await fake.ask(op="count"))["count"]
+                            started = time.monotonic()
+                            await asyncio.gather(
+                                *(create_approval(side.http, p) for p in side.parties)
+                            )
+                            seen = await fake.ask(op="wait", count=before + per_round, timeout=120)
+                        got = seen["count"] - before
+                        side.rates.append(got / (seen["last_at"] - started))
+                        assert got >= per_round, (
+                            f"{side.label} round {round_number}: {got} of {per_round}"
+                        )
+                        for key, value in meter.used.items():
+                            side.used[key] = round(side.used.get(key, 0.0) + value, 2)
         for side in sides:
             pushes = per_round * size.push_rounds
             everyone = sum(v for k, v in side.used.items() if k.startswith("cpu_"))
@@ -661,18 +652,14 @@ def route_jobs(rig: Rig) -> list[tuple[str, Any, bool]]:
 
 
 async def measure(rig: Rig, kind: str, dbs: Databases, route: str, job: Any, rows: range) -> None:
-    profiler = None
-    if harness.PROFILE_DIR is not None and rig.label == "this tree":
-        profiler = start_profiler(rig.server, f"route-{route}-{kind}")
     meter = CpuMeter(relay=relay_pid(rig.server), postgres=dbs.postgres_pid(kind))
     samples = rig.latencies.setdefault(route, [])
-    with meter:
-        for index in rows:
-            started = time.perf_counter()
-            await job(index)
-            samples.append(time.perf_counter() - started)
-    if profiler is not None:
-        stop_profiler(profiler)
+    async with profiled(rig.server, f"route-{route}-{kind}", rig.label == "this tree"):
+        with meter:
+            for index in rows:
+                started = time.perf_counter()
+                await job(index)
+                samples.append(time.perf_counter() - started)
     rig.cpu_s[route] = rig.cpu_s.get(route, 0.0) + meter.used["cpu_relay_s"]
     rig.pg_cpu_s[route] = rig.pg_cpu_s.get(route, 0.0) + meter.used.get("cpu_postgres_s", 0.0)
 

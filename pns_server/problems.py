@@ -180,5 +180,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # The last resort: the request observer answers these first, with the request id.
-        log_unexpected(log, exc)
-        return problem_response(internal_error())
+        return problem_response(problem_for(exc))

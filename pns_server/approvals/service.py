@@ -143,9 +143,7 @@ async def wait_for_state(
     (`final_or_failed`). One short read per look: the wait holds no connection. Waiters
     woken together share the read and its rendered body. Partials of module functions, not
     closures: a wait holds them for up to a minute, thousands at once."""
-    waiters = runtime.metrics.longpoll_waiters
-    waiters.inc()
-    try:
+    with runtime.metrics.longpoll_waiters.track_inprogress():
         return await long_poll(
             runtime.notifier,
             approval_topic(approval_id),
@@ -156,8 +154,6 @@ async def wait_for_state(
             share_key=f"{client_id}:{approval_id}",
             disconnected=disconnected,
         )
-    finally:
-        waiters.dec()
 
 
 async def read_rendered_state(
@@ -253,9 +249,7 @@ async def wait_for_pending(
     read = partial(read_rendered_pending, runtime, client_id)
     if wait <= 0:
         return await read()
-    waiters = runtime.metrics.longpoll_waiters
-    waiters.inc()
-    try:
+    with runtime.metrics.longpoll_waiters.track_inprogress():
         return await long_poll(
             runtime.notifier,
             pending_topic(client_id),
@@ -265,8 +259,6 @@ async def wait_for_pending(
             share_key=f"pending:{client_id}",
             disconnected=disconnected,
         )
-    finally:
-        waiters.dec()
 
 
 async def read_rendered_pending(runtime: Runtime, client_id: str) -> Rendered[DeviceApprovalList]:
