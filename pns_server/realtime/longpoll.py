@@ -175,6 +175,8 @@ Poll = Callable[[Disconnected], Awaitable[bytes]]
 _SET_HERE = frozenset({b"content-length", b"content-type"})
 # The scope key under which `LongPollParking` offers a waiting request a place to wait.
 PARKING = "pns.longpoll.parking"
+# What the router writes into the scope that the layers outside the parking read.
+ROUTING_KEYS = ("route", "endpoint", "path_params")
 
 
 class Parked:
@@ -245,8 +247,14 @@ class LongPollParking:
             await self.app(scope, receive, send)
             return
         parked = Parked()
-        scope[PARKING] = parked
-        await self.app(scope, receive, send)
+        # The inner application gets a scope of its own: what FastAPI adds to it for the
+        # request (three exit stacks, a third of a wait's memory) goes when it returns.
+        inner = {**scope, PARKING: parked}
+        await self.app(inner, receive, send)
+        for key in ROUTING_KEYS:  # the outer layers label the request by its route
+            if key in inner:
+                scope[key] = inner[key]
+        del inner
         response = parked.response
         if response is None:
             return  # answered inside

@@ -4,6 +4,7 @@ import asyncio
 import gc
 import json
 import time
+import weakref
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -368,6 +369,39 @@ class TestLongPollParking:
         assert (b"content-type", b"application/json") in start["headers"]
         assert (b"cache-control", b"no-store") in start["headers"]
         assert body["body"] == b'{"status":"approved"}'
+
+    async def test_what_the_inner_app_put_in_the_scope_is_let_go_but_the_route(self) -> None:
+        class ExitStack:
+            pass
+
+        route = object()
+        stacks: list[weakref.ref[ExitStack]] = []
+        release = asyncio.Event()
+
+        async def poll(_disconnected: Disconnected) -> bytes:
+            await release.wait()
+            return b"{}"
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            stack = ExitStack()
+            stacks.append(weakref.ref(stack))
+            scope["route"] = route  # what Starlette's router adds
+            scope["fastapi_astack"] = stack  # and what FastAPI adds for the request
+            await LongPollResponse(poll)(scope, receive, send)
+
+        async def send(_message: Message) -> None:
+            pass
+
+        scope: Scope = {"type": "http"}
+        task = asyncio.create_task(LongPollParking(app)(scope, self.never_disconnects, send))
+        while "route" not in scope and not task.done():
+            await asyncio.sleep(0)
+        gc.collect()
+        assert stacks[0]() is None  # while the poll waits
+        assert scope["route"] is route  # the request observer labels the answer by it
+        assert "fastapi_astack" not in scope
+        release.set()
+        await asyncio.wait_for(task, 5)
 
     @pytest.mark.parametrize(
         ("error", "status", "code"),
