@@ -8,6 +8,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,9 @@ class RawWait:
         self.writer: asyncio.StreamWriter | None = None
         self.final: asyncio.Task[float] | None = None
         self.asked = 0
+        # From the decision (its `decided_at`, the relay's clock: the same machine's) to the
+        # answer's arrival here.
+        self.after_decision = 0.0
 
     async def open(self) -> None:
         reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -286,7 +290,10 @@ class RawWait:
             length = re.search(rb"content-length: *(\d+)", head, re.I)
             body = await reader.readexactly(int(length.group(1)) if length else 0)
             if b'"pending"' not in body:
-                return time.perf_counter()
+                arrived = time.perf_counter()
+                decided = datetime.fromisoformat(json.loads(body)["decided_at"])
+                self.after_decision = time.time() - decided.timestamp()
+                return arrived
             self._ask()
 
     def close(self) -> None:
@@ -298,6 +305,13 @@ async def waiters_now(http: httpx.AsyncClient) -> int:
     text = (await http.get("/metrics")).text
     found = re.search(r"^pns_longpoll_waiters (\S+)$", text, re.M)
     return int(float(found.group(1))) if found else 0
+
+
+async def gc_paused_s(http: httpx.AsyncClient) -> float:
+    """The relay's garbage collections so far, in seconds of stopped event loop."""
+    text = (await http.get("/metrics")).text
+    sums = re.findall(r"^pns_gc_pause_seconds_sum\{[^}]*\} (\S+)$", text, re.M)
+    return sum(float(v) for v in sums)
 
 
 async def until_waiting(http: httpx.AsyncClient, count: int, timeout: float) -> int:
@@ -338,6 +352,7 @@ async def longpoll_capacity(
                 ramp = time.perf_counter() - ramp_started
                 held = await waiters_now(http)
                 rss_after = rss_kib(pid)
+                gc_before = await gc_paused_s(http)
                 # The wake on its own: the ramp would drown it in the whole run's profile.
                 async with profiled(server, f"longpoll-wake-{kind}"):
                     started = time.perf_counter()
@@ -351,7 +366,11 @@ async def longpoll_capacity(
                         asyncio.gather(*(w.final for w in waits if w.final)), 120
                     )
                 wake_all = max(woken) - started
+                gc_during_wake = await gc_paused_s(http) - gc_before
                 woken_after = sorted(moment - started for moment in woken)
+                # Each waiter from its own approval's decision: the hundred answers arrive at
+                # once, and the last of them is decided well after the first.
+                after_decision = sorted(w.after_decision for w in waits)
                 repolls = sum(w.asked for w in waits) - len(waits)
             finally:
                 for wait in waits:
@@ -369,6 +388,10 @@ async def longpoll_capacity(
             "wake_first_ms": round(woken_after[0] * 1000, 1),
             "wake_p50_ms": round(woken_after[len(woken_after) // 2] * 1000, 1),
             "wake_all_ms": round(wake_all * 1000, 1),
+            # The relay's event loop stood still this long for its garbage collector.
+            "wake_gc_ms": round(gc_during_wake * 1000, 1),
+            "after_decision_p50_ms": round(after_decision[len(after_decision) // 2] * 1000, 1),
+            "after_decision_max_ms": round(after_decision[-1] * 1000, 1),
             "repolls_during_run": repolls,
         }
     ]
