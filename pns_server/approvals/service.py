@@ -5,9 +5,7 @@ per concern: `creation`, `answers` (a device's signed answer), `signing`, and
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
-from functools import partial
 
 from pns_server.approvals.outcomes import (
     Outcome,
@@ -107,63 +105,66 @@ async def read_state(runtime: Runtime, client_id: str, approval_id: str) -> Appr
         return await state(unit, runtime.metrics, client_id, approval_id)
 
 
-def settles(until: WaitUntil) -> Callable[[ApprovalState], bool]:
-    """When a long-poll on a pending approval may return, as its caller asked (`until`)."""
-    pending = ApprovalStatus.PENDING.value
-    if until == "final":
-        return lambda value: value.status != pending
-    if until == "final_or_failed":
-        return lambda value: value.status != pending or all_failed(value.delivery)
-    first: list[DeliverySummary] = []
-
-    def changed(value: ApprovalState) -> bool:
-        # A delivery outcome also ends the wait: the client can offer OTP at once.
-        if not first:
-            first.append(value.delivery)
-        return value.status != pending or value.delivery != first[0]
-
-    return changed
-
-
 def all_failed(delivery: DeliverySummary) -> bool:
     """Every push failed and none is still on its way: the push cannot succeed any more."""
     return delivery.failed > 0 and delivery.queued == 0 and delivery.sent == 0
 
 
-async def wait_for_state(
-    runtime: Runtime,
-    client_id: str,
-    approval_id: str,
-    wait: float,
-    disconnected: Disconnected | None = None,
-    until: WaitUntil = "change",
-) -> Rendered[ApprovalState]:
-    """The approval's state; with `wait`, a long-poll that returns once it is decided or,
-    as `until` asks, a delivery outcome changes (`change`) or every push failed
-    (`final_or_failed`). One short read per look: the wait holds no connection. Waiters
-    woken together share the read and its rendered body. Partials of module functions, not
-    closures: a wait holds them for up to a minute, thousands at once."""
-    with runtime.metrics.longpoll_waiters.track_inprogress():
-        return await long_poll(
-            runtime.notifier,
-            approval_topic(approval_id),
-            partial(read_rendered_state, runtime, client_id, approval_id),
-            partial(settled_state, settles(until)),
-            wait,
-            deadline_of=pending_expiry,
-            share_key=f"{client_id}:{approval_id}",
-            disconnected=disconnected,
-        )
+class StateWait:
+    """GET /v1/approvals/{id}: the approval's state; with `wait`, a long-poll that returns
+    once it is decided or, as `until` asks, a delivery outcome changes (`change`) or every
+    push failed (`final_or_failed`). One short read per look: the wait holds no
+    connection, and waiters woken together share the read and its rendered body.
 
+    It runs as the response is sent (`LongPollResponse`), so a waiting request holds
+    neither the handler's frames nor the authenticated client row; and this one small
+    object is all it keeps of the request (its methods are the long-poll's read and test),
+    not a chain of partials, closures and frames: ten thousand are held at once."""
 
-async def read_rendered_state(
-    runtime: Runtime, client_id: str, approval_id: str
-) -> Rendered[ApprovalState]:
-    return Rendered(await read_state(runtime, client_id, approval_id))
+    __slots__ = ("approval_id", "client_id", "first_delivery", "runtime", "until", "wait")
 
+    def __init__(
+        self, runtime: Runtime, client_id: str, approval_id: str, wait: float, until: WaitUntil
+    ) -> None:
+        self.runtime = runtime
+        self.client_id = client_id
+        self.approval_id = approval_id
+        self.wait = wait
+        self.until = until
+        # `change`: the delivery outcome of the first read, which a later one must differ from.
+        self.first_delivery: DeliverySummary | None = None
 
-def settled_state(settled: Callable[[ApprovalState], bool], read: Rendered[ApprovalState]) -> bool:
-    return settled(read.value)
+    async def __call__(self, disconnected: Disconnected | None = None) -> bytes:
+        with self.runtime.metrics.longpoll_waiters.track_inprogress():
+            polled = await long_poll(
+                self.runtime.notifier,
+                approval_topic(self.approval_id),
+                self.read,
+                self.settled,
+                self.wait,
+                deadline_of=pending_expiry,
+                share_key=f"{self.client_id}:{self.approval_id}",
+                disconnected=disconnected,
+            )
+        return polled.body
+
+    async def read(self) -> Rendered[ApprovalState]:
+        return Rendered(await read_state(self.runtime, self.client_id, self.approval_id))
+
+    def settled(self, read: Rendered[ApprovalState]) -> bool:
+        """Whether the wait may return, as its caller asked (`until`)."""
+        state = read.value
+        if state.status != ApprovalStatus.PENDING.value:
+            return True
+        if self.until == "final":
+            return False
+        if self.until == "final_or_failed":
+            return all_failed(state.delivery)
+        # A delivery outcome also ends the wait: the client can offer OTP at once.
+        if self.first_delivery is None:
+            self.first_delivery = state.delivery
+            return False
+        return state.delivery != self.first_delivery
 
 
 def pending_expiry(read: Rendered[ApprovalState]) -> datetime | None:
@@ -175,21 +176,8 @@ def pending_expiry(read: Rendered[ApprovalState]) -> datetime | None:
 def state_response(
     runtime: Runtime, client: ClientRow, approval_id: str, wait: float, until: WaitUntil = "change"
 ) -> LongPollResponse:
-    """GET /v1/approvals/{id}: `wait_for_state`, run as the response is sent, so a waiting
-    request holds neither the handler's frames nor the authenticated client row."""
-    return LongPollResponse(partial(state_body, runtime, client.id, approval_id, wait, until))
-
-
-async def state_body(
-    runtime: Runtime,
-    client_id: str,
-    approval_id: str,
-    wait: float,
-    until: WaitUntil,
-    disconnected: Disconnected,
-) -> bytes:
-    polled = await wait_for_state(runtime, client_id, approval_id, wait, disconnected, until)
-    return polled.body
+    """GET /v1/approvals/{id}: a `StateWait`, run as the response is sent."""
+    return LongPollResponse(StateWait(runtime, client.id, approval_id, wait, until))
 
 
 async def cancel(
@@ -241,31 +229,39 @@ async def pending_for(unit: DriverUnit, client_id: str) -> DeviceApprovalList:
     return DeviceApprovalList(approvals=[for_device(a, name) for a, name in pending])
 
 
-async def wait_for_pending(
-    runtime: Runtime, client_id: str, wait: float, disconnected: Disconnected | None = None
-) -> Rendered[DeviceApprovalList]:
-    """The pending approvals; with `wait`, a long-poll that returns as soon as one is
-    pending (at once if one already is). Holds no database connection while it waits."""
-    read = partial(read_rendered_pending, runtime, client_id)
-    if wait <= 0:
-        return await read()
-    with runtime.metrics.longpoll_waiters.track_inprogress():
-        return await long_poll(
-            runtime.notifier,
-            pending_topic(client_id),
-            read,
-            any_pending,
-            wait,
-            share_key=f"pending:{client_id}",
-            disconnected=disconnected,
-        )
+class PendingWait:
+    """GET /v1/device/approvals: the pending approvals; with `wait`, a long-poll that returns
+    as soon as one is pending (at once if one already is), or when the phone disconnects.
+    Holds no database connection while it waits, and, like `StateWait`, keeps one small
+    object of the request."""
 
+    __slots__ = ("client_id", "runtime", "wait")
 
-async def read_rendered_pending(runtime: Runtime, client_id: str) -> Rendered[DeviceApprovalList]:
-    # Only live pending approvals are listed: an expired one needs no write to be left
-    # out, so this is one read statement outside any transaction.
-    async with runtime.db.unit_read() as unit:
-        return Rendered(await pending_for(unit, client_id))
+    def __init__(self, runtime: Runtime, client_id: str, wait: float) -> None:
+        self.runtime = runtime
+        self.client_id = client_id
+        self.wait = wait
+
+    async def __call__(self, disconnected: Disconnected | None = None) -> bytes:
+        if self.wait <= 0:
+            return (await self.read()).body
+        with self.runtime.metrics.longpoll_waiters.track_inprogress():
+            polled = await long_poll(
+                self.runtime.notifier,
+                pending_topic(self.client_id),
+                self.read,
+                any_pending,
+                self.wait,
+                share_key=f"pending:{self.client_id}",
+                disconnected=disconnected,
+            )
+        return polled.body
+
+    async def read(self) -> Rendered[DeviceApprovalList]:
+        # Only live pending approvals are listed: an expired one needs no write to be left
+        # out, so this is one read statement outside any transaction.
+        async with self.runtime.db.unit_read() as unit:
+            return Rendered(await pending_for(unit, self.client_id))
 
 
 def any_pending(read: Rendered[DeviceApprovalList]) -> bool:
@@ -273,15 +269,8 @@ def any_pending(read: Rendered[DeviceApprovalList]) -> bool:
 
 
 def pending_response(runtime: Runtime, device: DeviceRow, wait: float) -> LongPollResponse:
-    """GET /v1/device/approvals: `wait_for_pending`, run as the response is sent (see
-    `state_response`); it also ends when the phone disconnects."""
-    return LongPollResponse(partial(pending_body, runtime, device.client_id, wait))
-
-
-async def pending_body(
-    runtime: Runtime, client_id: str, wait: float, disconnected: Disconnected
-) -> bytes:
-    return (await wait_for_pending(runtime, client_id, wait, disconnected)).body
+    """GET /v1/device/approvals: a `PendingWait`, run as the response is sent."""
+    return LongPollResponse(PendingWait(runtime, device.client_id, wait))
 
 
 async def device_view(runtime: Runtime, device: DeviceRow, approval_id: str) -> DeviceApproval:

@@ -37,6 +37,15 @@ class Subscription:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def caller_left(self, watch: asyncio.Future[None]) -> None:
+        """The done-callback of the task watching for the HTTP caller's disconnect: the
+        wait ends. A method rather than a closure: thousands of watches are held."""
+        if watch.cancelled():
+            return  # the wait ended first
+        watch.exception()  # a broken receive also means nobody listens (retrieved, not logged)
+        self.caller_gone = True
+        self.wake()
+
     async def wait(self, timeout: float) -> bool:
         """True when woken (the state may have changed), False on timeout."""
         if not self._woken and timeout > 0:

@@ -125,15 +125,7 @@ def _watch(disconnected: Disconnected, subscription: Subscription) -> asyncio.Fu
     """A task that ends when the caller goes; its completion marks and wakes the wait. A
     done-callback rather than a coroutine of ours around it: thousands of these are held."""
     watcher = asyncio.ensure_future(disconnected())
-
-    def done(finished: asyncio.Future[None]) -> None:
-        if finished.cancelled():
-            return  # the wait ended first
-        finished.exception()  # a broken receive also means nobody listens (retrieved, not logged)
-        subscription.caller_gone = True
-        subscription.wake()
-
-    watcher.add_done_callback(done)
+    watcher.add_done_callback(subscription.caller_left)
     return watcher
 
 
@@ -212,9 +204,10 @@ class LongPollResponse(Response):
             return
         await self.send_answer(await self.wait(receive), scope, receive, send)
 
-    async def wait(self, receive: Receive) -> bytes:
-        """Run the poll until it settles (or the caller goes); its body."""
-        return await self._poll(until_disconnected(receive))
+    def wait(self, receive: Receive) -> Awaitable[bytes]:
+        """The poll, to run until it settles (or the caller goes); its body. Handed over
+        rather than awaited here: one coroutine frame fewer held by every wait."""
+        return self._poll(until_disconnected(receive))
 
     async def send_answer(self, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         """The two ASGI messages themselves: a woken wait of ten thousand pays for this once
