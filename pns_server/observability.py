@@ -184,7 +184,11 @@ def route_template(scope: Scope) -> str:
 
 class RequestObserver:
     """Pure ASGI (no BaseHTTPMiddleware: it breaks long-polls): request id in and out, one
-    access line and the HTTP metrics per request, labelled by route template."""
+    access line and the HTTP metrics per request, labelled by route template.
+
+    It runs outside the framework (see `app.RelayApp`), around the long-poll parking: a
+    parked wait holds its frame, so it keeps no closure. An exception the app did not
+    answer (`AnswerUnexpected` answers those inside) is answered here if nothing was sent."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -197,34 +201,16 @@ class RequestObserver:
         request_id = incoming_request_id(scope) or secrets.token_hex(8)
         token = request_id_var.set(request_id)
         started = time.perf_counter()
-        status = 500
-
-        status_sent = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, status_sent
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                status_sent = True
-                headers = [
-                    (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
-                ]
-                headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
+        answer = SendWithId(send, request_id)
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, answer)
         except Exception as exc:
-            if status_sent:
+            if answer.status is not None:
                 raise  # mid-body: nothing left to answer with
-            # Answered here rather than by the framework's last-resort handler, so the 500
-            # and its log line carry this request's id.
             log_unexpected(error_log, exc)
-            status = 500
-            response = problem_response(internal_error())
-            await response(scope, receive, send_with_id)
+            await problem_response(internal_error())(scope, receive, answer)
         finally:
+            status = 500 if answer.status is None else answer.status
             self._observe(scope, status, time.perf_counter() - started, request_id)
             request_id_var.reset(token)
 
@@ -249,3 +235,53 @@ class RequestObserver:
                 "client_ip": client[0] if client else None,
             },
         )
+
+
+class SendWithId:
+    """The observer's `send`: adds the request id to the answer and notes its status."""
+
+    __slots__ = ("request_id", "send", "status")
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self.send = send
+        self.request_id = request_id
+        self.status: int | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+            given = message.get("headers", [])
+            headers = [(k, v) for k, v in given if k.lower() != b"x-request-id"]
+            headers.append((b"x-request-id", self.request_id.encode()))
+            message = {**message, "headers": headers}
+        await self.send(message)
+
+
+class AnswerUnexpected:
+    """Pure ASGI, the outermost layer inside the framework: an exception our code did not
+    turn into a problem is logged (one line, without a statement's values) and answered
+    with a 500 problem here. Past this the framework's outermost middleware would answer
+    it and then re-raise it to the server, which logs the whole exception text, values
+    included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_start)
+        except Exception as exc:
+            if started:
+                raise  # mid-body: nothing left to answer with
+            log_unexpected(error_log, exc)
+            await problem_response(internal_error())(scope, receive, send)

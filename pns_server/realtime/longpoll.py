@@ -168,7 +168,7 @@ _SET_HERE = frozenset({b"content-length", b"content-type"})
 # The scope key under which `LongPollParking` offers a waiting request a place to wait.
 PARKING = "pns.longpoll.parking"
 # What the router writes into the scope that the layers outside the parking read.
-ROUTING_KEYS = ("route", "endpoint", "path_params")
+ROUTING_KEYS = ("route",)
 
 
 class Parked:

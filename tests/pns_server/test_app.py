@@ -4,6 +4,7 @@ and follows the operations conventions (proxy addresses, 500s, docs, metrics).""
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import platform
 import re
@@ -170,14 +171,21 @@ async def test_the_trusted_proxies_are_configurable(app: FastAPI) -> None:
     assert statuses == [201, 201, 429]
 
 
-async def test_an_unexpected_error_is_a_500_problem(app: FastAPI) -> None:
+async def test_an_unexpected_error_is_a_500_problem(
+    app: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
     async def broken() -> None:
         raise RuntimeError("a bug")
 
     app.add_api_route("/v1/broken-for-test", broken)
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://pns.test") as http:
-        response = await http.get("/v1/broken-for-test")
+    # The exception must not leave the application either: the server would log its whole
+    # text (a statement's values included) as "Exception in ASGI application".
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    with caplog.at_level(logging.ERROR, logger="pns_server.problems"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://pns.test") as http:
+            response = await http.get("/v1/broken-for-test")
+    logged = [r for r in caplog.records if r.name == "pns_server.problems"]
+    assert [r.getMessage() for r in logged] == ["unhandled error: RuntimeError"]  # once
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()

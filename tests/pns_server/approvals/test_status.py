@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -316,3 +318,67 @@ async def test_new_approval_after_expired_one(
     assert response.status_code == 201
     state = await http.get(f"/v1/approvals/{old['approval_id']}", headers=client.headers)
     assert state.json()["status"] == "expired"
+
+
+def awaited_modules(task: asyncio.Task[None]) -> list[str]:
+    """The modules of the coroutine frames a suspended request holds, outermost first."""
+    modules = []
+    coro: Any = task.get_coro()
+    while getattr(coro, "cr_frame", None) is not None:
+        modules.append(coro.cr_frame.f_globals["__name__"])
+        coro = coro.cr_await
+    return modules
+
+
+async def test_a_waiting_long_poll_holds_no_frame_of_the_framework(
+    app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+) -> None:
+    """Ten thousand waits are held at once: each keeps only the request's edge (the proxy
+    headers, the observer, the parking) and its own wait, not FastAPI's and Starlette's
+    layers, and it is still answered, with its request id, when the phone decides."""
+    body = await request_approval(http, client)
+    approval_id = body["approval_id"]
+    disconnect = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": f"/v1/approvals/{approval_id}",
+        "raw_path": f"/v1/approvals/{approval_id}".encode(),
+        "query_string": b"wait=30&until=final",
+        "root_path": "",
+        "headers": [(b"host", b"pns.test"), (b"authorization", f"Bearer {client.token}".encode())],
+        "client": ("127.0.0.1", 40000),
+        "server": ("pns.test", 80),
+    }
+    runtime = runtime_of(app)
+    waiting_before = runtime.notifier.waiter_count
+    task = asyncio.create_task(app(scope, receive, send))  # type: ignore[arg-type]
+    for _ in range(500):
+        if runtime.notifier.waiter_count > waiting_before:
+            break
+        await asyncio.sleep(0.01)
+    held = awaited_modules(task)
+    assert "pns_server.realtime.longpoll" in held, sent  # it is waiting
+    assert not [m for m in held if m.split(".")[0] in ("fastapi", "starlette")], held
+    await answer(http, phone, approval_id, "approve", body["match_code"])
+    await asyncio.wait_for(task, 10)
+    start, answered = sent
+    assert start["status"] == 200
+    assert dict(start["headers"])[b"x-request-id"]
+    assert json.loads(answered["body"])["status"] == "approved"
+    disconnect.set()
