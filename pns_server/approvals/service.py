@@ -131,8 +131,9 @@ class StateWait:
         self.approval_id = approval_id
         self.wait = wait
         self.until = until
-        # `change`: the delivery outcome of the first read, which a later one must differ from.
-        self.first_delivery: DeliverySummary | None = None
+        # `change`: the delivery outcome of the first read, which a later one must differ from
+        # (its fields, not the model: held for the whole wait).
+        self.first_delivery: tuple[int, int, int, str | None] | None = None
 
     async def __call__(self, disconnected: Disconnected | None = None) -> bytes:
         with self.runtime.metrics.longpoll_waiters.track_inprogress():
@@ -161,10 +162,12 @@ class StateWait:
         if self.until == "final_or_failed":
             return all_failed(state.delivery)
         # A delivery outcome also ends the wait: the client can offer OTP at once.
+        delivery = state.delivery
+        outcome = (delivery.queued, delivery.sent, delivery.failed, delivery.last_error)
         if self.first_delivery is None:
-            self.first_delivery = state.delivery
+            self.first_delivery = outcome
             return False
-        return state.delivery != self.first_delivery
+        return outcome != self.first_delivery
 
 
 def pending_expiry(read: Rendered[ApprovalState]) -> datetime | None:

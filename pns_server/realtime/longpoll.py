@@ -68,7 +68,7 @@ async def long_poll(
     watcher: asyncio.Future[None] | None = None
     async with notifier.subscribe(topic) as subscription:
         try:
-            value = await _first_read(notifier, read, share_key, subscription.since, give_up)
+            value = await _riding_out(notifier, read, share_key, subscription.since, give_up)
             while not is_settled(value) and not notifier.closing:
                 left = give_up - loop.time()
                 if left <= 0:
@@ -76,17 +76,17 @@ async def long_poll(
                 if disconnected is not None and watcher is None:
                     # Started only once a wait is due: an immediate answer costs no task.
                     watcher = _watch(disconnected, subscription)
-                woken = await subscription.wait(_timeout(notifier, value, left, deadline_of))
-                if subscription.caller_gone:
-                    break
+                timeout = _timeout(notifier, value, left, deadline_of)
+                # Every wait ends in a read, so the last one is not held while waiting: ten
+                # thousand waits would hold ten thousand states nobody looks at.
+                del value
+                woken = await subscription.wait(timeout)
                 not_before = subscription.woken_at if woken else time.monotonic()
-                try:
+                if subscription.caller_gone:
+                    # The answer goes to nobody: one attempt, no riding out an outage for it.
                     value = await _fresh(notifier, read, share_key, not_before)
-                except TRANSIENT:
-                    if loop.time() >= give_up:
-                        raise
-                    log.warning("long-poll re-read failed; retrying while the wait lasts")
-                    await asyncio.sleep(min(RETRY_READ_SECONDS, max(give_up - loop.time(), 0.0)))
+                    break
+                value = await _riding_out(notifier, read, share_key, not_before, give_up)
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -101,15 +101,15 @@ async def _fresh(
     return await notifier.reads.run(share_key, read, not_before)
 
 
-async def _first_read(
+async def _riding_out(
     notifier: Notifier,
     read: Callable[[], Awaitable[T]],
     share_key: str | None,
     not_before: float,
     give_up: float,
 ) -> T:
-    """A wait that starts while the database restarts rides it out like a re-read does; a
-    caller that asked for no wait gets the error at once."""
+    """A read that rides out a database restart while the wait lasts, trying again every
+    half second; once the wait is over (or a caller asked for none) the error is raised."""
     loop = asyncio.get_running_loop()
     while True:
         try:

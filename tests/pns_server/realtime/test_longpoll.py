@@ -531,6 +531,54 @@ async def test_a_failed_older_read_does_not_fail_the_latecomers() -> None:
     assert await late == "approved"
 
 
+async def test_a_reread_during_a_database_restart_is_tried_again_while_the_wait_lasts() -> None:
+    notifier, row = MemoryNotifier(), Counter()
+    failures = [OperationalError("SELECT", {}, OSError("connection refused"))] * 2
+
+    async def read() -> str:
+        if row.reads and failures:  # the first read works; the database goes after it
+            row.reads += 1
+            raise failures.pop()
+        return await row.read()
+
+    task = asyncio.create_task(long_poll(notifier, "t", read, settled, 10))
+    while notifier.waiter_count == 0:
+        await asyncio.sleep(0)
+    row.value = "approved"
+    await notifier.publish(["t"])
+    assert await asyncio.wait_for(task, 5) == "approved"  # after two failed re-reads
+    assert not failures
+
+
+async def test_a_waiting_long_poll_does_not_hold_its_last_read() -> None:
+    """Every wait ends in a read, so the state read before it (a rendered approval, a
+    model of a kilobyte or more) is let go while ten thousand waits sleep."""
+
+    class State:
+        def __init__(self, status: str) -> None:
+            self.status = status
+
+    notifier, status = MemoryNotifier(), ["pending"]
+    reads: list[weakref.ref[State]] = []
+
+    async def read() -> State:
+        state = State(status[0])
+        reads.append(weakref.ref(state))
+        return state
+
+    task = asyncio.create_task(
+        long_poll(notifier, "t", read, lambda state: state.status != "pending", 60)
+    )
+    while notifier.waiter_count == 0 or not reads:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    gc.collect()
+    assert reads[0]() is None
+    status[0] = "approved"
+    await notifier.publish(["t"])
+    assert (await asyncio.wait_for(task, 5)).status == "approved"
+
+
 async def test_a_waiting_long_poll_holds_few_objects() -> None:
     """Each full garbage collection walks every object the waits hold, while the event
     loop stands still: ten thousand waits must not hold ten thousand sets of closures.
