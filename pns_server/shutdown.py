@@ -44,6 +44,19 @@ def freeze_startup_objects() -> None:
     log.debug("%d startup objects left out of garbage collection", gc.get_freeze_count())
 
 
+# A young collection every 20,000 net allocations instead of CPython's 700. A relay's
+# objects die young, with their request; collected that often, those still in flight are
+# promoted to the old generation, whose growth is what starts a full collection (0.4 s,
+# the event loop stopped, with 10,000 long-polls held). One young collection then walks at
+# most 20,000 objects: half a millisecond.
+YOUNG_COLLECTION_EVERY = 20_000
+
+
+def collect_young_garbage_less_often() -> None:
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, old)
+
+
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
@@ -57,6 +70,7 @@ class GracefulServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         freeze_startup_objects()
+        collect_young_garbage_less_often()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Unlike the base class we do not re-raise the signal after shutting down: a

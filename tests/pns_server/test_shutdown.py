@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from pns_server.config import Settings
-from pns_server.shutdown import GracefulServer, server_options
+from pns_server.shutdown import YOUNG_COLLECTION_EVERY, GracefulServer, server_options
 from tests.conftest import server_env
 from tests.support.factories import pair_app_device, register_client
 from tests.support.server import LiveServer
@@ -84,6 +84,7 @@ async def test_the_objects_built_to_start_are_left_out_of_garbage_collection() -
     app = FastAPI()
     server = GracefulServer(uvicorn.Config(app, port=0, log_config=None, lifespan="off"), app)
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     try:
         serving = asyncio.create_task(server.serve())
         while not server.started:
@@ -91,10 +92,15 @@ async def test_the_objects_built_to_start_are_left_out_of_garbage_collection() -
         # Frozen objects are no longer tracked by any generation a collection walks.
         assert gc.get_freeze_count() > 10_000
         assert not any(o is app for o in gc.get_objects())
+        # Young garbage is collected less often than CPython's every 700 allocations, so
+        # fewer request objects reach the old generation and start a full collection.
+        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, *thresholds[1:])
+        assert thresholds[0] < YOUNG_COLLECTION_EVERY
         server.should_exit = True
         await asyncio.wait_for(serving, 10)
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def test_idle_connections_outlive_the_clients_and_proxies_in_front() -> None:
