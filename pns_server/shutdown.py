@@ -95,9 +95,6 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": False,
         "timeout_graceful_shutdown": settings.shutdown_timeout,
         "timeout_keep_alive": settings.keep_alive_seconds,
-        # The API has no WebSocket route: without this uvicorn loads a WebSocket library
-        # into every process, and answers an upgrade request with a handshake of its own.
-        "ws": "none",
         # Which server answers is nobody's business (and one header less per response).
         "server_header": False,
     }

@@ -110,27 +110,6 @@ def test_idle_connections_outlive_the_clients_and_proxies_in_front() -> None:
     assert options["timeout_keep_alive"] > 60
 
 
-async def test_a_websocket_upgrade_is_answered_as_plain_http(
-    database_url: str, tmp_path: Path
-) -> None:
-    # The API has no WebSocket route, and the server loads no WebSocket library: an upgrade
-    # request gets the route's ordinary answer, not a handshake (101) or a refusal (403).
-    server = LiveServer(server_env(database_url, tmp_path), tmp_path / "server.log").start()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(
-            b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n"
-            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert head.startswith(b"HTTP/1.1 200"), head
-        writer.close()
-    finally:
-        server.stop()
-
-
 async def test_the_keep_alive_setting_reaches_the_server(database_url: str, tmp_path: Path) -> None:
     env = server_env(database_url, tmp_path, PNS_KEEP_ALIVE_SECONDS="1")
     server = LiveServer(env, tmp_path / "server.log").start()
