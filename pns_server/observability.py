@@ -21,10 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pns_server.config import Settings
 from pns_server.metrics import Metrics
-from pns_server.problems import internal_error, log_unexpected, problem_response
+from pns_server.problems import problem_for, problem_response
 
 access_log = logging.getLogger("pns.access")
-error_log = logging.getLogger("pns_server.problems")
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "pns_request_id", default=None
 )
@@ -207,8 +206,7 @@ class RequestObserver:
         except Exception as exc:
             if answer.status is not None:
                 raise  # mid-body: nothing left to answer with
-            log_unexpected(error_log, exc)
-            await problem_response(internal_error())(scope, receive, answer)
+            await problem_response(problem_for(exc))(scope, receive, answer)
         finally:
             status = 500 if answer.status is None else answer.status
             self._observe(scope, status, time.perf_counter() - started, request_id)
@@ -260,9 +258,9 @@ class SendWithId:
 class AnswerUnexpected:
     """Pure ASGI, the outermost layer inside the framework: an exception our code did not
     turn into a problem is logged (one line, without a statement's values) and answered
-    with a 500 problem here. Past this the framework's outermost middleware would answer
-    it and then re-raise it to the server, which logs the whole exception text, values
-    included."""
+    here with the problem the app's handlers give (`problem_for`: a 500 for a bug). Past
+    this the framework's outermost middleware would answer it and then re-raise it to the
+    server, which logs the whole exception text, values included."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -283,5 +281,4 @@ class AnswerUnexpected:
         except Exception as exc:
             if started:
                 raise  # mid-body: nothing left to answer with
-            log_unexpected(error_log, exc)
-            await problem_response(internal_error())(scope, receive, send)
+            await problem_response(problem_for(exc))(scope, receive, send)

@@ -179,5 +179,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        # The last resort: the request observer answers these first, with the request id.
+        # The last resort, for the framework's own outer layers: `AnswerUnexpected` answers
+        # what our code raises first, so the exception does not go on to the server.
         return problem_response(problem_for(exc))

@@ -167,8 +167,6 @@ Poll = Callable[[Disconnected], Awaitable[bytes]]
 _SET_HERE = frozenset({b"content-length", b"content-type"})
 # The scope key under which `LongPollParking` offers a waiting request a place to wait.
 PARKING = "pns.longpoll.parking"
-# What the router writes into the scope that the layers outside the parking read.
-ROUTING_KEYS = ("route",)
 
 
 class Parked:
@@ -244,9 +242,8 @@ class LongPollParking:
         # request (three exit stacks, a third of a wait's memory) goes when it returns.
         inner = {**scope, PARKING: parked}
         await self.app(inner, receive, send)
-        for key in ROUTING_KEYS:  # the outer layers label the request by its route
-            if key in inner:
-                scope[key] = inner[key]
+        if "route" in inner:  # the request observer labels the request by its route
+            scope["route"] = inner["route"]
         del inner
         response = parked.response
         if response is None:
