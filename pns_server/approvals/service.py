@@ -30,7 +30,7 @@ from pns_server.errors import (
     NotFound,
 )
 from pns_server.metrics import Metrics
-from pns_server.realtime.longpoll import Disconnected, LongPollResponse, Rendered, long_poll
+from pns_server.realtime.longpoll import Counted, LongPollResponse, Poll, Rendered
 from pns_server.rows import ApprovalRow, ClientRow, DeviceRow
 from pns_server.runtime import Runtime
 from pns_server.states import ApprovalStatus
@@ -110,44 +110,35 @@ def all_failed(delivery: DeliverySummary) -> bool:
     return delivery.failed > 0 and delivery.queued == 0 and delivery.sent == 0
 
 
-class StateWait:
+class StateWait(Poll[Rendered[ApprovalState]]):
     """GET /v1/approvals/{id}: the approval's state; with `wait`, a long-poll that returns
     once it is decided or, as `until` asks, a delivery outcome changes (`change`) or every
     push failed (`final_or_failed`). One short read per look: the wait holds no
     connection, and waiters woken together share the read and its rendered body.
 
-    It runs as the response is sent (`LongPollResponse`), so a waiting request holds
-    neither the handler's frames nor the authenticated client row; and this one small
-    object is all it keeps of the request (its methods are the long-poll's read and test),
-    not a chain of partials, closures and frames: ten thousand are held at once."""
+    It runs after the handler has returned (`LongPollResponse`), so a waiting request
+    holds neither the handler's frames nor the authenticated client row: this one small
+    object, a `Poll`, is all it keeps of the request; ten thousand are held at once."""
 
-    __slots__ = ("approval_id", "client_id", "first_delivery", "runtime", "until", "wait")
+    __slots__ = ("approval_id", "client_id", "first_delivery", "runtime", "until")
 
     def __init__(
         self, runtime: Runtime, client_id: str, approval_id: str, wait: float, until: WaitUntil
     ) -> None:
+        super().__init__(runtime.notifier, approval_topic(approval_id), wait)
         self.runtime = runtime
         self.client_id = client_id
         self.approval_id = approval_id
-        self.wait = wait
         self.until = until
         # `change`: the delivery outcome of the first read, which a later one must differ from
         # (its fields, not the model: held for the whole wait).
         self.first_delivery: tuple[int, int, int, str | None] | None = None
 
-    async def __call__(self, disconnected: Disconnected | None = None) -> bytes:
-        with self.runtime.metrics.longpoll_waiters.track_inprogress():
-            polled = await long_poll(
-                self.runtime.notifier,
-                approval_topic(self.approval_id),
-                self.read,
-                self.settled,
-                self.wait,
-                deadline_of=pending_expiry,
-                share_key=f"{self.client_id}:{self.approval_id}",
-                disconnected=disconnected,
-            )
-        return polled.body
+    def gauge(self) -> Counted:
+        return self.runtime.metrics.longpoll_waiters
+
+    def share_key(self) -> str:
+        return f"{self.client_id}:{self.approval_id}"
 
     async def read(self) -> Rendered[ApprovalState]:
         return Rendered(await read_state(self.runtime, self.client_id, self.approval_id))
@@ -169,11 +160,10 @@ class StateWait:
             return False
         return outcome != self.first_delivery
 
-
-def pending_expiry(read: Rendered[ApprovalState]) -> datetime | None:
-    """When a pending approval expires by itself: the wait re-reads just after."""
-    pending = read.value.status == ApprovalStatus.PENDING.value
-    return read.value.expires_at if pending else None
+    def deadline(self, read: Rendered[ApprovalState]) -> datetime | None:
+        """When a pending approval expires by itself: the wait re-reads just after."""
+        pending = read.value.status == ApprovalStatus.PENDING.value
+        return read.value.expires_at if pending else None
 
 
 def state_response(
@@ -232,33 +222,24 @@ async def pending_for(unit: DriverUnit, client_id: str) -> DeviceApprovalList:
     return DeviceApprovalList(approvals=[for_device(a, name) for a, name in pending])
 
 
-class PendingWait:
+class PendingWait(Poll[Rendered[DeviceApprovalList]]):
     """GET /v1/device/approvals: the pending approvals; with `wait`, a long-poll that returns
     as soon as one is pending (at once if one already is), or when the phone disconnects.
     Holds no database connection while it waits, and, like `StateWait`, keeps one small
     object of the request."""
 
-    __slots__ = ("client_id", "runtime", "wait")
+    __slots__ = ("client_id", "runtime")
 
     def __init__(self, runtime: Runtime, client_id: str, wait: float) -> None:
+        super().__init__(runtime.notifier, pending_topic(client_id), wait)
         self.runtime = runtime
         self.client_id = client_id
-        self.wait = wait
 
-    async def __call__(self, disconnected: Disconnected | None = None) -> bytes:
-        if self.wait <= 0:
-            return (await self.read()).body
-        with self.runtime.metrics.longpoll_waiters.track_inprogress():
-            polled = await long_poll(
-                self.runtime.notifier,
-                pending_topic(self.client_id),
-                self.read,
-                any_pending,
-                self.wait,
-                share_key=f"pending:{self.client_id}",
-                disconnected=disconnected,
-            )
-        return polled.body
+    def gauge(self) -> Counted:
+        return self.runtime.metrics.longpoll_waiters
+
+    def share_key(self) -> str:
+        return f"pending:{self.client_id}"
 
     async def read(self) -> Rendered[DeviceApprovalList]:
         # Only live pending approvals are listed: an expired one needs no write to be left
@@ -266,9 +247,8 @@ class PendingWait:
         async with self.runtime.db.unit_read() as unit:
             return Rendered(await pending_for(unit, self.client_id))
 
-
-def any_pending(read: Rendered[DeviceApprovalList]) -> bool:
-    return bool(read.value.approvals)
+    def settled(self, read: Rendered[DeviceApprovalList]) -> bool:
+        return bool(read.value.approvals)
 
 
 def pending_response(runtime: Runtime, device: DeviceRow, wait: float) -> LongPollResponse:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,6 +29,15 @@ TRANSIENT = (SQLAlchemyError, OSError)
 
 
 Disconnected = Callable[[], Awaitable[None]]
+# What a poll ends with: the settled (or last) read, or the error that ended it.
+Settle = Callable[[Any], Awaitable[None]]
+
+
+class Counted(Protocol):
+    """The gauge of waits in progress (a Prometheus `Gauge`)."""
+
+    def inc(self) -> None: ...
+    def dec(self) -> None: ...
 
 
 def until_disconnected(receive: Receive) -> Disconnected:
@@ -41,106 +50,279 @@ def until_disconnected(receive: Receive) -> Disconnected:
     return wait
 
 
+class Poll(Subscription, Generic[T]):
+    """One long-poll, as a small object rather than a coroutine: read, and if the state is
+    not settled, wait for a wake-up, a deadline or the end of the wait, then read again.
+
+    While it waits it holds no frame, no task and no future: only this object, its place
+    among the notifier's subscriptions and one loop timer. A wake-up or the timer starts a
+    task for the next read, which ends once it has read (and armed the timer again, or
+    settled the poll). Ten thousand waits so cost ten thousand of these, not ten thousand
+    coroutines and their tasks.
+
+    The rules (each kept from the coroutine this replaces):
+    - it subscribes *before* its first read, so a change committed between the read and the
+      wait still wakes it;
+    - a wake-up during a read makes it read again at once, and it joins only a shared read
+      that started after that wake-up (`SharedReads`), so no wake-up is lost;
+    - `deadline` names a moment the state changes by itself (an expiry): it re-reads just
+      after it, so expiry is reported without anyone touching the row;
+    - a read failing while the database restarts is tried again every half second while
+      the wait lasts; any other error ends the poll with that error;
+    - once its caller has gone (`lose_caller`), one more read, no riding out an outage;
+    - when the notifier closes (shutdown), waits end with the state they last read.
+
+    Subclasses say what to read (`read`), when it is final (`settled`), and optionally
+    when it changes by itself (`deadline`), which reads may be shared (`share_key`) and
+    which gauge counts it. Whoever starts it (`start`) is given the outcome, exactly once:
+    the read that ended it, or the exception."""
+
+    __slots__ = (
+        "_busy",
+        "_counted",
+        "_ended",
+        "_settle",
+        "_task",
+        "_timer",
+        "give_up",
+        "notifier",
+    )
+
+    def __init__(self, notifier: Notifier, topic: str, wait: float) -> None:
+        super().__init__(topic)
+        self.notifier = notifier
+        self.give_up = asyncio.get_running_loop().time() + max(0.0, wait)
+        self._busy = False  # a read is under way
+        self._ended = False
+        self._counted = False
+        self._settle: Settle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- what a subclass says -------------------------------------------------------------
+
+    async def read(self) -> T:
+        """The state, read in a short session of its own."""
+        raise NotImplementedError
+
+    def settled(self, value: T) -> bool:
+        """Whether the wait may end with this read."""
+        raise NotImplementedError
+
+    def deadline(self, value: T) -> datetime | None:
+        """When this state changes by itself (an expiry), if it does."""
+        return None
+
+    def share_key(self) -> str | None:
+        """The object and the caller it is read for: waiters woken together share a read."""
+        return None
+
+    def gauge(self) -> Counted | None:
+        return None
+
+    # -- running it -----------------------------------------------------------------------
+
+    async def start(self, settle: Settle) -> None:
+        """Subscribe and make the first read, in the caller's task; if that settles it (or
+        it fails, or no wait was asked) `settle` has been called when this returns."""
+        self._settle = settle
+        self._busy = True
+        if self.give_up > asyncio.get_running_loop().time():
+            # The moment that a shared first read must have started after: now, not when
+            # the request was parsed, or a commit between the two would go unseen.
+            self.since = self.woken_at = time.monotonic()
+            self.notifier.add(self)
+            if (gauge := self.gauge()) is not None:
+                gauge.inc()
+                self._counted = True
+        await self._run(self.since)
+
+    def stop(self) -> None:
+        """Unsubscribe and drop any timer or read under way; the outcome is not given."""
+        if self._ended:
+            return
+        self._ended = True
+        self.notifier.discard(self)
+        if self._counted and (gauge := self.gauge()) is not None:
+            gauge.dec()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = self._task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def wake(self) -> None:
+        super().wake()
+        if not self._busy and not self._ended:
+            self._resume(self.woken_at)
+
+    def lose_caller(self) -> None:
+        """The HTTP caller has gone: one more read, then the poll ends."""
+        self.caller_gone = True
+        self.wake()
+
+    def _resume(self, not_before: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._busy = True
+        self._task = asyncio.get_running_loop().create_task(self._run(not_before))
+
+    def _due(self) -> None:
+        self._timer = None
+        if not self._busy and not self._ended:
+            self._resume(time.monotonic())
+
+    def _wait(self, seconds: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._due)
+
+    async def _run(self, not_before: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._ended:
+                self._woken = False
+                try:
+                    value = await self._read_shared(not_before)
+                except TRANSIENT as exc:
+                    left = self.give_up - loop.time()
+                    if self.caller_gone or left <= 0:
+                        await self._end(exc)
+                        return
+                    log.warning("long-poll read failed; retrying while the wait lasts")
+                    self._wait(min(RETRY_READ_SECONDS, left))
+                    return
+                except Exception as exc:
+                    await self._end(exc)
+                    return
+                left = self.give_up - loop.time()
+                if self.settled(value) or left <= 0 or self.caller_gone or self.notifier.closing:
+                    await self._end(value)
+                    return
+                if not self._woken:
+                    # The state read is not held while waiting: every wait ends in a read.
+                    self._wait(self._timeout(value, left))
+                    return
+                not_before = self.woken_at  # woken during the read: read again
+        finally:
+            self._busy = False
+            self._task = None
+
+    async def _read_shared(self, not_before: float) -> T:
+        key = self.share_key()
+        if key is None:
+            return await self.read()
+        return await self.notifier.reads.run(key, self.read, not_before)
+
+    async def _end(self, outcome: T | Exception) -> None:
+        settle = self._settle
+        self.stop()
+        if settle is not None:
+            await settle(outcome)
+
+    def _timeout(self, value: T, left: float) -> float:
+        """How long the next wait may last: the time left, the re-check period, the deadline."""
+        timeout = left
+        if self.notifier.recheck_seconds is not None:
+            timeout = min(timeout, self.notifier.recheck_seconds)
+        deadline = self.deadline(value)
+        if deadline is not None:
+            until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05
+            timeout = min(timeout, max(until_deadline, 0.0))
+        return timeout
+
+
+class FunctionPoll(Poll[T]):
+    """A `Poll` made of functions, for waits that are few (a pairing) and for tests."""
+
+    __slots__ = ("_deadline_of", "_is_settled", "_read", "_share_key")
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        topic: str,
+        read: Callable[[], Awaitable[T]],
+        is_settled: Callable[[T], bool],
+        wait: float,
+        deadline_of: Callable[[T], datetime | None] | None = None,
+        share_key: str | None = None,
+    ) -> None:
+        super().__init__(notifier, topic, wait)
+        self._read = read
+        self._is_settled = is_settled
+        self._deadline_of = deadline_of
+        self._share_key = share_key
+
+    async def read(self) -> T:
+        return await self._read()
+
+    def settled(self, value: T) -> bool:
+        return self._is_settled(value)
+
+    def deadline(self, value: T) -> datetime | None:
+        return None if self._deadline_of is None else self._deadline_of(value)
+
+    def share_key(self) -> str | None:
+        return self._share_key
+
+
+class Outcome(Generic[T]):
+    """A poll's outcome, for a caller that awaits it."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    async def settle(self, outcome: T | Exception) -> None:
+        if self.future.done():
+            return  # its caller was cancelled
+        if isinstance(outcome, Exception):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+async def run_poll(poll: Poll[T], disconnected: Disconnected | None = None) -> T:
+    """Run `poll` in this task and return its final read (or raise its error).
+    `disconnected` returns once the caller has gone: the wait then ends, rather than
+    holding its slot (and re-reading) for a caller who will never see the answer."""
+    outcome: Outcome[T] = Outcome()
+    watcher: asyncio.Future[None] | None = None
+    try:
+        await poll.start(outcome.settle)
+        if disconnected is not None and not outcome.future.done():
+            watcher = _watch(disconnected, poll)
+        return await outcome.future
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        poll.stop()
+
+
 async def long_poll(
     notifier: Notifier,
     topic: str,
     read: Callable[[], Awaitable[T]],
     is_settled: Callable[[T], bool],
     wait: float,
-    deadline_of: Callable[[T], datetime | None] = lambda _v: None,
+    deadline_of: Callable[[T], datetime | None] | None = None,
     share_key: str | None = None,
     disconnected: Disconnected | None = None,
 ) -> T:
-    """Return `read()` once it is settled, or after `wait` seconds.
-
-    `read` must open and close its own short session. We subscribe *before* the first
-    read, so a change committed between the read and the wait still wakes us.
-    `deadline_of` names a moment the state changes by itself (an expiry): we re-read just
-    after it, so expiry is reported without anyone touching the row.
-    `share_key` (the object and the caller it is read for) lets concurrent waiters woken
-    together share one read.
-    `disconnected` returns once the caller has gone: the wait ends then, rather than
-    holding its slot (and re-reading) for a caller who will never see the answer."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + max(0.0, wait)
-    # No closures here: thousands of waits are held at once, and every cell and function
-    # object one holds is walked by each full garbage collection.
-    watcher: asyncio.Future[None] | None = None
-    async with notifier.subscribe(topic) as subscription:
-        try:
-            value = await _riding_out(notifier, read, share_key, subscription.since, give_up)
-            while not is_settled(value) and not notifier.closing:
-                left = give_up - loop.time()
-                if left <= 0:
-                    break
-                if disconnected is not None and watcher is None:
-                    # Started only once a wait is due: an immediate answer costs no task.
-                    watcher = _watch(disconnected, subscription)
-                timeout = _timeout(notifier, value, left, deadline_of)
-                # Every wait ends in a read, so the last one is not held while waiting: ten
-                # thousand waits would hold ten thousand states nobody looks at.
-                del value
-                woken = await subscription.wait(timeout)
-                not_before = subscription.woken_at if woken else time.monotonic()
-                if subscription.caller_gone:
-                    # The answer goes to nobody: one attempt, no riding out an outage for it.
-                    value = await _fresh(notifier, read, share_key, not_before)
-                    break
-                value = await _riding_out(notifier, read, share_key, not_before, give_up)
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-    return value
+    """Return `read()` once it is settled, or after `wait` seconds: a `FunctionPoll` run
+    in this task (see `Poll` for the rules). `read` must open and close its own short
+    session."""
+    poll = FunctionPoll(notifier, topic, read, is_settled, wait, deadline_of, share_key)
+    return await run_poll(poll, disconnected)
 
 
-async def _fresh(
-    notifier: Notifier, read: Callable[[], Awaitable[T]], share_key: str | None, not_before: float
-) -> T:
-    if share_key is None:
-        return await read()
-    return await notifier.reads.run(share_key, read, not_before)
-
-
-async def _riding_out(
-    notifier: Notifier,
-    read: Callable[[], Awaitable[T]],
-    share_key: str | None,
-    not_before: float,
-    give_up: float,
-) -> T:
-    """A read that rides out a database restart while the wait lasts, trying again every
-    half second; once the wait is over (or a caller asked for none) the error is raised."""
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            return await _fresh(notifier, read, share_key, not_before)
-        except TRANSIENT:
-            if loop.time() >= give_up:
-                raise
-            log.warning("long-poll read failed; retrying while the wait lasts")
-            await asyncio.sleep(min(RETRY_READ_SECONDS, max(give_up - loop.time(), 0.0)))
-
-
-def _watch(disconnected: Disconnected, subscription: Subscription) -> asyncio.Future[None]:
-    """A task that ends when the caller goes; its completion marks and wakes the wait. A
-    done-callback rather than a coroutine of ours around it: thousands of these are held."""
+def _watch(disconnected: Disconnected, poll: Poll[Any]) -> asyncio.Future[None]:
+    """A task that ends when the caller goes; its completion marks and wakes the poll. A
+    done-callback rather than a coroutine of ours around it."""
     watcher = asyncio.ensure_future(disconnected())
-    watcher.add_done_callback(subscription.caller_left)
+    watcher.add_done_callback(poll.caller_left)
     return watcher
-
-
-def _timeout(
-    notifier: Notifier, value: T, left: float, deadline_of: Callable[[T], datetime | None]
-) -> float:
-    """How long the next wait may last: the time left, the re-check period, the deadline."""
-    timeout = left
-    if notifier.recheck_seconds is not None:
-        timeout = min(timeout, notifier.recheck_seconds)
-    deadline = deadline_of(value)
-    if deadline is not None:
-        until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05
-        timeout = min(timeout, max(until_deadline, 0.0))
-    return timeout
 
 
 class Rendered(Generic[M]):
@@ -161,53 +343,85 @@ class Rendered(Generic[M]):
         return self._body
 
 
-Poll = Callable[[Disconnected], Awaitable[bytes]]
-
-
 _SET_HERE = frozenset({b"content-length", b"content-type"})
 # The scope key under which `LongPollParking` offers a waiting request a place to wait.
 PARKING = "pns.longpoll.parking"
 
 
 class Parked:
-    """A request's place in `LongPollParking`: the response that asked to wait there."""
+    """A request's place in `LongPollParking`, and where its poll's outcome goes: the
+    request's own `send`. The answer is sent from the task of the read that settled the
+    poll, while the request's task waits in `receive`, which returns once the answer is
+    complete (or the caller has gone)."""
 
-    __slots__ = ("response",)
+    __slots__ = ("done", "gone", "receive", "response", "scope", "send")
 
-    def __init__(self) -> None:
-        self.response: LongPollResponse | None = None
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, response: LongPollResponse | None = None
+    ) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.response = response  # set by the response that asks to wait here
+        self.done = False
+        # Made only when the caller has gone before the answer: the request waits on it.
+        self.gone: asyncio.Future[None] | None = None
+
+    async def wait(self, poll: Poll[Rendered[Any]]) -> None:
+        """Start the poll, then wait in the request's task for the end of the answer or of
+        the caller: nothing else of the request is held while the poll waits."""
+        try:
+            await poll.start(self.settle)
+            while not self.done:
+                try:
+                    message = await self.receive()
+                except OSError:
+                    break  # a broken receive also means nobody listens
+                if message["type"] == "http.disconnect":
+                    break
+            if not self.done:
+                self.gone = asyncio.get_running_loop().create_future()
+                poll.lose_caller()
+                await self.gone  # the answer goes to nobody, but the request is logged
+        finally:
+            poll.stop()
+
+    async def settle(self, outcome: Rendered[Any] | Exception) -> None:
+        try:
+            if isinstance(outcome, Exception):
+                await problem_response(problem_for(outcome))(self.scope, self.receive, self.send)
+            elif self.response is not None:
+                await self.response.send_answer(outcome.body, self.send)
+        finally:
+            self.done = True
+            if self.gone is not None and not self.gone.done():
+                self.gone.set_result(None)
 
 
 class LongPollResponse(Response):
-    """A 200 JSON answer whose long-poll runs while the response is sent, not in the handler.
+    """A 200 JSON answer whose long-poll runs after the handler has returned.
 
     The route's handler returns at once, so everything it held (the solved dependencies,
     the authenticated caller's row, its frames) is gone before the wait starts. Under
-    `LongPollParking` the wait is handed to that middleware, so the router, FastAPI's
-    request handling and the inner middleware return too: a waiting request keeps only the
-    server's frames, the outer middleware's and the wait's own. Without it (this response
-    used on its own) the wait runs here, and an error raised by the poll reaches the app's
-    error handlers, as nothing has been sent yet."""
+    `LongPollParking` the poll is handed to that middleware, so the router, FastAPI's
+    request handling and the inner middleware return too. Without it (this response used
+    on its own) the poll runs here. Either way an error ending the poll is answered with
+    the problem the app's error handlers would give (`problem_for`)."""
 
     media_type = "application/json"
 
-    def __init__(self, poll: Poll) -> None:
+    def __init__(self, poll: Poll[Rendered[Any]]) -> None:
         super().__init__(status_code=200, media_type=self.media_type)
-        self._poll = poll
+        self.poll = poll
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         parked = scope.get(PARKING)
         if isinstance(parked, Parked) and parked.response is None:
             parked.response = self
             return
-        await self.send_answer(await self.wait(receive), scope, receive, send)
+        await Parked(scope, receive, send, self).wait(self.poll)
 
-    def wait(self, receive: Receive) -> Awaitable[bytes]:
-        """The poll, to run until it settles (or the caller goes); its body. Handed over
-        rather than awaited here: one coroutine frame fewer held by every wait."""
-        return self._poll(until_disconnected(receive))
-
-    async def send_answer(self, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+    async def send_answer(self, body: bytes, send: Send) -> None:
         """The two ASGI messages themselves: a woken wait of ten thousand pays for this once
         each, and has no background task for `Response.__call__` to run."""
         headers = [
@@ -224,11 +438,10 @@ class LongPollParking:
 
     A route that must wait answers with a `LongPollResponse`, which parks its poll here
     instead of waiting where it was called; the inner application (the router, FastAPI,
-    the middleware inside this one) then returns, and the wait runs in this middleware's
-    frame. Ten thousand waiting requests so hold a few frames each rather than the whole
-    stack, and the garbage collector, which walks every object they hold, has a fraction
-    of the work. A poll that fails is answered here with the problem the app's own error
-    handlers would give (`problem_for`), since they have returned by then."""
+    the middleware inside this one) then returns, and the request waits in this
+    middleware's frame for its answer. Ten thousand waiting requests so hold a few frames
+    each rather than the whole stack, and the garbage collector, which walks every object
+    they hold, has a fraction of the work."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -237,7 +450,7 @@ class LongPollParking:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        parked = Parked()
+        parked = Parked(scope, receive, send)
         # The inner application gets a scope of its own: what FastAPI adds to it for the
         # request (three exit stacks, a third of a wait's memory) goes when it returns.
         inner = {**scope, PARKING: parked}
@@ -248,9 +461,4 @@ class LongPollParking:
         response = parked.response
         if response is None:
             return  # answered inside
-        try:
-            body = await response.wait(receive)
-        except Exception as exc:
-            await problem_response(problem_for(exc))(scope, receive, send)
-            return
-        await response.send_answer(body, scope, receive, send)
+        await parked.wait(response.poll)

@@ -345,11 +345,13 @@ async def test_a_waiting_long_poll_holds_no_frame_of_the_framework(
     async def receive() -> dict[str, Any]:
         if messages:
             return messages.pop()
-        await disconnect.wait()
+        await disconnect.wait()  # as a server's does, until the response is complete
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
+        if message["type"] == "http.response.body":
+            disconnect.set()
 
     scope = {
         "type": "http",
@@ -381,4 +383,3 @@ async def test_a_waiting_long_poll_holds_no_frame_of_the_framework(
     assert start["status"] == 200
     assert dict(start["headers"])[b"x-request-id"]
     assert json.loads(answered["body"])["status"] == "approved"
-    disconnect.set()

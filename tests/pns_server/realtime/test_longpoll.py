@@ -5,6 +5,7 @@ import gc
 import json
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pns_server.errors import NotFound
 from pns_server.realtime.base import SharedReads
 from pns_server.realtime.longpoll import (
-    Disconnected,
+    FunctionPoll,
     LongPollParking,
     LongPollResponse,
     Rendered,
@@ -259,66 +260,82 @@ class TestRendered:
         assert len({id(body) for body in bodies}) < 5  # one serialisation, shared
 
 
+def reply_poll(
+    read: Callable[[], Awaitable[str]], wait: float = 60, notifier: MemoryNotifier | None = None
+) -> FunctionPoll[Rendered[Reply]]:
+    """A poll of a `Reply`, settled once its status is not pending."""
+
+    async def rendered() -> Rendered[Reply]:
+        return Rendered(Reply(status=await read()))
+
+    return FunctionPoll(
+        notifier or MemoryNotifier(),
+        "t",
+        rendered,
+        lambda value: settled(value.value.status),
+        wait,
+    )
+
+
+class Connection:
+    """An ASGI server's side of one request, as the ASGI spec has it: after the request,
+    `receive` waits, and gives `http.disconnect` once the response is complete or the
+    caller has gone."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.receives = 0
+        self.ended = asyncio.Event()  # the response is complete, or the caller has gone
+
+    async def receive(self) -> Message:
+        self.receives += 1
+        if self.receives == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.ended.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.ended.set()
+
+    def hang_up(self) -> None:
+        self.ended.set()
+
+
 class TestLongPollResponse:
-    @staticmethod
-    async def call(response: LongPollResponse, receive: Receive) -> list[Message]:
-        sent: list[Message] = []
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        await response({"type": "http", "method": "GET"}, receive, send)
-        return sent
-
     async def test_sends_the_polled_body_as_json(self) -> None:
-        async def poll(_disconnected: object) -> bytes:
-            return b'{"status":"approved"}'
-
-        async def receive() -> Message:
-            await asyncio.sleep(60)
-            return {"type": "http.disconnect"}
-
-        start, body = await self.call(LongPollResponse(poll), receive)
+        connection = Connection()
+        response = LongPollResponse(reply_poll(Counter("approved").read))
+        await asyncio.wait_for(response({"type": "http"}, connection.receive, connection.send), 5)
+        start, body = connection.sent
         assert start["status"] == 200
         assert (b"content-type", b"application/json") in start["headers"]
         assert (b"content-length", b"21") in start["headers"]
         assert body["body"] == b'{"status":"approved"}'
 
     async def test_the_wait_ends_when_the_caller_disconnects(self) -> None:
-        notifier, row = MemoryNotifier(), Counter()
-
-        async def poll(disconnected: Disconnected) -> bytes:
-            value = await long_poll(notifier, "t", row.read, settled, 60, disconnected=disconnected)
-            return value.encode()
-
-        messages = [{"type": "http.request", "body": b""}, {"type": "http.disconnect"}]
-
-        async def receive() -> Message:
-            await asyncio.sleep(0.05)
-            return messages.pop(0)
-
-        started = asyncio.get_running_loop().time()
-        sent = await asyncio.wait_for(self.call(LongPollResponse(poll), receive), 5)
-        assert asyncio.get_running_loop().time() - started < 2
-        assert sent[1]["body"] == b"pending"
+        notifier, row, connection = MemoryNotifier(), Counter(), Connection()
+        response = LongPollResponse(reply_poll(row.read, notifier=notifier))
+        task = asyncio.create_task(response({"type": "http"}, connection.receive, connection.send))
+        while notifier.waiter_count == 0:
+            await asyncio.sleep(0)
+        connection.hang_up()
+        await asyncio.wait_for(task, 5)
+        assert row.reads == 2  # one more read for the caller who went, then the end
+        assert connection.sent[1]["body"] == b'{"status":"pending"}'
         assert notifier.waiter_count == 0
 
-    async def test_an_error_before_the_answer_propagates_unsent(self) -> None:
-        async def poll(_disconnected: object) -> bytes:
-            raise LookupError("no such approval")
+    async def test_an_error_is_answered_with_its_problem(self) -> None:
+        async def read() -> str:
+            raise NotFound("No such approval.")
 
-        async def receive() -> Message:
-            return {"type": "http.disconnect"}
-
-        response = LongPollResponse(poll)
-        sent: list[Message] = []
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        with pytest.raises(LookupError):
-            await response({"type": "http"}, receive, send)
-        assert sent == []  # the app's error handler can still answer
+        connection = Connection()
+        response = LongPollResponse(reply_poll(read))
+        await asyncio.wait_for(response({"type": "http"}, connection.receive, connection.send), 5)
+        start, body = connection.sent
+        assert start["status"] == 404
+        assert json.loads(body["body"])["code"] == "not_found"
 
 
 class TestLongPollParking:
@@ -335,40 +352,54 @@ class TestLongPollParking:
 
         return app
 
-    @staticmethod
-    async def never_disconnects() -> Message:
-        await asyncio.sleep(60)
-        return {"type": "http.disconnect"}
-
     async def test_the_inner_app_has_returned_while_the_poll_waits(self) -> None:
         frames: list[str] = []
-        release = asyncio.Event()
+        notifier, row, connection = MemoryNotifier(), Counter(), Connection()
 
-        async def poll(_disconnected: Disconnected) -> bytes:
-            frames.append("waiting")
-            await release.wait()
-            return b'{"status":"approved"}'
+        async def read() -> str:
+            frames.append("read")
+            return await row.read()
 
-        response = LongPollResponse(poll)
+        response = LongPollResponse(reply_poll(read, notifier=notifier))
         response.headers["cache-control"] = "no-store"
         parking = LongPollParking(self.inner_app(response, frames))
-        sent: list[Message] = []
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        task = asyncio.create_task(parking({"type": "http"}, self.never_disconnects, send))
-        while "waiting" not in frames:
+        task = asyncio.create_task(parking({"type": "http"}, connection.receive, connection.send))
+        while notifier.waiter_count == 0:
             await asyncio.sleep(0)
-        assert frames == ["entered", "returned", "waiting"]
-        assert sent == []
-        release.set()
+        await asyncio.sleep(0.01)
+        assert frames == ["entered", "returned", "read"]
+        assert connection.sent == []
+        row.value = "approved"
+        await notifier.publish(["t"])
         await asyncio.wait_for(task, 5)
-        start, body = sent
+        start, body = connection.sent
         assert start["status"] == 200
         assert (b"content-type", b"application/json") in start["headers"]
         assert (b"cache-control", b"no-store") in start["headers"]
         assert body["body"] == b'{"status":"approved"}'
+
+    async def test_a_waiting_request_holds_no_task_but_its_own(self) -> None:
+        """While it waits, a parked poll is an object among the notifier's subscriptions
+        and a loop timer: no task of its own (nor a disconnect watch) per request."""
+        notifier, row = MemoryNotifier(), Counter()
+        connections = [Connection() for _ in range(20)]
+        before = len(asyncio.all_tasks())
+        tasks = [
+            asyncio.create_task(
+                LongPollParking(
+                    self.inner_app(LongPollResponse(reply_poll(row.read, notifier=notifier)), [])
+                )({"type": "http"}, c.receive, c.send)
+            )
+            for c in connections
+        ]
+        while notifier.waiter_count < 20:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        assert len(asyncio.all_tasks()) - before == 20  # the requests' own
+        row.value = "approved"
+        await notifier.publish(["t"])
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert all(c.sent[1]["body"] == b'{"status":"approved"}' for c in connections)
 
     async def test_what_the_inner_app_put_in_the_scope_is_let_go_but_the_route(self) -> None:
         class ExitStack:
@@ -376,31 +407,25 @@ class TestLongPollParking:
 
         route = object()
         stacks: list[weakref.ref[ExitStack]] = []
-        release = asyncio.Event()
-
-        async def poll(_disconnected: Disconnected) -> bytes:
-            await release.wait()
-            return b"{}"
+        notifier, row, connection = MemoryNotifier(), Counter(), Connection()
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             stack = ExitStack()
             stacks.append(weakref.ref(stack))
             scope["route"] = route  # what Starlette's router adds
             scope["fastapi_astack"] = stack  # and what FastAPI adds for the request
-            await LongPollResponse(poll)(scope, receive, send)
-
-        async def send(_message: Message) -> None:
-            pass
+            await LongPollResponse(reply_poll(row.read, notifier=notifier))(scope, receive, send)
 
         scope: Scope = {"type": "http"}
-        task = asyncio.create_task(LongPollParking(app)(scope, self.never_disconnects, send))
-        while "route" not in scope and not task.done():
+        task = asyncio.create_task(LongPollParking(app)(scope, connection.receive, connection.send))
+        while notifier.waiter_count == 0:
             await asyncio.sleep(0)
         gc.collect()
         assert stacks[0]() is None  # while the poll waits
         assert scope["route"] is route  # the request observer labels the answer by it
         assert "fastapi_astack" not in scope
-        release.set()
+        row.value = "approved"
+        await notifier.publish(["t"])
         await asyncio.wait_for(task, 5)
 
     @pytest.mark.parametrize(
@@ -414,38 +439,38 @@ class TestLongPollParking:
     async def test_a_failed_poll_is_answered_with_its_problem(
         self, error: Exception, status: int, code: str
     ) -> None:
-        async def poll(_disconnected: Disconnected) -> bytes:
-            await asyncio.sleep(0.01)
-            raise error
+        notifier, row, connection = MemoryNotifier(), Counter(), Connection()
 
-        frames: list[str] = []
-        parking = LongPollParking(self.inner_app(LongPollResponse(poll), frames))
-        sent: list[Message] = []
+        async def read() -> str:
+            if row.reads:
+                raise error  # on the re-read after a wake-up
+            return await row.read()
 
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        await asyncio.wait_for(parking({"type": "http"}, self.never_disconnects, send), 5)
-        start, body = sent
+        # A wait of 0.2 s: a failure the database's restart explains is retried until then.
+        response = LongPollResponse(reply_poll(read, wait=0.2, notifier=notifier))
+        parking = LongPollParking(self.inner_app(response, []))
+        task = asyncio.create_task(parking({"type": "http"}, connection.receive, connection.send))
+        while notifier.waiter_count == 0:
+            await asyncio.sleep(0)
+        await notifier.publish(["t"])
+        await asyncio.wait_for(task, 5)
+        start, body = connection.sent
         assert start["status"] == status
         assert (b"content-type", b"application/problem+json") in start["headers"]
         assert json.loads(body["body"])["code"] == code
         if status == 503:
             assert (b"retry-after", b"1") in start["headers"]
+        assert notifier.waiter_count == 0
 
     async def test_other_responses_pass_through(self) -> None:
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
 
-        sent: list[Message] = []
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        await LongPollParking(app)({"type": "http"}, self.never_disconnects, send)
-        assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
-        assert sent[0]["status"] == 204
+        connection = Connection()
+        await LongPollParking(app)({"type": "http"}, connection.receive, connection.send)
+        assert [m["type"] for m in connection.sent] == ["http.response.start", "http.response.body"]
+        assert connection.sent[0]["status"] == 204
 
 
 async def test_a_broken_receive_ends_the_wait_as_a_disconnect() -> None:
