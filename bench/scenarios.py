@@ -307,11 +307,15 @@ async def waiters_now(http: httpx.AsyncClient) -> int:
     return int(float(found.group(1))) if found else 0
 
 
-async def gc_paused_s(http: httpx.AsyncClient) -> float:
-    """The relay's garbage collections so far, in seconds of stopped event loop."""
+async def gc_paused_s(http: httpx.AsyncClient) -> list[float]:
+    """The relay's garbage collections so far, in seconds of stopped event loop, by
+    generation (the last is the full collection, which walks every object held)."""
     text = (await http.get("/metrics")).text
-    sums = re.findall(r"^pns_gc_pause_seconds_sum\{[^}]*\} (\S+)$", text, re.M)
-    return sum(float(v) for v in sums)
+    found = re.findall(r'^pns_gc_pause_seconds_sum\{generation="(\d)"\} (\S+)$', text, re.M)
+    paused = [0.0, 0.0, 0.0]
+    for generation, seconds in found:
+        paused[int(generation)] = float(seconds)
+    return paused
 
 
 async def until_waiting(http: httpx.AsyncClient, count: int, timeout: float) -> int:
@@ -366,7 +370,8 @@ async def longpoll_capacity(
                         asyncio.gather(*(w.final for w in waits if w.final)), 120
                     )
                 wake_all = max(woken) - started
-                gc_during_wake = await gc_paused_s(http) - gc_before
+                gc_after = await gc_paused_s(http)
+                gc_during_wake = [a - b for a, b in zip(gc_after, gc_before, strict=True)]
                 woken_after = sorted(moment - started for moment in woken)
                 # Each waiter from its own approval's decision: the hundred answers arrive at
                 # once, and the last of them is decided well after the first.
@@ -389,7 +394,8 @@ async def longpoll_capacity(
             "wake_p50_ms": round(woken_after[len(woken_after) // 2] * 1000, 1),
             "wake_all_ms": round(wake_all * 1000, 1),
             # The relay's event loop stood still this long for its garbage collector.
-            "wake_gc_ms": round(gc_during_wake * 1000, 1),
+            "wake_gc_ms": round(sum(gc_during_wake) * 1000, 1),
+            "wake_gc_ms_by_generation": [round(g * 1000, 1) for g in gc_during_wake],
             "after_decision_p50_ms": round(after_decision[len(after_decision) // 2] * 1000, 1),
             "after_decision_max_ms": round(after_decision[-1] * 1000, 1),
             "repolls_during_run": repolls,

@@ -54,11 +54,11 @@ class Poll(Subscription, Generic[T]):
     """One long-poll, as a small object rather than a coroutine: read, and if the state is
     not settled, wait for a wake-up, a deadline or the end of the wait, then read again.
 
-    While it waits it holds no frame, no task and no future: only this object, its place
-    among the notifier's subscriptions and one loop timer. A wake-up or the timer starts a
-    task for the next read, which ends once it has read (and armed the timer again, or
-    settled the poll). Ten thousand waits so cost ten thousand of these, not ten thousand
-    coroutines and their tasks.
+    While it waits it holds no frame, no task, no future and no loop timer: only this
+    object and its places among the notifier's subscriptions and deadlines. A wake-up or
+    its deadline starts a task for the next read, which ends once it has read (and set
+    the next deadline, or settled the poll). Ten thousand waits so cost ten thousand of
+    these, not ten thousand coroutines and their tasks.
 
     The rules (each kept from the coroutine this replaces):
     - it subscribes *before* its first read, so a change committed between the read and the
@@ -80,10 +80,10 @@ class Poll(Subscription, Generic[T]):
     __slots__ = (
         "_busy",
         "_counted",
+        "_due_tick",
         "_ended",
         "_settle",
         "_task",
-        "_timer",
         "give_up",
         "notifier",
     )
@@ -97,7 +97,7 @@ class Poll(Subscription, Generic[T]):
         self._counted = False
         self._settle: Settle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._due_tick: int | None = None  # its place in the notifier's `Deadlines`
 
     # -- what a subclass says -------------------------------------------------------------
 
@@ -145,9 +145,7 @@ class Poll(Subscription, Generic[T]):
         self.notifier.discard(self)
         if self._counted and (gauge := self.gauge()) is not None:
             gauge.dec()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._forget_deadline()
         task = self._task
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -162,20 +160,24 @@ class Poll(Subscription, Generic[T]):
         self.caller_gone = True
         self.wake()
 
-    def _resume(self, not_before: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._busy = True
-        self._task = asyncio.get_running_loop().create_task(self._run(not_before))
-
-    def _due(self) -> None:
-        self._timer = None
+    def due(self) -> None:
+        """Its deadline has come (`Deadlines`): the end of the wait, an expiry, a re-check."""
+        self._due_tick = None
         if not self._busy and not self._ended:
             self._resume(time.monotonic())
 
+    def _resume(self, not_before: float) -> None:
+        self._forget_deadline()
+        self._busy = True
+        self._task = asyncio.get_running_loop().create_task(self._run(not_before))
+
     def _wait(self, seconds: float) -> None:
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._due)
+        self._due_tick = self.notifier.deadlines.add(self, seconds)
+
+    def _forget_deadline(self) -> None:
+        if self._due_tick is not None:
+            self.notifier.deadlines.remove(self, self._due_tick)
+            self._due_tick = None
 
     async def _run(self, not_before: float) -> None:
         loop = asyncio.get_running_loop()

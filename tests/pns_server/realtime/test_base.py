@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+
+from pns_server.realtime.base import Deadlines
+
+
+class Waiter:
+    def __init__(self) -> None:
+        self.came: float | None = None
+
+    def due(self) -> None:
+        self.came = asyncio.get_running_loop().time()
+
+
+class TestDeadlines:
+    async def test_each_comes_in_its_time_and_in_order(self) -> None:
+        deadlines, loop = Deadlines(), asyncio.get_running_loop()
+        late, early = Waiter(), Waiter()
+        started = loop.time()
+        deadlines.add(late, 0.3)
+        deadlines.add(early, 0.1)
+        while late.came is None:
+            await asyncio.sleep(0.01)
+        assert early.came is not None
+        assert 0.1 <= early.came - started < 0.1 + Deadlines.TICK + 0.05
+        assert 0.3 <= late.came - started < 0.3 + Deadlines.TICK + 0.05
+        assert len(deadlines) == 0
+
+    async def test_a_removed_deadline_never_comes_and_holds_nothing(self) -> None:
+        deadlines = Deadlines()
+        kept, removed = Waiter(), Waiter()
+        deadlines.add(kept, 0.1)
+        tick = deadlines.add(removed, 0.1)
+        deadlines.remove(removed, tick)
+        gone = weakref.ref(removed)
+        del removed
+        gc.collect()
+        assert gone() is None  # not held until the moment it would have come
+        while kept.came is None:
+            await asyncio.sleep(0.01)
+        assert len(deadlines) == 0
+
+    async def test_a_sooner_deadline_added_later_is_not_kept_waiting(self) -> None:
+        deadlines, loop = Deadlines(), asyncio.get_running_loop()
+        far, near = Waiter(), Waiter()
+        deadlines.add(far, 30)
+        started = loop.time()
+        deadlines.add(near, 0.05)
+        while near.came is None and loop.time() - started < 5:
+            await asyncio.sleep(0.01)
+        assert near.came is not None and near.came - started < 1
+        assert far.came is None
