@@ -15,7 +15,7 @@ from sqlalchemy import text
 from pns_server import __version__
 from pns_server.deps import RuntimeDep
 from pns_server.errors import format_time
-from pns_server.migrate import current_revision, head_revision
+from pns_server.schema import SCHEMA_HEAD, current_revision
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["service"])
@@ -44,7 +44,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
             async with runtime.db.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
             current = await current_revision(runtime.db.engine)
-        head = head_revision()
+        head = SCHEMA_HEAD
         checks["database"] = "ok"
         checks["schema"] = {"current": current, "head": head}
         if current != head:

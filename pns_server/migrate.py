@@ -1,4 +1,5 @@
-"""Run alembic from code: `pns-server migrate`, start-up upgrades, and /readyz checks."""
+"""Run alembic from code: `pns-server migrate`, and the start-up upgrade's child process
+(`pns_server.schema`); the serving process never imports this module."""
 
 from __future__ import annotations
 
@@ -9,9 +10,6 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 
 def migrations_dir() -> Path:
@@ -41,13 +39,3 @@ def head_revision() -> str | None:
     """The newest revision shipped with this build (read once: it cannot change at run time)."""
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     return script.get_current_head()
-
-
-async def current_revision(engine: AsyncEngine) -> str | None:
-    """The database's revision; a plain query, cheap enough for every /readyz probe."""
-    async with engine.connect() as conn:
-        try:
-            version = await conn.scalar(text("SELECT version_num FROM alembic_version"))
-        except DBAPIError:
-            return None  # never migrated
-    return None if version is None else str(version)

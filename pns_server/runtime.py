@@ -13,12 +13,12 @@ from pns_server import retention
 from pns_server.config import Settings
 from pns_server.db import Database, create_engine
 from pns_server.metrics import Metrics
-from pns_server.migrate import upgrade_to_head
 from pns_server.push.base import PushSender
 from pns_server.push.factory import PushConfigError, PushReadiness, build_senders
 from pns_server.push.webpush import WebPushSender
 from pns_server.realtime import create_notifier
 from pns_server.realtime.base import Notifier
+from pns_server.schema import migrate_if_behind
 from pns_server.security import SecretBox, load_or_create_key_file
 
 log = logging.getLogger("pns")
@@ -98,13 +98,17 @@ async def build_runtime(context: AppContext) -> Runtime:
     except PushConfigError as exc:
         log.critical("push configuration is invalid: %s", exc)
         raise
-    if settings.migrate_on_start:
-        await asyncio.to_thread(upgrade_to_head, settings.sqlalchemy_url, keys)
     engine = create_engine(
         settings.sqlalchemy_url,
         pool_size=settings.db_pool_size,
         pool_timeout=settings.db_pool_timeout_seconds,
     )
+    if settings.migrate_on_start:
+        try:
+            await migrate_if_behind(engine, settings, keys)
+        except BaseException:
+            await engine.dispose()
+            raise
     notifier = create_notifier(settings.sqlalchemy_url, settings.listen_sqlalchemy_url)
     await notifier.start()
     db = Database(engine, notifier.publish, notifier.before_commit, notifier.notify_sql)
