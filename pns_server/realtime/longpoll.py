@@ -142,6 +142,9 @@ class Poll(Subscription, Generic[T]):
         if self._ended:
             return
         self._ended = True
+        # The outcome's receiver holds the request, which holds this poll: without the
+        # cycle, an answered request is freed at once, not by the next garbage collection.
+        self._settle = None
         self.notifier.discard(self)
         if self._counted and (gauge := self.gauge()) is not None:
             gauge.dec()
@@ -394,6 +397,9 @@ class Parked:
                 await problem_response(problem_for(outcome))(self.scope, self.receive, self.send)
             elif self.response is not None:
                 await self.response.send_answer(outcome.body, self.send)
+        except Exception:
+            # Sent from a read's task, which nobody awaits: say it here or it goes unseen.
+            log.exception("a long-poll's answer could not be sent")
         finally:
             self.done = True
             if self.gone is not None and not self.gone.done():

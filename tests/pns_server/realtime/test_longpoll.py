@@ -669,3 +669,48 @@ async def test_a_parked_wait_holds_few_objects() -> None:
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert all(c.sent[1]["body"] == b'{"status":"approved"}' for c in connections)
     assert per_wait <= 24
+
+
+async def test_an_answered_parked_request_is_freed_without_the_collector() -> None:
+    """Ten thousand answers at once must not leave ten thousand cycles for the garbage
+    collector, which stops the event loop while it walks them."""
+    notifier, row, connection = MemoryNotifier(), Counter(), Connection()
+    response = LongPollResponse(reply_poll(row.read, notifier=notifier))
+    freed = weakref.ref(response)
+    parking = LongPollParking(TestLongPollParking.inner_app(response, []))
+    del response
+    gc.disable()
+    try:
+        task = asyncio.create_task(parking({"type": "http"}, connection.receive, connection.send))
+        while notifier.waiter_count == 0:
+            await asyncio.sleep(0)
+        row.value = "approved"
+        await notifier.publish(["t"])
+        await asyncio.wait_for(task, 5)
+        del parking, task
+        await asyncio.sleep(0)
+        assert freed() is None
+    finally:
+        gc.enable()
+    assert connection.sent[1]["body"] == b'{"status":"approved"}'
+
+
+async def test_an_answer_that_cannot_be_sent_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    notifier, row = MemoryNotifier(), Counter()
+
+    class Broken(Connection):
+        async def send(self, message: Message) -> None:
+            raise RuntimeError("the server refused the message")
+
+    connection = Broken()
+    response = LongPollResponse(reply_poll(row.read, notifier=notifier))
+    task = asyncio.create_task(response({"type": "http"}, connection.receive, connection.send))
+    while notifier.waiter_count == 0:
+        await asyncio.sleep(0)
+    row.value = "approved"
+    await notifier.publish(["t"])  # answered from the read's task, which nobody awaits
+    while "could not be sent" not in caplog.text:
+        await asyncio.sleep(0.01)
+    connection.hang_up()
+    await asyncio.wait_for(task, 5)
+    assert "the server refused the message" in caplog.text
