@@ -307,14 +307,18 @@ async def waiters_now(http: httpx.AsyncClient) -> int:
     return int(float(found.group(1))) if found else 0
 
 
-async def gc_paused_s(http: httpx.AsyncClient) -> list[float]:
-    """The relay's garbage collections so far, in seconds of stopped event loop, by
-    generation (the last is the full collection, which walks every object held)."""
+async def gc_paused_s(http: httpx.AsyncClient) -> list[tuple[float, int]]:
+    """The relay's garbage collections so far, by generation (the last is the full
+    collection, which walks every object held): seconds of stopped event loop, and how
+    many."""
     text = (await http.get("/metrics")).text
-    found = re.findall(r'^pns_gc_pause_seconds_sum\{generation="(\d)"\} (\S+)$', text, re.M)
-    paused = [0.0, 0.0, 0.0]
-    for generation, seconds in found:
-        paused[int(generation)] = float(seconds)
+    paused = [(0.0, 0), (0.0, 0), (0.0, 0)]
+    for generation in range(3):
+        label = f'{{generation="{generation}"}}'
+        seconds = re.search(rf"^pns_gc_pause_seconds_sum{label} (\S+)$", text, re.M)
+        count = re.search(rf"^pns_gc_pause_seconds_count{label} (\S+)$", text, re.M)
+        if seconds and count:
+            paused[generation] = (float(seconds.group(1)), int(float(count.group(1))))
     return paused
 
 
@@ -371,7 +375,9 @@ async def longpoll_capacity(
                     )
                 wake_all = max(woken) - started
                 gc_after = await gc_paused_s(http)
-                gc_during_wake = [a - b for a, b in zip(gc_after, gc_before, strict=True)]
+                gc_during_wake = [
+                    (a[0] - b[0], a[1] - b[1]) for a, b in zip(gc_after, gc_before, strict=True)
+                ]
                 woken_after = sorted(moment - started for moment in woken)
                 # Each waiter from its own approval's decision: the hundred answers arrive at
                 # once, and the last of them is decided well after the first.
@@ -394,8 +400,9 @@ async def longpoll_capacity(
             "wake_p50_ms": round(woken_after[len(woken_after) // 2] * 1000, 1),
             "wake_all_ms": round(wake_all * 1000, 1),
             # The relay's event loop stood still this long for its garbage collector.
-            "wake_gc_ms": round(sum(gc_during_wake) * 1000, 1),
-            "wake_gc_ms_by_generation": [round(g * 1000, 1) for g in gc_during_wake],
+            "wake_gc_ms": round(sum(g[0] for g in gc_during_wake) * 1000, 1),
+            # By generation (young, middle, full): milliseconds, and how many collections.
+            "wake_gc_by_generation": [[round(g[0] * 1000, 1), g[1]] for g in gc_during_wake],
             "after_decision_p50_ms": round(after_decision[len(after_decision) // 2] * 1000, 1),
             "after_decision_max_ms": round(after_decision[-1] * 1000, 1),
             "repolls_during_run": repolls,
