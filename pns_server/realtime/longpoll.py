@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # After a failed re-read (database restarting), try again this soon rather than failing the
 # wait: the caller would otherwise miss the decision made once the database is back.
 RETRY_READ_SECONDS = 0.5
+# A wait with this little left is over: a loop timer may fire a millisecond early, and
+# waiting out the rest would take a whole tick of `Deadlines` (50 ms).
+ALMOST_OVER = 0.002
 # What a database restart or overload raises; anything else (a 404, a bug) ends the wait.
 TRANSIENT = (SQLAlchemyError, OSError)
 
@@ -191,7 +194,7 @@ class Poll(Subscription, Generic[T]):
                     value = await self._read_shared(not_before)
                 except TRANSIENT as exc:
                     left = self.give_up - loop.time()
-                    if self.caller_gone or left <= 0:
+                    if self.caller_gone or left <= ALMOST_OVER:
                         await self._end(exc)
                         return
                     log.warning("long-poll read failed; retrying while the wait lasts")
@@ -201,7 +204,8 @@ class Poll(Subscription, Generic[T]):
                     await self._end(exc)
                     return
                 left = self.give_up - loop.time()
-                if self.settled(value) or left <= 0 or self.caller_gone or self.notifier.closing:
+                over = left <= ALMOST_OVER
+                if self.settled(value) or over or self.caller_gone or self.notifier.closing:
                     await self._end(value)
                     return
                 if not self._woken:
