@@ -112,6 +112,10 @@ class SharedReads:
 
     def __init__(self) -> None:
         self._flights: dict[str, _Flight] = {}
+        # Polls woken together, gathered per key before their read (`longpoll.Rally`), and
+        # the tasks reading for them.
+        self.gathering: dict[str, Any] = {}
+        self.running: set[asyncio.Task[None]] = set()
 
     async def run(self, key: str, read: Callable[[], Awaitable[T]], not_before: float) -> T:
         while (flight := self._flights.get(key)) is not None:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pns_server.problems import problem_for, problem_response
-from pns_server.realtime.base import Notifier, Subscription
+from pns_server.realtime.base import Notifier, SharedReads, Subscription
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -175,7 +175,11 @@ class Poll(Subscription, Generic[T]):
     def _resume(self, not_before: float) -> None:
         self._forget_deadline()
         self._busy = True
-        self._task = asyncio.get_running_loop().create_task(self._run(not_before))
+        key = self.share_key()
+        if key is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(not_before))
+        else:
+            Rally.join(self, key, not_before)
 
     def _wait(self, seconds: float) -> None:
         self._due_tick = self.notifier.deadlines.add(self, seconds)
@@ -186,36 +190,44 @@ class Poll(Subscription, Generic[T]):
             self._due_tick = None
 
     async def _run(self, not_before: float) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while not self._ended:
                 self._woken = False
                 try:
-                    value = await self._read_shared(not_before)
-                except TRANSIENT as exc:
-                    left = self.give_up - loop.time()
-                    if self.caller_gone or left <= ALMOST_OVER:
-                        await self._end(exc)
-                        return
-                    log.warning("long-poll read failed; retrying while the wait lasts")
-                    self._wait(min(RETRY_READ_SECONDS, left))
-                    return
+                    outcome: T | Exception = await self._read_shared(not_before)
                 except Exception as exc:
-                    await self._end(exc)
-                    return
-                left = self.give_up - loop.time()
-                over = left <= ALMOST_OVER
-                if self.settled(value) or over or self.caller_gone or self.notifier.closing:
-                    await self._end(value)
-                    return
-                if not self._woken:
-                    # The state read is not held while waiting: every wait ends in a read.
-                    self._wait(self._timeout(value, left))
+                    outcome = exc
+                if not await self._take(outcome):
                     return
                 not_before = self.woken_at  # woken during the read: read again
         finally:
             self._busy = False
             self._task = None
+
+    async def _take(self, outcome: T | Exception) -> bool:
+        """What a read means for this poll: it ends, or waits (for a wake-up, its deadline,
+        or a retry after a failure the database's restart explains); True when it was woken
+        during the read and must read again at once."""
+        left = self.give_up - asyncio.get_running_loop().time()
+        over = left <= ALMOST_OVER
+        if isinstance(outcome, TRANSIENT):
+            if self.caller_gone or over:
+                await self._end(outcome)
+                return False
+            log.warning("long-poll read failed; retrying while the wait lasts")
+            self._wait(min(RETRY_READ_SECONDS, left))
+            return False
+        if isinstance(outcome, Exception):
+            await self._end(outcome)
+            return False
+        if self.settled(outcome) or over or self.caller_gone or self.notifier.closing:
+            await self._end(outcome)
+            return False
+        if self._woken:
+            return True
+        # The state read is not held while waiting: every wait ends in a read.
+        self._wait(self._timeout(outcome, left))
+        return False
 
     async def _read_shared(self, not_before: float) -> T:
         key = self.share_key()
@@ -239,6 +251,69 @@ class Poll(Subscription, Generic[T]):
             until_deadline = (deadline - datetime.now(UTC)).total_seconds() + 0.05
             timeout = min(timeout, max(until_deadline, 0.0))
         return timeout
+
+
+class Rally:
+    """The polls of one shared read (`share_key`) woken together, read for by one task: ten
+    thousand waits woken by a hundred decisions make a hundred tasks and a hundred reads,
+    not ten thousand tasks each joining a read. A poll woken once the rally's read has
+    started gathers with the next one, whose read starts after its wake-up (as
+    `SharedReads` has it), so no wake-up is lost. The answers are sent one after the
+    other from the rally's task: the polls of one key are one caller's waits on one
+    object."""
+
+    __slots__ = ("key", "not_before", "polls", "reads")
+
+    def __init__(self, key: str, reads: SharedReads) -> None:
+        self.key = key
+        self.reads = reads
+        self.polls: list[Poll[Any]] = []
+        self.not_before = 0.0
+
+    @classmethod
+    def join(cls, poll: Poll[Any], key: str, not_before: float) -> None:
+        reads = poll.notifier.reads
+        rally = reads.gathering.get(key)
+        if rally is None:
+            rally = reads.gathering[key] = cls(key, reads)
+            task = asyncio.get_running_loop().create_task(rally.run())
+            reads.running.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(reads.running.discard)
+        rally.polls.append(poll)
+        rally.not_before = max(rally.not_before, not_before)
+
+    async def run(self) -> None:
+        polls = self.polls
+        try:
+            while polls:
+                if self.reads.gathering.get(self.key) is self:
+                    del self.reads.gathering[self.key]  # from now on, the next rally
+                for poll in polls:
+                    poll._woken = False
+                try:
+                    outcome: Any = await self.reads.run(self.key, polls[0].read, self.not_before)
+                except Exception as exc:
+                    outcome = exc
+                again: list[Poll[Any]] = []
+                for poll in polls:
+                    if poll._ended:
+                        continue
+                    try:
+                        read_again = await poll._take(outcome)
+                    except Exception as exc:  # a bug in one poll leaves the others be
+                        log.exception("a long-poll failed after its read")
+                        await poll._end(exc)
+                        continue
+                    if read_again:
+                        again.append(poll)
+                        self.not_before = max(self.not_before, poll.woken_at)
+                    else:
+                        poll._busy = False
+                del outcome
+                polls = again
+        finally:
+            for poll in polls:
+                poll._busy = False
 
 
 class FunctionPoll(Poll[T]):

@@ -714,3 +714,51 @@ async def test_an_answer_that_cannot_be_sent_is_logged(caplog: pytest.LogCapture
     connection.hang_up()
     await asyncio.wait_for(task, 5)
     assert "the server refused the message" in caplog.text
+
+
+class TestRally:
+    """Waits of one shared read woken together are read for by one task."""
+
+    async def test_waits_woken_together_make_one_task_and_one_read(self) -> None:
+        notifier, row = MemoryNotifier(), Counter()
+        waits = [
+            asyncio.create_task(long_poll(notifier, "t", row.read, settled, 30, share_key="k"))
+            for _ in range(50)
+        ]
+        while notifier.waiter_count < 50:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        reads, before = row.reads, len(asyncio.all_tasks())
+        row.value = "approved"
+        await notifier.publish(["t"])
+        assert len(asyncio.all_tasks()) - before == 1  # not one per wait
+        assert await asyncio.wait_for(asyncio.gather(*waits), 5) == ["approved"] * 50
+        assert row.reads - reads == 1
+
+    async def test_a_wakeup_during_the_rally_s_read_is_not_lost(self) -> None:
+        notifier, row = MemoryNotifier(), Counter()
+        gate = {"armed": False}
+        reading, release = asyncio.Event(), asyncio.Event()
+
+        async def read() -> str:
+            value = row.value  # what the read sees: the row as it was when it started
+            if gate["armed"]:  # the rally's read
+                gate["armed"] = False
+                reading.set()
+                await release.wait()
+            return value
+
+        waits = [
+            asyncio.create_task(long_poll(notifier, "t", read, settled, 30, share_key="k"))
+            for _ in range(2)
+        ]
+        while notifier.waiter_count < 2:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        gate["armed"] = True
+        await notifier.publish(["t"])  # a wake-up with nothing changed: the read sees pending
+        await asyncio.wait_for(reading.wait(), 5)
+        row.value = "approved"  # committed while the rally reads...
+        await notifier.publish(["t"])  # ...and published before its read ends
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*waits), 5) == ["approved"] * 2
