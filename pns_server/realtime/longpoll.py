@@ -59,9 +59,10 @@ class Poll(Subscription, Generic[T]):
 
     While it waits it holds no frame, no task, no future and no loop timer: only this
     object and its places among the notifier's subscriptions and deadlines. A wake-up or
-    its deadline starts a task for the next read, which ends once it has read (and set
-    the next deadline, or settled the poll). Ten thousand waits so cost ten thousand of
-    these, not ten thousand coroutines and their tasks.
+    its deadline starts a task for the next read (one `Rally` task for all the polls of a
+    shared read woken together), which ends once it has read (and set the next deadline,
+    or settled the poll). Ten thousand waits so cost ten thousand of these, not ten
+    thousand coroutines and their tasks.
 
     The rules (each kept from the coroutine this replaces):
     - it subscribes *before* its first read, so a change committed between the read and the
