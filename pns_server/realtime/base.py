@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import math
 import time
 from collections import defaultdict
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     from pns_server.db import Executor
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Subscription:
@@ -203,7 +205,10 @@ class Deadlines:
         if self._ticks:
             self._arm(loop, self._ticks[0])
         for waiter in due:
-            waiter.due()
+            try:
+                waiter.due()
+            except Exception:  # one waiter's bug must not cost the others their deadline
+                log.exception("a deadline's waiter failed")
 
 
 class LocalFanout:

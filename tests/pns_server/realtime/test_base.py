@@ -4,6 +4,8 @@ import asyncio
 import gc
 import weakref
 
+import pytest
+
 from pns_server.realtime.base import Deadlines
 
 
@@ -53,3 +55,22 @@ class TestDeadlines:
             await asyncio.sleep(0.01)
         assert near.came is not None and near.came - started < 1
         assert far.came is None
+
+    async def test_a_failing_waiter_costs_the_others_nothing(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        class Broken(Waiter):
+            def due(self) -> None:
+                raise RuntimeError("a bug")
+
+        deadlines = Deadlines()
+        deadlines.add(Broken(), 0.05)
+        # The same tick; a tick's waiters come in no set order, so with a hundred others
+        # nearly all would be lost behind the broken one.
+        others = [Waiter() for _ in range(100)]
+        for waiter in others:
+            deadlines.add(waiter, 0.05)
+        async with asyncio.timeout(5):
+            while not all(waiter.came for waiter in others):
+                await asyncio.sleep(0.01)
+        assert "a deadline's waiter failed" in caplog.text
