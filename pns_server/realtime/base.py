@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from pns_server.db import Executor
+    from pns_server.realtime.longpoll import Rally
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ class Subscription:
     Thousands are held at once, so it is small: no Event (a deque each) and no Timeout
     object; while its waiter sleeps it holds one future and one timer, otherwise nothing."""
 
-    __slots__ = ("_waiter", "_woken", "caller_gone", "since", "topic", "woken_at")
+    __slots__ = ("_waiter", "_woken", "since", "topic", "woken_at")
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
@@ -32,23 +33,12 @@ class Subscription:
         self.woken_at = self.since
         self._woken = False
         self._waiter: asyncio.Future[None] | None = None
-        # Set (with a wake-up) when the HTTP caller has disconnected: the wait ends.
-        self.caller_gone = False
 
     def wake(self) -> None:
         self.woken_at = time.monotonic()
         self._woken = True
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-    def caller_left(self, watch: asyncio.Future[None]) -> None:
-        """The done-callback of the task watching for the HTTP caller's disconnect: the
-        wait ends. A method rather than a closure: thousands of watches are held."""
-        if watch.cancelled():
-            return  # the wait ended first
-        watch.exception()  # a broken receive also means nobody listens (retrieved, not logged)
-        self.caller_gone = True
-        self.wake()
 
     async def wait(self, timeout: float) -> bool:
         """True when woken (the state may have changed), False on timeout."""
@@ -114,9 +104,9 @@ class SharedReads:
 
     def __init__(self) -> None:
         self._flights: dict[str, _Flight] = {}
-        # Polls woken together, gathered per key before their read (`longpoll.Rally`), and
-        # the tasks reading for them.
-        self.gathering: dict[str, Any] = {}
+        # Polls woken together, gathered per key before their read, and the tasks reading
+        # for them.
+        self.gathering: dict[str, Rally] = {}
         self.running: set[asyncio.Task[None]] = set()
 
     async def run(self, key: str, read: Callable[[], Awaitable[T]], not_before: float) -> T:

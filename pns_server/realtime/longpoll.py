@@ -88,6 +88,7 @@ class Poll(Subscription, Generic[T]):
         "_ended",
         "_settle",
         "_task",
+        "caller_gone",
         "give_up",
         "notifier",
     )
@@ -102,6 +103,8 @@ class Poll(Subscription, Generic[T]):
         self._settle: Settle | None = None
         self._task: asyncio.Task[None] | None = None
         self._due_tick: int | None = None  # its place in the notifier's `Deadlines`
+        # Set (with a wake-up) when the HTTP caller has disconnected: the wait ends.
+        self.caller_gone = False
 
     # -- what a subclass says -------------------------------------------------------------
 
@@ -166,6 +169,13 @@ class Poll(Subscription, Generic[T]):
         """The HTTP caller has gone: one more read, then the poll ends."""
         self.caller_gone = True
         self.wake()
+
+    def caller_left(self, watch: asyncio.Future[None]) -> None:
+        """The done-callback of the task watching for the caller's disconnect (`run_poll`)."""
+        if watch.cancelled():
+            return  # the wait ended first
+        watch.exception()  # a broken receive also means nobody listens (retrieved, not logged)
+        self.lose_caller()
 
     def due(self) -> None:
         """Its deadline has come (`Deadlines`): the end of the wait, an expiry, a re-check."""
@@ -285,10 +295,9 @@ class Rally:
 
     async def run(self) -> None:
         polls = self.polls
+        del self.reads.gathering[self.key]  # a poll woken from now on joins the next rally
         try:
             while polls:
-                if self.reads.gathering.get(self.key) is self:
-                    del self.reads.gathering[self.key]  # from now on, the next rally
                 for poll in polls:
                     poll._woken = False
                 try:

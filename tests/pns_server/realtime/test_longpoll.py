@@ -41,6 +41,19 @@ def settled(value: str) -> bool:
     return value != "pending"
 
 
+async def waiting(
+    notifier: MemoryNotifier, read: Callable[[], Awaitable[str]], count: int
+) -> list[asyncio.Task[str]]:
+    """`count` long-polls of one shared read ("k"), once all of them are subscribed."""
+    tasks = [
+        asyncio.create_task(long_poll(notifier, "t", read, settled, 30, share_key="k"))
+        for _ in range(count)
+    ]
+    while notifier.waiter_count < count:
+        await asyncio.sleep(0)
+    return tasks
+
+
 async def test_returns_at_once_when_settled() -> None:
     row = Counter("approved")
     assert await long_poll(MemoryNotifier(), "t", row.read, settled, wait=30) == "approved"
@@ -132,12 +145,7 @@ class TestSharedReads:
                 return value
 
         notifier, row = MemoryNotifier(), DatabaseRead()
-        tasks = [
-            asyncio.create_task(long_poll(notifier, "t", row.read, settled, 30, share_key="k"))
-            for _ in range(50)
-        ]
-        while notifier.waiter_count < 50:
-            await asyncio.sleep(0)
+        tasks = await waiting(notifier, row.read, 50)
         reads_before = row.reads
         row.value = "approved"
         await notifier.publish(["t"])
@@ -604,6 +612,16 @@ async def test_a_waiting_long_poll_does_not_hold_its_last_read() -> None:
     assert (await asyncio.wait_for(task, 5)).status == "approved"
 
 
+async def objects_per_wait(notifier: MemoryNotifier, before: int, count: int) -> float:
+    """Once `count` waits are subscribed and settled: the objects tracked per wait since
+    there were `before`."""
+    while notifier.waiter_count < count:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    gc.collect()
+    return (len(gc.get_objects()) - before) / count
+
+
 async def test_a_waiting_long_poll_holds_few_objects() -> None:
     """Each full garbage collection walks every object the waits hold, while the event
     loop stands still: ten thousand waits must not hold ten thousand sets of closures.
@@ -631,11 +649,7 @@ async def test_a_waiting_long_poll_holds_few_objects() -> None:
         )
         for i in range(1000)
     ]
-    while notifier.waiter_count < 1000:
-        await asyncio.sleep(0)
-    await asyncio.sleep(0.01)
-    gc.collect()
-    per_wait = (len(gc.get_objects()) - before) / 1000
+    per_wait = await objects_per_wait(notifier, before, 1000)
     row.value = "approved"
     await notifier.publish([f"t{i}" for i in range(10)])
     assert set(await asyncio.wait_for(asyncio.gather(*tasks), 10)) == {"approved"}
@@ -659,11 +673,7 @@ async def test_a_parked_wait_holds_few_objects() -> None:
         )
         for c in connections
     ]
-    while notifier.waiter_count < 1000:
-        await asyncio.sleep(0)
-    await asyncio.sleep(0.01)
-    gc.collect()
-    per_wait = (len(gc.get_objects()) - before) / 1000
+    per_wait = await objects_per_wait(notifier, before, 1000)
     row.value = "approved"
     await notifier.publish(["t"])
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
@@ -721,12 +731,7 @@ class TestRally:
 
     async def test_waits_woken_together_make_one_task_and_one_read(self) -> None:
         notifier, row = MemoryNotifier(), Counter()
-        waits = [
-            asyncio.create_task(long_poll(notifier, "t", row.read, settled, 30, share_key="k"))
-            for _ in range(50)
-        ]
-        while notifier.waiter_count < 50:
-            await asyncio.sleep(0)
+        waits = await waiting(notifier, row.read, 50)
         await asyncio.sleep(0.01)
         reads, before = row.reads, len(asyncio.all_tasks())
         row.value = "approved"
@@ -748,12 +753,7 @@ class TestRally:
                 await release.wait()
             return value
 
-        waits = [
-            asyncio.create_task(long_poll(notifier, "t", read, settled, 30, share_key="k"))
-            for _ in range(2)
-        ]
-        while notifier.waiter_count < 2:
-            await asyncio.sleep(0)
+        waits = await waiting(notifier, read, 2)
         await asyncio.sleep(0.01)
         gate["armed"] = True
         await notifier.publish(["t"])  # a wake-up with nothing changed: the read sees pending
