@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from pns_server.db import Executor
-    from pns_server.realtime.longpoll import Rally
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -104,9 +103,9 @@ class SharedReads:
 
     def __init__(self) -> None:
         self._flights: dict[str, _Flight] = {}
-        # Polls woken together, gathered per key before their read, and the tasks reading
-        # for them.
-        self.gathering: dict[str, Rally] = {}
+        # Polls woken together, gathered per key before their read (`longpoll.Rally`, which
+        # this module may not name: it imports this one), and the tasks reading for them.
+        self.gathering: dict[str, Any] = {}
         self.running: set[asyncio.Task[None]] = set()
 
     async def run(self, key: str, read: Callable[[], Awaitable[T]], not_before: float) -> T:
