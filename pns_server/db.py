@@ -47,8 +47,11 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         # writers deadlock on the lock upgrade instead of waiting for busy_timeout.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # The busy timeout first: setting the journal mode takes a lock too, and without it
+        # a connection opened while another process (`pns-server admin`, a checkpoint)
+        # holds one fails at once with "database is locked".
         cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
