@@ -73,12 +73,15 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
         # 20. With one connection they wait in the pool's FIFO queue instead: their turn
         # comes the moment the previous transaction ends, in arrival order, and one
         # aiosqlite thread serves them all. (`pool_size` only matters for PostgreSQL.)
-        # The pool's ROLLBACK on return stays (a hand-off to aiosqlite's thread): a unit
-        # cancelled while its BEGIN IMMEDIATE waits in that thread has no transaction yet
-        # when its connection returns, and one a moment later; the ROLLBACK, queued behind
-        # the BEGIN in the same thread, is what ends it.
+        # The pool's own ROLLBACK on return is replaced by `_end_stray_transactions`, which
+        # skips it for a connection whose unit ended its transaction itself (see there).
         engine = create_async_engine(
-            url, pool_size=1, max_overflow=0, pool_timeout=pool_timeout, hide_parameters=True
+            url,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=pool_timeout,
+            hide_parameters=True,
+            pool_reset_on_return=None,
         )
         _configure_sqlite(engine)
         _end_stray_transactions(engine)
@@ -101,19 +104,32 @@ def _end_stray_transactions(engine: AsyncEngine) -> None:
     A unit of work ends its transaction itself, but a request cancelled between its BEGIN
     (or the checkout probe's) and the block that rolls back on error would return its
     connection mid-transaction. On PostgreSQL SQLAlchemy's own reset does not see a
-    transaction it did not begin, and the next unit would commit what this one left; on
-    SQLite its ROLLBACK on return ends it anyway (this check is a second line there). So
+    transaction it did not begin, and the next unit would commit what this one left. So
     on return to the pool a connection still in a transaction is rolled back: one flag
-    read, a round trip only in that case."""
+    read, a round trip only in that case.
+
+    On SQLite the flag cannot be trusted: a unit cancelled while its BEGIN IMMEDIATE waits
+    in aiosqlite's thread has no transaction yet when its connection returns, and one a
+    moment later. There every connection is rolled back on return (a ROLLBACK queued
+    behind whatever is left in that thread ends it), unless its unit marked it `settled`:
+    it ended its transaction itself and left nothing running, so the ROLLBACK, a hand-off
+    to the thread (~50 us of CPU), would do nothing."""
     postgres = engine.dialect.name == "postgresql"
 
     @event.listens_for(engine.sync_engine, "reset")
-    def _reset(dbapi_connection: Any, _record: Any, state: Any) -> None:
+    def _reset(dbapi_connection: Any, record: Any, state: Any) -> None:
         if not state.asyncio_safe:
             return  # collected outside the event loop: SQLAlchemy terminates it
-        driver = dbapi_connection.driver_connection
-        if driver.is_in_transaction() if postgres else driver.in_transaction:
+        if not postgres:
+            if not record.info.pop(SETTLED, False):
+                dbapi_connection.rollback()
+            return
+        if dbapi_connection.driver_connection.is_in_transaction():
             dbapi_connection.run_async(lambda connection: connection.execute("ROLLBACK"))
+
+
+# Set by a unit on its SQLite connection once it has ended its own transaction (see above).
+SETTLED = "pns_settled"
 
 
 # What the checkout probe sends: a unit of work's BEGIN is as good a probe as `SELECT 1`
@@ -197,9 +213,11 @@ class Database:
         the block succeeds, the same `PnsError.commit` rule, topics out with the commit),
         its Core statements run on the driver connection (see `pns_server.driver`)."""
         kept_error: PnsError | None = None
+        sqlite = self.dialect != "postgresql"
         async with self._connection(probe="BEGIN") as connection:
             unit = await self._driver_unit(connection)
-            if self.dialect != "postgresql":
+            if sqlite:
+                connection.info.pop(SETTLED, None)
                 # SQLite: take the write lock at BEGIN (see `_configure_sqlite`).
                 await unit.run_sql("BEGIN IMMEDIATE")
             try:
@@ -217,6 +235,8 @@ class Database:
             except BaseException:
                 await self._rollback_unit(unit)
                 raise
+            if sqlite:
+                connection.info[SETTLED] = True
         await self._after_commit(unit.info.pop(TOPICS_KEY, None), kept_error)
 
     async def _after_commit(self, topics: set[str] | None, kept_error: PnsError | None) -> None:
@@ -242,6 +262,10 @@ class Database:
         try:
             yield unit
         finally:
+            if not postgres:
+                # Statements without a transaction (pysqlite's isolation_level None): even
+                # one cancelled while it waits in aiosqlite's thread leaves none behind.
+                unit.connection.info[SETTLED] = True
             await unit.connection.close()
 
     async def _reconnect(self, dead: AsyncConnection) -> tuple[AsyncConnection, Any]:

@@ -4,6 +4,7 @@ closed are never handed to a request (a one-round-trip probe per checkout)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -119,6 +120,42 @@ async def test_reads_skip_begin_and_commit_on_postgres(database_url: str) -> Non
         async with db.unit() as unit:
             first = await unit.scalar(xid_on_driver)
             assert await unit.scalar(xid_on_driver) == first
+    finally:
+        await db.dispose()
+
+
+async def test_a_unit_cancelled_while_its_begin_waits_leaves_no_transaction(
+    tmp_path: Path,
+) -> None:
+    """SQLite: a unit's BEGIN IMMEDIATE can wait in aiosqlite's thread (another process holds
+    the write lock) when its request is cancelled. Its connection returns to the pool with
+    no transaction yet, and one begins a moment later; a unit that ended its own transaction
+    marks its connection so the pool skips its ROLLBACK, and this one must not be marked:
+    the next unit would find the transaction and fail to begin."""
+    path = tmp_path / "cancelled.db"
+    db = Database(create_engine(f"sqlite+aiosqlite:///{path}"))
+    try:
+        async with db.unit() as unit:
+            await unit.run_sql("CREATE TABLE t (n INTEGER)")
+        other_process = sqlite3.connect(path, isolation_level=None)
+        other_process.execute("BEGIN IMMEDIATE")
+
+        async def write(n: int) -> None:
+            async with db.unit() as unit:
+                await unit.run_sql(f"INSERT INTO t VALUES ({n})")
+
+        waiting = asyncio.create_task(write(1))
+        await asyncio.sleep(0.3)  # its BEGIN IMMEDIATE now waits for the other's lock
+        waiting.cancel()
+        await asyncio.sleep(0.1)
+        other_process.execute("ROLLBACK")
+        other_process.close()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        async with asyncio.timeout(10):
+            await write(2)
+        async with db.unit_read() as unit:
+            assert await unit.scalar(select(literal_column("n")).select_from(text("t"))) == 2
     finally:
         await db.dispose()
 
