@@ -163,9 +163,15 @@ def _probe_on_checkout(engine: AsyncEngine) -> None:
             ) from error
 
 
-async def _driver_of(connection: AsyncConnection) -> Any:
-    """The asyncpg or aiosqlite connection under a pooled SQLAlchemy one."""
-    return (await connection.get_raw_connection()).driver_connection
+def _driver_of(connection: AsyncConnection) -> Any:
+    """The asyncpg or aiosqlite connection under a pooled SQLAlchemy one, just checked out.
+
+    Read through the sync connection: its accessor does I/O only to replace a connection
+    invalidated since checkout, which this one cannot be yet, so it needs none of the
+    greenlet hand-off `get_raw_connection()` makes for that case (~20 us per unit)."""
+    sync_connection = connection.sync_connection
+    assert sync_connection is not None, "a started connection"
+    return sync_connection.connection.driver_connection
 
 
 class Database:
@@ -215,7 +221,7 @@ class Database:
         kept_error: PnsError | None = None
         sqlite = self.dialect != "postgresql"
         async with self._connection(probe="BEGIN") as connection:
-            unit = await self._driver_unit(connection)
+            unit = self._driver_unit(connection)
             if sqlite:
                 connection.info.pop(SETTLED, None)
                 # SQLite: take the write lock at BEGIN (see `_configure_sqlite`).
@@ -256,7 +262,7 @@ class Database:
         on a newly probed connection, which a read may always be."""
         postgres = self.dialect == "postgresql"
         connection = await self._open(probe=None if postgres else "SELECT 1")
-        unit = await self._driver_unit(connection)
+        unit = self._driver_unit(connection)
         if postgres:
             unit.reconnect = self._reconnect
         try:
@@ -271,7 +277,7 @@ class Database:
     async def _reconnect(self, dead: AsyncConnection) -> tuple[AsyncConnection, Any]:
         await dead.close()
         connection = await self._open(probe="SELECT 1")
-        return connection, await _driver_of(connection)
+        return connection, _driver_of(connection)
 
     @asynccontextmanager
     async def _connection(self, *, probe: str | None) -> AsyncIterator[AsyncConnection]:
@@ -291,8 +297,8 @@ class Database:
             _PROBE.reset(token)
         return connection
 
-    async def _driver_unit(self, connection: AsyncConnection) -> DriverUnit:
-        return DriverUnit(connection, await _driver_of(connection), self.engine.dialect)
+    def _driver_unit(self, connection: AsyncConnection) -> DriverUnit:
+        return DriverUnit(connection, _driver_of(connection), self.engine.dialect)
 
     async def _commit_unit(self, unit: DriverUnit) -> None:
         topics = unit.info.get(TOPICS_KEY)
