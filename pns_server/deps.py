@@ -82,7 +82,7 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def _invalid_token() -> Unauthenticated:
+def invalid_token() -> Unauthenticated:
     return Unauthenticated(
         "The bearer token is unknown or revoked.", headers={"WWW-Authenticate": "Bearer"}
     )
@@ -107,14 +107,14 @@ _NOTE_SEEN = (
 async def client_by_token(session: AsyncSession, token: str) -> Client:
     client = await session.scalar(CLIENT_BY_TOKEN, {"token_hash": hash_token(token)})
     if client is None:
-        raise _invalid_token()
+        raise invalid_token()
     return client
 
 
 async def _device_by_token(session: AsyncSession, token: str) -> Device:
     device = await session.scalar(DEVICE_BY_TOKEN, {"token_hash": hash_token(token)})
     if device is None:
-        raise _invalid_token()
+        raise invalid_token()
     return device
 
 
@@ -150,18 +150,25 @@ async def current_client_detached(request: Request, db: DatabaseDep) -> ClientRo
 async def _row_by_token(unit: DriverUnit, statement: Any, token: str) -> Any:
     row = (await unit.execute(statement, {"token_hash": hash_token(token)})).first()
     if row is None:
-        raise _invalid_token()
+        raise invalid_token()
     return row
 
 
 async def unit_client(request: Request, unit: UnitDep) -> ClientRow:
     """`current_client` in a unit on the driver connection: the client's row."""
     client: ClientRow = await _row_by_token(unit, CLIENT_ROW_BY_TOKEN, bearer_token(request))
+    await admit_client(request, unit, client)
+    return client
+
+
+async def admit_client(request: Request, unit: DriverUnit, client: ClientRow) -> None:
+    """What a client's request does once its token is known to be valid: count toward the
+    client's rate limit, and note it seen (`note_seen`). For routes that read the caller's
+    row with more in the same statement than `UnitClient` reads."""
     count_caller(request, "client:" + client.id)
     now = datetime.now(UTC)
     if seen_is_stale(client.last_seen_at, now):
         await unit.execute(_NOTE_SEEN, {"client": client.id, "at": now})
-    return client
 
 
 async def unit_device(request: Request, unit: UnitDep) -> DeviceRow:

@@ -14,6 +14,7 @@ from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from pns_server.audit import INSERT_AUDIT
 from pns_server.driver import DriverUnit, ValueList
 from pns_server.models import AuditEvent, Base, Client, Device, RecoveryCode
+from pns_server.rows import ClientRow
 from pns_server.security import SealedAt, new_id
 
 OTP_DEVICE_KINDS = ("app", "totp")
@@ -32,15 +33,15 @@ _THROTTLE_COLUMNS = (
     _clients.c.otp_locked_until,
 )
 
-# One round trip takes the client row (FOR UPDATE OF clients on PostgreSQL) and reads what a
-# verification needs of it and of its OTP devices. Outer join: a client without devices
-# still gets its row locked and its counters read.
-_LOCK_FOR_VERIFY = (
+# One round trip authenticates an OTP check and takes what it needs: the caller's row by its
+# token's hash, locked (FOR UPDATE OF clients on PostgreSQL), with its OTP devices. Outer
+# join: a client without devices still gets its row locked and its counters read. The
+# device columns are labelled where a client column has the same name.
+_CALLER_FOR_VERIFY = (
     select(
-        *_THROTTLE_COLUMNS,
-        _clients.c.pushes_since_success,
-        _devices.c.id,
-        _devices.c.kind,
+        *_clients.c,
+        _devices.c.id.label("device_id"),
+        _devices.c.kind.label("device_kind"),
         _devices.c.totp_secret,
         _devices.c.totp_algorithm,
         _devices.c.totp_digits,
@@ -55,7 +56,7 @@ _LOCK_FOR_VERIFY = (
             & _devices.c.kind.in_([bindparam(f"kind_{kind}", kind) for kind in OTP_DEVICE_KINDS]),
         )
     )
-    .where(_clients.c.id == bindparam("client_id"))
+    .where(_clients.c.token_hash == bindparam("token_hash"))
     .order_by(_devices.c.created_at, _devices.c.id)
     .with_for_update(of=_clients)
 )
@@ -189,9 +190,11 @@ class OtpDevice:
 
 
 @dataclass(frozen=True, slots=True)
-class VerifyState:
-    """The locked client's counters and its OTP devices, in pairing order."""
+class VerifyCaller:
+    """The client checking a code, its row locked: the row, its counters and its OTP devices
+    in pairing order."""
 
+    client: ClientRow
     throttle: Throttle
     pushes_since_success: int
     devices: list[OtpDevice]
@@ -201,16 +204,30 @@ class OtpRepository:
     def __init__(self, unit: DriverUnit) -> None:
         self.unit = unit
 
-    async def lock_for_verify(self, client_id: str) -> VerifyState:
-        """`lock_throttle` and the client's OTP devices in one statement (see there)."""
-        rows = (await self.unit.execute(_LOCK_FOR_VERIFY, {"client_id": client_id})).all()
-        first = rows[0]  # the client row exists: the caller authenticated with it
+    async def lock_caller_for_verify(self, token_hash: str) -> VerifyCaller | None:
+        """The client whose token hashes to `token_hash`, locked as `lock_throttle` locks
+        it, with its OTP devices, in one statement; None for an unknown token."""
+        params = {"token_hash": token_hash}
+        rows = (await self.unit.execute(_CALLER_FOR_VERIFY, params)).all()
+        if not rows:
+            return None
+        client = rows[0]  # the client's columns under their own names: a ClientRow
         devices = [
-            OtpDevice(row[5], client_id, row[6], row[7], row[8], row[9], row[10], row[11])
+            OtpDevice(
+                row.device_id,
+                client.id,
+                row.device_kind,
+                row.totp_secret,
+                row.totp_algorithm,
+                row.totp_digits,
+                row.totp_period,
+                row.last_otp_step,
+            )
             for row in rows
-            if row[5] is not None
+            if row.device_id is not None
         ]
-        return VerifyState(Throttle.from_row(first), int(first[4] or 0), devices)
+        throttle = Throttle.from_row([getattr(client, c.name) for c in _THROTTLE_COLUMNS])
+        return VerifyCaller(client, throttle, int(client.pushes_since_success or 0), devices)
 
     async def lock_throttle(self, client_id: str) -> Throttle:
         """Read the counters and hold the client row until commit (FOR UPDATE on PostgreSQL;

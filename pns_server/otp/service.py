@@ -1,8 +1,9 @@
 """One-time passwords and recovery codes: the rules. Lockout policy: see throttle.py.
 
-Every check takes the client row first (`lock_throttle`, or `lock_for_verify` which also
-reads the devices), refuses at once when locked, then looks at the code. What is decided
-from values read (whether a success has counters to reset) is decided under that lock.
+Every check takes the client row first (`lock_throttle`, or for an OTP check the
+authenticating read `caller_for_verify`, which also reads the devices), refuses at once
+when locked, then looks at the code. What is decided from values read (whether a success
+has counters to reset) is decided under that lock.
 Codes, secrets and code hashes never reach logs, audit or error details."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pns_server import audit
 from pns_server.driver import DriverUnit
 from pns_server.errors import OtpInvalid, OtpReplayed, PnsError, RecoveryCodeInvalid
 from pns_server.otp import recovery_codes, throttle
-from pns_server.otp.repository import OtpDevice, OtpRepository, Throttle
+from pns_server.otp.repository import OtpDevice, OtpRepository, Throttle, VerifyCaller
 from pns_server.otp.schemas import OtpAccepted, RecoveryCodeAccepted, RecoveryCodesCreated
 from pns_server.rows import ClientRow
 from pns_server.runtime import Runtime
@@ -29,8 +30,14 @@ log = logging.getLogger(__name__)
 WrongCode = Callable[..., PnsError]
 
 
+async def caller_for_verify(unit: DriverUnit, token_hash: str) -> VerifyCaller | None:
+    """The caller of an OTP check, authenticated, its row locked and its devices read in one
+    statement (`verify_otp` needs all three); None for an unknown token."""
+    return await OtpRepository(unit).lock_caller_for_verify(token_hash)
+
+
 async def verify_otp(
-    unit: DriverUnit, runtime: Runtime, client: ClientRow, code: str
+    unit: DriverUnit, runtime: Runtime, caller: VerifyCaller, code: str
 ) -> OtpAccepted:
     """Accept a current code (±1 step) of any of the client's app or TOTP devices, once.
 
@@ -38,12 +45,13 @@ async def verify_otp(
     not count as a failure (it proves nothing an attacker could guess, and a double-click
     by the user must not eat an attempt). Anything else that does not match counts.
 
-    Statements of an accepted code: the locking read of the client row with its devices, the
-    step claim with its audit row (one statement on PostgreSQL), and the counter reset only
-    when there is something to reset."""
+    Statements of an accepted code, the caller's authentication included: the locking read
+    of the client row with its devices (`caller_for_verify`), the step claim with its audit
+    row (one statement on PostgreSQL), and the counter reset only when there is something
+    to reset."""
     now = datetime.now(UTC)
     repo = OtpRepository(unit)
-    state = await repo.lock_for_verify(client.id)
+    client, state = caller.client, caller
     refuse_if_locked(runtime, state.throttle, now)
     typed = "".join(code.split())  # people type "123 456"
     matches = [

@@ -84,6 +84,7 @@ COUNTING_AUTH = {
     "current_device_detached",
     "unit_client",
     "unit_device",
+    "verifying_client",  # an OTP check's: the caller read with its devices (otp/router.py)
 }
 PER_IP = {"limit_registration_per_ip", "limit_pairing_per_ip"}
 # No token and nothing behind them but the clock or one public key.

@@ -60,6 +60,19 @@ async def test_api_calls_are_limited_per_caller(http: httpx.AsyncClient) -> None
     assert (await http.get("/v1/client", headers=other.headers)).status_code == 200
 
 
+@pytest.mark.parametrize("settings_overrides", [{"rate_client_per_minute": 3}])
+async def test_otp_checks_count_toward_the_callers_limit(http: httpx.AsyncClient) -> None:
+    """The OTP route authenticates in its own statement (`verifying_client`), and counts the
+    caller like every other authenticated route."""
+    client = await register_client(http)
+    for _ in range(2):
+        assert (await http.get("/v1/client", headers=client.headers)).status_code == 200
+    check = await http.post("/v1/otp/verify", json={"code": "000000"}, headers=client.headers)
+    assert check.json()["code"] == "otp_invalid"
+    limited = await http.post("/v1/otp/verify", json={"code": "000000"}, headers=client.headers)
+    assert limited.status_code == 429 and limited.json()["code"] == "rate_limited"
+
+
 class TestLocalWindows:
     def test_counts_within_a_window_and_restarts_in_the_next(self) -> None:
         windows = LocalWindows()

@@ -1,11 +1,12 @@
 """How much database work one OTP check is, counted (never timed): an accepted code is one
-locking read of the client row with its devices, the step claim and the audit row; a replay
-is the read alone; a wrong code adds the counter update. Every statement is a round trip to
-PostgreSQL and a hop to SQLite's thread, so a new one here costs every login."""
+locking read of the client row with its devices, which also authenticates the caller, the
+step claim and the audit row; a replay is the read alone; a wrong code adds the counter
+update. Every statement is a round trip to PostgreSQL and a hop to SQLite's thread, so a
+new one here costs every login."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,15 +17,12 @@ from sqlalchemy import bindparam, select
 
 from pns_server import driver
 from pns_server.db import Database
-from pns_server.driver import DriverUnit
 from pns_server.errors import PnsError
 from pns_server.models import Base, Client
 from pns_server.otp import service
-from pns_server.runtime import Runtime
+from pns_server.security import hash_token
 from tests.pns_server.otp.conftest import wrong_code
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device
-
-Verify = Callable[[DriverUnit, Runtime, Any, str], Awaitable[object]]
 
 _clients = Base.metadata.tables[Client.__tablename__]
 CLIENT_ROW = select(*_clients.c).where(_clients.c.id == bindparam("id"))
@@ -47,16 +45,33 @@ def statements() -> Iterator[list[str]]:
 
 
 async def check(
-    app: FastAPI, db: Database, client_id: str, code: str, verify: Verify = service.verify_otp
+    app: FastAPI, db: Database, client: RegisteredClient, code: str
 ) -> tuple[list[str], str | None]:
-    """The statements one check sends (the caller's own authentication aside), and the
+    """The statements one OTP check sends, the caller's authentication included, and the
     `code` of the error it answers, if any."""
+    seen: list[str] = []
+    try:
+        async with db.unit() as unit:
+            with statements() as seen:
+                caller = await service.caller_for_verify(unit, hash_token(client.token))
+                assert caller is not None
+                await service.verify_otp(unit, app.state.runtime, caller, code)
+    except PnsError as error:
+        return seen, error.code
+    return seen, None
+
+
+async def check_recovery_code(
+    app: FastAPI, db: Database, client_id: str, code: str
+) -> tuple[list[str], str | None]:
+    """The statements one recovery-code check sends (the caller's own authentication aside),
+    and the `code` of the error it answers, if any."""
     seen: list[str] = []
     try:
         async with db.unit() as unit:
             client: Any = (await unit.execute(CLIENT_ROW, {"id": client_id})).one()
             with statements() as seen:
-                await verify(unit, app.state.runtime, client, code)
+                await service.verify_recovery_code(unit, app.state.runtime, client, code)
     except PnsError as error:
         return seen, error.code
     return seen, None
@@ -74,15 +89,29 @@ ACCEPTED = {"sqlite": ["SELECT", "UPDATE", "INSERT"], "postgres": ["SELECT", "WI
 async def test_accepted_code(
     app: FastAPI, db: Database, client: RegisteredClient, device: PairedDevice, db_kind: str
 ) -> None:
-    assert await check(app, db, client.client_id, device.otp()) == (ACCEPTED[db_kind], None)
+    assert await check(app, db, client, device.otp()) == (ACCEPTED[db_kind], None)
+
+
+async def test_the_route_sends_nothing_more(
+    http: httpx.AsyncClient, client: RegisteredClient, device: PairedDevice, db_kind: str
+) -> None:
+    """Over HTTP the request authenticates its caller in the check's own read: the whole
+    request sends what the check sends (the caller was just seen: no `last_seen_at`)."""
+    assert (await http.get("/v1/client", headers=client.headers)).status_code == 200
+    with statements() as seen:
+        response = await http.post(
+            "/v1/otp/verify", json={"code": device.otp()}, headers=client.headers
+        )
+    assert response.status_code == 200
+    assert seen == ACCEPTED[db_kind]
 
 
 async def test_accepted_code_with_counters_to_reset(
     app: FastAPI, db: Database, client: RegisteredClient, device: PairedDevice, db_kind: str
 ) -> None:
-    wrong = await check(app, db, client.client_id, wrong_code(device.totp_secret))
+    wrong = await check(app, db, client, wrong_code(device.totp_secret))
     assert wrong == (["SELECT", "UPDATE"], "otp_invalid")
-    assert await check(app, db, client.client_id, device.otp()) == (
+    assert await check(app, db, client, device.otp()) == (
         [*ACCEPTED[db_kind], "UPDATE"],
         None,
     )
@@ -92,8 +121,8 @@ async def test_replayed_code(
     app: FastAPI, db: Database, client: RegisteredClient, device: PairedDevice
 ) -> None:
     otp = device.otp()
-    await check(app, db, client.client_id, otp)
-    assert await check(app, db, client.client_id, otp) == (["SELECT"], "otp_replayed")
+    await check(app, db, client, otp)
+    assert await check(app, db, client, otp) == (["SELECT"], "otp_replayed")
 
 
 async def test_recovery_code(app: FastAPI, db: Database, client: RegisteredClient) -> None:
@@ -103,16 +132,15 @@ async def test_recovery_code(app: FastAPI, db: Database, client: RegisteredClien
     async with db.unit() as unit:
         row: Any = (await unit.execute(CLIENT_ROW, {"id": client.client_id})).one()
         codes = (await service.create_recovery_codes(unit, app.state.runtime, row)).codes
-    verify = service.verify_recovery_code
-    assert await check(app, db, client.client_id, codes[0], verify) == (
+    assert await check_recovery_code(app, db, client.client_id, codes[0]) == (
         ["SELECT", "UPDATE", "UPDATE", "SELECT", "INSERT"],
         None,
     )
-    assert await check(app, db, client.client_id, codes[0], verify) == (
+    assert await check_recovery_code(app, db, client.client_id, codes[0]) == (
         ["SELECT", "UPDATE", "UPDATE"],
         "recovery_code_invalid",
     )
-    assert await check(app, db, client.client_id, "not a code", verify) == (
+    assert await check_recovery_code(app, db, client.client_id, "not a code") == (
         ["SELECT", "UPDATE"],
         "recovery_code_invalid",
     )
