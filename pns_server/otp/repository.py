@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
 
 from pns_server.audit import INSERT_AUDIT
 from pns_server.driver import DriverUnit, ValueList
@@ -88,16 +88,15 @@ _IMPOSE_LOCK = (
     .returning(*_THROTTLE_COLUMNS)
 )
 
+_CLEARED_COUNTERS: dict[str, Any] = {
+    "otp_consecutive_failures": 0,
+    "otp_failures_since_success": 0,
+    "otp_lock_count": 0,
+    "otp_locked_until": None,
+    "pushes_since_success": 0,
+}
 _RESET_AFTER_SUCCESS = (
-    update(_clients)
-    .where(_clients.c.id == bindparam("client_id"))
-    .values(
-        otp_consecutive_failures=0,
-        otp_failures_since_success=0,
-        otp_lock_count=0,
-        otp_locked_until=None,
-        pushes_since_success=0,
-    )
+    update(_clients).where(_clients.c.id == bindparam("client_id")).values(_CLEARED_COUNTERS)
 )
 
 # The replay guard: the step is taken only if it is newer than the last one taken.
@@ -132,6 +131,18 @@ _CLAIM_STEP_AUDITED = (
     )
     .returning(_audit.c.subject_id)
 )
+# The same, resetting the client's counters too when the claim wins (a success after
+# failures or pushes): the reset is a data-modifying CTE the INSERT does not read, which
+# PostgreSQL runs all the same, only where `claimed` returned the device. Its client's
+# bind is not `client_id`: in one statement with the devices' UPDATE, a parameter named
+# like a column of `devices` would be taken for a value to set there.
+_RESET_IF_CLAIMED = (
+    update(_clients)
+    .where(_clients.c.id == bindparam("reset_client"), exists(select(_claimed.c.id)))
+    .values(_CLEARED_COUNTERS)
+    .cte("reset")
+)
+_CLAIM_STEP_AUDITED_AND_RESET = _CLAIM_STEP_AUDITED.add_cte(_RESET_IF_CLAIMED)
 
 _DELETE_RECOVERY_CODES = delete(_codes).where(_codes.c.client_id == bindparam("client_id"))
 _INSERT_RECOVERY_CODE = insert(_codes)
@@ -258,17 +269,29 @@ class OtpRepository:
         return (await self.unit.execute(_CLAIM_STEP, params)).first() is not None
 
     async def claim_step_audited(
-        self, device_id: str, step: int, now: datetime, audit: dict[str, Any]
+        self,
+        device_id: str,
+        step: int,
+        now: datetime,
+        audit: dict[str, Any],
+        reset_client: str | None = None,
     ) -> bool:
         """`claim_step`, and when it wins, the audit row `audit` (from `audit_row`; its
-        subject is the device): one statement on PostgreSQL, the two in turn elsewhere."""
+        subject is the device) and, with `reset_client`, `reset_after_success` of that
+        client: one statement on PostgreSQL, each in turn elsewhere."""
         if self.unit.postgres:
             params: dict[str, Any] = {"device_id": device_id, "step": step, "now": now}
             params.update({f"audit_{name}": v for name, v in audit.items() if name != "subject_id"})
-            return (await self.unit.execute(_CLAIM_STEP_AUDITED, params)).first() is not None
+            statement = _CLAIM_STEP_AUDITED
+            if reset_client is not None:
+                statement = _CLAIM_STEP_AUDITED_AND_RESET
+                params["reset_client"] = reset_client
+            return (await self.unit.execute(statement, params)).first() is not None
         if not await self.claim_step(device_id, step, now):
             return False
         await self.unit.execute(INSERT_AUDIT, audit)
+        if reset_client is not None:
+            await self.reset_after_success(reset_client)
         return True
 
     async def replace_recovery_codes(

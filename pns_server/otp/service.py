@@ -46,9 +46,9 @@ async def verify_otp(
     by the user must not eat an attempt). Anything else that does not match counts.
 
     Statements of an accepted code, the caller's authentication included: the locking read
-    of the client row with its devices (`caller_for_verify`), the step claim with its audit
-    row (one statement on PostgreSQL), and the counter reset only when there is something
-    to reset."""
+    of the client row with its devices (`caller_for_verify`), then the step claim with its
+    audit row and, only when there is something to reset, the counter reset (one statement
+    on PostgreSQL, three at most on SQLite)."""
     now = datetime.now(UTC)
     repo = OtpRepository(unit)
     client, state = caller.client, caller
@@ -72,9 +72,10 @@ async def verify_otp(
             subject_id=device.id,
             kind=device.kind,
         )
-        if await repo.claim_step_audited(device.id, step, now, accepted):
-            if state.pushes_since_success or not throttle.is_clear(state.throttle):
-                await repo.reset_after_success(client.id)
+        # Read under the client's lock: still true when the claim runs.
+        to_reset = state.pushes_since_success or not throttle.is_clear(state.throttle)
+        reset_client = client.id if to_reset else None
+        if await repo.claim_step_audited(device.id, step, now, accepted, reset_client):
             runtime.metrics.otp_verifications.labels(result="accepted").inc()
             return OtpAccepted(device_id=device.id)
     if matches:
