@@ -198,10 +198,7 @@ async def create(
         settings, client.id, data, idempotency_key, fingerprint, len(devices), now
     )
     deliveries = deliveries_for(approval["id"], devices, now)
-    await repo.insert(approval, deliveries)
-    await repo.count_push(client.id)
-    await audit.write(
-        unit,
+    created = audit.audit_row(
         "approval.created",
         client_id=client.id,
         actor="client",
@@ -213,6 +210,7 @@ async def create(
         devices=len(devices),
         pushes=len(deliveries),
     )
+    await repo.insert_counted_audited(approval, deliveries, created)
     metrics.approvals_created.inc()
     publish_after_commit(unit, approval_topic(approval["id"]))
     publish_after_commit(unit, pending_topic(client.id))
