@@ -7,7 +7,7 @@ import base64
 from datetime import datetime, timedelta
 
 from pns_server import audit
-from pns_server.approvals.outcomes import Outcome, already_decided, on_final, reread
+from pns_server.approvals.outcomes import Outcome, already_decided, audit_row_of, on_final, reread
 from pns_server.approvals.repository import ApprovalRepository
 from pns_server.approvals.schemas import (
     DecisionResult,
@@ -90,26 +90,6 @@ async def respond(
     now = now_utc()
     check_fresh(timestamp, now)
     status, reason = outcome_of(approval, answer)
-    queued = await repo.decide_counting_queued(
-        approval.id,
-        now,
-        status=status,
-        reason=reason,
-        device_id=device.id,
-        response_decision=answer.decision,
-        response_match_code=answer.match_code,
-        response_timestamp=answer.timestamp,
-        response_signature=answer.signature,
-        response_public_key=base64.b64encode(device.public_key or b"").decode(),
-        fraud=answer.fraud,
-    )
-    if queued is None:
-        raise already_decided(await reread(unit, repo, metrics, approval))
-    await repo.touch_device(device.id, now)
-    if status is ApprovalStatus.APPROVED:
-        await repo.reset_push_count(device.client_id)
-    if answer.fraud:
-        await report_fraud(unit, repo, settings, device, approval.id, now)
     answered = Outcome(
         approval.id,
         device.client_id,
@@ -120,7 +100,32 @@ async def respond(
         created_at=approval.created_at,
         detail={"decision": answer.decision, "reason": reason},
     )
-    await on_final(unit, repo, metrics, answered, queued=queued)
+    decision = {
+        "status": status,
+        "reason": reason,
+        "device_id": device.id,
+        "response_decision": answer.decision,
+        "response_match_code": answer.match_code,
+        "response_timestamp": answer.timestamp,
+        "response_signature": answer.signature,
+        "response_public_key": base64.b64encode(device.public_key or b"").decode(),
+        "fraud": answer.fraud,
+    }
+    # The decision, the device's last use, an approval's push-count reset and the audit
+    # row: one statement on PostgreSQL.
+    queued = await repo.decide_answer(
+        approval.id,
+        now,
+        decision,
+        device_id=device.id,
+        reset_client=device.client_id if status is ApprovalStatus.APPROVED else None,
+        audit=audit_row_of(answered),
+    )
+    if queued is None:
+        raise already_decided(await reread(unit, repo, metrics, approval))
+    if answer.fraud:
+        await report_fraud(unit, repo, settings, device, approval.id, now)
+    await on_final(unit, repo, metrics, answered, queued=queued, audited=True)
     return DecisionResult(approval_id=approval.id, status=status)
 
 

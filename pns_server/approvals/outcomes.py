@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from pns_server import audit
 from pns_server.approvals.repository import ApprovalRepository
@@ -38,6 +39,18 @@ def expiry(approval_id: str, client_id: str) -> Outcome:
     return Outcome(approval_id, client_id, ApprovalStatus.EXPIRED, "system")
 
 
+def audit_row_of(outcome: Outcome) -> dict[str, Any]:
+    """The audit row of `outcome` (`on_final` writes it, unless its UPDATE already did)."""
+    return audit.audit_row(
+        outcome.event or f"approval.{outcome.status}",
+        client_id=outcome.client_id,
+        actor=outcome.actor,
+        actor_id=outcome.actor_id,
+        subject_id=outcome.approval_id,
+        **outcome.detail,
+    )
+
+
 async def on_final(
     unit: DriverUnit,
     repo: ApprovalRepository,
@@ -45,6 +58,7 @@ async def on_final(
     outcome: Outcome,
     *,
     queued: int | None = None,
+    audited: bool = False,
 ) -> None:
     """Everything that follows the winning UPDATE: outbox, wake-ups, metrics, audit.
 
@@ -52,7 +66,8 @@ async def on_final(
     counted them (None: drop whatever is queued now). At 0, usually, the push went out
     before the answer and there is nothing to drop; a delivery that a dispatcher puts back
     in the queue after that is dropped when claimed (it never sends for a decided
-    approval), as one being sent at the decision always was."""
+    approval), as one being sent at the decision always was. `audited`: the winning
+    statement wrote `audit_row_of(outcome)` itself."""
     if queued is None or queued > 0:
         await repo.drop_queued_deliveries(outcome.approval_id)
     publish_after_commit(unit, approval_topic(outcome.approval_id))
@@ -61,15 +76,8 @@ async def on_final(
     if outcome.created_at is not None:
         elapsed = now_utc() - outcome.created_at
         metrics.approval_decision_seconds.observe(elapsed.total_seconds())
-    await audit.write(
-        unit,
-        outcome.event or f"approval.{outcome.status}",
-        client_id=outcome.client_id,
-        actor=outcome.actor,
-        actor_id=outcome.actor_id,
-        subject_id=outcome.approval_id,
-        **outcome.detail,
-    )
+    if not audited:
+        await unit.execute(audit.INSERT_AUDIT, audit_row_of(outcome))
 
 
 async def refresh_expiry(

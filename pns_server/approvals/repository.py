@@ -18,9 +18,11 @@ from sqlalchemy import (
     Insert,
     Integer,
     ScalarSelect,
+    Select,
     String,
     Update,
     bindparam,
+    exists,
     func,
     insert,
     select,
@@ -194,6 +196,42 @@ _audit = Base.metadata.tables[AuditEvent.__tablename__]
 _AUDIT_FIELDS = ("at", "client_id", "actor", "actor_id", "event", "subject_id", "detail")
 # What differs between the deliveries of one new approval; the rest is the approval's.
 _DELIVERY_ROWS = ("id", "device_id", "service")
+
+
+@functools.cache
+def _decide_answered(fields: frozenset[str], reset: bool) -> Select[Any]:
+    """PostgreSQL: `_decide(fields, "queued")` for a device's answer and, only where it
+    wins, what follows it: the device's `last_used_at`, the client's push count back to 0
+    (`reset`, an approval) and the audit row; one statement, not four round trips. The
+    statement returns the count of queued deliveries, or no row when someone else won."""
+    decided = _decide(fields, "queued").cte("decided")
+    won = exists(select(decided.c.queued))
+    touched = (
+        update(devices)
+        .where(devices.c.id == bindparam("answering_device"), won)
+        .values(last_used_at=bindparam("now"))
+        .cte("touched")
+    )
+    audited = (
+        insert(_audit)
+        .from_select(
+            list(_AUDIT_FIELDS),
+            select(*(bindparam(f"audit_{n}", type_=_audit.c[n].type) for n in _AUDIT_FIELDS)).where(
+                won
+            ),
+        )
+        .cte("audited")
+    )
+    ctes = [touched, audited]
+    if reset:
+        reset_count = (
+            update(clients)
+            .where(clients.c.id == bindparam("answering_client"), won)
+            .values(pushes_since_success=0)
+            .cte("reset")
+        )
+        ctes.append(reset_count)
+    return select(decided.c.queued).add_cte(*ctes)
 
 
 @functools.cache
@@ -382,6 +420,36 @@ class ApprovalRepository:
                 _decide(frozenset(values), "queued"), _decide_params(approval_id, now, values)
             )
         ).first()
+        return None if row is None else int(row.queued)
+
+    async def decide_answer(
+        self,
+        approval_id: str,
+        now: datetime,
+        values: dict[str, Any],
+        *,
+        device_id: str,
+        reset_client: str | None,
+        audit: dict[str, Any],
+    ) -> int | None:
+        """`decide_counting_queued` for a device's answer and, when it wins, `touch_device`,
+        `reset_push_count` of `reset_client` (if any) and the audit row `audit`: one
+        statement on PostgreSQL, each in turn elsewhere. None if someone else won."""
+        if not self.unit.postgres:
+            queued = await self.decide_counting_queued(approval_id, now, **values)
+            if queued is not None:
+                await self.touch_device(device_id, now)
+                if reset_client is not None:
+                    await self.reset_push_count(reset_client)
+                await self.unit.execute(INSERT_AUDIT, audit)
+            return queued
+        params = _decide_params(approval_id, now, values)
+        params["answering_device"] = device_id
+        params.update({f"audit_{name}": value for name, value in audit.items()})
+        if reset_client is not None:
+            params["answering_client"] = reset_client
+        statement = _decide_answered(frozenset(values), reset_client is not None)
+        row = (await self.unit.execute(statement, params)).first()
         return None if row is None else int(row.queued)
 
     async def decide_returning(
