@@ -96,6 +96,9 @@ DEVICE_BY_TOKEN = select(Device).where(Device.token_hash == bindparam("token_has
 _clients = Base.metadata.tables[Client.__tablename__]
 _devices = Base.metadata.tables[Device.__tablename__]
 CLIENT_ROW_BY_TOKEN = select(*_clients.c).where(_clients.c.token_hash == bindparam("token_hash"))
+# The same, holding the row until the unit ends (FOR UPDATE on PostgreSQL; SQLite's units
+# are serial already).
+CLIENT_ROW_BY_TOKEN_LOCKED = CLIENT_ROW_BY_TOKEN.with_for_update()
 DEVICE_ROW_BY_TOKEN = select(*_devices.c).where(_devices.c.token_hash == bindparam("token_hash"))
 _NOTE_SEEN = (
     update(_clients)
@@ -161,6 +164,16 @@ async def unit_client(request: Request, unit: UnitDep) -> ClientRow:
     return client
 
 
+async def unit_client_locked(request: Request, unit: UnitDep) -> ClientRow:
+    """`unit_client` for routes whose rules read the caller's own counters under its row's
+    lock (creating an approval): the authenticating read takes the lock, so the rules see
+    what every other process last committed, in one round trip instead of two."""
+    token = bearer_token(request)
+    client: ClientRow = await _row_by_token(unit, CLIENT_ROW_BY_TOKEN_LOCKED, token)
+    await admit_client(request, unit, client)
+    return client
+
+
 async def admit_client(request: Request, unit: DriverUnit, client: ClientRow) -> None:
     """What a client's request does once its token is known to be valid: count toward the
     client's rate limit, and note it seen (`note_seen`). For routes that read the caller's
@@ -208,5 +221,6 @@ CurrentDevice = Annotated[Device, Depends(current_device)]
 CurrentDeviceDetached = Annotated[DeviceRow, Depends(current_device_detached)]
 # For routes whose work runs in `UnitDep` (the hot routes): the caller's row, in that unit.
 UnitClient = Annotated[ClientRow, Depends(unit_client)]
+UnitClientLocked = Annotated[ClientRow, Depends(unit_client_locked)]
 UnitDevice = Annotated[DeviceRow, Depends(unit_device)]
 AdminDep = Annotated[None, Depends(require_admin)]

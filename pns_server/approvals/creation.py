@@ -174,24 +174,25 @@ async def create(
     idempotency_key: str | None,
 ) -> Created:
     """Plain rows and Core statements throughout, on the driver connection: a login
-    creates one of these."""
+    creates one of these. `client` is the caller's row as its authenticating read locked
+    it (`UnitClientLocked`): creations of one client are serial, and the push limits below
+    are read as every process last committed them."""
     settings, metrics = runtime.settings, runtime.metrics
     check_plain_push(settings, data)
     repo = ApprovalRepository(unit)
     now = now_utc()
-    locked = await repo.lock_client(client.id)
     fingerprint = request_fingerprint(data)
     if idempotency_key is not None:
         existing = await repo.by_idempotency_key(client.id, idempotency_key)
         if existing is not None:
             return await replay_or_conflict(existing, fingerprint)
-    check_not_locked(locked.locked_until, now)
+    check_not_locked(client.locked_until, now)
     devices = await repo.app_devices(client.id)
     if not devices:
         raise NoAppDevices(
             "No authenticator app is paired; pair one (POST /v1/pairings kind=app) or use OTP."
         )
-    check_push_limit(settings, locked.pushes_since_success)
+    check_push_limit(settings, client.pushes_since_success)
     await supersede_pending(unit, repo, metrics, client.id, now)
 
     approval = new_approval(

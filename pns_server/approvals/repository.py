@@ -55,15 +55,6 @@ class AppDevice(Protocol):
     def push_service(self) -> str | None: ...
 
 
-class ClientLock(Protocol):
-    """A client's push limits, as they are under the lock `lock_client` takes."""
-
-    @property
-    def locked_until(self) -> datetime | None: ...
-    @property
-    def pushes_since_success(self) -> int: ...
-
-
 class Summary(NamedTuple):
     """An approval's deliveries: queued or being sent, sent, failed, the latest error."""
 
@@ -172,11 +163,6 @@ _DROP_QUEUED = (
     .values(status=DeliveryStatus.DROPPED, lease_until=None)
 )
 # Creating an approval.
-_LOCK_CLIENT = (
-    select(clients.c.locked_until, clients.c.pushes_since_success)
-    .where(clients.c.id == _CLIENT_ID)
-    .with_for_update()
-)
 _APP_DEVICES = (
     select(devices.c.id, devices.c.push_status, devices.c.push_token, devices.c.push_service)
     .where(devices.c.client_id == _CLIENT_ID, devices.c.kind == "app")
@@ -308,12 +294,6 @@ class ApprovalRepository:
         self.unit = unit
 
     # --- clients -------------------------------------------------------------------------
-
-    async def lock_client(self, client_id: str) -> ClientLock:
-        """Serialise approval creation per client (SQLite's BEGIN IMMEDIATE already does);
-        the row's `locked_until` and `pushes_since_success` as they are under the lock."""
-        locked: ClientLock = (await self.unit.execute(_LOCK_CLIENT, {"client": client_id})).one()
-        return locked
 
     async def count_push(self, client_id: str) -> None:
         await self.unit.execute(_COUNT_PUSH, {"client": client_id})

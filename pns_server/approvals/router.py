@@ -20,6 +20,7 @@ from pns_server.deps import (
     CurrentDeviceDetached,
     RuntimeDep,
     UnitClient,
+    UnitClientLocked,
     UnitDep,
     UnitDevice,
 )
@@ -44,10 +45,10 @@ Until = Annotated[
 ]
 
 
-async def limit_approvals_per_client(request: Request, client: UnitClient) -> None:
+async def limit_approvals_per_client(request: Request, client: UnitClientLocked) -> None:
     """PNS_APPROVAL_RATE_PER_MINUTE per client, refused attempts included; counted once the
     token is known to be valid (a made-up token counts nothing), in process memory. The
-    client is the route's own (`UnitClient` is resolved once per request)."""
+    client is the route's own (`UnitClientLocked` is resolved once per request)."""
     count_approval(request, client.id)
 
 
@@ -59,7 +60,7 @@ async def limit_approvals_per_client(request: Request, client: UnitClient) -> No
 )
 async def create_approval(
     body: ApprovalCreate,
-    client: UnitClient,
+    client: UnitClientLocked,
     unit: UnitDep,
     runtime: RuntimeDep,
     response: Response,

@@ -83,6 +83,7 @@ COUNTING_AUTH = {
     "current_device",
     "current_device_detached",
     "unit_client",
+    "unit_client_locked",
     "unit_device",
     "verifying_client",  # an OTP check's: the caller read with its devices (otp/router.py)
 }

@@ -183,12 +183,14 @@ class TestStatements:
         db_kind: str,
     ) -> None:
         """The rate limit and the route share the request's one authenticated client, in
-        the unit the route runs in (no token lookup through an ORM session beside it). On
-        PostgreSQL the approval, its deliveries, the push count and the audit row are one
-        statement."""
+        the unit the route runs in (no token lookup through an ORM session beside it); the
+        client's row is read once, its lock taken by that read. On PostgreSQL the approval,
+        its deliveries, the push count and the audit row are one statement."""
         with statements_run() as seen, orm_statements(app) as orm:
             await request_approval(http, client)
-        assert sum("token_hash =" in statement for statement in seen) == 1
+        [read] = [statement for statement in seen if statement.startswith("SELECT clients.")]
+        assert "token_hash =" in read
+        assert read.endswith("FOR UPDATE") == (db_kind == "postgres")
         assert not [statement for statement in orm if "token_hash =" in statement]
         writes = {
             "sqlite": ["INSERT approvals", "INSERT deliveries", "INSERT audit_events"],
