@@ -205,6 +205,27 @@ class TestAnswer:
         assert second.json()["approval_status"] == "approved"
         assert (await status_of(http, client, body["approval_id"]))["device_id"] == phone.device_id
 
+    async def test_a_losing_answer_leaves_no_trace(
+        self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        """What follows a decision (the audit row, the device's last use) is written only by
+        the answer that wins it: on PostgreSQL in the deciding statement itself."""
+        second_phone = await pair_app_device(
+            http, client, name="Pixel", platform="android", os_version="14"
+        )
+        body = await request_approval(http, client)
+        await answer(http, phone, body["approval_id"], "approve", body["match_code"])
+        late = await answer(http, second_phone, body["approval_id"], "approve", body["match_code"])
+        assert late.status_code == 409
+        async with runtime_of(app).db.session() as session:
+            answered = await session.scalars(
+                select(AuditEvent.actor_id).where(AuditEvent.event == "approval.answered")
+            )
+            assert list(answered) == [phone.device_id]
+        devices = (await http.get("/v1/devices", headers=client.headers)).json()["devices"]
+        used = {d["device_id"]: d["last_used_at"] for d in devices}
+        assert used[phone.device_id] is not None and used[second_phone.device_id] is None
+
     async def test_replayed_signature_on_a_decided_approval(
         self, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
     ) -> None:
