@@ -187,8 +187,14 @@ async def admit_client(request: Request, unit: DriverUnit, client: ClientRow) ->
 async def unit_device(request: Request, unit: UnitDep) -> DeviceRow:
     """`current_device` in a unit on the driver connection: the device's row."""
     device: DeviceRow = await _row_by_token(unit, DEVICE_ROW_BY_TOKEN, bearer_token(request))
-    count_caller(request, "device:" + device.id)
+    admit_device(request, device)
     return device
+
+
+def admit_device(request: Request, device: DeviceRow) -> None:
+    """`admit_client` for a device: count toward its rate limit. For routes that read the
+    device's row with more in the same statement than `UnitDevice` reads."""
+    count_caller(request, "device:" + device.id)
 
 
 async def current_device(request: Request, session: SessionDep) -> Device:

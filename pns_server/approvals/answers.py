@@ -72,16 +72,24 @@ def outcome_of(approval: ApprovalRow, answer: DeviceDecision) -> tuple[ApprovalS
     return ApprovalStatus.APPROVED, None
 
 
+async def device_and_approval(
+    unit: DriverUnit, token_hash: str, approval_id: str
+) -> tuple[DeviceRow, ApprovalRow | None] | None:
+    """The answering device (None: unknown token) and the approval it answers, if that is
+    its client's: `respond` needs both, and they are read in one statement."""
+    return await ApprovalRepository(unit).device_with_approval(token_hash, approval_id)
+
+
 async def respond(
     unit: DriverUnit,
     runtime: Runtime,
     device: DeviceRow,
-    approval_id: str,
+    approval: ApprovalRow | None,
     answer: DeviceDecision,
 ) -> DecisionResult:
+    """`approval`: the one answered, as `device_and_approval` read it with the device."""
     settings, metrics = runtime.settings, runtime.metrics
     repo = ApprovalRepository(unit)
-    approval = await repo.get(approval_id, device.client_id)
     if approval is None:
         raise NotFound("No such approval for this device's client.")
     check_answer_shape(answer)

@@ -9,6 +9,7 @@ columns' names, the same attributes an `Approval` entity has (`ApprovalRow`)."""
 from __future__ import annotations
 
 import functools
+from collections import namedtuple
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
@@ -33,7 +34,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from pns_server.audit import INSERT_AUDIT
 from pns_server.driver import DriverUnit
 from pns_server.models import Approval, AuditEvent, Base, Client, Delivery, Device
-from pns_server.rows import ApprovalRow
+from pns_server.rows import ApprovalRow, DeviceRow
 from pns_server.states import OPEN_DELIVERY, ApprovalStatus, DeliveryStatus
 
 approvals = Base.metadata.tables[Approval.__tablename__]
@@ -123,6 +124,29 @@ _DUE = (
 _EXPIRE = {"status": ApprovalStatus.EXPIRED, "decided_at": approvals.c.expires_at}
 _GET = select(*approvals.c).where(*_OF_CLIENT)
 _WITH_SUMMARY = select(*approvals.c, *_summary_columns(approvals.c.id)).where(*_OF_CLIENT)
+# A device's answer: the answering device by its token's hash, with the approval it answers
+# when that approval is its own client's (NULLs otherwise), in one read. The approval's
+# columns are labelled (`approval_<name>`): a device has columns of the same names.
+_DEVICE_WITH_APPROVAL = (
+    select(*devices.c, *(column.label(f"approval_{column.name}") for column in approvals.c))
+    .select_from(
+        devices.outerjoin(
+            approvals,
+            (approvals.c.id == _APPROVAL_ID) & (approvals.c.client_id == devices.c.client_id),
+        )
+    )
+    .where(devices.c.token_hash == bindparam("token_hash"))
+)
+_DEVICE_FIELDS = len(devices.c)
+
+
+def _row_class(table: Any) -> Any:
+    """A named tuple with `table`'s column names (typed by `rows.DeviceRow` and the like)."""
+    return namedtuple(f"{table.name}_row", [column.name for column in table.c])
+
+
+_DeviceRow = _row_class(devices)
+_ApprovalRow = _row_class(approvals)
 # The approval with its client's name (what the phone is shown).
 _NAMED = select(*approvals.c, clients.c.name.label("client_name")).join_from(
     approvals, clients, clients.c.id == approvals.c.client_id
@@ -341,6 +365,21 @@ class ApprovalRepository:
             params[f"d_{field}"] = [delivery[field] for delivery in deliveries]
         params.update(d_status=DeliveryStatus.QUEUED, d_attempts=0)
         await self.unit.execute(_create_all(frozenset(approval)), params)
+
+    async def device_with_approval(
+        self, token_hash: str, approval_id: str
+    ) -> tuple[DeviceRow, ApprovalRow | None] | None:
+        """The device whose token hashes to `token_hash` (None: no such device) and the
+        approval `approval_id` if it is that device's client's (else None), in one read."""
+        params = {"token_hash": token_hash, "approval": approval_id}
+        row = (await self.unit.execute(_DEVICE_WITH_APPROVAL, params)).first()
+        if row is None:
+            return None
+        device: DeviceRow = _DeviceRow._make(row[:_DEVICE_FIELDS])
+        if row[_DEVICE_FIELDS] is None:  # the approval's id: not this client's, or none
+            return device, None
+        approval: ApprovalRow = _ApprovalRow._make(row[_DEVICE_FIELDS:])
+        return device, approval
 
     async def get(self, approval_id: str, client_id: str) -> ApprovalRow | None:
         row: ApprovalRow | None = (

@@ -22,10 +22,14 @@ from pns_server.deps import (
     UnitClient,
     UnitClientLocked,
     UnitDep,
-    UnitDevice,
+    admit_device,
+    bearer_token,
+    invalid_token,
 )
 from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import count_approval
+from pns_server.rows import ApprovalRow, DeviceRow
+from pns_server.security import hash_token
 
 router = APIRouter(tags=["approvals"], responses=PROBLEM_RESPONSES)
 
@@ -107,12 +111,29 @@ async def get_device_approval(
     return await service.device_view(runtime, device, approval_id)
 
 
+async def answering_device(
+    request: Request, approval_id: str, unit: UnitDep
+) -> tuple[DeviceRow, ApprovalRow | None]:
+    """`UnitDevice` for an answer: the device, and the approval it answers (None if it is
+    not the device's client's), read by the statement that authenticates the device."""
+    token_hash = hash_token(bearer_token(request))
+    found = await answers.device_and_approval(unit, token_hash, approval_id)
+    if found is None:
+        raise invalid_token()
+    admit_device(request, found[0])
+    return found
+
+
+Answering = Annotated[tuple[DeviceRow, ApprovalRow | None], Depends(answering_device)]
+
+
 @router.post("/v1/device/approvals/{approval_id}/response", response_model=DecisionResult)
 async def answer_approval(
     approval_id: str,
     body: DeviceDecision,
-    device: UnitDevice,
+    answering: Answering,
     unit: UnitDep,
     runtime: RuntimeDep,
 ) -> DecisionResult:
-    return await answers.respond(unit, runtime, device, approval_id, body)
+    device, approval = answering
+    return await answers.respond(unit, runtime, device, approval, body)

@@ -86,6 +86,7 @@ COUNTING_AUTH = {
     "unit_client_locked",
     "unit_device",
     "verifying_client",  # an OTP check's: the caller read with its devices (otp/router.py)
+    "answering_device",  # an answer's: the device read with the approval (approvals/router.py)
 }
 PER_IP = {"limit_registration_per_ip", "limit_pairing_per_ip"}
 # No token and nothing behind them but the clock or one public key.

@@ -121,6 +121,11 @@ class TestDetails:
         assert response.status_code == 404
         answered = await answer(http, phone, foreign["approval_id"], "reject")
         assert answered.status_code == 404
+        # The device's read joins only its own client's approvals: the other stays pending.
+        other_view = await http.get(
+            f"/v1/approvals/{foreign['approval_id']}", headers=other.headers
+        )
+        assert other_view.json()["status"] == "pending"
 
     async def test_shows_expiry(
         self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
