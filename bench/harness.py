@@ -75,6 +75,13 @@ def rss_kib(pid: int) -> int:
 
 
 # -- statistics and output ------------------------------------------------------------------
+def in_turn_order(sides: list[Any], turn: int) -> list[Any]:
+    """The sides of a comparison in the order they go in `turn`: this tree first in even
+    turns, last in odd ones. Whoever goes first in a turn was measured to do worse under
+    load on PostgreSQL (OTP at concurrency 20 and 32), so neither side always does."""
+    return sides if turn % 2 == 0 else sides[::-1]
+
+
 def percentiles(samples_s: list[float]) -> dict[str, float]:
     """p50/p95/p99/max in milliseconds."""
     if not samples_s:

@@ -25,6 +25,7 @@ from bench.harness import (
     bounded,
     create_approval,
     http_client,
+    in_turn_order,
     new_parties,
     new_party,
     percentiles,
@@ -447,7 +448,7 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
             # The rounds on their own: the set-up (pairing every phone) would drown them.
             async with profiled(sides[0].server, f"push-rounds-{service}-{kind}"):
                 for round_number in range(1, size.push_rounds + 1):
-                    for side in sides:
+                    for side in in_turn_order(sides, round_number - 1):
                         meter = meter_for(dbs, kind, side.server, fakes, None)
                         with meter:
                             before = (await fake.ask(op="count"))["count"]
@@ -530,7 +531,8 @@ async def otp_rate(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dic
                     part = range(
                         turn * size.otp_parties // turns, (turn + 1) * size.otp_parties // turns
                     )
-                    for side, side_parties in zip(results, parties, strict=True):
+                    pairs = list(zip(results, parties, strict=True))
+                    for side, side_parties in in_turn_order(pairs, turn):
                         chosen = [side_parties[i] for i in part]
                         await otp_turn(dbs, kind, side, chosen, concurrency)
                 for side in results:
@@ -716,7 +718,7 @@ async def route_cost(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[d
         for position, (route, _job, needs_approval) in enumerate(jobs[0]):
             for turn in range(turns):
                 part = range(turn * n // turns, (turn + 1) * n // turns)
-                for rig, rig_jobs in zip(rigs, jobs, strict=True):
+                for rig, rig_jobs in in_turn_order(list(zip(rigs, jobs, strict=True)), turn):
                     if needs_approval:
                         await rig.fresh_approvals(part)
                     await measure(rig, kind, dbs, route, rig_jobs[position][1], part)
