@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert
+from sqlalchemy import BindParameter, bindparam, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pns_server.models import AuditEvent, Base, utcnow
@@ -12,7 +12,10 @@ from pns_server.models import AuditEvent, Base, utcnow
 if TYPE_CHECKING:
     from pns_server.db import Executor
 
-INSERT_AUDIT = insert(Base.metadata.tables[AuditEvent.__tablename__])
+AUDIT_TABLE = Base.metadata.tables[AuditEvent.__tablename__]
+INSERT_AUDIT = insert(AUDIT_TABLE)
+# The columns `audit_row` fills, in its order.
+AUDIT_FIELDS = ("at", "client_id", "actor", "actor_id", "event", "subject_id", "detail")
 
 
 def record(
@@ -51,6 +54,21 @@ def audit_row(
         "subject_id": subject_id,
         "detail": detail or None,
     }
+
+
+def audit_binds() -> dict[str, BindParameter[Any]]:
+    """`audit_row`'s columns as typed binds named `audit_<column>`, in `AUDIT_FIELDS` order,
+    for an audit row written by a statement of several writes (on PostgreSQL): there a bind
+    named like a column of a table the statement updates would be taken for a value to set
+    in it. `audit_params` gives their values."""
+    return {
+        name: bindparam(f"audit_{name}", type_=AUDIT_TABLE.c[name].type) for name in AUDIT_FIELDS
+    }
+
+
+def audit_params(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` (from `audit_row`) as the parameters of `audit_binds`."""
+    return {f"audit_{name}": value for name, value in row.items()}
 
 
 async def write(

@@ -159,17 +159,18 @@ async def _row_by_token(unit: DriverUnit, statement: Any, token: str) -> Any:
 
 async def unit_client(request: Request, unit: UnitDep) -> ClientRow:
     """`current_client` in a unit on the driver connection: the client's row."""
-    client: ClientRow = await _row_by_token(unit, CLIENT_ROW_BY_TOKEN, bearer_token(request))
-    await admit_client(request, unit, client)
-    return client
+    return await _admitted_client(request, unit, CLIENT_ROW_BY_TOKEN)
 
 
 async def unit_client_locked(request: Request, unit: UnitDep) -> ClientRow:
     """`unit_client` for routes whose rules read the caller's own counters under its row's
     lock (creating an approval): the authenticating read takes the lock, so the rules see
     what every other process last committed, in one round trip instead of two."""
-    token = bearer_token(request)
-    client: ClientRow = await _row_by_token(unit, CLIENT_ROW_BY_TOKEN_LOCKED, token)
+    return await _admitted_client(request, unit, CLIENT_ROW_BY_TOKEN_LOCKED)
+
+
+async def _admitted_client(request: Request, unit: DriverUnit, statement: Any) -> ClientRow:
+    client: ClientRow = await _row_by_token(unit, statement, bearer_token(request))
     await admit_client(request, unit, client)
     return client
 

@@ -31,9 +31,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from pns_server.audit import INSERT_AUDIT
+from pns_server.audit import AUDIT_FIELDS, AUDIT_TABLE, INSERT_AUDIT, audit_binds, audit_params
 from pns_server.driver import DriverUnit
-from pns_server.models import Approval, AuditEvent, Base, Client, Delivery, Device
+from pns_server.models import Approval, Base, Client, Delivery, Device
 from pns_server.rows import ApprovalRow, DeviceRow
 from pns_server.states import OPEN_DELIVERY, ApprovalStatus, DeliveryStatus
 
@@ -202,8 +202,6 @@ _TOUCH_DEVICE = (
 )
 _INSERT_APPROVAL = insert(approvals)
 _INSERT_DELIVERY = insert(deliveries)
-_audit = Base.metadata.tables[AuditEvent.__tablename__]
-_AUDIT_FIELDS = ("at", "client_id", "actor", "actor_id", "event", "subject_id", "detail")
 # What differs between the deliveries of one new approval; the rest is the approval's.
 _DELIVERY_ROWS = ("id", "device_id", "service")
 
@@ -223,13 +221,8 @@ def _decide_answered(fields: frozenset[str], reset: bool) -> Select[Any]:
         .cte("touched")
     )
     audited = (
-        insert(_audit)
-        .from_select(
-            list(_AUDIT_FIELDS),
-            select(*(bindparam(f"audit_{n}", type_=_audit.c[n].type) for n in _AUDIT_FIELDS)).where(
-                won
-            ),
-        )
+        insert(AUDIT_TABLE)
+        .from_select(list(AUDIT_FIELDS), select(*audit_binds().values()).where(won))
         .cte("audited")
     )
     ctes = [touched, audited]
@@ -282,9 +275,7 @@ def _create_all(approval_fields: frozenset[str]) -> Insert:
         .values(pushes_since_success=clients.c.pushes_since_success + 1)
         .cte("counted")
     )
-    audited = insert(_audit).values(
-        {name: bindparam(f"audit_{name}", type_=_audit.c[name].type) for name in _AUDIT_FIELDS}
-    )
+    audited = insert(AUDIT_TABLE).values(audit_binds())
     return audited.add_cte(new_approval, queued, counted)
 
 
@@ -360,7 +351,7 @@ class ApprovalRepository:
             await self.unit.execute(INSERT_AUDIT, audit)
             return
         params = {f"a_{field}": value for field, value in approval.items()}
-        params.update({f"audit_{name}": value for name, value in audit.items()})
+        params.update(audit_params(audit))
         for field in _DELIVERY_ROWS:
             params[f"d_{field}"] = [delivery[field] for delivery in deliveries]
         params.update(d_status=DeliveryStatus.QUEUED, d_attempts=0)
@@ -464,7 +455,7 @@ class ApprovalRepository:
             return queued
         params = _decide_params(approval_id, now, values)
         params["answering_device"] = device_id
-        params.update({f"audit_{name}": value for name, value in audit.items()})
+        params.update(audit_params(audit))
         if reset_client is not None:
             params["answering_client"] = reset_client
         statement = _decide_answered(frozenset(values), reset_client is not None)

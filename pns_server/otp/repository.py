@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
 
-from pns_server.audit import INSERT_AUDIT
+from pns_server.audit import AUDIT_FIELDS, AUDIT_TABLE, INSERT_AUDIT, audit_binds, audit_params
 from pns_server.driver import DriverUnit, ValueList
-from pns_server.models import AuditEvent, Base, Client, Device, RecoveryCode
+from pns_server.models import Base, Client, Device, RecoveryCode
 from pns_server.rows import ClientRow
 from pns_server.security import SealedAt, new_id
 
@@ -23,7 +23,6 @@ OTP_DEVICE_KINDS = ("app", "totp")
 # driver connection (`pns_server.driver`), which compiles each statement once per dialect.
 _clients = Base.metadata.tables[Client.__tablename__]
 _devices = Base.metadata.tables[Device.__tablename__]
-_audit = Base.metadata.tables[AuditEvent.__tablename__]
 _codes = Base.metadata.tables[RecoveryCode.__tablename__]
 
 _THROTTLE_COLUMNS = (
@@ -110,26 +109,17 @@ _CLAIM_STEP = (
     .returning(_devices.c.id)
 )
 
-_AUDIT_FIELDS = ("at", "client_id", "actor", "actor_id", "event", "subject_id", "detail")
-
 # PostgreSQL: the step claim and the audit row of its success in one round trip. The claim
 # is a data-modifying CTE; the INSERT reads its RETURNING, so the row exists only if the
 # claim won, and the statement returns a row exactly then.
 _claimed = _CLAIM_STEP.cte("claimed")
 _CLAIM_STEP_AUDITED = (
-    insert(_audit)
+    insert(AUDIT_TABLE)
     .from_select(
-        list(_AUDIT_FIELDS),
-        select(
-            *(
-                _claimed.c.id
-                if name == "subject_id"
-                else bindparam(f"audit_{name}", type_=_audit.c[name].type)
-                for name in _AUDIT_FIELDS
-            )
-        ),
+        list(AUDIT_FIELDS),
+        select(*{**audit_binds(), "subject_id": _claimed.c.id}.values()),
     )
-    .returning(_audit.c.subject_id)
+    .returning(AUDIT_TABLE.c.subject_id)
 )
 # The same, resetting the client's counters too when the claim wins (a success after
 # failures or pushes): the reset is a data-modifying CTE the INSERT does not read, which
@@ -202,12 +192,11 @@ class OtpDevice:
 
 @dataclass(frozen=True, slots=True)
 class VerifyCaller:
-    """The client checking a code, its row locked: the row, its counters and its OTP devices
-    in pairing order."""
+    """The client checking a code, its row locked: the row, its OTP counters and its OTP
+    devices in pairing order."""
 
     client: ClientRow
     throttle: Throttle
-    pushes_since_success: int
     devices: list[OtpDevice]
 
 
@@ -238,7 +227,7 @@ class OtpRepository:
             if row.device_id is not None
         ]
         throttle = Throttle.from_row([getattr(client, c.name) for c in _THROTTLE_COLUMNS])
-        return VerifyCaller(client, throttle, int(client.pushes_since_success or 0), devices)
+        return VerifyCaller(client, throttle, devices)
 
     async def lock_throttle(self, client_id: str) -> Throttle:
         """Read the counters and hold the client row until commit (FOR UPDATE on PostgreSQL;
@@ -281,7 +270,7 @@ class OtpRepository:
         client: one statement on PostgreSQL, each in turn elsewhere."""
         if self.unit.postgres:
             params: dict[str, Any] = {"device_id": device_id, "step": step, "now": now}
-            params.update({f"audit_{name}": v for name, v in audit.items() if name != "subject_id"})
+            params.update(audit_params(audit))  # its subject is the claimed device
             statement = _CLAIM_STEP_AUDITED
             if reset_client is not None:
                 statement = _CLAIM_STEP_AUDITED_AND_RESET

@@ -51,12 +51,15 @@ async def verify_otp(
     on PostgreSQL, three at most on SQLite)."""
     now = datetime.now(UTC)
     repo = OtpRepository(unit)
-    client, state = caller.client, caller
-    refuse_if_locked(runtime, state.throttle, now)
+    client = caller.client
+    refuse_if_locked(runtime, caller.throttle, now)
+    # Read under the client's lock: still true when the claim runs.
+    to_reset = client.pushes_since_success or not throttle.is_clear(caller.throttle)
+    reset_client = client.id if to_reset else None
     typed = "".join(code.split())  # people type "123 456"
     matches = [
         (device, step)
-        for device in state.devices
+        for device in caller.devices
         if (step := matching_device_step(runtime.box, device, typed, now)) is not None
     ]
     for device, step in matches:
@@ -72,9 +75,6 @@ async def verify_otp(
             subject_id=device.id,
             kind=device.kind,
         )
-        # Read under the client's lock: still true when the claim runs.
-        to_reset = state.pushes_since_success or not throttle.is_clear(state.throttle)
-        reset_client = client.id if to_reset else None
         if await repo.claim_step_audited(device.id, step, now, accepted, reset_client):
             runtime.metrics.otp_verifications.labels(result="accepted").inc()
             return OtpAccepted(device_id=device.id)
