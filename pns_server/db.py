@@ -3,11 +3,13 @@
 see `pns_server.driver`). Only `session()` and `unit()` commit. Realtime topics queued in a
 unit go out with the commit: NOTIFY inside the same transaction on PostgreSQL (delivered
 at commit), then `publish` after it (wakes this process's waiters), so a woken long-poll
-always reads the new state and no request waits on a side connection."""
+always reads the new state and no request waits on a side connection. A unit may also
+hand work on to this process for when it ends (`when_unit_ends`)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -26,6 +28,9 @@ from pns_server.driver import DriverUnit
 from pns_server.errors import PnsError
 
 TOPICS_KEY = "pns_topics"
+UNIT_END_KEY = "pns_unit_end"
+
+log = logging.getLogger("pns.db")
 
 # What runs a unit's statements: an ORM session, or (hot routes) the driver connection.
 Executor = AsyncSession | DriverUnit
@@ -38,6 +43,23 @@ NotifySql = Callable[[Iterable[str]], str | None]
 def publish_after_commit(session: Executor, topic: str) -> None:
     """Queue a realtime topic; it is published only if the transaction commits."""
     session.info.setdefault(TOPICS_KEY, set()).add(topic)
+
+
+def when_unit_ends(unit: DriverUnit, callback: Callable[[bool], None]) -> None:
+    """Call `callback(committed)` once the unit (`Database.unit`) ends: True once its
+    COMMIT succeeded, False when it rolled back or the COMMIT's outcome is unknown (a
+    connection lost while committing), so work handed on for a commit must also be safe
+    to lose when the rows did commit. Called before the commit's topics are published; a
+    callback must not block (it runs on the request's path)."""
+    unit.info.setdefault(UNIT_END_KEY, []).append(callback)
+
+
+def _run_unit_end(unit: DriverUnit | None, committed: bool) -> None:
+    for callback in unit.info.pop(UNIT_END_KEY, ()) if unit is not None else ():
+        try:
+            callback(committed)
+        except Exception:
+            log.exception("a unit's end callback failed (committed: %s)", committed)
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -220,29 +242,36 @@ class Database:
         its Core statements run on the driver connection (see `pns_server.driver`)."""
         kept_error: PnsError | None = None
         sqlite = self.dialect != "postgresql"
-        async with self._connection(probe="BEGIN") as connection:
-            unit = self._driver_unit(connection)
-            if sqlite:
-                connection.info.pop(SETTLED, None)
-                # SQLite: take the write lock at BEGIN (see `_configure_sqlite`).
-                await unit.run_sql("BEGIN IMMEDIATE")
-            try:
-                yield unit
-            except PnsError as error:
-                if not error.commit:
+        unit: DriverUnit | None = None
+        committed = False
+        try:
+            async with self._connection(probe="BEGIN") as connection:
+                unit = self._driver_unit(connection)
+                if sqlite:
+                    connection.info.pop(SETTLED, None)
+                    # SQLite: take the write lock at BEGIN (see `_configure_sqlite`).
+                    await unit.run_sql("BEGIN IMMEDIATE")
+                try:
+                    yield unit
+                except PnsError as error:
+                    if not error.commit:
+                        await self._rollback_unit(unit)
+                        raise
+                    kept_error = error
+                except BaseException:
                     await self._rollback_unit(unit)
                     raise
-                kept_error = error
-            except BaseException:
-                await self._rollback_unit(unit)
-                raise
-            try:
-                await self._commit_unit(unit)
-            except BaseException:
-                await self._rollback_unit(unit)
-                raise
-            if sqlite:
-                connection.info[SETTLED] = True
+                try:
+                    await self._commit_unit(unit)
+                except BaseException:
+                    await self._rollback_unit(unit)
+                    raise
+                committed = True
+                if sqlite:
+                    connection.info[SETTLED] = True
+        finally:
+            _run_unit_end(unit, committed)
+        assert unit is not None  # the block above either set it or raised
         await self._after_commit(unit.info.pop(TOPICS_KEY, None), kept_error)
 
     async def _after_commit(self, topics: set[str] | None, kept_error: PnsError | None) -> None:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from pns_server import retention
 from pns_server.config import Settings
 from pns_server.db import Database, create_engine
 from pns_server.metrics import Metrics
+from pns_server.outbox.repository import ClaimedRow
 from pns_server.push.base import PushSender
 from pns_server.push.factory import PushConfigError, PushReadiness, build_senders
 from pns_server.push.webpush import WebPushSender
@@ -24,6 +27,19 @@ from pns_server.security import SecretBox, load_or_create_key_file
 log = logging.getLogger("pns")
 
 
+class BirthLease(Protocol):
+    """Room held among the dispatcher's sends for the deliveries a transaction creates
+    already leased to this process (`lease_until`): the transaction hands them over with
+    `send` once it commits, or gives the room back with `release` (each at most once)."""
+
+    @property
+    def lease_until(self) -> datetime: ...
+
+    def send(self, rows: Sequence[ClaimedRow]) -> None: ...
+
+    def release(self) -> None: ...
+
+
 class Worker(Protocol):
     """A background worker the lifespan stops before the runtime closes (the dispatcher)."""
 
@@ -31,6 +47,11 @@ class Worker(Protocol):
     def running(self) -> bool: ...
 
     async def stop(self, timeout: float = 5.0) -> None: ...
+
+    def lease_at_birth(self, count: int, now: datetime) -> BirthLease | None:
+        """Room for `count` sends right away, or None (stopping, or no room: the
+        deliveries are queued for a claim instead)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pns_server.approvals.schemas import (
     ApprovalCreated,
 )
 from pns_server.config import Settings
-from pns_server.db import publish_after_commit
+from pns_server.db import publish_after_commit, when_unit_ends
 from pns_server.driver import DriverUnit
 from pns_server.errors import (
     IdempotencyConflict,
@@ -29,6 +29,7 @@ from pns_server.errors import (
     PushLocked,
 )
 from pns_server.metrics import Metrics
+from pns_server.outbox.repository import BornRow
 from pns_server.rows import ApprovalRow, ClientRow
 from pns_server.runtime import Runtime
 from pns_server.security import new_id
@@ -125,12 +126,63 @@ def deliveries_for(
             "service": device.push_service or "log",
             "status": DeliveryStatus.QUEUED,
             "attempts": 0,
+            "lease_until": None,
             "next_attempt_at": now,
             "created_at": now,
         }
         for device in devices
         if device.push_status == "ok" and device.push_token
     ]
+
+
+def lease_at_birth(
+    unit: DriverUnit,
+    runtime: Runtime,
+    client: ClientRow,
+    approval: dict[str, Any],
+    devices: Sequence[AppDevice],
+    deliveries: list[dict[str, Any]],
+) -> bool:
+    """Lease the new deliveries to this process's dispatcher when it has room for them
+    all, and hand them over as the creating transaction commits: a login's push leaves
+    without a claim transaction of its own. False (left queued, for the dispatchers to
+    claim) when it has no room or is stopping; the caller then wakes them."""
+    dispatcher = runtime.dispatcher
+    if dispatcher is None or not deliveries:
+        return False
+    birth = dispatcher.lease_at_birth(len(deliveries), approval["created_at"])
+    if birth is None:
+        return False
+    by_id = {device.id: device for device in devices}
+    rows = []
+    for delivery in deliveries:
+        delivery.update(status=DeliveryStatus.SENDING, attempts=1, lease_until=birth.lease_until)
+        rows.append(born_row(client, approval, by_id[delivery["device_id"]], delivery))
+    when_unit_ends(unit, lambda committed: birth.send(rows) if committed else birth.release())
+    return True
+
+
+def born_row(
+    client: ClientRow, approval: dict[str, Any], device: AppDevice, delivery: dict[str, Any]
+) -> BornRow:
+    return BornRow(
+        delivery_id=delivery["id"],
+        attempts=delivery["attempts"],
+        service=delivery["service"],
+        device_id=device.id,
+        push_token=device.push_token,
+        push_environment=device.push_environment,
+        push_status=device.push_status,
+        push_p256dh=device.push_p256dh,
+        push_auth=device.push_auth,
+        approval_id=approval["id"],
+        approval_status=approval["status"],
+        expires_at=approval["expires_at"],
+        username=approval["username"],
+        hostname=approval["hostname"],
+        action=approval["action"],
+        client_name=client.name,
+    )
 
 
 def new_approval(
@@ -199,6 +251,7 @@ async def create(
         settings, client.id, data, idempotency_key, fingerprint, len(devices), now
     )
     deliveries = deliveries_for(approval["id"], devices, now)
+    leased = lease_at_birth(unit, runtime, client, approval, devices, deliveries)
     created = audit.audit_row(
         "approval.created",
         client_id=client.id,
@@ -215,7 +268,7 @@ async def create(
     metrics.approvals_created.inc()
     publish_after_commit(unit, approval_topic(approval["id"]))
     publish_after_commit(unit, pending_topic(client.id))
-    if deliveries:
+    if deliveries and not leased:
         publish_after_commit(unit, OUTBOX_TOPIC)
     body = ApprovalCreated(
         approval_id=approval["id"],

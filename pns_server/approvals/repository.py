@@ -54,6 +54,12 @@ class AppDevice(Protocol):
     def push_token(self) -> str | None: ...
     @property
     def push_service(self) -> str | None: ...
+    @property
+    def push_environment(self) -> str | None: ...
+    @property
+    def push_p256dh(self) -> str | None: ...
+    @property
+    def push_auth(self) -> str | None: ...
 
 
 class Summary(NamedTuple):
@@ -188,7 +194,15 @@ _DROP_QUEUED = (
 )
 # Creating an approval.
 _APP_DEVICES = (
-    select(devices.c.id, devices.c.push_status, devices.c.push_token, devices.c.push_service)
+    select(
+        devices.c.id,
+        devices.c.push_status,
+        devices.c.push_token,
+        devices.c.push_service,
+        devices.c.push_environment,
+        devices.c.push_p256dh,
+        devices.c.push_auth,
+    )
     .where(devices.c.client_id == _CLIENT_ID, devices.c.kind == "app")
     .order_by(devices.c.created_at)
 )
@@ -257,12 +271,21 @@ def _create_all(approval_fields: frozenset[str]) -> Insert:
     queued = (
         insert(deliveries)
         .from_select(
-            [*_DELIVERY_ROWS, "approval_id", "status", "attempts", "next_attempt_at", "created_at"],
+            [
+                *_DELIVERY_ROWS,
+                "approval_id",
+                "status",
+                "attempts",
+                "lease_until",
+                "next_attempt_at",
+                "created_at",
+            ],
             select(
                 *(rows.c[f] for f in _DELIVERY_ROWS),
                 bindparam("a_id", type_=String),
                 bindparam("d_status", type_=String),
                 bindparam("d_attempts", type_=Integer),
+                bindparam("d_lease_until", type_=deliveries.c.lease_until.type),
                 now,
                 now,
             ),
@@ -344,7 +367,8 @@ class ApprovalRepository:
     ) -> None:
         """`insert`, `count_push` for the approval's client, and the audit row `audit`
         (from `audit_row`): one statement on PostgreSQL, each in turn elsewhere. The
-        deliveries are those of `deliveries_for`: queued, due at the approval's creation."""
+        deliveries are those of `deliveries_for`, due at the approval's creation, all in
+        the same state (queued, or leased at birth)."""
         if not self.unit.postgres:
             await self.insert(approval, deliveries)
             await self.count_push(approval["client_id"])
@@ -354,7 +378,12 @@ class ApprovalRepository:
         params.update(audit_params(audit))
         for field in _DELIVERY_ROWS:
             params[f"d_{field}"] = [delivery[field] for delivery in deliveries]
-        params.update(d_status=DeliveryStatus.QUEUED, d_attempts=0)
+        first = deliveries[0] if deliveries else {}
+        params.update(
+            d_status=first.get("status", DeliveryStatus.QUEUED),
+            d_attempts=first.get("attempts", 0),
+            d_lease_until=first.get("lease_until"),
+        )
         await self.unit.execute(_create_all(frozenset(approval)), params)
 
     async def device_with_approval(

@@ -4,7 +4,11 @@ Every server process runs one. Claims are one UPDATE over a `FOR UPDATE SKIP LOC
 sub-select on PostgreSQL (SQLite serialises writers), so no delivery is sent twice while
 its lease holds; a process that dies mid-send leaves a lease that expires and is reclaimed.
 Its transactions are units on the driver connection (`Database.unit`): the claim, which
-also finishes the deliveries with nothing to send, and the records of the sends' outcomes."""
+also finishes the deliveries with nothing to send, and the records of the sends' outcomes.
+
+A login's pushes skip the claim: the transaction that creates them leases them to this
+process at birth when its dispatcher has room (`lease_at_birth`), and hands them over as
+it commits. A process that dies before sending them leaves the same lease to expire."""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from pns_server.db import publish_after_commit
 from pns_server.outbox.repository import ClaimedRow, DeliveryRepository
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.realtime.base import Subscription
-from pns_server.runtime import Runtime
+from pns_server.runtime import BirthLease, Runtime
 from pns_server.states import ApprovalStatus, DeliveryStatus
 from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc
 
@@ -112,6 +116,7 @@ class Dispatcher:
         self._limit = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
         self._subscription: Subscription | None = None
+        self._pipeline: _Pipeline | None = None
         self._task: asyncio.Task[None] | None = None
         self._metric_children: dict[tuple[str, Outcome], tuple[Any, Any]] = {}
 
@@ -143,6 +148,17 @@ class Dispatcher:
     def _should_run(self) -> bool:
         return not self._stopping.is_set() and not self.runtime.notifier.closing
 
+    def lease_at_birth(self, count: int, now: datetime) -> BirthLease | None:
+        """Room for `count` sends among those in flight, held for deliveries created at
+        `now` already leased to this process; None when this dispatcher is not running
+        its pipeline, is stopping or has no room for all of them (they are then queued
+        for a claim, as before)."""
+        pipeline = self._pipeline
+        if pipeline is None or not self._should_run() or pipeline.room() < count:
+            return None
+        lease = now + timedelta(seconds=self.runtime.settings.push_lease_seconds)
+        return _BirthLease(pipeline, count, now, lease)
+
     async def _run(self) -> None:
         """A pipeline: claim whenever there is room for more sends in flight, and record
         each outcome as it completes. A slow or hung push holds one place of `concurrency`,
@@ -150,7 +166,7 @@ class Dispatcher:
         push of a batch before claiming the next)."""
         async with self.runtime.notifier.subscribe(OUTBOX_TOPIC) as subscription:
             self._subscription = subscription
-            pipeline = _Pipeline(self, subscription)
+            pipeline = self._pipeline = _Pipeline(self, subscription)
             try:
                 while self._should_run():
                     try:
@@ -162,6 +178,7 @@ class Dispatcher:
                         await subscription.wait(self.poll_interval)
                 await pipeline.drain()  # stopping: finish what is in flight
             finally:
+                self._pipeline = None
                 pipeline.abandon()  # cancelled: unrecorded sends keep their lease
 
     # --- one round -----------------------------------------------------------------------
@@ -392,25 +409,37 @@ class _Pipeline:
         self.dispatcher = dispatcher
         self.subscription = subscription
         self.in_flight: set[asyncio.Task[None]] = set()
+        self.reserved = 0  # places held for deliveries leased at birth, not yet handed over
+        self.closed = False
         self.done: asyncio.Queue[Sent] = asyncio.Queue()
         self.waiting_for_room = False
         self.recorder = asyncio.create_task(self._record_forever(), name="pns-outbox-recorder")
 
+    def room(self) -> int:
+        return self.dispatcher.concurrency - len(self.in_flight) - self.reserved
+
     async def claim_and_start(self) -> bool:
         """Claim as many due deliveries as there is room for and start sending them; True
         when more may be due right away (a full claim), False when it is time to wait."""
-        dispatcher = self.dispatcher
-        room = min(dispatcher.batch_size, dispatcher.concurrency - len(self.in_flight))
+        room = min(self.dispatcher.batch_size, self.room())
         if room <= 0:
             self.waiting_for_room = True  # the recorder wakes us when sends complete
             return False
-        jobs = await dispatcher._claim(now_utc(), room)
+        jobs = await self.dispatcher._claim(now_utc(), room)
         for job in jobs:
             if job.message is not None:
-                task = asyncio.create_task(self._send(job))
-                self.in_flight.add(task)
-                task.add_done_callback(self.in_flight.discard)
+                self.start(job)
         return len(jobs) == room
+
+    def start(self, job: Claimed) -> None:
+        task = asyncio.create_task(self._send(job))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+
+    def room_freed(self) -> None:
+        if self.waiting_for_room:
+            self.waiting_for_room = False
+            self.subscription.wake()
 
     async def _send(self, job: Claimed) -> None:
         self.done.put_nowait(await self.dispatcher._send(job))
@@ -429,9 +458,7 @@ class _Pipeline:
                 log.exception("recording %d push outcomes failed", len(finished))
             for _ in finished:
                 self.done.task_done()
-            if self.waiting_for_room:
-                self.waiting_for_room = False
-                self.subscription.wake()
+            self.room_freed()
 
     async def drain(self) -> None:
         """Let the sends in flight finish and their outcomes be recorded (stop() bounds
@@ -441,9 +468,47 @@ class _Pipeline:
         await self.done.join()
 
     def abandon(self) -> None:
+        self.closed = True
         for task in self.in_flight:
             task.cancel()
         self.recorder.cancel()
+
+
+class _BirthLease:
+    """`runtime.BirthLease`: places held in a running pipeline until the creating
+    transaction ends. Handed over, its deliveries start sending at once; released (the
+    transaction rolled back, or its commit's outcome is unknown), nothing is sent, and
+    any row that did commit waits for its lease to expire, like a send lost in a crash."""
+
+    def __init__(self, pipeline: _Pipeline, count: int, now: datetime, lease: datetime) -> None:
+        self.pipeline = pipeline
+        self.count = count
+        self.now = now
+        self.lease_until = lease
+        pipeline.reserved += count
+
+    def send(self, rows: Sequence[ClaimedRow]) -> None:
+        if not self._give_back():
+            return
+        pipeline = self.pipeline
+        if pipeline.closed:
+            return  # stopped meanwhile: the lease expires and a dispatcher claims them
+        for row in rows:
+            job = Dispatcher._prepare(self.now, self.lease_until, row)
+            if job.message is not None:
+                pipeline.start(job)
+
+    def release(self) -> None:
+        if self._give_back():
+            self.pipeline.room_freed()
+
+    def _give_back(self) -> bool:
+        """The held places back to the pipeline, once; False when already done."""
+        if self.count == 0:
+            return False
+        self.pipeline.reserved -= self.count
+        self.count = 0
+        return True
 
 
 def start_dispatcher(runtime: Runtime) -> Dispatcher:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import and_, bindparam, or_, select, update
 
@@ -62,6 +62,29 @@ class ClaimedRow(Protocol):
     def action(self) -> str: ...
     @property
     def client_name(self) -> str: ...
+
+
+class BornRow(NamedTuple):
+    """A `ClaimedRow` of a delivery leased at birth, built from what its creating
+    transaction already holds instead of read back (the same fields as
+    `CLAIMED_COLUMNS`, in the same order)."""
+
+    delivery_id: str
+    attempts: int
+    service: str
+    device_id: str
+    push_token: str | None
+    push_environment: str | None
+    push_status: str
+    push_p256dh: str | None
+    push_auth: str | None
+    approval_id: str
+    approval_status: str
+    expires_at: datetime
+    username: str | None
+    hostname: str | None
+    action: str
+    client_name: str
 
 
 CLAIMED_COLUMNS = (

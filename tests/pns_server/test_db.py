@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import func, literal_column, select, text
 
 from pns_server.config import async_database_url
-from pns_server.db import Database, create_engine
+from pns_server.db import Database, create_engine, when_unit_ends
+from pns_server.errors import PnsError
 from pns_server.models import Base
 from tests.support.postgres import Cluster, postgres_available, start_cluster
 
@@ -183,5 +184,49 @@ async def test_a_connection_returned_mid_transaction_is_rolled_back(database_url
         async with db.unit_read() as unit:
             count = select(func.count()).select_from(Base.metadata.tables["clients"])
             assert await unit.scalar(count) == 0
+    finally:
+        await db.dispose()
+
+
+async def test_a_units_end_tells_its_callbacks_whether_it_committed(database_url: str) -> None:
+    """`when_unit_ends`: True once the COMMIT succeeded (also for an error that keeps the
+    work done before it), False after a rollback; a callback that fails is logged and
+    neither stops the others nor undoes the commit."""
+    db = Database(create_engine(async_database_url(database_url), pool_size=1))
+    ended: list[tuple[str, bool]] = []
+
+    def note(name: str) -> Callable[[bool], None]:
+        return lambda committed: ended.append((name, committed))
+
+    def fail(_committed: bool) -> None:
+        raise RuntimeError("a broken callback")
+
+    insert = "INSERT INTO clients_kept (name) VALUES ('{}')"
+    try:
+        async with db.unit() as unit:
+            await unit.run_sql("CREATE TABLE clients_kept (name VARCHAR(20))")
+        async with db.unit() as unit:
+            when_unit_ends(unit, fail)
+            when_unit_ends(unit, note("committed"))
+            await unit.run_sql(insert.format("committed"))
+        with pytest.raises(RuntimeError):
+            async with db.unit() as unit:
+                when_unit_ends(unit, note("raised"))
+                await unit.run_sql(insert.format("raised"))
+                raise RuntimeError("the block failed")
+        with pytest.raises(PnsError):
+            async with db.unit() as unit:
+                when_unit_ends(unit, note("refused"))
+                await unit.run_sql(insert.format("refused"))
+                raise PnsError("refused, nothing kept")
+        with pytest.raises(PnsError):
+            async with db.unit() as unit:
+                when_unit_ends(unit, note("kept"))
+                await unit.run_sql(insert.format("kept"))
+                raise PnsError("refused, the work before kept", commit=True)
+        assert ended == [("committed", True), ("raised", False), ("refused", False), ("kept", True)]
+        async with db.unit_read() as unit:
+            names = select(literal_column("name")).select_from(text("clients_kept"))
+            assert sorted(await unit.scalars(names)) == ["committed", "kept"]
     finally:
         await db.dispose()
