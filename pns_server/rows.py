@@ -5,7 +5,7 @@ same names). Functions that only read a row take these, so both paths can call t
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class ClientRow(Protocol):
@@ -143,3 +143,65 @@ class ApprovalRow(Protocol):
     def fraud(self) -> bool: ...
     @property
     def devices_notified(self) -> int: ...
+
+
+class ClaimedRow(Protocol):
+    """What a claimed delivery's send needs (`outbox.repository.CLAIMED_COLUMNS`): the
+    delivery, its device's push address, the approval (still pending? expired? its text)
+    and the client's name."""
+
+    @property
+    def delivery_id(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def service(self) -> str: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def push_token(self) -> str | None: ...
+    @property
+    def push_environment(self) -> str | None: ...
+    @property
+    def push_status(self) -> str: ...
+    @property
+    def push_p256dh(self) -> str | None: ...
+    @property
+    def push_auth(self) -> str | None: ...
+    @property
+    def approval_id(self) -> str: ...
+    @property
+    def approval_status(self) -> str: ...
+    @property
+    def expires_at(self) -> datetime: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def hostname(self) -> str | None: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def client_name(self) -> str: ...
+
+
+class BornRow(NamedTuple):
+    """A `ClaimedRow` of a delivery leased at birth, built from what its creating
+    transaction already holds instead of read back (the same fields as
+    `outbox.repository.CLAIMED_COLUMNS`, in the same order)."""
+
+    delivery_id: str
+    attempts: int
+    service: str
+    device_id: str
+    push_token: str | None
+    push_environment: str | None
+    push_status: str
+    push_p256dh: str | None
+    push_auth: str | None
+    approval_id: str
+    approval_status: str
+    expires_at: datetime
+    username: str | None
+    hostname: str | None
+    action: str
+    client_name: str

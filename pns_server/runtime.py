@@ -15,12 +15,12 @@ from pns_server import retention
 from pns_server.config import Settings
 from pns_server.db import Database, create_engine
 from pns_server.metrics import Metrics
-from pns_server.outbox.repository import ClaimedRow
 from pns_server.push.base import PushSender
 from pns_server.push.factory import PushConfigError, PushReadiness, build_senders
 from pns_server.push.webpush import WebPushSender
 from pns_server.realtime import create_notifier
 from pns_server.realtime.base import Notifier
+from pns_server.rows import ClaimedRow
 from pns_server.schema import migrate_if_behind
 from pns_server.security import SecretBox, load_or_create_key_file
 

@@ -29,8 +29,7 @@ from pns_server.errors import (
     PushLocked,
 )
 from pns_server.metrics import Metrics
-from pns_server.outbox.repository import BornRow
-from pns_server.rows import ApprovalRow, ClientRow
+from pns_server.rows import ApprovalRow, BornRow, ClientRow
 from pns_server.runtime import Runtime
 from pns_server.security import new_id
 from pns_server.states import ApprovalStatus, DeliveryStatus

@@ -24,9 +24,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pns_server.db import publish_after_commit
-from pns_server.outbox.repository import ClaimedRow, DeliveryRepository
+from pns_server.outbox.repository import DeliveryRepository
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.realtime.base import Subscription
+from pns_server.rows import ClaimedRow
 from pns_server.runtime import BirthLease, Runtime
 from pns_server.states import ApprovalStatus, DeliveryStatus
 from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 from sqlalchemy import and_, bindparam, or_, select, update
 
 from pns_server.driver import DriverUnit, ValueList
 from pns_server.models import Approval, Base, Client, Delivery, Device
+from pns_server.rows import ClaimedRow
 from pns_server.states import DeliveryStatus
 
 _deliveries = Base.metadata.tables[Delivery.__tablename__]
@@ -26,67 +27,7 @@ _approvals = Base.metadata.tables[Approval.__tablename__]
 _clients = Base.metadata.tables[Client.__tablename__]
 
 
-class ClaimedRow(Protocol):
-    """What a claimed delivery's send needs (`CLAIMED_COLUMNS`): the delivery, its device's
-    push address, the approval (still pending? expired? its text) and the client's name."""
-
-    @property
-    def delivery_id(self) -> str: ...
-    @property
-    def attempts(self) -> int: ...
-    @property
-    def service(self) -> str: ...
-    @property
-    def device_id(self) -> str: ...
-    @property
-    def push_token(self) -> str | None: ...
-    @property
-    def push_environment(self) -> str | None: ...
-    @property
-    def push_status(self) -> str: ...
-    @property
-    def push_p256dh(self) -> str | None: ...
-    @property
-    def push_auth(self) -> str | None: ...
-    @property
-    def approval_id(self) -> str: ...
-    @property
-    def approval_status(self) -> str: ...
-    @property
-    def expires_at(self) -> datetime: ...
-    @property
-    def username(self) -> str | None: ...
-    @property
-    def hostname(self) -> str | None: ...
-    @property
-    def action(self) -> str: ...
-    @property
-    def client_name(self) -> str: ...
-
-
-class BornRow(NamedTuple):
-    """A `ClaimedRow` of a delivery leased at birth, built from what its creating
-    transaction already holds instead of read back (the same fields as
-    `CLAIMED_COLUMNS`, in the same order)."""
-
-    delivery_id: str
-    attempts: int
-    service: str
-    device_id: str
-    push_token: str | None
-    push_environment: str | None
-    push_status: str
-    push_p256dh: str | None
-    push_auth: str | None
-    approval_id: str
-    approval_status: str
-    expires_at: datetime
-    username: str | None
-    hostname: str | None
-    action: str
-    client_name: str
-
-
+# What a claim returns: the fields of `rows.ClaimedRow` (and `rows.BornRow`), in order.
 CLAIMED_COLUMNS = (
     _deliveries.c.id.label("delivery_id"),
     _deliveries.c.attempts,

@@ -17,8 +17,9 @@ from fastapi import FastAPI
 from pns_server import driver
 from pns_server.db import when_unit_ends
 from pns_server.outbox.dispatcher import Dispatcher
-from pns_server.outbox.repository import CLAIMED_COLUMNS, BornRow
+from pns_server.outbox.repository import CLAIMED_COLUMNS
 from pns_server.push.base import Outcome, PushResult
+from pns_server.rows import BornRow
 from tests.pns_server.approvals.helpers import request_approval, runtime_of
 from tests.pns_server.outbox.test_dispatcher import (
     GateSender,
