@@ -303,6 +303,18 @@ class Database:
                 unit.connection.info[SETTLED] = True
             await unit.connection.close()
 
+    @asynccontextmanager
+    async def unit_alone(self) -> AsyncIterator[DriverUnit]:
+        """PostgreSQL: `unit_read` whose statements after the first may also write, each
+        its own transaction (autocommit), so a write must be whole in one statement (data-
+        modifying CTEs). The first must be a read: it alone is sent again on a new
+        connection when it finds this one dead. Nothing is published from it. Not on
+        SQLite, whose writers take the write lock at BEGIN (`_configure_sqlite`)."""
+        if self.dialect != "postgresql":
+            raise RuntimeError("unit_alone() is for PostgreSQL; use unit() on SQLite")
+        async with self.unit_read() as unit:
+            yield unit
+
     async def _reconnect(self, dead: AsyncConnection) -> tuple[AsyncConnection, Any]:
         await dead.close()
         connection = await self._open(probe="SELECT 1")

@@ -185,6 +185,15 @@ async def admit_client(request: Request, unit: DriverUnit, client: ClientRow) ->
         await unit.execute(_NOTE_SEEN, {"client": client.id, "at": now})
 
 
+def admit_client_without_writes(request: Request, client: ClientRow) -> bool:
+    """`admit_client` for a caller read outside a unit: True once counted; False, and not
+    counted, when its `last_seen_at` is due a write (admit it in a unit then)."""
+    if seen_is_stale(client.last_seen_at, datetime.now(UTC)):
+        return False
+    count_caller(request, "client:" + client.id)
+    return True
+
+
 async def unit_device(request: Request, unit: UnitDep) -> DeviceRow:
     """`current_device` in a unit on the driver connection: the device's row."""
     device: DeviceRow = await _row_by_token(unit, DEVICE_ROW_BY_TOKEN, bearer_token(request))

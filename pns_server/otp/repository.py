@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Select, bindparam, delete, exists, func, insert, or_, select, update
 
 from pns_server.audit import AUDIT_FIELDS, AUDIT_TABLE, INSERT_AUDIT, audit_binds, audit_params
 from pns_server.driver import DriverUnit, ValueList
@@ -33,10 +33,10 @@ _THROTTLE_COLUMNS = (
 )
 
 # One round trip authenticates an OTP check and takes what it needs: the caller's row by its
-# token's hash, locked (FOR UPDATE OF clients on PostgreSQL), with its OTP devices. Outer
-# join: a client without devices still gets its row locked and its counters read. The
-# device columns are labelled where a client column has the same name.
-_CALLER_FOR_VERIFY = (
+# token's hash, locked (FOR UPDATE OF clients on PostgreSQL) or not (`accept_at_once`), with
+# its OTP devices. Outer join: a client without devices still gets its row locked and its
+# counters read. The device columns are labelled where a client column has the same name.
+_CALLER_FOR_VERIFY_READ = (
     select(
         *_clients.c,
         _devices.c.id.label("device_id"),
@@ -57,8 +57,8 @@ _CALLER_FOR_VERIFY = (
     )
     .where(_clients.c.token_hash == bindparam("token_hash"))
     .order_by(_devices.c.created_at, _devices.c.id)
-    .with_for_update(of=_clients)
 )
+_CALLER_FOR_VERIFY = _CALLER_FOR_VERIFY_READ.with_for_update(of=_clients)
 
 _LOCK_THROTTLE = (
     select(*_THROTTLE_COLUMNS)
@@ -134,6 +134,44 @@ _RESET_IF_CLAIMED = (
 )
 _CLAIM_STEP_AUDITED_AND_RESET = _CLAIM_STEP_AUDITED.add_cte(_RESET_IF_CLAIMED)
 
+# PostgreSQL, a check outside any transaction (`claim_step_if_unchanged`): the claim holds
+# only while the caller's row is as the check read it. `FOR UPDATE` in the first CTE locks
+# the row for the statement's transaction, and when a concurrent check changed it
+# meanwhile, re-reads the newest version against the same conditions (READ COMMITTED):
+# then nothing is claimed and the check is decided again under the lock. Whatever follows
+# (the claim, the reset, the audit row) reads `unchanged`, so it runs after the lock.
+_UNCHANGED = (
+    select(_clients.c.id)
+    .where(
+        _clients.c.id == bindparam("seen_client"),
+        _clients.c.otp_consecutive_failures == bindparam("seen_consecutive"),
+        _clients.c.otp_failures_since_success == bindparam("seen_since_success"),
+        _clients.c.otp_lock_count == bindparam("seen_lock_count"),
+        _clients.c.otp_locked_until.is_not_distinct_from(
+            bindparam("seen_locked_until", type_=_clients.c.otp_locked_until.type)
+        ),
+        _clients.c.pushes_since_success == bindparam("seen_pushes"),
+    )
+    .with_for_update()
+    .cte("unchanged")
+)
+_claimed_if_unchanged = _CLAIM_STEP.where(exists(select(_UNCHANGED.c.id))).cte("claimed")
+_CLAIM_IF_UNCHANGED = (
+    insert(AUDIT_TABLE)
+    .from_select(
+        list(AUDIT_FIELDS),
+        select(*{**audit_binds(), "subject_id": _claimed_if_unchanged.c.id}.values()),
+    )
+    .returning(AUDIT_TABLE.c.subject_id)
+    .add_cte(_UNCHANGED)
+)
+_CLAIM_IF_UNCHANGED_AND_RESET = _CLAIM_IF_UNCHANGED.add_cte(
+    update(_clients)
+    .where(_clients.c.id == bindparam("seen_client"), exists(select(_claimed_if_unchanged.c.id)))
+    .values(_CLEARED_COUNTERS)
+    .cte("reset")
+)
+
 _DELETE_RECOVERY_CODES = delete(_codes).where(_codes.c.client_id == bindparam("client_id"))
 _INSERT_RECOVERY_CODE = insert(_codes)
 
@@ -207,8 +245,16 @@ class OtpRepository:
     async def lock_caller_for_verify(self, token_hash: str) -> VerifyCaller | None:
         """The client whose token hashes to `token_hash`, locked as `lock_throttle` locks
         it, with its OTP devices, in one statement; None for an unknown token."""
-        params = {"token_hash": token_hash}
-        rows = (await self.unit.execute(_CALLER_FOR_VERIFY, params)).all()
+        return await self._caller_for_verify(_CALLER_FOR_VERIFY, token_hash)
+
+    async def read_caller_for_verify(self, token_hash: str) -> VerifyCaller | None:
+        """`lock_caller_for_verify` without the lock (for `claim_step_if_unchanged`)."""
+        return await self._caller_for_verify(_CALLER_FOR_VERIFY_READ, token_hash)
+
+    async def _caller_for_verify(
+        self, statement: Select[Any], token_hash: str
+    ) -> VerifyCaller | None:
+        rows = (await self.unit.execute(statement, {"token_hash": token_hash})).all()
         if not rows:
             return None
         client = rows[0]  # the client's columns under their own names: a ClientRow
@@ -282,6 +328,35 @@ class OtpRepository:
         if reset_client is not None:
             await self.reset_after_success(reset_client)
         return True
+
+    async def claim_step_if_unchanged(
+        self,
+        device_id: str,
+        step: int,
+        now: datetime,
+        audit: dict[str, Any],
+        caller: VerifyCaller,
+        reset: bool,
+    ) -> bool:
+        """PostgreSQL, as a statement of its own (`Database.unit_alone`): `claim_step_audited`
+        with `reset` of the caller's counters, only while the caller's row still holds the
+        counters `caller` read (`_UNCHANGED`); False when the step was taken or the row
+        changed meanwhile, and then nothing was written."""
+        counters = caller.throttle
+        params: dict[str, Any] = {
+            "device_id": device_id,
+            "step": step,
+            "now": now,
+            "seen_client": caller.client.id,
+            "seen_consecutive": counters.consecutive_failures,
+            "seen_since_success": counters.failures_since_success,
+            "seen_lock_count": counters.lock_count,
+            "seen_locked_until": counters.locked_until,
+            "seen_pushes": caller.client.pushes_since_success,
+        }
+        params.update(audit_params(audit))  # its subject is the claimed device
+        statement = _CLAIM_IF_UNCHANGED_AND_RESET if reset else _CLAIM_IF_UNCHANGED
+        return (await self.unit.execute(statement, params)).first() is not None
 
     async def replace_recovery_codes(
         self, client_id: str, code_hashes: Sequence[str], now: datetime

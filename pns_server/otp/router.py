@@ -1,17 +1,19 @@
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Request, Response, status
 
-from fastapi import APIRouter, Depends, Request, Response, status
-
+from pns_server.db import Database
 from pns_server.deps import (
+    DatabaseDep,
     RuntimeDep,
     UnitClient,
     UnitDep,
     admit_client,
+    admit_client_without_writes,
     bearer_token,
     invalid_token,
 )
+from pns_server.driver import DriverUnit
 from pns_server.otp import service
 from pns_server.otp.repository import VerifyCaller
 from pns_server.otp.schemas import (
@@ -22,29 +24,58 @@ from pns_server.otp.schemas import (
     RecoveryCodeVerify,
 )
 from pns_server.problems import PROBLEM_RESPONSES
+from pns_server.runtime import Runtime
 from pns_server.security import hash_token
 
 router = APIRouter(tags=["otp"], responses=PROBLEM_RESPONSES)
 
 
-async def verifying_client(request: Request, unit: UnitDep) -> VerifyCaller:
+async def verifying_client(
+    request: Request, unit: DriverUnit, token_hash: str, *, admitted: bool
+) -> VerifyCaller:
     """`UnitClient` for an OTP check: the caller's row read with what the check needs, and
-    locked, in the statement that authenticates it (one round trip, not two)."""
-    caller = await service.caller_for_verify(unit, hash_token(bearer_token(request)))
+    locked, in the statement that authenticates it (one round trip, not two). `admitted`:
+    already counted by `accepted_at_once`."""
+    caller = await service.caller_for_verify(unit, token_hash)
     if caller is None:
         raise invalid_token()
-    await admit_client(request, unit, caller.client)
+    if not admitted:
+        await admit_client(request, unit, caller.client)
     return caller
 
 
-VerifyingClient = Annotated[VerifyCaller, Depends(verifying_client)]
+async def accepted_at_once(
+    request: Request, db: Database, runtime: Runtime, token_hash: str, code: str
+) -> tuple[OtpAccepted | None, bool]:
+    """PostgreSQL: the check tried without a transaction of its own, in two statements
+    (`service.accept_at_once`); returns what it accepted, and whether the caller was
+    admitted (counted toward its limit). Not tried when the caller's `last_seen_at` is due
+    a write: the unit does that."""
+    async with db.unit_alone() as unit:
+        caller = await service.caller_for_verify(unit, token_hash, lock=False)
+        if caller is None:
+            raise invalid_token()
+        if not admit_client_without_writes(request, caller.client):
+            return None, False
+        return await service.accept_at_once(unit, runtime, caller, code), True
 
 
 @router.post("/v1/otp/verify", response_model=OtpAccepted)
 async def verify_otp(
-    body: OtpVerify, caller: VerifyingClient, unit: UnitDep, runtime: RuntimeDep
+    body: OtpVerify, request: Request, db: DatabaseDep, runtime: RuntimeDep
 ) -> OtpAccepted:
-    return await service.verify_otp(unit, runtime, caller, body.code)
+    """Authenticates its caller in the check's own statements (`verifying_client`): on
+    PostgreSQL a current code is accepted outside a transaction (`accepted_at_once`), and
+    everything else, on either database, is decided under the caller's row lock."""
+    token_hash = hash_token(bearer_token(request))
+    admitted = False
+    if db.dialect == "postgresql":
+        accepted, admitted = await accepted_at_once(request, db, runtime, token_hash, body.code)
+        if accepted is not None:
+            return accepted
+    async with db.unit() as unit:
+        caller = await verifying_client(request, unit, token_hash, admitted=admitted)
+        return await service.verify_otp(unit, runtime, caller, body.code)
 
 
 @router.post(

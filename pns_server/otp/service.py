@@ -30,10 +30,58 @@ log = logging.getLogger(__name__)
 WrongCode = Callable[..., PnsError]
 
 
-async def caller_for_verify(unit: DriverUnit, token_hash: str) -> VerifyCaller | None:
+async def caller_for_verify(
+    unit: DriverUnit, token_hash: str, *, lock: bool = True
+) -> VerifyCaller | None:
     """The caller of an OTP check, authenticated, its row locked and its devices read in one
-    statement (`verify_otp` needs all three); None for an unknown token."""
-    return await OtpRepository(unit).lock_caller_for_verify(token_hash)
+    statement (`verify_otp` needs all three); None for an unknown token. Without `lock`:
+    the same read for `accept_at_once`, outside any transaction."""
+    repo = OtpRepository(unit)
+    if lock:
+        return await repo.lock_caller_for_verify(token_hash)
+    return await repo.read_caller_for_verify(token_hash)
+
+
+async def accept_at_once(
+    unit: DriverUnit, runtime: Runtime, caller: VerifyCaller, code: str
+) -> OtpAccepted | None:
+    """PostgreSQL, without a transaction of its own (`Database.unit_alone`; `caller` read
+    unlocked): accept a current code of a step its device has not used, in one statement
+    that holds only while the caller's row is as read (`claim_step_if_unchanged`). None
+    for anything else (no match, a replay, a lock in force, a concurrent check or push
+    that changed the row meanwhile): `verify_otp` then decides, under the row's lock, as
+    if this had not run, for nothing was written. An accepted code is the common case of a
+    check; a wrong one is decided under the lock, so every failure is counted there."""
+    now = datetime.now(UTC)
+    if throttle.refusal_if_locked(caller.throttle, now) is not None:
+        return None
+    typed = "".join(code.split())
+    for device in caller.devices:
+        step = matching_device_step(runtime.box, device, typed, now)
+        if step is None:
+            continue
+        if device.last_otp_step is not None and step <= device.last_otp_step:
+            return None
+        reset = bool(caller.client.pushes_since_success) or not throttle.is_clear(caller.throttle)
+        accepted = accepted_row(caller.client.id, device)
+        repo = OtpRepository(unit)
+        if not await repo.claim_step_if_unchanged(device.id, step, now, accepted, caller, reset):
+            return None
+        runtime.metrics.otp_verifications.labels(result="accepted").inc()
+        return OtpAccepted(device_id=device.id)
+    return None
+
+
+def accepted_row(client_id: str, device: OtpDevice) -> dict[str, Any]:
+    """The audit row of an accepted code; its subject is the device."""
+    return audit.audit_row(
+        "otp.accepted",
+        client_id=client_id,
+        actor="client",
+        actor_id=client_id,
+        subject_id=device.id,
+        kind=device.kind,
+    )
 
 
 async def verify_otp(
@@ -67,14 +115,7 @@ async def verify_otp(
             continue
         # The read above may predate a concurrent claim (PostgreSQL re-reads only the locked
         # client row after waiting for it): this conditional UPDATE is what decides.
-        accepted = audit.audit_row(
-            "otp.accepted",
-            client_id=client.id,
-            actor="client",
-            actor_id=client.id,
-            subject_id=device.id,
-            kind=device.kind,
-        )
+        accepted = accepted_row(client.id, device)
         if await repo.claim_step_audited(device.id, step, now, accepted, reset_client):
             runtime.metrics.otp_verifications.labels(result="accepted").inc()
             return OtpAccepted(device_id=device.id)

@@ -85,7 +85,9 @@ COUNTING_AUTH = {
     "unit_client",
     "unit_client_locked",
     "unit_device",
-    "verifying_client",  # an OTP check's: the caller read with its devices (otp/router.py)
+    # An OTP check authenticates in its own statements, its caller read with its devices:
+    # the route itself (otp/router.py, `verifying_client` and `accepted_at_once`).
+    "verify_otp",
     "answering_device",  # an answer's: the device read with the approval (approvals/router.py)
 }
 PER_IP = {"limit_registration_per_ip", "limit_pairing_per_ip"}

@@ -230,3 +230,14 @@ async def test_a_units_end_tells_its_callbacks_whether_it_committed(database_url
             assert sorted(await unit.scalars(names)) == ["committed", "kept"]
     finally:
         await db.dispose()
+
+
+async def test_statements_alone_are_refused_on_sqlite(tmp_path: Path) -> None:
+    """SQLite's writers take the write lock at BEGIN; a write outside a unit would not."""
+    db = Database(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'alone.db'}"))
+    try:
+        with pytest.raises(RuntimeError, match="PostgreSQL"):
+            async with db.unit_alone():
+                pass
+    finally:
+        await db.dispose()

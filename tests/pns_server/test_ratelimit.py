@@ -62,8 +62,8 @@ async def test_api_calls_are_limited_per_caller(http: httpx.AsyncClient) -> None
 
 @pytest.mark.parametrize("settings_overrides", [{"rate_client_per_minute": 3}])
 async def test_otp_checks_count_toward_the_callers_limit(http: httpx.AsyncClient) -> None:
-    """The OTP route authenticates in its own statement (`verifying_client`), and counts the
-    caller like every other authenticated route."""
+    """The OTP route authenticates in its own statements (`accepted_at_once`, then
+    `verifying_client`), and counts the caller once, like every other authenticated route."""
     client = await register_client(http)
     for _ in range(2):
         assert (await http.get("/v1/client", headers=client.headers)).status_code == 200

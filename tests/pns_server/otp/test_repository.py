@@ -4,16 +4,20 @@ first: the conditional UPDATEs alone must let exactly one concurrent transaction
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
-from sqlalchemy import select
+import pytest
+from sqlalchemy import func, select
 
 from pns_server.audit import audit_row
 from pns_server.db import Database
-from pns_server.models import AuditEvent, Device
+from pns_server.models import AuditEvent, Client, Device
 from pns_server.otp import recovery_codes
-from pns_server.otp.repository import HASHES_PER_STATEMENT, OtpRepository
+from pns_server.otp.repository import HASHES_PER_STATEMENT, OtpRepository, VerifyCaller
+from pns_server.security import hash_token
+from tests.pns_server.approvals.helpers import request_approval
 from tests.support.factories import RegisteredClient, pair_app_device
 
 STEP = 60_000_000
@@ -129,3 +133,114 @@ async def test_recovery_code_found_among_many_key_candidates(
     assert await use([]) is False
     assert await use([*others, code_hash]) is True
     assert await use([code_hash]) is False
+
+
+class TestClaimIfUnchanged:
+    """PostgreSQL's check outside a transaction: the claim holds only while the caller's row
+    is as the check read it; a failure, a lock or a push meanwhile leaves everything as it
+    was, for the check to be decided under the lock."""
+
+    @staticmethod
+    async def read(db: Database, client: RegisteredClient) -> VerifyCaller:
+        async with db.unit_alone() as unit:
+            caller = await OtpRepository(unit).read_caller_for_verify(hash_token(client.token))
+        assert caller is not None
+        return caller
+
+    @staticmethod
+    async def claim(
+        db: Database, caller: VerifyCaller, device_id: str, *, reset: bool = False
+    ) -> bool:
+        row = audit_row(
+            "otp.accepted",
+            client_id=caller.client.id,
+            actor="client",
+            actor_id=caller.client.id,
+            subject_id=device_id,
+            kind="app",
+        )
+        async with db.unit_alone() as unit:
+            return await OtpRepository(unit).claim_step_if_unchanged(
+                device_id, STEP, datetime.now(UTC), row, caller, reset
+            )
+
+    @staticmethod
+    async def state(db: Database, client: RegisteredClient, device_id: str) -> tuple[Any, ...]:
+        async with db.session() as session:
+            stored = await session.get(Client, client.client_id)
+            device = await session.get(Device, device_id)
+            accepted = await session.scalar(
+                select(func.count(AuditEvent.id)).where(
+                    AuditEvent.client_id == client.client_id, AuditEvent.event == "otp.accepted"
+                )
+            )
+        assert stored is not None and device is not None
+        return (
+            stored.otp_consecutive_failures,
+            stored.pushes_since_success,
+            device.last_otp_step,
+            accepted,
+        )
+
+    @pytest.mark.postgres_only
+    async def test_it_claims_audits_and_resets_when_nothing_changed(
+        self, http: httpx.AsyncClient, client: RegisteredClient, db: Database
+    ) -> None:
+        device = await pair_app_device(http, client)
+        async with db.unit() as unit:
+            await OtpRepository(unit).record_failure(client.client_id)
+        caller = await self.read(db, client)
+        assert await self.claim(db, caller, device.device_id, reset=True) is True
+        assert await self.state(db, client, device.device_id) == (0, 0, STEP, 1)
+        assert await self.claim(db, caller, device.device_id) is False  # a replay
+
+    @pytest.mark.postgres_only
+    async def test_a_failure_meanwhile_claims_nothing(
+        self, http: httpx.AsyncClient, client: RegisteredClient, db: Database
+    ) -> None:
+        device = await pair_app_device(http, client)
+        caller = await self.read(db, client)
+        async with db.unit() as unit:
+            await OtpRepository(unit).record_failure(client.client_id)
+        assert await self.claim(db, caller, device.device_id, reset=True) is False
+        assert await self.state(db, client, device.device_id) == (1, 0, None, 0)
+
+    @pytest.mark.postgres_only
+    async def test_a_lock_meanwhile_claims_nothing(
+        self, http: httpx.AsyncClient, client: RegisteredClient, db: Database
+    ) -> None:
+        device = await pair_app_device(http, client)
+        caller = await self.read(db, client)
+        until = datetime.now(UTC) + timedelta(minutes=5)
+        async with db.unit() as unit:
+            await OtpRepository(unit).impose_lock(client.client_id, until)
+        assert await self.claim(db, caller, device.device_id, reset=True) is False
+        assert (await self.state(db, client, device.device_id))[2:] == (None, 0)
+
+    @pytest.mark.postgres_only
+    async def test_a_push_meanwhile_claims_nothing(
+        self, http: httpx.AsyncClient, client: RegisteredClient, db: Database
+    ) -> None:
+        """The counters a success resets were decided from the read: a push counted since
+        would be left standing (a success must reset it)."""
+        device = await pair_app_device(http, client)
+        caller = await self.read(db, client)
+        await request_approval(http, client)
+        assert await self.claim(db, caller, device.device_id) is False
+        assert await self.state(db, client, device.device_id) == (0, 1, None, 0)
+
+    @pytest.mark.postgres_only
+    async def test_a_failure_waiting_on_the_lock_is_seen(
+        self, http: httpx.AsyncClient, client: RegisteredClient, db: Database
+    ) -> None:
+        """A failure whose transaction holds the row when the claim starts: the claim waits
+        for it, then sees the row changed (not the snapshot it started with)."""
+        device = await pair_app_device(http, client)
+        caller = await self.read(db, client)
+        async with db.unit() as unit:
+            await OtpRepository(unit).record_failure(client.client_id)
+            claiming = asyncio.create_task(self.claim(db, caller, device.device_id))
+            await asyncio.sleep(0.3)
+            assert not claiming.done()  # it waits for this transaction's row lock
+        assert await claiming is False
+        assert await self.state(db, client, device.device_id) == (1, 0, None, 0)

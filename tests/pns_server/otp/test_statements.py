@@ -2,7 +2,9 @@
 locking read of the client row with its devices, which also authenticates the caller, the
 step claim and the audit row; a replay is the read alone; a wrong code adds the counter
 update. Every statement is a round trip to PostgreSQL and a hop to SQLite's thread, so a
-new one here costs every login."""
+new one here costs every login. Over HTTP on PostgreSQL an accepted code is first tried
+outside a transaction (the read unlocked, the claim guarded by the row as read), and
+anything else is then decided under the lock."""
 
 from __future__ import annotations
 
@@ -143,3 +145,40 @@ async def test_recovery_code(app: FastAPI, db: Database, client: RegisteredClien
         ["SELECT", "UPDATE"],
         "recovery_code_invalid",
     )
+
+
+@contextmanager
+def full_statements() -> Iterator[list[str]]:
+    seen: list[str] = []
+    driver.statement_listeners.append(lambda sql: seen.append(" ".join(sql.split())))
+    try:
+        yield seen
+    finally:
+        driver.statement_listeners.pop()
+
+
+@pytest.mark.postgres_only
+async def test_on_postgresql_an_accepted_code_takes_no_lock_of_its_own_and_a_wrong_one_does(
+    http: httpx.AsyncClient, client: RegisteredClient, device: PairedDevice
+) -> None:
+    """An accepted code: the caller read without a lock, then the claim that locks the row
+    only inside its own statement, and only while the row is as read (no BEGIN, no COMMIT:
+    two round trips). A wrong code: that read, then the check again under the lock, where
+    its failure is counted."""
+    assert (await http.get("/v1/client", headers=client.headers)).status_code == 200
+    with full_statements() as seen:
+        response = await http.post(
+            "/v1/otp/verify", json={"code": device.otp()}, headers=client.headers
+        )
+    assert response.status_code == 200
+    read, claim = seen
+    assert read.startswith("SELECT") and "FOR UPDATE" not in read
+    assert claim.startswith("WITH unchanged AS (SELECT clients.id AS id FROM clients WHERE")
+    assert "FOR UPDATE" in claim
+    with full_statements() as seen:
+        response = await http.post(
+            "/v1/otp/verify", json={"code": wrong_code(device.totp_secret)}, headers=client.headers
+        )
+    assert response.json()["code"] == "otp_invalid"
+    assert [s.split()[0] for s in seen] == ["SELECT", "SELECT", "UPDATE"]
+    assert "FOR UPDATE" not in seen[0] and seen[1].endswith("FOR UPDATE OF clients")
