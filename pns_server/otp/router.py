@@ -64,9 +64,9 @@ async def accepted_at_once(
 async def verify_otp(
     body: OtpVerify, request: Request, db: DatabaseDep, runtime: RuntimeDep
 ) -> OtpAccepted:
-    """Authenticates its caller in the check's own statements (`verifying_client`): on
-    PostgreSQL a current code is accepted outside a transaction (`accepted_at_once`), and
-    everything else, on either database, is decided under the caller's row lock."""
+    # The caller is authenticated in the check's own statements (`verifying_client`): on
+    # PostgreSQL a current code is accepted outside a transaction (`accepted_at_once`), and
+    # everything else, on either database, is decided under the caller's row lock.
     token_hash = hash_token(bearer_token(request))
     admitted = False
     if db.dialect == "postgresql":
