@@ -180,18 +180,23 @@ async def admit_client(request: Request, unit: DriverUnit, client: ClientRow) ->
     client's rate limit, and note it seen (`note_seen`). For routes that read the caller's
     row with more in the same statement than `UnitClient` reads."""
     count_caller(request, "client:" + client.id)
+    await note_seen_in_unit(unit, client)
+
+
+async def note_seen_in_unit(unit: DriverUnit, client: ClientRow) -> None:
+    """`note_seen` for a caller read on the driver connection: one UPDATE when due."""
     now = datetime.now(UTC)
     if seen_is_stale(client.last_seen_at, now):
         await unit.execute(_NOTE_SEEN, {"client": client.id, "at": now})
 
 
-def admit_client_without_writes(request: Request, client: ClientRow) -> bool:
-    """`admit_client` for a caller read outside a unit: True once counted; False, and not
-    counted, when its `last_seen_at` is due a write (admit it in a unit then)."""
-    if seen_is_stale(client.last_seen_at, datetime.now(UTC)):
-        return False
+def admit_client_alone(request: Request, client: ClientRow) -> datetime | None:
+    """`admit_client` for a caller read outside a unit, whose next statement notes it seen
+    along with its own work: counts the caller toward its rate limit, and returns the time
+    to write as its `last_seen_at` when that is due (None when not)."""
     count_caller(request, "client:" + client.id)
-    return True
+    now = datetime.now(UTC)
+    return now if seen_is_stale(client.last_seen_at, now) else None
 
 
 async def unit_device(request: Request, unit: UnitDep) -> DeviceRow:

@@ -165,12 +165,29 @@ _CLAIM_IF_UNCHANGED = (
     .returning(AUDIT_TABLE.c.subject_id)
     .add_cte(_UNCHANGED)
 )
-_CLAIM_IF_UNCHANGED_AND_RESET = _CLAIM_IF_UNCHANGED.add_cte(
-    update(_clients)
-    .where(_clients.c.id == bindparam("seen_client"), exists(select(_claimed_if_unchanged.c.id)))
-    .values(_CLEARED_COUNTERS)
-    .cte("reset")
-)
+_NOTE_SEEN: dict[str, Any] = {"last_seen_at": bindparam("seen_at")}
+
+
+def _claim_if_unchanged_and_update(values: dict[str, Any]) -> Any:
+    """`_CLAIM_IF_UNCHANGED` that also sets `values` on the caller's row where the claim
+    wins (one UPDATE of the row: PostgreSQL applies only one of two in a statement)."""
+    return _CLAIM_IF_UNCHANGED.add_cte(
+        update(_clients)
+        .where(
+            _clients.c.id == bindparam("seen_client"), exists(select(_claimed_if_unchanged.c.id))
+        )
+        .values(values)
+        .cte("caller_updated")
+    )
+
+
+# By (reset the counters, note the caller seen).
+_CLAIMS_IF_UNCHANGED = {
+    (False, False): _CLAIM_IF_UNCHANGED,
+    (True, False): _claim_if_unchanged_and_update(_CLEARED_COUNTERS),
+    (False, True): _claim_if_unchanged_and_update(_NOTE_SEEN),
+    (True, True): _claim_if_unchanged_and_update({**_CLEARED_COUNTERS, **_NOTE_SEEN}),
+}
 
 _DELETE_RECOVERY_CODES = delete(_codes).where(_codes.c.client_id == bindparam("client_id"))
 _INSERT_RECOVERY_CODE = insert(_codes)
@@ -337,11 +354,12 @@ class OtpRepository:
         audit: dict[str, Any],
         caller: VerifyCaller,
         reset: bool,
+        seen_at: datetime | None = None,
     ) -> bool:
         """PostgreSQL, as a statement of its own (`Database.unit_alone`): `claim_step_audited`
-        with `reset` of the caller's counters, only while the caller's row still holds the
-        counters `caller` read (`_UNCHANGED`); False when the step was taken or the row
-        changed meanwhile, and then nothing was written."""
+        with `reset` of the caller's counters, and with `seen_at` as its `last_seen_at`, only
+        while the caller's row still holds the counters `caller` read (`_UNCHANGED`); False
+        when the step was taken or the row changed meanwhile, and then nothing was written."""
         counters = caller.throttle
         params: dict[str, Any] = {
             "device_id": device_id,
@@ -355,7 +373,9 @@ class OtpRepository:
             "seen_pushes": caller.client.pushes_since_success,
         }
         params.update(audit_params(audit))  # its subject is the claimed device
-        statement = _CLAIM_IF_UNCHANGED_AND_RESET if reset else _CLAIM_IF_UNCHANGED
+        if seen_at is not None:
+            params["seen_at"] = seen_at
+        statement = _CLAIMS_IF_UNCHANGED[reset, seen_at is not None]
         return (await self.unit.execute(statement, params)).first() is not None
 
     async def replace_recovery_codes(

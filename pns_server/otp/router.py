@@ -9,9 +9,10 @@ from pns_server.deps import (
     UnitClient,
     UnitDep,
     admit_client,
-    admit_client_without_writes,
+    admit_client_alone,
     bearer_token,
     invalid_token,
+    note_seen_in_unit,
 )
 from pns_server.driver import DriverUnit
 from pns_server.otp import service
@@ -35,29 +36,30 @@ async def verifying_client(
 ) -> VerifyCaller:
     """`UnitClient` for an OTP check: the caller's row read with what the check needs, and
     locked, in the statement that authenticates it (one round trip, not two). `admitted`:
-    already counted by `accepted_at_once`."""
+    already counted by `accepted_at_once` (which wrote nothing, so the caller is noted
+    seen here when due)."""
     caller = await service.caller_for_verify(unit, token_hash)
     if caller is None:
         raise invalid_token()
-    if not admitted:
+    if admitted:
+        await note_seen_in_unit(unit, caller.client)
+    else:
         await admit_client(request, unit, caller.client)
     return caller
 
 
 async def accepted_at_once(
     request: Request, db: Database, runtime: Runtime, token_hash: str, code: str
-) -> tuple[OtpAccepted | None, bool]:
+) -> OtpAccepted | None:
     """PostgreSQL: the check tried without a transaction of its own, in two statements
-    (`service.accept_at_once`); returns what it accepted, and whether the caller was
-    admitted (counted toward its limit). Not tried when the caller's `last_seen_at` is due
-    a write: the unit does that."""
+    (`service.accept_at_once`), the caller counted toward its limit; returns what it
+    accepted. An accepted code notes the caller seen in its own statement."""
     async with db.unit_alone() as unit:
         caller = await service.caller_for_verify(unit, token_hash, lock=False)
         if caller is None:
             raise invalid_token()
-        if not admit_client_without_writes(request, caller.client):
-            return None, False
-        return await service.accept_at_once(unit, runtime, caller, code), True
+        seen_at = admit_client_alone(request, caller.client)
+        return await service.accept_at_once(unit, runtime, caller, code, seen_at)
 
 
 @router.post("/v1/otp/verify", response_model=OtpAccepted)
@@ -68,9 +70,9 @@ async def verify_otp(
     # PostgreSQL a current code is accepted outside a transaction (`accepted_at_once`), and
     # everything else, on either database, is decided under the caller's row lock.
     token_hash = hash_token(bearer_token(request))
-    admitted = False
-    if db.dialect == "postgresql":
-        accepted, admitted = await accepted_at_once(request, db, runtime, token_hash, body.code)
+    admitted = db.dialect == "postgresql"
+    if admitted:
+        accepted = await accepted_at_once(request, db, runtime, token_hash, body.code)
         if accepted is not None:
             return accepted
     async with db.unit() as unit:

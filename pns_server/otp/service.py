@@ -43,11 +43,12 @@ async def caller_for_verify(
 
 
 async def accept_at_once(
-    unit: DriverUnit, runtime: Runtime, caller: VerifyCaller, code: str
+    unit: DriverUnit, runtime: Runtime, caller: VerifyCaller, code: str, seen_at: datetime | None
 ) -> OtpAccepted | None:
     """PostgreSQL, without a transaction of its own (`Database.unit_alone`; `caller` read
     unlocked): accept a current code of a step its device has not used, in one statement
-    that holds only while the caller's row is as read (`claim_step_if_unchanged`). None
+    that holds only while the caller's row is as read (`claim_step_if_unchanged`), and
+    notes the caller seen at `seen_at` when its `last_seen_at` is due a write. None
     for anything else (no match, a replay, a lock in force, a concurrent check or push
     that changed the row meanwhile): `verify_otp` then decides, under the row's lock, as
     if this had not run, for nothing was written. An accepted code is the common case of a
@@ -65,7 +66,9 @@ async def accept_at_once(
         reset = bool(caller.client.pushes_since_success) or not throttle.is_clear(caller.throttle)
         accepted = accepted_row(caller.client.id, device)
         repo = OtpRepository(unit)
-        if not await repo.claim_step_if_unchanged(device.id, step, now, accepted, caller, reset):
+        if not await repo.claim_step_if_unchanged(
+            device.id, step, now, accepted, caller, reset, seen_at
+        ):
             return None
         runtime.metrics.otp_verifications.labels(result="accepted").inc()
         return OtpAccepted(device_id=device.id)

@@ -149,7 +149,12 @@ class TestClaimIfUnchanged:
 
     @staticmethod
     async def claim(
-        db: Database, caller: VerifyCaller, device_id: str, *, reset: bool = False
+        db: Database,
+        caller: VerifyCaller,
+        device_id: str,
+        *,
+        reset: bool = False,
+        seen_at: datetime | None = None,
     ) -> bool:
         row = audit_row(
             "otp.accepted",
@@ -161,7 +166,7 @@ class TestClaimIfUnchanged:
         )
         async with db.unit_alone() as unit:
             return await OtpRepository(unit).claim_step_if_unchanged(
-                device_id, STEP, datetime.now(UTC), row, caller, reset
+                device_id, STEP, datetime.now(UTC), row, caller, reset, seen_at
             )
 
     @staticmethod
@@ -193,6 +198,44 @@ class TestClaimIfUnchanged:
         assert await self.claim(db, caller, device.device_id, reset=True) is True
         assert await self.state(db, client, device.device_id) == (0, 0, STEP, 1)
         assert await self.claim(db, caller, device.device_id) is False  # a replay
+
+    @staticmethod
+    async def last_seen(db: Database, client: RegisteredClient) -> datetime | None:
+        async with db.session() as session:
+            stored = await session.get(Client, client.client_id)
+        assert stored is not None
+        return stored.last_seen_at
+
+    @pytest.mark.postgres_only
+    @pytest.mark.parametrize("reset", [False, True])
+    async def test_it_notes_the_caller_seen_with_the_claim(
+        self, http: httpx.AsyncClient, client: RegisteredClient, db: Database, reset: bool
+    ) -> None:
+        """One UPDATE of the caller's row carries the time seen, with the counters' reset or
+        without it: both land."""
+        device = await pair_app_device(http, client)
+        if reset:
+            async with db.unit() as unit:
+                await OtpRepository(unit).record_failure(client.client_id)
+        caller = await self.read(db, client)
+        seen_at = datetime(2031, 5, 4, 3, 2, 1, tzinfo=UTC)
+        claimed = await self.claim(db, caller, device.device_id, reset=reset, seen_at=seen_at)
+        assert claimed is True
+        assert await self.last_seen(db, client) == seen_at
+        assert await self.state(db, client, device.device_id) == (0, 0, STEP, 1)
+
+    @pytest.mark.postgres_only
+    async def test_a_claim_that_loses_notes_nothing(
+        self, http: httpx.AsyncClient, client: RegisteredClient, db: Database
+    ) -> None:
+        device = await pair_app_device(http, client)
+        caller = await self.read(db, client)
+        before = await self.last_seen(db, client)
+        async with db.unit() as unit:
+            await OtpRepository(unit).record_failure(client.client_id)
+        seen_at = datetime(2031, 5, 4, 3, 2, 1, tzinfo=UTC)
+        assert await self.claim(db, caller, device.device_id, seen_at=seen_at) is False
+        assert await self.last_seen(db, client) == before
 
     @pytest.mark.postgres_only
     async def test_a_failure_meanwhile_claims_nothing(

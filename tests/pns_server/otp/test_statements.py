@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, update
 
 from pns_server import driver
 from pns_server.db import Database
@@ -182,3 +183,43 @@ async def test_on_postgresql_an_accepted_code_takes_no_lock_of_its_own_and_a_wro
     assert response.json()["code"] == "otp_invalid"
     assert [s.split()[0] for s in seen] == ["SELECT", "SELECT", "UPDATE"]
     assert "FOR UPDATE" not in seen[0] and seen[1].endswith("FOR UPDATE OF clients")
+
+
+@pytest.mark.postgres_only
+async def test_on_postgresql_a_caller_due_a_seen_write_is_noted_in_the_claim(
+    http: httpx.AsyncClient, db: Database, client: RegisteredClient, device: PairedDevice
+) -> None:
+    """The usual caller of a code logs in now and then, so its `last_seen_at` is due a
+    write: the claim's statement writes it, still two round trips. A wrong code from such a
+    caller is noted seen by the check under the lock."""
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    await set_last_seen(db, client, long_ago)
+    with full_statements() as seen:
+        response = await http.post(
+            "/v1/otp/verify", json={"code": device.otp()}, headers=client.headers
+        )
+    assert response.status_code == 200
+    assert len(seen) == 2 and "last_seen_at" in seen[1]
+    assert await last_seen(db, client) > long_ago
+    await set_last_seen(db, client, long_ago)
+    with full_statements() as seen:
+        response = await http.post(
+            "/v1/otp/verify", json={"code": wrong_code(device.totp_secret)}, headers=client.headers
+        )
+    assert response.json()["code"] == "otp_invalid"
+    assert await last_seen(db, client) > long_ago
+
+
+async def set_last_seen(db: Database, client: RegisteredClient, at: datetime) -> None:
+    async with db.unit() as unit:
+        await unit.execute(
+            update(_clients).where(_clients.c.id == bindparam("id")).values(last_seen_at=at),
+            {"id": client.client_id},
+        )
+
+
+async def last_seen(db: Database, client: RegisteredClient) -> datetime:
+    async with db.unit() as unit:
+        row = (await unit.execute(CLIENT_ROW, {"id": client.client_id})).one()
+    assert row.last_seen_at is not None
+    return row.last_seen_at  # type: ignore[no-any-return]
