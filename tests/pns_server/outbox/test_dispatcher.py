@@ -48,16 +48,6 @@ class ScriptedSender:
 
 
 @pytest.fixture
-async def client(http: httpx.AsyncClient) -> RegisteredClient:
-    return await register_client(http, name="FILESRV01")
-
-
-@pytest.fixture
-async def phone(http: httpx.AsyncClient, client: RegisteredClient) -> PairedDevice:
-    return await pair_app_device(http, client)
-
-
-@pytest.fixture
 async def manual(app: FastAPI) -> AsyncIterator[Dispatcher]:
     """The app's own dispatcher stopped, so each test drives rounds itself."""
     runtime = runtime_of(app)

@@ -30,16 +30,6 @@ from tests.pns_server.outbox.test_dispatcher import (
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
 
 
-@pytest.fixture
-async def client(http: httpx.AsyncClient) -> RegisteredClient:
-    return await register_client(http, name="FILESRV01")
-
-
-@pytest.fixture
-async def phone(http: httpx.AsyncClient, client: RegisteredClient) -> PairedDevice:
-    return await pair_app_device(http, client)
-
-
 @contextmanager
 def claims_run() -> Iterator[list[str]]:
     """The claim statements any dispatcher runs meanwhile."""
