@@ -95,10 +95,16 @@ async def replay_or_conflict(existing: ApprovalRow, fingerprint: str) -> Created
 
 
 async def supersede_pending(
-    unit: DriverUnit, repo: ApprovalRepository, metrics: Metrics, client_id: str, now: datetime
+    unit: DriverUnit,
+    repo: ApprovalRepository,
+    metrics: Metrics,
+    client_id: str,
+    pending: Sequence[str],
+    now: datetime,
 ) -> None:
-    """One pending approval per client: older ones expire or are cancelled, one UPDATE each."""
-    for approval_id in await repo.pending_ids(client_id):
+    """One pending approval per client: the older `pending` ones expire or are cancelled,
+    one UPDATE each."""
+    for approval_id in pending:
         if await repo.expire_if_due(approval_id, now):
             await on_final(unit, repo, metrics, expiry(approval_id, client_id))
         elif await repo.decide(approval_id, now, status=ApprovalStatus.CANCELLED):
@@ -238,13 +244,13 @@ async def create(
         if existing is not None:
             return await replay_or_conflict(existing, fingerprint)
     check_not_locked(client.locked_until, now)
-    devices = await repo.app_devices(client.id)
+    devices, pending = await repo.app_devices_and_pending(client.id)
     if not devices:
         raise NoAppDevices(
             "No authenticator app is paired; pair one (POST /v1/pairings kind=app) or use OTP."
         )
     check_push_limit(settings, client.pushes_since_success)
-    await supersede_pending(unit, repo, metrics, client.id, now)
+    await supersede_pending(unit, repo, metrics, client.id, pending, now)
 
     approval = new_approval(
         settings, client.id, data, idempotency_key, fingerprint, len(devices), now

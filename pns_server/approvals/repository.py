@@ -23,10 +23,14 @@ from sqlalchemy import (
     String,
     Update,
     bindparam,
+    cast,
     exists,
     func,
     insert,
+    literal,
+    null,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -168,9 +172,6 @@ _PENDING_FOR_CLIENT = _NAMED.where(
 _BY_IDEMPOTENCY_KEY = select(*approvals.c).where(
     approvals.c.client_id == _CLIENT_ID, approvals.c.idempotency_key == bindparam("key")
 )
-_PENDING_IDS = select(approvals.c.id).where(
-    approvals.c.client_id == _CLIENT_ID, approvals.c.status == ApprovalStatus.PENDING
-)
 _EXPIRE_IF_DUE = update(approvals).where(*_DUE).values(**_EXPIRE)
 _EXPIRE_RETURNING = (
     update(approvals)
@@ -193,18 +194,30 @@ _DROP_QUEUED = (
     .values(status=DeliveryStatus.DROPPED, lease_until=None)
 )
 # Creating an approval.
-_APP_DEVICES = (
-    select(
-        devices.c.id,
-        devices.c.push_status,
-        devices.c.push_token,
-        devices.c.push_service,
-        devices.c.push_environment,
-        devices.c.push_p256dh,
-        devices.c.push_auth,
-    )
-    .where(devices.c.client_id == _CLIENT_ID, devices.c.kind == "app")
-    .order_by(devices.c.created_at)
+# What a creation reads beside its caller's row, in one statement (one round trip, one
+# hand-off to SQLite's thread): the app devices that can answer, in pairing order, and the
+# client's pending approvals it supersedes. `row` tells them apart.
+_PUSH_FIELDS = (
+    devices.c.id,
+    devices.c.push_status,
+    devices.c.push_token,
+    devices.c.push_service,
+    devices.c.push_environment,
+    devices.c.push_p256dh,
+    devices.c.push_auth,
+)
+_APP_DEVICE_ROWS = select(
+    literal("device").label("row"), *_PUSH_FIELDS, devices.c.created_at.label("at")
+).where(devices.c.client_id == _CLIENT_ID, devices.c.kind == "app")
+_PENDING_ROWS = select(
+    literal("pending").label("row"),
+    approvals.c.id,
+    *(cast(null(), field.type).label(field.name) for field in _PUSH_FIELDS[1:]),
+    approvals.c.created_at.label("at"),
+).where(approvals.c.client_id == _CLIENT_ID, approvals.c.status == ApprovalStatus.PENDING)
+_APP_DEVICES_AND_PENDING = union_all(_APP_DEVICE_ROWS, _PENDING_ROWS)
+_APP_DEVICES_AND_PENDING = _APP_DEVICES_AND_PENDING.order_by(
+    _APP_DEVICES_AND_PENDING.selected_columns.at
 )
 _COUNT_PUSH = (
     update(clients)
@@ -347,9 +360,12 @@ class ApprovalRepository:
     async def touch_device(self, device_id: str, at: datetime) -> None:
         await self.unit.execute(_TOUCH_DEVICE, {"device": device_id, "at": at})
 
-    async def app_devices(self, client_id: str) -> Sequence[AppDevice]:
-        """App installs that can answer (by push or by polling): id and push fields."""
-        return (await self.unit.execute(_APP_DEVICES, {"client": client_id})).all()
+    async def app_devices_and_pending(self, client_id: str) -> tuple[list[AppDevice], list[str]]:
+        """App installs that can answer (by push or by polling: id and push fields, in
+        pairing order), and the ids of the client's pending approvals, in one statement."""
+        rows = (await self.unit.execute(_APP_DEVICES_AND_PENDING, {"client": client_id})).all()
+        app_devices: list[AppDevice] = [row for row in rows if row.row == "device"]
+        return app_devices, [row.id for row in rows if row.row == "pending"]
 
     # --- approvals -----------------------------------------------------------------------
 
@@ -436,9 +452,6 @@ class ApprovalRepository:
         """Live pending approvals, newest first, each with its client's name (one join)."""
         rows = await self.unit.execute(_PENDING_FOR_CLIENT, {"client": client_id, "now": now})
         return [(row, row.client_name or "") for row in rows]
-
-    async def pending_ids(self, client_id: str) -> list[str]:
-        return await self.unit.scalars(_PENDING_IDS, {"client": client_id})
 
     async def decide(self, approval_id: str, now: datetime, **values: Any) -> bool:
         """Move a live pending approval to a final state; False if someone else won."""

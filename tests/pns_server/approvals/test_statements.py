@@ -185,8 +185,9 @@ class TestStatements:
     ) -> None:
         """The rate limit and the route share the request's one authenticated client, in
         the unit the route runs in (no token lookup through an ORM session beside it); the
-        client's row is read once, its lock taken by that read. On PostgreSQL the approval,
-        its deliveries, the push count and the audit row are one statement."""
+        client's row is read once, its lock taken by that read; its app devices and pending
+        approvals are read together. On PostgreSQL the approval, its deliveries, the push
+        count and the audit row are one statement."""
         with statements_run() as seen, orm_statements(app) as orm:
             await request_approval(http, client)
         [read] = [statement for statement in seen if statement.startswith("SELECT clients.")]
@@ -197,5 +198,9 @@ class TestStatements:
             "sqlite": ["INSERT approvals", "INSERT deliveries", "INSERT audit_events"],
             "postgres": ["WITH new_approval"],
         }
-        # First any pending approval to supersede.
-        assert verbs(seen) == ["SELECT approvals", *writes[db_kind]]
+        # The app devices and any pending approval to supersede: one statement.
+        [together] = [statement for statement in seen if " UNION ALL " in statement]
+        assert " FROM devices " in together and " FROM approvals " in together
+        assert verbs(seen) == writes[db_kind]
+        reads = [s for s in seen if s.startswith("SELECT") and "pg_notify" not in s]
+        assert reads == [read, together]
