@@ -308,12 +308,20 @@ class Database:
         """PostgreSQL: `unit_read` whose statements after the first may also write, each
         its own transaction (autocommit), so a write must be whole in one statement (data-
         modifying CTEs). The first must be a read: it alone is sent again on a new
-        connection when it finds this one dead. Nothing is published from it. Not on
-        SQLite, whose writers take the write lock at BEGIN (`_configure_sqlite`)."""
+        connection when it finds this one dead. Topics queued with `publish_after_commit`
+        wake this process's waiters when the block ends, even by an error: queue one only
+        once the statement it announces has run (and committed), and NOTIFY the other
+        processes in that statement itself. Not on SQLite, whose writers take the write
+        lock at BEGIN (`_configure_sqlite`)."""
         if self.dialect != "postgresql":
             raise RuntimeError("unit_alone() is for PostgreSQL; use unit() on SQLite")
         async with self.unit_read() as unit:
-            yield unit
+            try:
+                yield unit
+            finally:
+                topics = unit.info.pop(TOPICS_KEY, None)
+                if topics and self._publish is not None:
+                    await self._publish(topics)
 
     async def _reconnect(self, dead: AsyncConnection) -> tuple[AsyncConnection, Any]:
         await dead.close()

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime, timedelta
+from typing import Any
 
 from pns_server import audit
-from pns_server.approvals.outcomes import Outcome, already_decided, audit_row_of, on_final, reread
+from pns_server.approvals.outcomes import (
+    Outcome,
+    already_decided,
+    audit_row_of,
+    count_final,
+    on_final,
+    reread,
+    topics_of,
+)
 from pns_server.approvals.repository import ApprovalRepository
 from pns_server.approvals.schemas import (
     DecisionResult,
@@ -15,6 +24,7 @@ from pns_server.approvals.schemas import (
 )
 from pns_server.approvals.signing import check_signature
 from pns_server.config import Settings
+from pns_server.db import publish_after_commit
 from pns_server.driver import DriverUnit
 from pns_server.errors import (
     InvalidRequest,
@@ -90,6 +100,55 @@ async def respond(
     """`approval`: the one answered, as `device_and_approval` read it with the device."""
     settings, metrics = runtime.settings, runtime.metrics
     repo = ApprovalRepository(unit)
+    answered, decision, now = checked_answer(device, approval, answer)
+    assert approval is not None  # checked
+    # The decision, the device's last use, an approval's push-count reset and the audit
+    # row: one statement on PostgreSQL.
+    queued = await repo.decide_answer(approval.id, now, decision, **answer_writes(device, answered))
+    if queued is None:
+        raise already_decided(await reread(unit, repo, metrics, approval))
+    if answer.fraud:
+        await report_fraud(unit, repo, settings, device, approval.id, now)
+    await on_final(unit, repo, metrics, answered, queued=queued, audited=True)
+    return DecisionResult(approval_id=approval.id, status=answered.status)
+
+
+async def respond_at_once(
+    unit: DriverUnit,
+    runtime: Runtime,
+    device: DeviceRow,
+    approval: ApprovalRow | None,
+    answer: DeviceDecision,
+) -> DecisionResult | None:
+    """PostgreSQL, without a transaction of its own (`Database.unit_alone`): `respond` for
+    an answer that reports no fraud (a fraud report's push lock must commit with its
+    decision). The decision's one statement also NOTIFYs the other processes, so its
+    commit wakes them as a unit's would; this process's waiters are woken as the block
+    ends. None when the decision lost (decided or expired meanwhile, or due to expire):
+    nothing was written, and `respond` in a unit answers as if this had not run."""
+    assert not answer.fraud
+    repo = ApprovalRepository(unit)
+    answered, decision, now = checked_answer(device, approval, answer)
+    topics = topics_of(answered)
+    queued = await repo.decide_answer(
+        answered.approval_id, now, decision, **answer_writes(device, answered), notify=topics
+    )
+    if queued is None:
+        return None
+    for topic in topics:
+        publish_after_commit(unit, topic)
+    if queued > 0:
+        # Apart from the decision: a delivery left queued is dropped when claimed anyway.
+        await repo.drop_queued_deliveries(answered.approval_id)
+    count_final(runtime.metrics, answered)
+    return DecisionResult(approval_id=answered.approval_id, status=answered.status)
+
+
+def checked_answer(
+    device: DeviceRow, approval: ApprovalRow | None, answer: DeviceDecision
+) -> tuple[Outcome, dict[str, Any], datetime]:
+    """The answer checked (its approval, shape, signature and clock): the outcome it
+    leads to, the decision's columns and the time of the decision."""
     if approval is None:
         raise NotFound("No such approval for this device's client.")
     check_answer_shape(answer)
@@ -119,22 +178,17 @@ async def respond(
         "response_public_key": base64.b64encode(device.public_key or b"").decode(),
         "fraud": answer.fraud,
     }
-    # The decision, the device's last use, an approval's push-count reset and the audit
-    # row: one statement on PostgreSQL.
-    queued = await repo.decide_answer(
-        approval.id,
-        now,
-        decision,
-        device_id=device.id,
-        reset_client=device.client_id if status is ApprovalStatus.APPROVED else None,
-        audit=audit_row_of(answered),
-    )
-    if queued is None:
-        raise already_decided(await reread(unit, repo, metrics, approval))
-    if answer.fraud:
-        await report_fraud(unit, repo, settings, device, approval.id, now)
-    await on_final(unit, repo, metrics, answered, queued=queued, audited=True)
-    return DecisionResult(approval_id=approval.id, status=status)
+    return answered, decision, now
+
+
+def answer_writes(device: DeviceRow, answered: Outcome) -> dict[str, Any]:
+    """What a winning answer writes beside the decision (`decide_answer`'s keywords)."""
+    approved = answered.status is ApprovalStatus.APPROVED
+    return {
+        "device_id": device.id,
+        "reset_client": device.client_id if approved else None,
+        "audit": audit_row_of(answered),
+    }
 
 
 async def report_fraud(

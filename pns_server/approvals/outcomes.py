@@ -70,14 +70,23 @@ async def on_final(
     statement wrote `audit_row_of(outcome)` itself."""
     if queued is None or queued > 0:
         await repo.drop_queued_deliveries(outcome.approval_id)
-    publish_after_commit(unit, approval_topic(outcome.approval_id))
-    publish_after_commit(unit, pending_topic(outcome.client_id))
+    for topic in topics_of(outcome):
+        publish_after_commit(unit, topic)
+    count_final(metrics, outcome)
+    if not audited:
+        await unit.execute(audit.INSERT_AUDIT, audit_row_of(outcome))
+
+
+def topics_of(outcome: Outcome) -> list[str]:
+    """Whom a final state wakes: the approval's waiters and its client's phones."""
+    return [approval_topic(outcome.approval_id), pending_topic(outcome.client_id)]
+
+
+def count_final(metrics: Metrics, outcome: Outcome) -> None:
     metrics.approvals_decided.labels(status=outcome.status).inc()
     if outcome.created_at is not None:
         elapsed = now_utc() - outcome.created_at
         metrics.approval_decision_seconds.observe(elapsed.total_seconds())
-    if not audited:
-        await unit.execute(audit.INSERT_AUDIT, audit_row_of(outcome))
 
 
 async def refresh_expiry(

@@ -38,6 +38,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from pns_server.audit import AUDIT_FIELDS, AUDIT_TABLE, INSERT_AUDIT, audit_binds, audit_params
 from pns_server.driver import DriverUnit
 from pns_server.models import Approval, Base, Client, Delivery, Device
+from pns_server.realtime.postgres import CHANNEL as NOTIFY_CHANNEL
 from pns_server.rows import ApprovalRow, DeviceRow
 from pns_server.states import OPEN_DELIVERY, ApprovalStatus, DeliveryStatus
 
@@ -234,11 +235,13 @@ _DELIVERY_ROWS = ("id", "device_id", "service")
 
 
 @functools.cache
-def _decide_answered(fields: frozenset[str], reset: bool) -> Select[Any]:
+def _decide_answered(fields: frozenset[str], reset: bool, notify: int = 0) -> Select[Any]:
     """PostgreSQL: `_decide(fields, "queued")` for a device's answer and, only where it
     wins, what follows it: the device's `last_used_at`, the client's push count back to 0
-    (`reset`, an approval) and the audit row; one statement, not four round trips. The
-    statement returns the count of queued deliveries, or no row when someone else won."""
+    (`reset`, an approval), the audit row and, for a statement run alone (`notify` topics,
+    `notify_0`...), the NOTIFY of every process, which its commit delivers; one statement,
+    not four round trips. The statement returns the count of queued deliveries, or no row
+    when someone else won (then its select list, the NOTIFY included, is never run)."""
     decided = _decide(fields, "queued").cte("decided")
     won = exists(select(decided.c.queued))
     touched = (
@@ -261,7 +264,11 @@ def _decide_answered(fields: frozenset[str], reset: bool) -> Select[Any]:
             .cte("reset")
         )
         ctes.append(reset_count)
-    return select(decided.c.queued).add_cte(*ctes)
+    notified = (
+        func.pg_notify(bindparam("notify_channel"), bindparam(f"notify_{i}")).label(f"notify_{i}")
+        for i in range(notify)
+    )
+    return select(decided.c.queued, *notified).add_cte(*ctes)
 
 
 @functools.cache
@@ -483,10 +490,13 @@ class ApprovalRepository:
         device_id: str,
         reset_client: str | None,
         audit: dict[str, Any],
+        notify: Sequence[str] = (),
     ) -> int | None:
         """`decide_counting_queued` for a device's answer and, when it wins, `touch_device`,
         `reset_push_count` of `reset_client` (if any) and the audit row `audit`: one
-        statement on PostgreSQL, each in turn elsewhere. None if someone else won."""
+        statement on PostgreSQL, each in turn elsewhere. `notify` (PostgreSQL, a statement
+        run alone): topics to NOTIFY from that statement where it wins. None if someone
+        else won."""
         if not self.unit.postgres:
             queued = await self.decide_counting_queued(approval_id, now, **values)
             if queued is not None:
@@ -500,7 +510,10 @@ class ApprovalRepository:
         params.update(audit_params(audit))
         if reset_client is not None:
             params["answering_client"] = reset_client
-        statement = _decide_answered(frozenset(values), reset_client is not None)
+        if notify:
+            params["notify_channel"] = NOTIFY_CHANNEL
+            params.update((f"notify_{i}", topic) for i, topic in enumerate(notify))
+        statement = _decide_answered(frozenset(values), reset_client is not None, len(notify))
         row = (await self.unit.execute(statement, params)).first()
         return None if row is None else int(row.queued)
 

@@ -18,6 +18,7 @@ from pns_server.approvals.schemas import (
 from pns_server.deps import (
     CurrentClientDetached,
     CurrentDeviceDetached,
+    DatabaseDep,
     RuntimeDep,
     UnitClient,
     UnitClientLocked,
@@ -26,6 +27,7 @@ from pns_server.deps import (
     bearer_token,
     invalid_token,
 )
+from pns_server.driver import DriverUnit
 from pns_server.problems import PROBLEM_RESPONSES
 from pns_server.ratelimit import count_approval
 from pns_server.rows import ApprovalRow, DeviceRow
@@ -112,28 +114,38 @@ async def get_device_approval(
 
 
 async def answering_device(
-    request: Request, approval_id: str, unit: UnitDep
+    request: Request, unit: DriverUnit, approval_id: str, *, admitted: bool = False
 ) -> tuple[DeviceRow, ApprovalRow | None]:
     """`UnitDevice` for an answer: the device, and the approval it answers (None if it is
-    not the device's client's), read by the statement that authenticates the device."""
+    not the device's client's), read by the statement that authenticates the device.
+    `admitted`: already counted toward its limit."""
     token_hash = hash_token(bearer_token(request))
     found = await answers.device_and_approval(unit, token_hash, approval_id)
     if found is None:
         raise invalid_token()
-    admit_device(request, found[0])
+    if not admitted:
+        admit_device(request, found[0])
     return found
-
-
-Answering = Annotated[tuple[DeviceRow, ApprovalRow | None], Depends(answering_device)]
 
 
 @router.post("/v1/device/approvals/{approval_id}/response", response_model=DecisionResult)
 async def answer_approval(
     approval_id: str,
     body: DeviceDecision,
-    answering: Answering,
-    unit: UnitDep,
+    request: Request,
+    db: DatabaseDep,
     runtime: RuntimeDep,
 ) -> DecisionResult:
-    device, approval = answering
-    return await answers.respond(unit, runtime, device, approval, body)
+    # On PostgreSQL an answer is first decided outside a transaction, its decision one
+    # statement (`answers.respond_at_once`); a fraud report, a decision that lost, and
+    # SQLite take the unit, where the answer is decided as if that had not run.
+    admitted = db.dialect == "postgresql" and not body.fraud
+    if admitted:
+        async with db.unit_alone() as unit:
+            device, approval = await answering_device(request, unit, approval_id)
+            decided = await answers.respond_at_once(unit, runtime, device, approval, body)
+        if decided is not None:
+            return decided
+    async with db.unit() as unit:
+        device, approval = await answering_device(request, unit, approval_id, admitted=admitted)
+        return await answers.respond(unit, runtime, device, approval, body)

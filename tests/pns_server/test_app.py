@@ -88,7 +88,9 @@ COUNTING_AUTH = {
     # An OTP check authenticates in its own statements, its caller read with its devices:
     # the route itself (otp/router.py, `verifying_client` and `accepted_at_once`).
     "verify_otp",
-    "answering_device",  # an answer's: the device read with the approval (approvals/router.py)
+    # An answer authenticates in its own statements, its device read with the approval:
+    # the route itself (approvals/router.py, `answering_device`).
+    "answer_approval",
 }
 PER_IP = {"limit_registration_per_ip", "limit_pairing_per_ip"}
 # No token and nothing behind them but the clock or one public key.

@@ -8,7 +8,8 @@ import pytest
 from fastapi import FastAPI
 
 from pns_server.ratelimit import Limit, LocalWindows, hit
-from tests.support.factories import register_client
+from tests.pns_server.approvals.helpers import answer, request_approval
+from tests.support.factories import pair_app_device, register_client
 
 
 class TestFixedWindow:
@@ -70,6 +71,21 @@ async def test_otp_checks_count_toward_the_callers_limit(http: httpx.AsyncClient
     check = await http.post("/v1/otp/verify", json={"code": "000000"}, headers=client.headers)
     assert check.json()["code"] == "otp_invalid"
     limited = await http.post("/v1/otp/verify", json={"code": "000000"}, headers=client.headers)
+    assert limited.status_code == 429 and limited.json()["code"] == "rate_limited"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"rate_client_per_minute": 3}])
+async def test_a_phones_answer_counts_once_toward_its_limit(http: httpx.AsyncClient) -> None:
+    """On PostgreSQL an answer is tried outside a transaction first, and one that loses
+    there is answered in a unit: the device is counted once all the same."""
+    client = await register_client(http)
+    phone = await pair_app_device(http, client)
+    body = await request_approval(http, client)
+    won = await answer(http, phone, body["approval_id"], "reject")
+    lost = await answer(http, phone, body["approval_id"], "reject")
+    assert (won.status_code, lost.status_code) == (200, 409)
+    assert (await http.get("/v1/device/approvals", headers=phone.headers)).status_code == 200
+    limited = await answer(http, phone, body["approval_id"], "reject")
     assert limited.status_code == 429 and limited.json()["code"] == "rate_limited"
 
 
