@@ -108,10 +108,15 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
         _configure_sqlite(engine)
         _end_stray_transactions(engine)
         return engine
+    # At most twice `pool_size` connections, all of them pooled and kept once opened. An
+    # overflow connection (beyond the pool) is closed again on its return, so a load above
+    # the pool opened and closed a connection every few requests: a backend forked and
+    # authenticated, and every statement prepared again on it. PostgreSQL's CPU tripled and
+    # OTP checks at concurrency 32 halved (`bench --only otp`, docs/benchmarks.md).
     engine = create_async_engine(
         url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
+        pool_size=2 * pool_size,
+        max_overflow=0,
         pool_timeout=pool_timeout,
         hide_parameters=True,
     )

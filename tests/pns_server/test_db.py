@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import func, literal_column, select, text
+from sqlalchemy import event, func, literal_column, select, text
 
 from pns_server.config import async_database_url
 from pns_server.db import Database, create_engine, when_unit_ends
@@ -100,6 +100,30 @@ async def test_connections_a_postgres_restart_closed_are_never_handed_out(
             own_cluster.stop("fast")
             own_cluster.start()
         assert await burst() == [1] * 12
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.postgres_only
+async def test_a_load_above_the_pool_size_reuses_its_connections(database_url: str) -> None:
+    """Up to twice `pool_size` connections, opened as the load needs them and then kept:
+    bursts of that many units open no connection after the first (an overflow connection,
+    closed on its return, was opened again by nearly every burst)."""
+    engine = create_engine(async_database_url(database_url), pool_size=2)
+    opened: list[object] = []
+    event.listen(
+        engine.sync_engine, "connect", lambda connection, _record: opened.append(connection)
+    )
+    db = Database(engine)
+
+    async def hold() -> None:
+        async with db.unit_read() as unit:
+            await unit.scalar(select(func.pg_sleep(0.02)))
+
+    try:
+        for _ in range(10):
+            await asyncio.gather(*(hold() for _ in range(4)))
+        assert len(opened) == 4
     finally:
         await db.dispose()
 

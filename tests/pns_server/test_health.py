@@ -79,7 +79,7 @@ async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
 async def test_an_exhausted_pool_is_503_with_retry_after(app, http: httpx.AsyncClient) -> None:
     client = await http.post("/v1/clients", json={"name": "a", "edition": "pro"})
     token = client.json()["client_token"]
-    # Hold every connection (PostgreSQL's pool overflows to twice its size), as a burst would.
+    # Hold every connection (PostgreSQL's pool holds up to twice its size), as a burst would.
     engine = app.state.runtime.db.engine
     held = [await engine.connect() for _ in range(2 if engine.dialect.name == "postgresql" else 1)]
     try:
