@@ -216,10 +216,8 @@ _PENDING_ROWS = select(
     *(cast(null(), field.type).label(field.name) for field in _PUSH_FIELDS[1:]),
     approvals.c.created_at.label("at"),
 ).where(approvals.c.client_id == _CLIENT_ID, approvals.c.status == ApprovalStatus.PENDING)
-_APP_DEVICES_AND_PENDING = union_all(_APP_DEVICE_ROWS, _PENDING_ROWS)
-_APP_DEVICES_AND_PENDING = _APP_DEVICES_AND_PENDING.order_by(
-    _APP_DEVICES_AND_PENDING.selected_columns.at
-)
+_devices_and_pending = union_all(_APP_DEVICE_ROWS, _PENDING_ROWS)
+_APP_DEVICES_AND_PENDING = _devices_and_pending.order_by(_devices_and_pending.selected_columns.at)
 _COUNT_PUSH = (
     update(clients)
     .where(clients.c.id == _CLIENT_ID)

@@ -139,13 +139,13 @@ async def answer_approval(
     # On PostgreSQL an answer is first decided outside a transaction, its decision one
     # statement (`answers.respond_at_once`); a fraud report, a decision that lost, and
     # SQLite take the unit, where the answer is decided as if that had not run.
-    admitted = db.dialect == "postgresql" and not body.fraud
-    if admitted:
+    at_once = db.dialect == "postgresql" and not body.fraud
+    if at_once:
         async with db.unit_alone() as unit:
             device, approval = await answering_device(request, unit, approval_id)
             decided = await answers.respond_at_once(unit, runtime, device, approval, body)
         if decided is not None:
             return decided
     async with db.unit() as unit:
-        device, approval = await answering_device(request, unit, approval_id, admitted=admitted)
+        device, approval = await answering_device(request, unit, approval_id, admitted=at_once)
         return await answers.respond(unit, runtime, device, approval, body)

@@ -165,7 +165,7 @@ _CLAIM_IF_UNCHANGED = (
     .returning(AUDIT_TABLE.c.subject_id)
     .add_cte(_UNCHANGED)
 )
-_NOTE_SEEN: dict[str, Any] = {"last_seen_at": bindparam("seen_at")}
+_SEEN_AT: dict[str, Any] = {"last_seen_at": bindparam("seen_at")}
 
 
 def _claim_if_unchanged_and_update(values: dict[str, Any]) -> Any:
@@ -185,8 +185,8 @@ def _claim_if_unchanged_and_update(values: dict[str, Any]) -> Any:
 _CLAIMS_IF_UNCHANGED = {
     (False, False): _CLAIM_IF_UNCHANGED,
     (True, False): _claim_if_unchanged_and_update(_CLEARED_COUNTERS),
-    (False, True): _claim_if_unchanged_and_update(_NOTE_SEEN),
-    (True, True): _claim_if_unchanged_and_update({**_CLEARED_COUNTERS, **_NOTE_SEEN}),
+    (False, True): _claim_if_unchanged_and_update(_SEEN_AT),
+    (True, True): _claim_if_unchanged_and_update({**_CLEARED_COUNTERS, **_SEEN_AT}),
 }
 
 _DELETE_RECOVERY_CODES = delete(_codes).where(_codes.c.client_id == bindparam("client_id"))

@@ -1,16 +1,4 @@
-from __future__ import annotations
+# A registered client and its paired phone, as the approval tests have them.
+from tests.pns_server.approvals.conftest import client, phone
 
-import httpx
-import pytest
-
-from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
-
-
-@pytest.fixture
-async def client(http: httpx.AsyncClient) -> RegisteredClient:
-    return await register_client(http, name="FILESRV01")
-
-
-@pytest.fixture
-async def phone(http: httpx.AsyncClient, client: RegisteredClient) -> PairedDevice:
-    return await pair_app_device(http, client)
+__all__ = ["client", "phone"]
