@@ -113,10 +113,18 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
     # the pool opened and closed a connection every few requests: a backend forked and
     # authenticated, and every statement prepared again on it. PostgreSQL's CPU tripled and
     # OTP checks at concurrency 32 halved (`bench --only otp`, docs/benchmarks.md).
+    # Last in, first out: the connection handed out is the one used last, so a light load
+    # keeps to the few connections it needs, warm. In arrival order a burst's connections
+    # took turns ever after, and each is cold for a statement it has not run yet (prepared
+    # again, and planned afresh for its first five runs): a round trip one at a time took
+    # 40 logins to come down from 30-40 ms to 12 after such a burst, with PostgreSQL's CPU
+    # 2.5x (`bench --only round_trip`). A connection left idle at the bottom is still
+    # probed at its checkout.
     engine = create_async_engine(
         url,
         pool_size=2 * pool_size,
         max_overflow=0,
+        pool_use_lifo=True,
         pool_timeout=pool_timeout,
         hide_parameters=True,
     )

@@ -129,6 +129,27 @@ async def test_a_load_above_the_pool_size_reuses_its_connections(database_url: s
 
 
 @pytest.mark.postgres_only
+async def test_after_a_burst_one_unit_at_a_time_keeps_to_one_warm_connection(
+    database_url: str,
+) -> None:
+    """The pool hands out the connection used last: after a burst opened several, units
+    one at a time all run on the same backend (in arrival order they took turns on every
+    connection the burst opened, each one cold for the statements it had not run)."""
+    db = Database(create_engine(async_database_url(database_url), pool_size=2))
+
+    async def backend() -> int:
+        async with db.unit_read() as unit:
+            await unit.scalar(select(func.pg_sleep(0.02)))
+            return int(await unit.scalar(select(func.pg_backend_pid())))
+
+    try:
+        assert len(set(await asyncio.gather(*(backend() for _ in range(4))))) == 4
+        assert len({await backend() for _ in range(8)}) == 1
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.postgres_only
 async def test_reads_skip_begin_and_commit_on_postgres(database_url: str) -> None:
     """`Database.unit_read()` runs each statement as its own implicit transaction (one
     round trip, no BEGIN/COMMIT); `session()` and `unit()` are one explicit transaction."""
