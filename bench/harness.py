@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import platform
-import re
 import resource
 import secrets
 import signal
@@ -33,6 +32,7 @@ import asyncpg
 import httpx
 from cryptography.hazmat.primitives import serialization
 
+from bench.rawhttp import RawRelay
 from tests.support.factories import (
     PairedDevice,
     RegisteredClient,
@@ -154,38 +154,6 @@ async def bounded(
 
     await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), time_limit + 60)
     return done
-
-
-class RawHttp:
-    """One keep-alive HTTP/1.1 connection, driven by hand. A request costs the load
-    generator tens of microseconds instead of the milliseconds httpx's client and pool
-    take: at concurrency 20 httpx was the limit (the relay served every check in under
-    25 ms while the generator saw a p99 of 250 ms), so the phases that measure the relay's
-    own pace and tail send their requests this way."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post_json(self, path: str, body: bytes, headers: dict[str, str]) -> int:
-        """The answer's status; its body is read and dropped."""
-        if self.reader is None or self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        self.writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: bench\r\n{fields}"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"content-length: *(\d+)", head, re.I)
-        await self.reader.readexactly(int(length.group(1)) if length else 0)
-        return int(head.split(b" ", 2)[1])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 # -- databases ------------------------------------------------------------------------------
@@ -633,6 +601,14 @@ async def create_approval(
     return body
 
 
+async def create_login(relay: RawRelay, party: Party) -> dict[str, Any]:
+    """`create_approval` over the load generator's raw connections."""
+    body: dict[str, Any] = await relay.post_json(
+        "/v1/approvals", {**LOGIN, "ttl_seconds": 60}, party.client.headers
+    )
+    return body
+
+
 async def approve(
     http: httpx.AsyncClient, phone: PairedDevice, approval_id: str, match_code: str | None
 ) -> None:
@@ -659,6 +635,19 @@ async def wait_until_final(
         )
         response.raise_for_status()
         state: dict[str, Any] = response.json()
+        if state["status"] != "pending" or all_failed(state["delivery"]):
+            return state
+    raise TimeoutError(approval_id)
+
+
+async def wait_until_decided(
+    relay: RawRelay, party: Party, approval_id: str, wait: int = 30
+) -> dict[str, Any]:
+    """`wait_until_final` over the load generator's raw connections."""
+    path = f"/v1/approvals/{approval_id}?wait={wait}&until=final_or_failed"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state: dict[str, Any] = await relay.get_json(path, party.client.headers)
         if state["status"] != "pending" or all_failed(state["delivery"]):
             return state
     raise TimeoutError(approval_id)

@@ -27,9 +27,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from bench.rawhttp import RawRelay
 
 # PNS_BENCH_DEBUG=1: each phone logs when its push, code, detail and answer came (phones.log).
 DEBUG = bool(os.environ.get("PNS_BENCH_DEBUG"))
@@ -179,16 +182,13 @@ class Phone:
 
 
 async def run_phones(_tmp: Path, relay_url: str, channel_port: int) -> None:
-    import httpx
-
     phones: dict[str, Phone] = {}  # by push token
     codes: dict[str, asyncio.Future[str | None]] = defaultdict(
         lambda: asyncio.get_running_loop().create_future()
     )
     stats = {"answered": 0, "failed": 0}
     tasks: set[asyncio.Task[None]] = set()
-    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-    http = httpx.AsyncClient(base_url=relay_url, timeout=60, limits=limits)
+    relay = RawRelay(urlsplit(relay_url).port or 80)
 
     async def on_push(token: str, approval_id: str) -> None:
         phone = phones.get(token)
@@ -198,15 +198,12 @@ async def run_phones(_tmp: Path, relay_url: str, channel_port: int) -> None:
             t_push = time.monotonic()
             match_code = await asyncio.wait_for(codes[approval_id], 60)
             t_code = time.monotonic()
-            details = await http.get(f"/v1/device/approvals/{approval_id}", headers=phone.headers)
-            details.raise_for_status()
+            path = f"/v1/device/approvals/{approval_id}"
+            await relay.get_json(path, phone.headers)
             t_detail = time.monotonic()
-            response = await http.post(
-                f"/v1/device/approvals/{approval_id}/response",
-                json=phone.answer(approval_id, match_code),
-                headers=phone.headers,
+            await relay.post_json(
+                f"{path}/response", phone.answer(approval_id, match_code), phone.headers
             )
-            response.raise_for_status()
             if DEBUG:
                 t_done = time.monotonic()
                 print(
@@ -246,7 +243,7 @@ async def run_phones(_tmp: Path, relay_url: str, channel_port: int) -> None:
         await serve_requests(handle)
     finally:
         listener.cancel()
-        await http.aclose()
+        relay.close()
 
 
 def main(argv: list[str]) -> None:

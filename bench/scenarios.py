@@ -20,10 +20,10 @@ from bench.harness import (
     Databases,
     Helper,
     Party,
-    RawHttp,
     approve,
     bounded,
     create_approval,
+    create_login,
     http_client,
     in_turn_order,
     new_parties,
@@ -35,8 +35,10 @@ from bench.harness import (
     relays,
     rss_kib,
     signed_answer,
+    wait_until_decided,
     wait_until_final,
 )
+from bench.rawhttp import RawHttp, RawRelay
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,8 @@ async def decision_latency(
     for processes in layouts:
         url = await dbs.fresh(kind)
         with relays(url, tmp, processes) as servers:
-            async with (
-                http_client(servers[0].url) as waiter,
-                http_client(servers[-1].url) as phone_side,
-            ):
-                party = await new_party(waiter, phones=1, push="none")
+            async with http_client(servers[0].url) as setup:
+                party = await new_party(setup, phones=1, push="none")
                 samples: list[float] = []
                 answer_calls: list[float] = []
                 # Here the load generator plays the phone too: it times the answer itself.
@@ -81,8 +80,11 @@ async def decision_latency(
                     relay=servers[0].process.pid if servers[0].process else None,
                     postgres=dbs.postgres_pid(kind),
                 )
+                raw_waiter, raw_phone = RawRelay(servers[0].port), RawRelay(servers[-1].port)
                 with meter:
-                    await decide_many(size, waiter, phone_side, party, samples, answer_calls)
+                    await decide_many(size, raw_waiter, raw_phone, party, samples, answer_calls)
+                raw_waiter.close()
+                raw_phone.close()
         stats = percentiles(samples)
         rows.append(
             {
@@ -103,47 +105,44 @@ async def decision_latency(
 
 async def decide_many(
     size: Size,
-    waiter: httpx.AsyncClient,
-    phone_side: httpx.AsyncClient,
+    waiter: RawRelay,
+    phone_side: RawRelay,
     party: Party,
     samples: list[float],
     answer_calls: list[float],
 ) -> None:
     phone = party.phones[0]
     for _ in range(size.decisions):
-        created = await create_approval(waiter, party)
+        created = await create_login(waiter, party)
         approval_id = created["approval_id"]
+        # As the SDK's login asks.
         poll = asyncio.create_task(
-            waiter.get(
-                f"/v1/approvals/{approval_id}",
-                params={"wait": 30, "until": "final_or_failed"},  # as the SDK's login asks
-                headers=party.client.headers,
+            waiter.get_json(
+                f"/v1/approvals/{approval_id}?wait=30&until=final_or_failed",
+                party.client.headers,
             )
         )
         await asyncio.sleep(0.02)  # let the long-poll reach its wait
         body = signed_answer(phone, approval_id, created["match_code"])
         started = time.perf_counter()
-        answered = await phone_side.post(
-            f"/v1/device/approvals/{approval_id}/response",
-            json=body,
-            headers=phone.headers,
+        await phone_side.post_json(
+            f"/v1/device/approvals/{approval_id}/response", body, phone.headers
         )
         answer_calls.append(time.perf_counter() - started)
-        answered.raise_for_status()
         result = await poll
         samples.append(time.perf_counter() - started)
-        assert result.json()["status"] == "approved", result.text
+        assert result["status"] == "approved", result
 
 
 # -- 2. full round trip ---------------------------------------------------------------------
-async def one_round_trip(http: httpx.AsyncClient, party: Party, phone_process: Helper) -> float:
+async def one_round_trip(relay: RawRelay, party: Party, phone_process: Helper) -> float:
     """A login as the backup client lives it: create, the user types the number on the phone
     (which answers once the push reached it, in the phones process), long-poll to the end."""
     started = time.perf_counter()
-    created = await create_approval(http, party)
+    created = await create_login(relay, party)
     approval_id = created["approval_id"]
     phone_process.tell(op="code", approval_id=approval_id, match_code=created["match_code"])
-    state = await wait_until_final(http, party, approval_id)
+    state = await wait_until_decided(relay, party, approval_id)
     assert state["status"] == "approved", state
     return time.perf_counter() - started
 
@@ -164,10 +163,11 @@ async def round_trip(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[d
                     # The first login of a relay's life also opens its HTTP/2 connection to
                     # APNs (TLS, a signed provider token) and prepares its statements: it is
                     # reported on its own, not as the tail of the steady state.
-                    cold = await one_round_trip(http, parties[0], phone_process)
+                    relay = RawRelay(server.port)
+                    cold = await one_round_trip(relay, parties[0], phone_process)
                     with meter:
                         serial = [
-                            await one_round_trip(http, parties[0], phone_process)
+                            await one_round_trip(relay, parties[0], phone_process)
                             for _ in range(size.round_trips_serial)
                         ]
                     stats = percentiles(serial)
@@ -187,10 +187,11 @@ async def round_trip(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[d
                     )
                     for concurrency in size.concurrencies:
                         meter = meter_for(dbs, kind, server, fakes, phone_process)
-                        rows.append(
-                            await sustained(http, parties[:concurrency], phone_process, size, meter)
-                            | {"database": kind, "processes": 1}
+                        pace = await sustained(
+                            relay, parties[:concurrency], phone_process, size, meter
                         )
+                        rows.append(pace | {"database": kind, "processes": 1})
+                    relay.close()
     return rows
 
 
@@ -207,7 +208,7 @@ def meter_for(
 
 
 async def sustained(
-    http: httpx.AsyncClient, parties: list[Party], phone_process: Helper, size: Size, meter: Any
+    relay: RawRelay, parties: list[Party], phone_process: Helper, size: Size, meter: Any
 ) -> dict[str, Any]:
     """Each party loops round trips for the scenario's time."""
     samples: list[float] = []
@@ -215,7 +216,7 @@ async def sustained(
 
     async def client_loop(party: Party) -> None:
         while time.monotonic() < stop_at:
-            samples.append(await one_round_trip(http, party, phone_process))
+            samples.append(await one_round_trip(relay, party, phone_process))
 
     with meter:
         started = time.perf_counter()
@@ -248,10 +249,12 @@ async def workers(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict
                     parties = await new_parties(http, concurrency, 1, "apns")
                     async with phones(tmp, server.url, fakes, parties) as phone_process:
                         meter = meter_for(dbs, kind, server, fakes, phone_process)
+                        relay = RawRelay(server.port)
                         rows.append(
                             {"database": kind, "workers": count}
-                            | await sustained(http, parties, phone_process, size, meter)
+                            | await sustained(relay, parties, phone_process, size, meter)
                         )
+                        relay.close()
     return rows
 
 
