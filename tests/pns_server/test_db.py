@@ -150,6 +150,32 @@ async def test_after_a_burst_one_unit_at_a_time_keeps_to_one_warm_connection(
 
 
 @pytest.mark.postgres_only
+async def test_an_idle_connection_closed_by_the_server_is_replaced_at_its_next_use(
+    database_url: str,
+) -> None:
+    """Units one at a time leave the burst's other connections idle at the bottom of the
+    pool; PostgreSQL ending one of them (`idle_session_timeout`, an operator) fails no
+    unit when the next burst reaches it."""
+    db = Database(create_engine(async_database_url(database_url), pool_size=2))
+
+    async def backend() -> int:
+        async with db.unit() as unit:
+            await unit.scalar(select(func.pg_sleep(0.02)))
+            return int(await unit.scalar(select(func.pg_backend_pid())))
+
+    try:
+        burst = set(await asyncio.gather(*(backend() for _ in range(4))))
+        warm = await backend()
+        for pid in burst - {warm}:
+            async with db.unit_read() as unit:
+                assert await unit.scalar(select(func.pg_terminate_backend(pid)))
+        again = await asyncio.gather(*(backend() for _ in range(4)))
+        assert len(set(again)) == 4 and not (set(again) & (burst - {warm}))
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.postgres_only
 async def test_reads_skip_begin_and_commit_on_postgres(database_url: str) -> None:
     """`Database.unit_read()` runs each statement as its own implicit transaction (one
     round trip, no BEGIN/COMMIT); `session()` and `unit()` are one explicit transaction."""
