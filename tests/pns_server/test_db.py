@@ -128,6 +128,13 @@ async def test_a_load_above_the_pool_size_reuses_its_connections(database_url: s
         await db.dispose()
 
 
+async def backend_of(db: Database) -> int:
+    """The PostgreSQL backend a unit ran on, held a moment so that a burst needs one each."""
+    async with db.unit() as unit:
+        await unit.scalar(select(func.pg_sleep(0.02)))
+        return int(await unit.scalar(select(func.pg_backend_pid())))
+
+
 @pytest.mark.postgres_only
 async def test_after_a_burst_one_unit_at_a_time_keeps_to_one_warm_connection(
     database_url: str,
@@ -136,15 +143,9 @@ async def test_after_a_burst_one_unit_at_a_time_keeps_to_one_warm_connection(
     one at a time all run on the same backend (in arrival order they took turns on every
     connection the burst opened, each one cold for the statements it had not run)."""
     db = Database(create_engine(async_database_url(database_url), pool_size=2))
-
-    async def backend() -> int:
-        async with db.unit_read() as unit:
-            await unit.scalar(select(func.pg_sleep(0.02)))
-            return int(await unit.scalar(select(func.pg_backend_pid())))
-
     try:
-        assert len(set(await asyncio.gather(*(backend() for _ in range(4))))) == 4
-        assert len({await backend() for _ in range(8)}) == 1
+        assert len(set(await asyncio.gather(*(backend_of(db) for _ in range(4))))) == 4
+        assert len({await backend_of(db) for _ in range(8)}) == 1
     finally:
         await db.dispose()
 
@@ -157,19 +158,13 @@ async def test_an_idle_connection_closed_by_the_server_is_replaced_at_its_next_u
     pool; PostgreSQL ending one of them (`idle_session_timeout`, an operator) fails no
     unit when the next burst reaches it."""
     db = Database(create_engine(async_database_url(database_url), pool_size=2))
-
-    async def backend() -> int:
-        async with db.unit() as unit:
-            await unit.scalar(select(func.pg_sleep(0.02)))
-            return int(await unit.scalar(select(func.pg_backend_pid())))
-
     try:
-        burst = set(await asyncio.gather(*(backend() for _ in range(4))))
-        warm = await backend()
+        burst = set(await asyncio.gather(*(backend_of(db) for _ in range(4))))
+        warm = await backend_of(db)
         for pid in burst - {warm}:
             async with db.unit_read() as unit:
                 assert await unit.scalar(select(func.pg_terminate_backend(pid)))
-        again = await asyncio.gather(*(backend() for _ in range(4)))
+        again = await asyncio.gather(*(backend_of(db) for _ in range(4)))
         assert len(set(again)) == 4 and not (set(again) & (burst - {warm}))
     finally:
         await db.dispose()
