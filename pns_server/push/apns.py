@@ -1,8 +1,14 @@
-"""Apple Push Notification service over HTTP/2 (httpx), with provider-token or certificate auth.
+"""Apple Push Notification service over HTTP/2 (httpcore), with provider-token or certificate
+auth.
 
-httpx rather than aioapns: every request here has a timeout, a reset stream fails only that
-stream, and response bodies are read so HTTP/2 flow-control windows are always replenished
-(aioapns hangs on RST_STREAM and stalls after ~64 KiB of error bodies on one connection)."""
+httpcore, the transport under httpx, rather than aioapns: every request here has a timeout,
+a reset stream fails only that stream, and response bodies are read so HTTP/2 flow-control
+windows are always replenished (aioapns hangs on RST_STREAM and stalls after ~64 KiB of
+error bodies on one connection). Its connection pool directly, without httpx's client on
+top: a push is all a relay under load sends, and httpx's request and response models, URL
+merging and auth flow cost a third of the client's CPU per push (`bench --only
+push_dispatch`); the HTTP/2 connection, its streams and their failures are httpcore's in
+either case."""
 
 from __future__ import annotations
 
@@ -11,12 +17,14 @@ import json
 import logging
 import ssl
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-import httpx
+import httpcore
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,6 +41,15 @@ TOKEN_REFRESH_AFTER = 50 * 60
 TOKEN_MIN_AGE = 20 * 60
 
 INVALID_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"})
+
+# What httpx calls a TransportError: the connection could not be made or was lost, or the
+# peer broke the protocol. Each is worth a retry on a new connection.
+TRANSPORT_ERRORS = (
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.ProxyError,
+    httpcore.UnsupportedProtocol,
+)
 
 
 def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -140,10 +157,32 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class Proxy:
+    url: str
+    auth: tuple[str, str] | None = None
+
+
+def environment_proxy(url: str) -> Proxy | None:
+    """The forward proxy `HTTPS_PROXY` (or `ALL_PROXY`) names for `url`, unless `NO_PROXY`
+    exempts its host: what the relay's httpx clients honour (FCM's), read the same way,
+    through the standard library. Only HTTP proxies, which tunnel with CONNECT."""
+    proxies = urllib.request.getproxies()
+    named = proxies.get("https") or proxies.get("all")
+    if not named or urllib.request.proxy_bypass(urlsplit(url).hostname or ""):
+        return None
+    parts = urlsplit(named if "://" in named else f"http://{named}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"HTTPS_PROXY: {parts.scheme} proxies are not supported for APNs")
+    netloc = parts.netloc.rpartition("@")[2]
+    auth = (unquote(parts.username), unquote(parts.password or "")) if parts.username else None
+    return Proxy(f"{parts.scheme}://{netloc}", auth)
+
+
 @dataclass
 class _Host:
     base_url: str
-    client: httpx.AsyncClient
+    pool: httpcore.AsyncConnectionPool
     last_response_at: float = 0.0
 
 
@@ -172,6 +211,15 @@ class ApnsSender:
         self._hosts: dict[str, _Host] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._in_flight = asyncio.Semaphore(config.max_in_flight)
+        # Read once, so that a proxy we cannot use stops the relay at start-up.
+        self._proxies = {
+            url.rstrip("/"): environment_proxy(url)
+            for url in (config.production_url, config.sandbox_url)
+        }
+        # No read timeout: in httpcore one read timeout fails every stream on the
+        # connection. Each send has its own deadline instead (see _post).
+        t = config.timeout
+        self._timeouts = {"timeout": {"connect": t, "read": None, "write": t, "pool": t}}
 
     def _host(self, environment: str) -> _Host:
         base_url = (
@@ -179,19 +227,22 @@ class ApnsSender:
         ).rstrip("/")
         host = self._hosts.get(base_url)
         if host is None:
-            client = httpx.AsyncClient(
-                base_url=base_url,
-                http1=False,
-                http2=True,
-                verify=self._context,
-                # No read timeout: in httpcore one read timeout fails every stream on the
-                # connection. Each send has its own deadline instead (see _post).
-                timeout=httpx.Timeout(self.config.timeout, read=None),
-                # One connection per host, as Apple asks; sends multiplex over it.
-                limits=httpx.Limits(max_connections=1, keepalive_expiry=None),
-            )
-            host = self._hosts[base_url] = _Host(base_url, client)
+            host = self._hosts[base_url] = _Host(base_url, self._pool(base_url))
         return host
+
+    def _pool(self, base_url: str) -> httpcore.AsyncConnectionPool:
+        # One connection per host, as Apple asks; sends multiplex over it.
+        options: dict[str, Any] = {
+            "ssl_context": self._context,
+            "http1": False,
+            "http2": True,
+            "max_connections": 1,
+            "keepalive_expiry": None,
+        }
+        proxy = self._proxies.get(base_url)
+        if proxy is None:
+            return httpcore.AsyncConnectionPool(**options)
+        return httpcore.AsyncHTTPProxy(proxy_url=proxy.url, proxy_auth=proxy.auth, **options)
 
     def _recycle(self, host: _Host) -> None:
         """Drop a connection that answered nothing for a whole send timeout (a black hole)."""
@@ -199,21 +250,21 @@ class ApnsSender:
             return
         del self._hosts[host.base_url]
         log.warning("APNs connection to %s answered nothing: reconnecting", host.base_url)
-        closing = asyncio.create_task(host.client.aclose())
+        closing = asyncio.create_task(host.pool.aclose())
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
-    def _headers(self, message: PushMessage, jwt: str | None) -> dict[str, str]:
-        headers = {
-            "apns-topic": self.config.topic,
-            "apns-push-type": "alert",
-            "apns-priority": "10",
-            "apns-expiration": str(int(message.expires_at.timestamp())),
-            "apns-collapse-id": message.approval_id,
-            "content-type": "application/json",
-        }
+    def _headers(self, message: PushMessage, jwt: str | None) -> list[tuple[bytes, bytes]]:
+        headers = [
+            (b"apns-topic", self.config.topic.encode()),
+            (b"apns-push-type", b"alert"),
+            (b"apns-priority", b"10"),
+            (b"apns-expiration", b"%d" % int(message.expires_at.timestamp())),
+            (b"apns-collapse-id", message.approval_id.encode()),
+            (b"content-type", b"application/json"),
+        ]
         if jwt is not None:
-            headers["authorization"] = f"bearer {jwt}"
+            headers.append((b"authorization", f"bearer {jwt}".encode()))
         return headers
 
     async def send(self, message: PushMessage) -> PushResult:
@@ -238,29 +289,32 @@ class ApnsSender:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.config.timeout):
-                response = await host.client.post(
-                    f"/3/device/{message.token}",
-                    content=payload,
+                # `request` reads the whole body before it returns (flow control).
+                response = await host.pool.request(
+                    "POST",
+                    f"{host.base_url}/3/device/{message.token}",
                     headers=self._headers(message, jwt),
+                    content=payload,
+                    extensions=self._timeouts,
                 )
-        except (httpx.TimeoutException, TimeoutError):
+        except (httpcore.TimeoutException, TimeoutError):
             if host.last_response_at < started:
                 self._recycle(host)
             return PushResult(Outcome.RETRY, "Timeout"), jwt
-        except httpx.RemoteProtocolError as exc:
+        except httpcore.RemoteProtocolError as exc:
             return PushResult(Outcome.RETRY, f"StreamReset: {exc}"[:200]), jwt
-        except httpx.TransportError as exc:
+        except TRANSPORT_ERRORS as exc:
             return PushResult(Outcome.RETRY, f"{type(exc).__name__}: {exc}"[:200]), jwt
         host.last_response_at = time.monotonic()
         return self.classify(response), jwt
 
     @staticmethod
-    def classify(response: httpx.Response) -> PushResult:
-        status = response.status_code
+    def classify(response: httpcore.Response) -> PushResult:
+        status = response.status
         if status == 200:
             return PushResult(Outcome.DELIVERED, status_code=status)
-        reason = _reason(response)
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        reason = _reason(response.content)
+        retry_after = parse_retry_after(_header(response, b"retry-after"))
         if status == 410 or (status == 400 and reason in INVALID_TOKEN_REASONS):
             return PushResult(Outcome.INVALID_TOKEN, reason, status)
         if status == 429 or status >= 500:
@@ -271,15 +325,22 @@ class ApnsSender:
     async def close(self) -> None:
         hosts, self._hosts = list(self._hosts.values()), {}
         for host in hosts:
-            await host.client.aclose()
+            await host.pool.aclose()
         for task in list(self._closing):
             await task
 
 
-def _reason(response: httpx.Response) -> str | None:
+def _reason(content: bytes) -> str | None:
     try:
-        body = response.json()
+        body = json.loads(content)
     except (ValueError, UnicodeDecodeError):
         return None
     reason = body.get("reason") if isinstance(body, dict) else None
     return str(reason) if reason is not None else None
+
+
+def _header(response: httpcore.Response, name: bytes) -> str | None:
+    for key, value in response.headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None

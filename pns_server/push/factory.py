@@ -108,7 +108,10 @@ def build_apns(settings: Settings, ca_file: Path | None) -> ApnsSender | None:
         ca_file=ca_file,
         cert_file=settings.apns_cert_file,
     )
-    return ApnsSender(config, token)
+    try:
+        return ApnsSender(config, token)
+    except ValueError as exc:  # the proxy the environment names
+        raise PushConfigError(str(exc)) from None
 
 
 def build_fcm(settings: Settings, ca_file: Path | None) -> PushSender | None:

@@ -1,4 +1,4 @@
-"""The APNs sender (real httpx HTTP/2 client) against the fake APNs."""
+"""The APNs sender (real httpcore HTTP/2 client) against the fake APNs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,6 +28,7 @@ from pns_server.push.apns import (
     load_signing_key,
 )
 from pns_server.push.base import Outcome, PushResult
+from pns_server.push.factory import PushConfigError, build_apns
 from tests.fakes.apns import HANG, RESET, FakeApns, Reply
 from tests.pns_server.push.conftest import push_message
 
@@ -460,3 +462,96 @@ class TestProviderTokenFormat:
         elif mistake == "padded":
             token = token + "=="
         assert fake_apns._check_jwt(token) == "InvalidProviderToken"
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
+
+
+@pytest.fixture
+async def connect_proxy() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A forward proxy that tunnels with CONNECT, as Squid does: its port, and the head of
+    each tunnel asked for."""
+    heads: list[bytes] = []
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        host, _, port = head.split(b" ")[1].decode().rpartition(":")
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(
+            pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True
+        )
+
+    server = await asyncio.start_server(tunnel, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1], heads
+
+
+class TestThroughAForwardProxy:
+    """Apple is reached through the proxy `HTTPS_PROXY` names, as the httpx clients do."""
+
+    @pytest.fixture(autouse=True)
+    def no_proxy_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in PROXY_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+
+    async def test_sends_go_through_one_tunnel_with_the_proxys_credentials(
+        self,
+        fake_apns: FakeApns,
+        tmp_path: Path,
+        connect_proxy: tuple[int, list[bytes]],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        port, heads = connect_proxy
+        monkeypatch.setenv("HTTPS_PROXY", f"http://relay%40corp:s%3Acret@127.0.0.1:{port}")
+        apns = ApnsSender(apns_config(fake_apns, tmp_path), provider_token(fake_apns, tmp_path))
+        try:
+            results = await asyncio.gather(*(apns.send(push_message()) for _ in range(3)))
+        finally:
+            await apns.close()
+        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 3
+        assert len(fake_apns.received) == 3
+        [head] = heads
+        assert head.startswith(f"CONNECT {urlsplit(fake_apns.url).netloc} HTTP/1.1".encode())
+        credentials = base64.b64encode(b"relay@corp:s:cret")
+        assert b"proxy-authorization: basic " + credentials.lower() in head.lower()
+
+    async def test_no_proxy_exempts_the_host(
+        self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from tests.support.postgres import free_port
+
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setenv("NO_PROXY", "example.org,127.0.0.1")
+        apns = ApnsSender(apns_config(fake_apns, tmp_path), provider_token(fake_apns, tmp_path))
+        try:
+            result = await apns.send(push_message())
+        finally:
+            await apns.close()
+        assert result.outcome is Outcome.DELIVERED
+
+    def test_a_proxy_apns_cannot_use_stops_the_relay_at_start_up(
+        self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from tests.conftest import make_settings
+
+        monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+        settings = make_settings(
+            f"sqlite:///{tmp_path / 'pns.db'}",
+            tmp_path,
+            apns_key_file=fake_apns.write_key(tmp_path / "AuthKey.p8"),
+            apns_key_id=fake_apns.key_id,
+            apns_team_id=fake_apns.team_id,
+            apns_topic=fake_apns.topic,
+        )
+        with pytest.raises(PushConfigError, match="socks5 proxies are not supported"):
+            build_apns(settings, None)
