@@ -6,8 +6,8 @@ a reset stream fails only that stream, and response bodies are read so HTTP/2 fl
 windows are always replenished (aioapns hangs on RST_STREAM and stalls after ~64 KiB of
 error bodies on one connection). Its connection pool directly, without httpx's client on
 top: a push is all a relay under load sends, and httpx's request and response models, URL
-merging and auth flow cost a third of the client's CPU per push (`bench --only
-push_dispatch`); the HTTP/2 connection, its streams and their failures are httpcore's in
+merging and auth flow cost a quarter to a third of the client's CPU per push
+(docs/benchmarks.md); the HTTP/2 connection, its streams and their failures are httpcore's in
 either case."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import ssl
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -160,7 +160,7 @@ def parse_retry_after(value: str | None) -> float | None:
 @dataclass(frozen=True)
 class Proxy:
     url: str
-    auth: tuple[str, str] | None = None
+    auth: tuple[str, str] | None = field(default=None, repr=False)  # never in a log line
 
 
 def environment_proxy(url: str) -> Proxy | None:
@@ -173,7 +173,10 @@ def environment_proxy(url: str) -> Proxy | None:
         return None
     parts = urlsplit(named if "://" in named else f"http://{named}")
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"HTTPS_PROXY: {parts.scheme} proxies are not supported for APNs")
+        raise ValueError(
+            f"HTTPS_PROXY/ALL_PROXY names a {parts.scheme} proxy: APNs is reached only through "
+            "HTTP proxies (CONNECT); exempt Apple's host in NO_PROXY to connect directly"
+        )
     netloc = parts.netloc.rpartition("@")[2]
     auth = (unquote(parts.username), unquote(parts.password or "")) if parts.username else None
     return Proxy(f"{parts.scheme}://{netloc}", auth)

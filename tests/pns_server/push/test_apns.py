@@ -25,6 +25,7 @@ from pns_server.push.apns import (
     ApnsSender,
     ProviderToken,
     build_payload,
+    environment_proxy,
     load_signing_key,
 )
 from pns_server.push.base import Outcome, PushResult
@@ -539,6 +540,14 @@ class TestThroughAForwardProxy:
             await apns.close()
         assert result.outcome is Outcome.DELIVERED
 
+    def test_the_proxys_credentials_stay_out_of_its_repr(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("https_proxy", "http://relay:hunter2@proxy.internal:3128")
+        proxy = environment_proxy("https://api.push.apple.com")
+        assert proxy is not None and proxy.url == "http://proxy.internal:3128"
+        assert proxy.auth == ("relay", "hunter2") and "hunter2" not in repr(proxy)
+
     def test_a_proxy_apns_cannot_use_stops_the_relay_at_start_up(
         self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -553,5 +562,5 @@ class TestThroughAForwardProxy:
             apns_team_id=fake_apns.team_id,
             apns_topic=fake_apns.topic,
         )
-        with pytest.raises(PushConfigError, match="socks5 proxies are not supported"):
+        with pytest.raises(PushConfigError, match="names a socks5 proxy"):
             build_apns(settings, None)
