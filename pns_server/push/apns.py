@@ -1,14 +1,10 @@
 """Apple Push Notification service over HTTP/2 (httpcore), with provider-token or certificate
 auth.
 
-httpcore, the transport under httpx, rather than aioapns: every request here has a timeout,
-a reset stream fails only that stream, and response bodies are read so HTTP/2 flow-control
-windows are always replenished (aioapns hangs on RST_STREAM and stalls after ~64 KiB of
-error bodies on one connection). Its connection pool directly, without httpx's client on
-top: a push is all a relay under load sends, and httpx's request and response models, URL
-merging and auth flow cost a quarter to a third of the client's CPU per push
-(docs/benchmarks.md); the HTTP/2 connection, its streams and their failures are httpcore's in
-either case."""
+httpcore (the transport under httpx, `push/transport.py`) rather than aioapns: every
+request here has a timeout, a reset stream fails only that stream, and response bodies are
+read so HTTP/2 flow-control windows are always replenished (aioapns hangs on RST_STREAM and
+stalls after ~64 KiB of error bodies on one connection)."""
 
 from __future__ import annotations
 
@@ -17,12 +13,10 @@ import json
 import logging
 import ssl
 import time
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import httpcore
 import jwt
@@ -30,6 +24,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pns_server.push.base import Outcome, PushMessage, PushResult
+from pns_server.push.transport import (
+    TRANSPORT_ERRORS,
+    connection_pool,
+    environment_proxy,
+    header,
+    send_timeouts,
+)
 
 log = logging.getLogger("pns.push.apns")
 
@@ -41,15 +42,6 @@ TOKEN_REFRESH_AFTER = 50 * 60
 TOKEN_MIN_AGE = 20 * 60
 
 INVALID_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"})
-
-# What httpx calls a TransportError: the connection could not be made or was lost, or the
-# peer broke the protocol. Each is worth a retry on a new connection.
-TRANSPORT_ERRORS = (
-    httpcore.NetworkError,
-    httpcore.ProtocolError,
-    httpcore.ProxyError,
-    httpcore.UnsupportedProtocol,
-)
 
 
 def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -157,31 +149,6 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-@dataclass(frozen=True)
-class Proxy:
-    url: str
-    auth: tuple[str, str] | None = field(default=None, repr=False)  # never in a log line
-
-
-def environment_proxy(url: str) -> Proxy | None:
-    """The forward proxy `HTTPS_PROXY` (or `ALL_PROXY`) names for `url`, unless `NO_PROXY`
-    exempts its host: what the relay's httpx clients honour (FCM's), read the same way,
-    through the standard library. Only HTTP proxies, which tunnel with CONNECT."""
-    proxies = urllib.request.getproxies()
-    named = proxies.get("https") or proxies.get("all")
-    if not named or urllib.request.proxy_bypass(urlsplit(url).hostname or ""):
-        return None
-    parts = urlsplit(named if "://" in named else f"http://{named}")
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(
-            f"HTTPS_PROXY/ALL_PROXY names a {parts.scheme} proxy: APNs is reached only through "
-            "HTTP proxies (CONNECT); exempt Apple's host in NO_PROXY to connect directly"
-        )
-    netloc = parts.netloc.rpartition("@")[2]
-    auth = (unquote(parts.username), unquote(parts.password or "")) if parts.username else None
-    return Proxy(f"{parts.scheme}://{netloc}", auth)
-
-
 @dataclass
 class _Host:
     base_url: str
@@ -219,10 +186,7 @@ class ApnsSender:
             url.rstrip("/"): environment_proxy(url)
             for url in (config.production_url, config.sandbox_url)
         }
-        # No read timeout: in httpcore one read timeout fails every stream on the
-        # connection. Each send has its own deadline instead (see _post).
-        t = config.timeout
-        self._timeouts = {"timeout": {"connect": t, "read": None, "write": t, "pool": t}}
+        self._timeouts = send_timeouts(config.timeout)
 
     def _host(self, environment: str) -> _Host:
         base_url = (
@@ -235,17 +199,14 @@ class ApnsSender:
 
     def _pool(self, base_url: str) -> httpcore.AsyncConnectionPool:
         # One connection per host, as Apple asks; sends multiplex over it.
-        options: dict[str, Any] = {
-            "ssl_context": self._context,
-            "http1": False,
-            "http2": True,
-            "max_connections": 1,
-            "keepalive_expiry": None,
-        }
-        proxy = self._proxies.get(base_url)
-        if proxy is None:
-            return httpcore.AsyncConnectionPool(**options)
-        return httpcore.AsyncHTTPProxy(proxy_url=proxy.url, proxy_auth=proxy.auth, **options)
+        return connection_pool(
+            self._proxies.get(base_url),
+            ssl_context=self._context,
+            http1=False,
+            http2=True,
+            max_connections=1,
+            keepalive_expiry=None,
+        )
 
     def _recycle(self, host: _Host) -> None:
         """Drop a connection that answered nothing for a whole send timeout (a black hole)."""
@@ -317,7 +278,7 @@ class ApnsSender:
         if status == 200:
             return PushResult(Outcome.DELIVERED, status_code=status)
         reason = _reason(response.content)
-        retry_after = parse_retry_after(_header(response, b"retry-after"))
+        retry_after = parse_retry_after(header(response, b"retry-after"))
         if status == 410 or (status == 400 and reason in INVALID_TOKEN_REASONS):
             return PushResult(Outcome.INVALID_TOKEN, reason, status)
         if status == 429 or status >= 500:
@@ -340,10 +301,3 @@ def _reason(content: bytes) -> str | None:
         return None
     reason = body.get("reason") if isinstance(body, dict) else None
     return str(reason) if reason is not None else None
-
-
-def _header(response: httpcore.Response, name: bytes) -> str | None:
-    for key, value in response.headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None

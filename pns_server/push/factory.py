@@ -17,6 +17,7 @@ from pns_server.config import Settings
 from pns_server.push.apns import ApnsConfig, ApnsSender, ProviderToken, load_signing_key
 from pns_server.push.base import Outcome, PushMessage, PushResult, PushSender
 from pns_server.push.log import LogPushSender
+from pns_server.push.transport import ProxyConfigError
 from pns_server.push.webpush import (
     VapidException,
     WebPushConfig,
@@ -110,7 +111,7 @@ def build_apns(settings: Settings, ca_file: Path | None) -> ApnsSender | None:
     )
     try:
         return ApnsSender(config, token)
-    except ValueError as exc:  # the proxy the environment names
+    except ProxyConfigError as exc:
         raise PushConfigError(str(exc)) from None
 
 
@@ -130,6 +131,8 @@ def build_fcm(settings: Settings, ca_file: Path | None) -> PushSender | None:
             fcm_url=settings.fcm_url,
             ca_file=ca_file,
         )
+    except ProxyConfigError as exc:
+        raise PushConfigError(str(exc)) from None
     except (ValueError, KeyError, TypeError) as exc:
         hint = "" if raw.strip().startswith(b"{") else " (expected a JSON file)"
         raise PushConfigError(

@@ -1,8 +1,9 @@
-"""Firebase Cloud Messaging: the FCM HTTP v1 API over httpx (HTTP/2), OAuth from google-auth.
+"""Firebase Cloud Messaging: the FCM HTTP v1 API over HTTP/2, OAuth from google-auth.
 
-One `messages:send` POST per push, on the same kind of client as APNs: every send has a
-deadline, the dispatcher owns retries (nothing retries here), and FCM's error detail decides
-between "token dead", "try again" and "our configuration is wrong".
+One `messages:send` POST per push, on the same kind of connection as APNs (httpcore's,
+`push/transport.py`): every send has a deadline, the dispatcher owns retries (nothing
+retries here), and FCM's error detail decides between "token dead", "try again" and "our
+configuration is wrong".
 
 The access token comes from google-auth's service-account credentials. Their refresh is a
 blocking call (sign a JWT, POST it to the key file's `token_uri`), so it runs in a worker
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 from google.auth import exceptions as auth_exceptions
 from google.auth import transport as auth_transport
@@ -30,6 +32,13 @@ from google.oauth2 import service_account
 
 from pns_server.push.apns import parse_retry_after, ssl_context
 from pns_server.push.base import Outcome, PushMessage, PushResult
+from pns_server.push.transport import (
+    TRANSPORT_ERRORS,
+    connection_pool,
+    environment_proxy,
+    header,
+    send_timeouts,
+)
 
 FCM_HOST = "https://fcm.googleapis.com"
 # The narrowest scope that may send: the key cannot be used for anything else with it.
@@ -110,16 +119,23 @@ class FcmSender:
             f"{(fcm_url or FCM_HOST).rstrip('/')}/v1/projects/{self.project_id}/messages:send"
         )
         context = ssl_context(ca_file)
+        # Before the token endpoint's httpx client, which fails on a SOCKS proxy with an
+        # ImportError instead of saying what is wrong.
+        proxy = environment_proxy(self._send_url)
         self._auth_transport = HttpxAuthTransport(context, timeout)
         self._refresh_lock = asyncio.Lock()
         self._refused_token: str | None = None
-        self._client = httpx.AsyncClient(
+        # httpx's client's pool, as it was: up to 100 connections, 20 kept for 5 s idle.
+        self._pool = connection_pool(
+            proxy,
+            ssl_context=context,
+            http1=True,
             http2=True,
-            verify=context,
-            # As for APNs: no read timeout on the connection (in httpcore one read timeout
-            # fails every stream sharing it); each send has its own deadline instead.
-            timeout=httpx.Timeout(timeout, read=None),
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
         )
+        self._timeouts = send_timeouts(timeout)
 
     async def _access_token(self) -> str:
         """A valid token, refreshed in a thread when missing, expiring or refused by FCM."""
@@ -166,14 +182,20 @@ class FcmSender:
             return PushResult(Outcome.RETRY, "OAuth token timeout")
         try:
             async with asyncio.timeout(self._timeout):
-                response = await self._client.post(
+                # `request` reads the whole body before it returns (flow control).
+                response = await self._pool.request(
+                    "POST",
                     self._send_url,
-                    json=self.body(message),
-                    headers={"authorization": f"Bearer {token}"},
+                    headers=[
+                        (b"authorization", f"Bearer {token}".encode()),
+                        (b"content-type", b"application/json"),
+                    ],
+                    content=json.dumps(self.body(message), separators=(",", ":")).encode(),
+                    extensions=self._timeouts,
                 )
-        except (httpx.TimeoutException, TimeoutError):
+        except (httpcore.TimeoutException, TimeoutError):
             return PushResult(Outcome.RETRY, "Timeout")
-        except httpx.TransportError as exc:
+        except TRANSPORT_ERRORS as exc:
             result = PushResult(Outcome.RETRY, f"{type(exc).__name__}: {exc}"[:200])
             return result
         result = self.classify(response)
@@ -183,13 +205,13 @@ class FcmSender:
         return result
 
     @staticmethod
-    def classify(response: httpx.Response) -> PushResult:
-        status = response.status_code
+    def classify(response: httpcore.Response) -> PushResult:
+        status = response.status
         if status == 200:
             return PushResult(Outcome.DELIVERED, status_code=status)
         code, text = _fcm_error(response)
         reason = code or _canonical_status(response) or str(status)
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        retry_after = parse_retry_after(header(response, b"retry-after"))
         if code in INVALID_TOKEN_CODES:
             return PushResult(Outcome.INVALID_TOKEN, reason, status)
         if code == "INVALID_ARGUMENT" and "registration token" in text.lower():
@@ -201,11 +223,11 @@ class FcmSender:
         return PushResult(Outcome.CONFIG_ERROR, reason, status)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
         self._auth_transport.close()
 
 
-def _error_body(response: httpx.Response) -> dict[str, Any]:
+def _error_body(response: httpcore.Response) -> dict[str, Any]:
     try:
         body = json.loads(response.content or b"{}")
     except (ValueError, UnicodeDecodeError):
@@ -214,7 +236,7 @@ def _error_body(response: httpx.Response) -> dict[str, Any]:
     return error if isinstance(error, dict) else {}
 
 
-def _fcm_error(response: httpx.Response) -> tuple[str | None, str]:
+def _fcm_error(response: httpcore.Response) -> tuple[str | None, str]:
     error = _error_body(response)
     for detail in error.get("details") or []:
         if isinstance(detail, dict) and detail.get("@type") == FCM_ERROR_TYPE:
@@ -222,6 +244,6 @@ def _fcm_error(response: httpx.Response) -> tuple[str | None, str]:
     return None, str(error.get("message", ""))
 
 
-def _canonical_status(response: httpx.Response) -> str | None:
+def _canonical_status(response: httpcore.Response) -> str | None:
     status = _error_body(response).get("status")
     return str(status) if status else None

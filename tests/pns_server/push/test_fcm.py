@@ -1,4 +1,4 @@
-"""The FCM sender (httpx HTTP/2 + google-auth service-account OAuth) against the fake FCM."""
+"""The FCM sender (httpcore HTTP/2 + google-auth service-account OAuth) against the fake FCM."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import httpx
+import httpcore
 import pytest
 
 from pns_server.push.apns import ssl_context
@@ -246,11 +247,16 @@ class TestTheFakeValidatesMessagesLikeFcm:
     ) -> None:
         assert (await sender.send(fcm_message())).ok
         ca = fake_fcm.write_ca(tmp_path / "ca.pem")
-        async with httpx.AsyncClient(verify=ssl_context(ca)) as http:
-            response = await http.post(
+        body = {"message": {"token": FCM_TOKEN, "android": {"ttl": "soon"}}}
+        async with httpcore.AsyncConnectionPool(ssl_context=ssl_context(ca), http2=True) as http:
+            response = await http.request(
+                "POST",
                 f"{fake_fcm.url}/v1/projects/{fake_fcm.project_id}/messages:send",
-                json={"message": {"token": FCM_TOKEN, "android": {"ttl": "soon"}}},
-                headers={"authorization": f"Bearer {fake_fcm.received[0].access_token}"},
+                headers=[
+                    (b"authorization", f"Bearer {fake_fcm.received[0].access_token}".encode()),
+                    (b"content-type", b"application/json"),
+                ],
+                content=json.dumps(body).encode(),
             )
         result = FcmSender.classify(response)
         assert (result.outcome, result.reason, result.status_code) == (
@@ -258,3 +264,44 @@ class TestTheFakeValidatesMessagesLikeFcm:
             "INVALID_ARGUMENT",
             400,
         )
+
+
+class TestThroughAForwardProxy:
+    @pytest.fixture(autouse=True)
+    def _no_proxy_settings(self, no_proxy_settings: None) -> None:
+        pass
+
+    async def test_sends_go_through_the_proxy_https_proxy_names(
+        self,
+        fake_fcm: FakeFcm,
+        tmp_path: Path,
+        connect_proxy: tuple[int, list[bytes]],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        port, heads = connect_proxy
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        fcm = make_sender(fake_fcm, tmp_path)
+        try:
+            results = [await fcm.send(fcm_message()) for _ in range(2)]
+        finally:
+            await fcm.close()
+        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 2
+        assert len(fake_fcm.received) == 2
+        connect = f"CONNECT {urlsplit(fake_fcm.url).netloc} HTTP/1.1".encode()
+        assert any(head.startswith(connect) for head in heads)
+
+    def test_a_proxy_fcm_cannot_use_stops_the_relay_at_start_up_and_says_so(
+        self, fake_fcm: FakeFcm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from pns_server.push.factory import PushConfigError, build_fcm
+        from tests.conftest import make_settings
+
+        monkeypatch.setenv("HTTPS_PROXY", "socks5h://127.0.0.1:1080")
+        settings = make_settings(
+            f"sqlite:///{tmp_path / 'pns.db'}",
+            tmp_path,
+            fcm_credentials_file=fake_fcm.write_credentials(tmp_path / "sa.json"),
+        )
+        with pytest.raises(PushConfigError, match="names a socks5h proxy") as refused:
+            build_fcm(settings, None)
+        assert "service-account" not in str(refused.value)
