@@ -492,6 +492,28 @@ class TestThroughAForwardProxy:
         credentials = base64.b64encode(b"relay@corp:s:cret")
         assert b"proxy-authorization: basic " + credentials.lower() in head.lower()
 
+    async def test_a_proxy_refusing_the_tunnel_makes_the_push_a_retry_naming_why(
+        self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        proxy = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = proxy.sockets[0].getsockname()[1]
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        apns = ApnsSender(apns_config(fake_apns, tmp_path), provider_token(fake_apns, tmp_path))
+        try:
+            async with proxy:
+                result = await apns.send(push_message())
+        finally:
+            await apns.close()
+        assert result.outcome is Outcome.RETRY
+        assert result.reason is not None and "407" in result.reason
+        assert fake_apns.received == []
+
     async def test_no_proxy_exempts_the_host(
         self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
