@@ -635,7 +635,7 @@ async def wait_until_final(
         )
         response.raise_for_status()
         state: dict[str, Any] = response.json()
-        if state["status"] != "pending" or all_failed(state["delivery"]):
+        if login_over(state):
             return state
     raise TimeoutError(approval_id)
 
@@ -648,9 +648,14 @@ async def wait_until_decided(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         state: dict[str, Any] = await relay.get_json(path, party.client.headers)
-        if state["status"] != "pending" or all_failed(state["delivery"]):
+        if login_over(state):
             return state
     raise TimeoutError(approval_id)
+
+
+def login_over(state: dict[str, Any]) -> bool:
+    """Where the SDK's login stops long-polling: a decision, or every push failed."""
+    return state["status"] != "pending" or all_failed(state["delivery"])
 
 
 def all_failed(delivery: dict[str, Any]) -> bool:

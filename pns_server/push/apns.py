@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,9 @@ from pns_server.push.transport import (
     connection_pool,
     environment_proxy,
     header,
+    parse_retry_after,
     send_timeouts,
+    ssl_context,
 )
 
 log = logging.getLogger("pns.push.apns")
@@ -130,25 +131,6 @@ def build_payload(message: PushMessage) -> bytes | None:
     return encoded if len(encoded) <= MAX_PAYLOAD_BYTES else None
 
 
-def ssl_context(ca_file: Path | None, cert_file: Path | None = None) -> ssl.SSLContext:
-    """System trust plus PNS_PUSH_CA_FILE (TLS-inspecting proxies), plus a client certificate."""
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    if cert_file is not None:
-        context.load_cert_chain(str(cert_file))
-    return context
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
 @dataclass
 class _Host:
     base_url: str
@@ -187,6 +169,13 @@ class ApnsSender:
             for url in (config.production_url, config.sandbox_url)
         }
         self._timeouts = send_timeouts(config.timeout)
+        # What every push carries, built once; `_headers` adds the push's own.
+        self._common_headers = [
+            (b"apns-topic", config.topic.encode()),
+            (b"apns-push-type", b"alert"),
+            (b"apns-priority", b"10"),
+            (b"content-type", b"application/json"),
+        ]
 
     def _host(self, environment: str) -> _Host:
         base_url = (
@@ -220,12 +209,9 @@ class ApnsSender:
 
     def _headers(self, message: PushMessage, jwt: str | None) -> list[tuple[bytes, bytes]]:
         headers = [
-            (b"apns-topic", self.config.topic.encode()),
-            (b"apns-push-type", b"alert"),
-            (b"apns-priority", b"10"),
+            *self._common_headers,
             (b"apns-expiration", b"%d" % int(message.expires_at.timestamp())),
             (b"apns-collapse-id", message.approval_id.encode()),
-            (b"content-type", b"application/json"),
         ]
         if jwt is not None:
             headers.append((b"authorization", f"bearer {jwt}".encode()))

@@ -30,14 +30,15 @@ from google.auth import exceptions as auth_exceptions
 from google.auth import transport as auth_transport
 from google.oauth2 import service_account
 
-from pns_server.push.apns import parse_retry_after, ssl_context
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.push.transport import (
     TRANSPORT_ERRORS,
     connection_pool,
     environment_proxy,
     header,
+    parse_retry_after,
     send_timeouts,
+    ssl_context,
 )
 
 FCM_HOST = "https://fcm.googleapis.com"

@@ -3,14 +3,16 @@ under httpx) without httpx's client on top, which cost a quarter to a third of a
 CPU per push (docs/benchmarks.md). The connection, its streams, their timeouts and failures
 are httpcore's either way.
 
-What httpx's client did besides, and a sender still needs, is here: the forward proxy the
-environment names (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`), the errors that mean "try again
-on a new connection", and a response header by name."""
+What httpx's client did besides, and a sender still needs, is here: the TLS trust, the
+forward proxy the environment names (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`), the errors
+that mean "try again on a new connection", and a response header by name."""
 
 from __future__ import annotations
 
+import ssl
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -74,3 +76,22 @@ def header(response: httpcore.Response, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def ssl_context(ca_file: Path | None, cert_file: Path | None = None) -> ssl.SSLContext:
+    """System trust plus PNS_PUSH_CA_FILE (TLS-inspecting proxies), plus a client certificate."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    if cert_file is not None:
+        context.load_cert_chain(str(cert_file))
+    return context
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 import httpcore
 import pytest
 
-from pns_server.push.apns import ssl_context
 from pns_server.push.base import Outcome
 from pns_server.push.fcm import FCM_SCOPE, FcmSender
+from pns_server.push.transport import ssl_context
 from tests.fakes.fcm import FakeFcm, FcmReply, message_problem
 from tests.pns_server.push.conftest import push_message
 
