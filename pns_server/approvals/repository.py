@@ -21,6 +21,7 @@ from sqlalchemy import (
     ScalarSelect,
     Select,
     String,
+    Text,
     Update,
     bindparam,
     cast,
@@ -277,11 +278,14 @@ def _create_all(approval_fields: frozenset[str]) -> Insert:
     checked at its end, when the approval exists. The deliveries come as arrays of what
     differs between them (`unnest`), so one statement serves any number. Parameters are
     prefixed: one named like a column would be taken for a value to set (see the OTP
-    claim). Built once per set of approval columns."""
+    claim). The arrays are `text[]`, not `varchar[]`: asyncpg decodes text[] itself but
+    asks the server about any other array type, once per connection (a catalog query of
+    10-40 ms under load, on each new connection's first login). Built once per set of
+    approval columns."""
     values = {f: bindparam(f"a_{f}", type_=approvals.c[f].type) for f in sorted(approval_fields)}
     new_approval = insert(approvals).values(values).cte("new_approval")
     rows = (
-        func.unnest(*(bindparam(f"d_{f}", type_=ARRAY(String)) for f in _DELIVERY_ROWS))
+        func.unnest(*(bindparam(f"d_{f}", type_=ARRAY(Text)) for f in _DELIVERY_ROWS))
         .table_valued(*_DELIVERY_ROWS)
         .render_derived("delivery_rows")
     )

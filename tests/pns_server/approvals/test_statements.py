@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import event, select, update
 
@@ -206,3 +207,58 @@ class TestStatements:
         assert verbs(seen) == writes[db_kind]
         reads = [s for s in seen if s.startswith("SELECT") and "pg_notify" not in s]
         assert reads == [read, together]
+
+
+@contextmanager
+def sent_by_the_relay() -> Iterator[set[str]]:
+    """Every statement the relay's code ran meanwhile, from any task (the dispatcher's
+    too), through the driver path or SQLAlchemy's own execution."""
+    seen: set[str] = set()
+
+    def note(sql: str) -> None:
+        seen.add(" ".join(sql.split()))
+
+    driver.statement_listeners.append(note)
+    try:
+        yield seen
+    finally:
+        driver.statement_listeners.remove(note)
+
+
+@pytest.mark.postgres_only
+async def test_a_login_on_new_connections_sends_only_the_relays_statements(
+    app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+) -> None:
+    """asyncpg asks the server about any type it cannot decode itself (an array of
+    varchar, an enum) once per connection, in three extra round trips around a catalog
+    query: tens of milliseconds on the first login of every new connection. Every query a
+    login makes on connections opened for it is one the relay wrote, or a transaction's
+    BEGIN, COMMIT or ROLLBACK."""
+    engine = runtime_of(app).db.engine
+    await engine.dispose()  # the set-up's connections: the login's are opened for it
+    on_the_wire: list[str] = []
+
+    def log_queries(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(
+            lambda logged: on_the_wire.append(" ".join(logged.query.split()))
+        )
+
+    event.listen(engine.sync_engine, "connect", log_queries)
+    try:
+        with sent_by_the_relay() as relays, orm_statements(app) as orm:
+            body = await request_approval(http, client)
+            url = f"/v1/device/approvals/{body['approval_id']}"
+            assert (await http.get(url, headers=phone.headers)).status_code == 200
+            decided = await answer(http, phone, body["approval_id"], "approve", body["match_code"])
+            assert decided.json()["status"] == "approved"
+            state = await http.get(f"/v1/approvals/{body['approval_id']}", headers=client.headers)
+            assert state.json()["status"] == "approved"
+    finally:
+        event.remove(engine.sync_engine, "connect", log_queries)
+    assert any(query.startswith("WITH new_approval") for query in on_the_wire)
+    ours = relays | set(orm) | {"BEGIN", "COMMIT", "ROLLBACK"}
+
+    def sent_by_us(query: str) -> bool:  # the NOTIFY goes out with its COMMIT: "...; COMMIT"
+        return all(part.strip() in ours for part in query.rstrip(";").split(";"))
+
+    assert [query for query in on_the_wire if not sent_by_us(query)] == []
