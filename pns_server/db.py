@@ -8,6 +8,7 @@ hand work on to this process for when it ends (`when_unit_ends`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -209,6 +210,77 @@ def _driver_of(connection: AsyncConnection) -> Any:
     return sync_connection.connection.driver_connection
 
 
+class SqliteTurns:
+    """SQLite: the driver units' one connection, held open and taken in turns.
+
+    Checking a connection out of SQLAlchemy's pool and back costs two greenlet hand-offs
+    and the pool's bookkeeping: about 130 us of CPU per unit, more than its statements
+    (`bench --only db_layers`), and a login runs nine units. SQLite has one writer at a
+    time anyway, so the units take turns on one connection that stays checked out, of an
+    engine of their own, in arrival order (an asyncio lock wakes its waiters first come,
+    first served). ORM sessions take the same turns on the main engine's connection, so
+    no two of the relay's transactions ever meet on SQLite's lock (see `create_engine`).
+
+    A unit cancelled while its statement runs in aiosqlite's thread may leave a
+    transaction behind it (its BEGIN IMMEDIATE lands a moment later): the next turn rolls
+    back first unless the last one marked the connection settled, as the pool's return
+    does (`_end_stray_transactions`)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._url = engine.url.render_as_string(hide_password=False)
+        self._timeout = engine.pool.timeout()  # type: ignore[attr-defined]
+        self._lock = asyncio.Lock()
+        self._engine: AsyncEngine | None = None
+        self._held: AsyncConnection | None = None
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Wait for this process's turn on SQLite, as long as the pool would wait."""
+        try:
+            if self._lock.locked():
+                async with asyncio.timeout(self._timeout):
+                    await self._lock.acquire()
+            else:
+                await self._lock.acquire()  # free: taken at once (the timer costs ~15 us)
+        except TimeoutError:
+            raise exc.TimeoutError(
+                f"no turn on the database after {self._timeout:g} s "
+                "(PNS_DB_POOL_TIMEOUT_SECONDS): every unit before it still running"
+            ) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def connection(self) -> AsyncConnection:
+        """The held connection, settled: call only during a turn."""
+        held = self._held
+        if held is None or held.invalidated:
+            if held is not None:
+                await held.close()
+            held = self._held = await self._open()
+        if not held.info.get(SETTLED, False):
+            await _driver_of(held).rollback()
+            held.info[SETTLED] = True
+        return held
+
+    async def _open(self) -> AsyncConnection:
+        if self._engine is None:
+            self._engine = create_engine(self._url, pool_timeout=self._timeout)
+        connection = await self._engine.connect()
+        connection.info[SETTLED] = True
+        return connection
+
+    async def dispose(self) -> None:
+        """Close the held connection, unless a unit still runs on it (then its engine
+        closes it as the process ends, as with any connection checked out)."""
+        if self._held is not None and not self._lock.locked():
+            await self._held.close()
+            self._held = None
+        if self._engine is not None:
+            await self._engine.dispose()
+
+
 class Database:
     def __init__(
         self,
@@ -222,6 +294,7 @@ class Database:
         self._publish = publish
         self._before_commit = before_commit
         self._notify_sql = notify_sql
+        self._turns = SqliteTurns(engine) if engine.dialect.name == "sqlite" else None
 
     @property
     def dialect(self) -> str:
@@ -231,7 +304,7 @@ class Database:
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A unit of work: commits when the block succeeds, rolls back when it raises."""
         kept_error: PnsError | None = None
-        async with self.sessionmaker() as session:
+        async with self._turn(), self.sessionmaker() as session:
             try:
                 yield session
                 await self._commit(session)
@@ -258,7 +331,7 @@ class Database:
         unit: DriverUnit | None = None
         committed = False
         try:
-            async with self._connection(probe="BEGIN") as connection:
+            async with self._unit_connection(probe="BEGIN") as connection:
                 unit = self._driver_unit(connection)
                 if sqlite:
                     connection.info.pop(SETTLED, None)
@@ -302,18 +375,23 @@ class Database:
         On PostgreSQL the connection is not probed at checkout: if the first statement finds
         it dead (a restart the event loop has not noticed yet), the statement is sent again
         on a newly probed connection, which a read may always be."""
-        postgres = self.dialect == "postgresql"
-        connection = await self._open(probe=None if postgres else "SELECT 1")
-        unit = self._driver_unit(connection)
-        if postgres:
-            unit.reconnect = self._reconnect
+        if self._turns is not None:
+            async with self._turns.turn():
+                unit = self._driver_unit(await self._turns.connection())
+                try:
+                    yield unit
+                finally:
+                    if not unit.broken:
+                        # Statements without a transaction (pysqlite's isolation_level
+                        # None): even one cancelled while it waits in aiosqlite's thread
+                        # leaves none behind.
+                        unit.connection.info[SETTLED] = True
+            return
+        unit = self._driver_unit(await self._open(probe=None))
+        unit.reconnect = self._reconnect
         try:
             yield unit
         finally:
-            if not postgres:
-                # Statements without a transaction (pysqlite's isolation_level None): even
-                # one cancelled while it waits in aiosqlite's thread leaves none behind.
-                unit.connection.info[SETTLED] = True
             await unit.connection.close()
 
     @asynccontextmanager
@@ -340,6 +418,20 @@ class Database:
         await dead.close()
         connection = await self._open(probe="SELECT 1")
         return connection, _driver_of(connection)
+
+    def _turn(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """SQLite: this process's turn on the database (see `SqliteTurns`)."""
+        return self._turns.turn() if self._turns is not None else contextlib.nullcontext()
+
+    @asynccontextmanager
+    async def _unit_connection(self, *, probe: str) -> AsyncIterator[AsyncConnection]:
+        """A unit's connection: SQLite's held one during a turn, or one from the pool."""
+        if self._turns is not None:
+            async with self._turns.turn():
+                yield await self._turns.connection()
+            return
+        async with self._connection(probe=probe) as connection:
+            yield connection
 
     @asynccontextmanager
     async def _connection(self, *, probe: str | None) -> AsyncIterator[AsyncConnection]:
@@ -392,4 +484,6 @@ class Database:
         await session.commit()
 
     async def dispose(self) -> None:
+        if self._turns is not None:
+            await self._turns.dispose()
         await self.engine.dispose()

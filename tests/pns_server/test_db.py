@@ -48,6 +48,74 @@ async def test_sqlite_transactions_wait_their_turn_in_arrival_order(tmp_path: Pa
         await db.dispose()
 
 
+async def test_sqlite_units_and_sessions_take_one_queue_in_arrival_order(tmp_path: Path) -> None:
+    """Units hold a connection of their own and sessions use the pool's, but both take
+    the same turns: none waits on SQLite's lock (a busy-timeout sleep would let later ones
+    overtake, or fail after ten seconds), and each begins in the order it asked."""
+    db = Database(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}", pool_timeout=30))
+    try:
+        async with db.unit() as unit:
+            await unit.run_sql("CREATE TABLE t (n INTEGER)")
+        began: list[int] = []
+
+        async def unit_writer(n: int) -> None:
+            async with db.unit() as unit:
+                await unit.run_sql(f"INSERT INTO t VALUES ({n})")
+                began.append(n)
+                await asyncio.sleep(0.005)  # hold the write lock across an await
+
+        async def session_writer(n: int) -> None:
+            async with db.session() as session:
+                await session.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
+                began.append(n)
+                await asyncio.sleep(0.005)
+
+        async def reader(n: int) -> None:
+            async with db.unit_read() as unit:
+                await unit.execute(ONE)
+                began.append(n)
+
+        kinds = (unit_writer, session_writer, reader)
+        tasks = []
+        for n in range(30):
+            tasks.append(asyncio.create_task(kinds[n % 3](n)))
+            await asyncio.sleep(0)  # each asks before the next
+        await asyncio.gather(*tasks)
+        assert began == list(range(30))
+        async with db.unit_read() as unit:
+            count = select(func.count()).select_from(text("t"))
+            assert await unit.scalar(count) == 20
+    finally:
+        await db.dispose()
+
+
+async def test_sqlite_units_keep_one_connection_open(tmp_path: Path) -> None:
+    """No checkout per unit: every unit and read runs on the same driver connection,
+    outside the pool the sessions use; one its unit invalidated is replaced at the next."""
+    db = Database(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'kept.db'}"))
+    pool = db.engine.pool
+    try:
+        drivers = []
+        for _ in range(3):
+            async with db.unit() as unit:
+                await unit.execute(ONE)
+                assert pool.checkedout() == 0  # type: ignore[attr-defined]
+                drivers.append(unit.driver)
+            async with db.unit_read() as unit:
+                await unit.execute(ONE)
+                drivers.append(unit.driver)
+        assert all(driver is drivers[0] for driver in drivers)
+        with pytest.raises(RuntimeError):
+            async with db.unit() as unit:
+                await unit.invalidate()  # as a failed ROLLBACK does
+                raise RuntimeError("the unit failed")
+        async with db.unit() as unit:
+            assert await unit.scalar(ONE) == 1
+            assert unit.driver is not drivers[0]
+    finally:
+        await db.dispose()
+
+
 @pytest.fixture
 async def own_cluster() -> AsyncIterator[Cluster]:
     if not postgres_available():
@@ -245,8 +313,9 @@ async def test_a_connection_returned_mid_transaction_is_rolled_back(database_url
                 raw = await connection.get_raw_connection()
                 await raw.driver_connection.execute(begin)
                 await raw.driver_connection.execute(stray)
-            async with db.unit() as unit:  # the same (only) connection
-                await unit.execute(ONE)
+            # The connection just returned (on SQLite the sessions' one; units hold their own).
+            async with db.unit() if db.dialect == "postgresql" else db.session() as work:
+                await work.execute(ONE)
         async with db.unit_read() as unit:
             count = select(func.count()).select_from(Base.metadata.tables["clients"])
             assert await unit.scalar(count) == 0

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,14 +80,16 @@ async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
 async def test_an_exhausted_pool_is_503_with_retry_after(app, http: httpx.AsyncClient) -> None:
     client = await http.post("/v1/clients", json={"name": "a", "edition": "pro"})
     token = client.json()["client_token"]
-    # Hold every connection (PostgreSQL's pool holds up to twice its size), as a burst would.
-    engine = app.state.runtime.db.engine
-    held = [await engine.connect() for _ in range(2 if engine.dialect.name == "postgresql" else 1)]
-    try:
+    db = app.state.runtime.db
+    async with contextlib.AsyncExitStack() as held:
+        if db.dialect == "postgresql":
+            # Every connection (the pool holds up to twice its size), as a burst would.
+            for _ in range(2):
+                await held.enter_async_context(db.engine.connect())
+        else:
+            # SQLite's units take turns on one connection: a unit that does not end.
+            await held.enter_async_context(db.unit())
         response = await http.get("/v1/client", headers={"Authorization": f"Bearer {token}"})
-    finally:
-        for connection in held:
-            await connection.close()
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["code"] == "unavailable"
