@@ -150,6 +150,11 @@ _DEVICE_WITH_APPROVAL = (
     .where(devices.c.token_hash == bindparam("token_hash"))
 )
 _DEVICE_FIELDS = len(devices.c)
+# The same with the client's name, which is what the phone is shown: the detail a phone
+# asks for, with the device it authenticates, in one read.
+_DEVICE_WITH_NAMED_APPROVAL = _DEVICE_WITH_APPROVAL.add_columns(
+    clients.c.name.label("client_name")
+).outerjoin(clients, clients.c.id == approvals.c.client_id)
 
 
 def _row_class(table: Any) -> Any:
@@ -159,11 +164,21 @@ def _row_class(table: Any) -> Any:
 
 _DeviceRow = _row_class(devices)
 _ApprovalRow = _row_class(approvals)
+
+
+def _device_and_approval(row: Sequence[Any]) -> tuple[DeviceRow, ApprovalRow | None]:
+    """A row of the device's columns, then the approval's (NULL: not its client's, or none)."""
+    device: DeviceRow = _DeviceRow._make(row[:_DEVICE_FIELDS])
+    if row[_DEVICE_FIELDS] is None:  # the approval's id
+        return device, None
+    approval: ApprovalRow = _ApprovalRow._make(row[_DEVICE_FIELDS:])
+    return device, approval
+
+
 # The approval with its client's name (what the phone is shown).
 _NAMED = select(*approvals.c, clients.c.name.label("client_name")).join_from(
     approvals, clients, clients.c.id == approvals.c.client_id
 )
-_WITH_CLIENT_NAME = _NAMED.where(*_OF_CLIENT)
 _SUMMARY = select(*_summary_columns(_APPROVAL_ID))
 _QUEUED = _count(_APPROVAL_ID, DeliveryStatus.QUEUED).label("queued")
 _PENDING_FOR_CLIENT = _NAMED.where(
@@ -418,13 +433,19 @@ class ApprovalRepository:
         approval `approval_id` if it is that device's client's (else None), in one read."""
         params = {"token_hash": token_hash, "approval": approval_id}
         row = (await self.unit.execute(_DEVICE_WITH_APPROVAL, params)).first()
+        return None if row is None else _device_and_approval(row)
+
+    async def device_with_named_approval(
+        self, token_hash: str, approval_id: str
+    ) -> tuple[DeviceRow, tuple[ApprovalRow, str] | None] | None:
+        """`device_with_approval`, the approval with its client's name (what the phone is
+        shown)."""
+        params = {"token_hash": token_hash, "approval": approval_id}
+        row = (await self.unit.execute(_DEVICE_WITH_NAMED_APPROVAL, params)).first()
         if row is None:
             return None
-        device: DeviceRow = _DeviceRow._make(row[:_DEVICE_FIELDS])
-        if row[_DEVICE_FIELDS] is None:  # the approval's id: not this client's, or none
-            return device, None
-        approval: ApprovalRow = _ApprovalRow._make(row[_DEVICE_FIELDS:])
-        return device, approval
+        device, approval = _device_and_approval(row[:-1])
+        return device, None if approval is None else (approval, row.client_name or "")
 
     async def get(self, approval_id: str, client_id: str) -> ApprovalRow | None:
         row: ApprovalRow | None = (
@@ -440,14 +461,6 @@ class ApprovalRepository:
         params = {"approval": approval_id, "client": client_id}
         row = (await self.unit.execute(_WITH_SUMMARY, params)).first()
         return None if row is None else (row, _summary(row))
-
-    async def with_client_name(
-        self, approval_id: str, client_id: str
-    ) -> tuple[ApprovalRow, str] | None:
-        """The approval and its client's name in one statement (what the phone is shown)."""
-        params = {"approval": approval_id, "client": client_id}
-        row = (await self.unit.execute(_WITH_CLIENT_NAME, params)).first()
-        return None if row is None else (row, row.client_name or "")
 
     async def by_idempotency_key(self, client_id: str, key: str) -> ApprovalRow | None:
         row: ApprovalRow | None = (

@@ -108,9 +108,16 @@ async def list_device_approvals(
 
 @router.get("/v1/device/approvals/{approval_id}", response_model=DeviceApproval)
 async def get_device_approval(
-    approval_id: str, device: CurrentDeviceDetached, runtime: RuntimeDep
+    approval_id: str, request: Request, runtime: RuntimeDep
 ) -> DeviceApproval:
-    return await service.device_view(runtime, device, approval_id)
+    # `CurrentDeviceDetached`, with the approval read by the statement that authenticates.
+    token_hash = hash_token(bearer_token(request))
+    found = await service.device_and_view(runtime.db, token_hash, approval_id)
+    if found is None:
+        raise invalid_token()
+    device, approval = found
+    admit_device(request, device)
+    return await service.device_view(runtime, approval)
 
 
 async def answering_device(

@@ -25,6 +25,7 @@ from pns_server.approvals.schemas import (
     WaitUntil,
 )
 from pns_server.approvals.signing import signature_version
+from pns_server.db import Database
 from pns_server.driver import DriverUnit
 from pns_server.errors import (
     NotFound,
@@ -256,11 +257,19 @@ def pending_response(runtime: Runtime, device: DeviceRow, wait: float) -> LongPo
     return LongPollResponse(PendingWait(runtime, device.client_id, wait))
 
 
-async def device_view(runtime: Runtime, device: DeviceRow, approval_id: str) -> DeviceApproval:
-    """What the phone is shown: one read outside any transaction (on SQLite, no write
-    lock for a read); only an approval whose expiry is due takes a unit of work."""
-    async with runtime.db.unit_read() as unit:
-        found = await ApprovalRepository(unit).with_client_name(approval_id, device.client_id)
+async def device_and_view(
+    db: Database, token_hash: str, approval_id: str
+) -> tuple[DeviceRow, tuple[ApprovalRow, str] | None] | None:
+    """The device whose token hashes to `token_hash` (None: unknown) and the approval it
+    asks about with its client's name (None: not its client's): one read outside any
+    transaction (on SQLite, no write lock for a read)."""
+    async with db.unit_read() as unit:
+        return await ApprovalRepository(unit).device_with_named_approval(token_hash, approval_id)
+
+
+async def device_view(runtime: Runtime, found: tuple[ApprovalRow, str] | None) -> DeviceApproval:
+    """What the phone is shown of the approval `device_and_view` found; only one whose
+    expiry is due takes a unit of work."""
     if found is None:
         raise NotFound("No such approval for this client.")
     approval, client_name = found

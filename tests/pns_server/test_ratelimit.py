@@ -89,6 +89,28 @@ async def test_a_phones_answer_counts_once_toward_its_limit(http: httpx.AsyncCli
     assert limited.status_code == 429 and limited.json()["code"] == "rate_limited"
 
 
+@pytest.mark.parametrize("settings_overrides", [{"rate_client_per_minute": 3}])
+async def test_a_phones_detail_counts_toward_its_limit_found_or_not(
+    http: httpx.AsyncClient,
+) -> None:
+    """The detail authenticates in the statement that reads the approval: the device is
+    counted once per request, for an approval that is not its client's too."""
+    client = await register_client(http)
+    phone = await pair_app_device(http, client)
+    body = await request_approval(http, client)
+    url = f"/v1/device/approvals/{body['approval_id']}"
+    statuses = [
+        (await http.get(url, headers=phone.headers)).status_code,
+        (
+            await http.get("/v1/device/approvals/no-such-approval", headers=phone.headers)
+        ).status_code,
+        (await http.get(url, headers=phone.headers)).status_code,
+    ]
+    assert statuses == [200, 404, 200]
+    limited = await http.get(url, headers=phone.headers)
+    assert limited.status_code == 429 and limited.json()["code"] == "rate_limited"
+
+
 class TestLocalWindows:
     def test_counts_within_a_window_and_restarts_in_the_next(self) -> None:
         windows = LocalWindows()

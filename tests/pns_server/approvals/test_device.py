@@ -127,6 +127,19 @@ class TestDetails:
         )
         assert other_view.json()["status"] == "pending"
 
+    async def test_an_unknown_token_is_401_whatever_the_approval(
+        self, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        body = await request_approval(http, client)
+        for approval_id in (body["approval_id"], "no-such-approval"):
+            response = await http.get(
+                f"/v1/device/approvals/{approval_id}",
+                headers={"Authorization": "Bearer not-a-device-token"},
+            )
+            assert response.status_code == 401
+            assert response.json()["code"] == "unauthenticated"
+            assert response.headers["www-authenticate"] == "Bearer"
+
     async def test_shows_expiry(
         self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
     ) -> None:

@@ -107,12 +107,15 @@ class TestStatements:
     async def test_the_phones_detail_is_one_statement(
         self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
     ) -> None:
+        """The device's authentication, the approval and its client's name: one read."""
         body = await request_approval(http, client)
         url = f"/v1/device/approvals/{body['approval_id']}"
         with statements_run() as seen:
             detail = (await http.get(url, headers=phone.headers)).json()
         assert detail["client_name"] == "FILESRV01"
-        assert verbs(seen) == ["SELECT approvals"]  # the client's name joined in
+        [read] = seen
+        assert read.startswith("SELECT devices.") and "devices.token_hash =" in read
+        assert " JOIN approvals " in read and " JOIN clients " in read
 
     async def test_an_answer_after_the_push_went_out_drops_nothing(
         self,
