@@ -272,13 +272,19 @@ class SqliteTurns:
         return connection
 
     async def dispose(self) -> None:
-        """Close the held connection, unless a unit still runs on it (then its engine
-        closes it as the process ends, as with any connection checked out)."""
-        if self._held is not None and not self._lock.locked():
-            await self._held.close()
-            self._held = None
+        """Close the held connection once a unit still on it has ended (waiting as long as
+        for a turn): its aiosqlite thread would otherwise keep the process from exiting."""
+        with contextlib.suppress(exc.TimeoutError):
+            async with self.turn():
+                await self._close_held()
+        await self._close_held()  # a unit that outlived the wait: the process is ending
         if self._engine is not None:
             await self._engine.dispose()
+
+    async def _close_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            await held.close()
 
 
 class Database:

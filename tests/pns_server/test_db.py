@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -114,6 +115,33 @@ async def test_sqlite_units_keep_one_connection_open(tmp_path: Path) -> None:
             assert unit.driver is not drivers[0]
     finally:
         await db.dispose()
+
+
+async def test_sqlite_dispose_waits_for_the_unit_on_the_held_connection(tmp_path: Path) -> None:
+    """Closing the database lets a unit still running finish, then closes its connection:
+    no thread of the driver is left behind (one would keep the process from exiting)."""
+    before = set(threading.enumerate())
+    db = Database(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'closed.db'}"))
+    async with db.unit() as unit:
+        await unit.run_sql("CREATE TABLE t (n INTEGER)")
+    async with db.session() as session:
+        await session.execute(text("INSERT INTO t VALUES (1)"))
+    started = asyncio.Event()
+
+    async def slow_unit() -> int:
+        async with db.unit() as unit:
+            started.set()
+            await asyncio.sleep(0.2)
+            await unit.run_sql("INSERT INTO t VALUES (2)")
+            return int(await unit.scalar(select(func.count()).select_from(text("t"))))
+
+    running = asyncio.create_task(slow_unit())
+    await started.wait()
+    await db.dispose()
+    assert running.done() and await running == 2
+    async with asyncio.timeout(5):
+        while set(threading.enumerate()) - before:
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
