@@ -93,9 +93,10 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
         # SQLite has one writer at a time and every transaction here is a writer (BEGIN
         # IMMEDIATE). With several connections the others sleep in SQLite's busy handler
         # (steps of up to 100 ms) and wake in no order: that was the OTP tail at concurrency
-        # 20. With one connection they wait in the pool's FIFO queue instead: their turn
-        # comes the moment the previous transaction ends, in arrival order, and one
-        # aiosqlite thread serves them all. (`pool_size` only matters for PostgreSQL.)
+        # 20. So the relay's transactions wait for their turn in the relay instead
+        # (`SqliteTurns`): it comes the moment the previous one ends, in arrival order. This
+        # engine's one connection serves the ORM sessions in their turns; the driver units
+        # hold one of an engine of their own. (`pool_size` only matters for PostgreSQL.)
         # The pool's own ROLLBACK on return is replaced by `_end_stray_transactions`, which
         # skips it for a connection whose unit ended its transaction itself (see there).
         engine = create_async_engine(
@@ -310,7 +311,7 @@ class Database:
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A unit of work: commits when the block succeeds, rolls back when it raises."""
         kept_error: PnsError | None = None
-        async with self._turn(), self.sessionmaker() as session:
+        async with self.turn(), self.sessionmaker() as session:
             try:
                 yield session
                 await self._commit(session)
@@ -425,8 +426,10 @@ class Database:
         connection = await self._open(probe="SELECT 1")
         return connection, _driver_of(connection)
 
-    def _turn(self) -> contextlib.AbstractAsyncContextManager[None]:
-        """SQLite: this process's turn on the database (see `SqliteTurns`)."""
+    def turn(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """SQLite: this process's turn on the database (see `SqliteTurns`), for work on
+        `engine` itself, which would otherwise meet the units on SQLite's lock (nothing to
+        wait for on PostgreSQL). Sessions and units take it themselves."""
         return self._turns.turn() if self._turns is not None else contextlib.nullcontext()
 
     @asynccontextmanager

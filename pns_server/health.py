@@ -40,7 +40,9 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     ready = True
     try:
-        async with asyncio.timeout(5):
+        # In the database's turn: on SQLite a connection opened beside the units' own can
+        # meet them on the file's lock (setting WAL on a database not yet migrated).
+        async with asyncio.timeout(5), runtime.db.turn():
             async with runtime.db.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
             current = await current_revision(runtime.db.engine)

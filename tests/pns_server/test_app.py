@@ -91,6 +91,8 @@ COUNTING_AUTH = {
     # An answer authenticates in its own statements, its device read with the approval:
     # the route itself (approvals/router.py, `answering_device`).
     "answer_approval",
+    # So does a phone's detail, its device read with the approval and its client's name.
+    "get_device_approval",
 }
 PER_IP = {"limit_registration_per_ip", "limit_pairing_per_ip"}
 # No token and nothing behind them but the clock or one public key.
