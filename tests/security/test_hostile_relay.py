@@ -252,7 +252,9 @@ def test_substituted_key_at_pairing_is_not_pinned(
 
     hostile.responses["GET /v1/pairings/"] = swap_key
     token = PnsClient.register(relay.url, name="NAS", edition="pro").client_token
-    with PnsClient(relay.url, token, key_store=KeyStore(), transport=hostile) as client:
+    with PnsClient(
+        relay.url, token, key_store=KeyStore(), transport=hostile, long_poll_seconds=2
+    ) as client:
         pairing = client.start_pairing("app")
         phone = DeviceClient.pair(pairing.qr_payload or "", **PHONE)
         with caplog.at_level(logging.ERROR, logger="client_sdk"), pytest.raises(KeyProofInvalid):
