@@ -12,8 +12,26 @@ from datetime import UTC, datetime
 OUTBOX_TOPIC = "outbox"  # a delivery is due: wakes the dispatcher at once
 
 
-def approval_topic(approval_id: str) -> str:
-    return f"approval:{approval_id}"
+# A topic may name what kind of change it is after a `/`: the approval's decision has no
+# kind, a push's outcome one of these. A waiter subscribes to the topic alone and is woken
+# only by the kinds it asked for (`Subscription.wants`): a long-poll that waits for the
+# decision does not read the approval again because its push went out.
+KIND_SEPARATOR = "/"
+PUSH_SENT = "sent"  # a push was delivered to its provider
+PUSH_RETRY = "retry"  # a push failed and is queued again
+PUSH_FAILED = "failed"  # a push was given up
+
+
+def approval_topic(approval_id: str, kind: str | None = None) -> str:
+    """The approval's decision (expiry and cancel included); with `kind`, a push outcome."""
+    topic = f"approval:{approval_id}"
+    return topic if kind is None else f"{topic}{KIND_SEPARATOR}{kind}"
+
+
+def split_topic(topic: str) -> tuple[str, str]:
+    """The topic subscribed to, and the kind of change ("" when none is named)."""
+    subscribed, _, kind = topic.partition(KIND_SEPARATOR)
+    return subscribed, kind
 
 
 def pending_topic(client_id: str) -> str:

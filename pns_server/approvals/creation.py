@@ -33,7 +33,7 @@ from pns_server.rows import ApprovalRow, BornRow, ClientRow
 from pns_server.runtime import Runtime
 from pns_server.security import new_id
 from pns_server.states import ApprovalStatus, DeliveryStatus
-from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc, pending_topic
+from pns_server.topics import OUTBOX_TOPIC, now_utc, pending_topic
 
 
 def new_match_code(digits: int) -> str:
@@ -271,7 +271,8 @@ async def create(
     )
     await repo.insert_counted_audited(approval, deliveries, created)
     metrics.approvals_created.inc()
-    publish_after_commit(unit, approval_topic(approval["id"]))
+    # No approval topic: nobody can wait on an approval before it exists (a long-poll's
+    # first read of an unknown id ends it), so only the phones are woken.
     publish_after_commit(unit, pending_topic(client.id))
     if deliveries and not leased:
         publish_after_commit(unit, OUTBOX_TOPIC)

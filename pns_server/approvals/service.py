@@ -35,7 +35,7 @@ from pns_server.realtime.longpoll import Counted, LongPollResponse, Poll, Render
 from pns_server.rows import ApprovalRow, ClientRow, DeviceRow
 from pns_server.runtime import Runtime
 from pns_server.states import ApprovalStatus
-from pns_server.topics import approval_topic, now_utc, pending_topic
+from pns_server.topics import PUSH_FAILED, approval_topic, now_utc, pending_topic
 
 
 async def load_for_client(
@@ -143,6 +143,13 @@ class StateWait(Poll[Rendered[ApprovalState]]):
 
     async def read(self) -> Rendered[ApprovalState]:
         return Rendered(await read_state(self.runtime, self.client_id, self.approval_id))
+
+    def wants(self, kind: str) -> bool:
+        """The push outcomes that can end this wait, as `settled` judges them: `final` none,
+        `final_or_failed` a push given up (a sent push or a retry leaves it possible)."""
+        if self.until == "change":
+            return True
+        return self.until == "final_or_failed" and kind == PUSH_FAILED
 
     def settled(self, read: Rendered[ApprovalState]) -> bool:
         """Whether the wait may return, as its caller asked (`until`)."""

@@ -30,7 +30,14 @@ from pns_server.realtime.base import Subscription
 from pns_server.rows import ClaimedRow
 from pns_server.runtime import BirthLease, Runtime
 from pns_server.states import ApprovalStatus, DeliveryStatus
-from pns_server.topics import OUTBOX_TOPIC, approval_topic, now_utc
+from pns_server.topics import (
+    OUTBOX_TOPIC,
+    PUSH_FAILED,
+    PUSH_RETRY,
+    PUSH_SENT,
+    approval_topic,
+    now_utc,
+)
 
 log = logging.getLogger("pns.push")
 
@@ -38,10 +45,13 @@ log = logging.getLogger("pns.push")
 @dataclass(frozen=True)
 class Claimed:
     delivery_id: str
+    approval_id: str
     lease_until: datetime
     attempts: int
     message: PushMessage | None  # None: nothing to send, `skip` says why
     skip: tuple[DeliveryStatus, str | None] | None = None  # (final status, last_error)
+    # A skip that long-polls may be waiting for: a push given up while its approval is live.
+    skip_wakes: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,15 +242,19 @@ class Dispatcher:
     def _prepare(now: datetime, lease: datetime, row: ClaimedRow) -> Claimed:
         """A claimed row (repository.CLAIMED_COLUMNS) as a message, or why it is skipped."""
 
-        def skip(status: DeliveryStatus, error: str | None) -> Claimed:
-            return Claimed(row.delivery_id, lease, row.attempts, None, (status, error))
+        def skip(status: DeliveryStatus, error: str | None, wakes: bool = False) -> Claimed:
+            return Claimed(
+                row.delivery_id, row.approval_id, lease, row.attempts, None, (status, error), wakes
+            )
 
         if row.approval_status != ApprovalStatus.PENDING:
             return skip(DeliveryStatus.DROPPED, None)
         if row.expires_at <= now:
             return skip(DeliveryStatus.FAILED, "the approval expired before the push went out")
         if row.push_status != "ok" or not row.push_token:
-            return skip(DeliveryStatus.FAILED, "the device has no valid push token")
+            # The approval may have no push left: `final_or_failed` waits must hear it (an
+            # expired one, above, is read again at its expiry anyway).
+            return skip(DeliveryStatus.FAILED, "the device has no valid push token", wakes=True)
         title, body = push_text(row.client_name, row.username, row.hostname, row.action)
         message = PushMessage(
             approval_id=row.approval_id,
@@ -256,7 +270,7 @@ class Dispatcher:
                 (row.push_p256dh, row.push_auth) if row.push_p256dh and row.push_auth else None
             ),
         )
-        return Claimed(row.delivery_id, lease, row.attempts, message)
+        return Claimed(row.delivery_id, row.approval_id, lease, row.attempts, message)
 
     async def _send(self, job: Claimed) -> Sent:
         message = job.message
@@ -320,11 +334,15 @@ class Dispatcher:
     @staticmethod
     async def _finish_skipped(deliveries: DeliveryRepository, jobs: Sequence[Claimed]) -> None:
         """Deliveries with nothing to send (approval decided or expired, token gone): one
-        UPDATE per (lease, outcome), e.g. all the phones of an approval answered meanwhile."""
+        UPDATE per (lease, outcome), e.g. all the phones of an approval answered meanwhile.
+        A push given up for its token may leave its pending approval with no push at all:
+        the long-polls waiting for that (`final_or_failed`) are woken."""
         groups: dict[tuple[datetime, DeliveryStatus, str | None], list[str]] = defaultdict(list)
         for job in jobs:
             assert job.skip is not None
             groups[(job.lease_until, *job.skip)].append(job.delivery_id)
+            if job.skip_wakes:
+                publish_after_commit(deliveries.unit, approval_topic(job.approval_id, PUSH_FAILED))
         for (lease, status, error), ids in groups.items():
             await deliveries.finish_all(ids, lease, status, error)
 
@@ -337,7 +355,7 @@ class Dispatcher:
             by_lease[job.lease_until].append(job.delivery_id)
         for lease, ids in by_lease.items():
             for approval_id in await deliveries.finish_sent(ids, lease, now_utc()):
-                publish_after_commit(deliveries.unit, approval_topic(approval_id))
+                publish_after_commit(deliveries.unit, approval_topic(approval_id, PUSH_SENT))
 
     @staticmethod
     async def _finish(
@@ -351,8 +369,9 @@ class Dispatcher:
         changed = await deliveries.finish(
             job.delivery_id, job.lease_until, status, error, next_attempt_at=next_attempt_at
         )
-        if changed and job.message is not None:
-            publish_after_commit(deliveries.unit, approval_topic(job.message.approval_id))
+        if changed:
+            kind = PUSH_FAILED if status is DeliveryStatus.FAILED else PUSH_RETRY
+            publish_after_commit(deliveries.unit, approval_topic(job.approval_id, kind))
         return changed
 
     async def _apply(

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from pns_server.topics import split_topic
+
 if TYPE_CHECKING:
     from pns_server.db import Executor
 
@@ -32,6 +34,11 @@ class Subscription:
         self.woken_at = self.since
         self._woken = False
         self._waiter: asyncio.Future[None] | None = None
+
+    def wants(self, kind: str) -> bool:
+        """Whether a change of this kind (`topics.split_topic`) may matter to the waiter; a
+        topic published without a kind wakes every subscriber."""
+        return True
 
     def wake(self) -> None:
         self.woken_at = time.monotonic()
@@ -217,8 +224,10 @@ class LocalFanout:
         return sum(len(s) for s in self._subs.values())
 
     def wake(self, topic: str) -> None:
-        for sub in self._subs.get(topic, ()):
-            sub.wake()
+        subscribed, kind = split_topic(topic)
+        for sub in self._subs.get(subscribed, ()):
+            if not kind or sub.wants(kind):
+                sub.wake()
 
     def wake_all(self) -> None:
         for subs in self._subs.values():

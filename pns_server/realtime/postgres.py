@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CHANNEL = "pns_events"
 # Built once: it runs in every committing unit of work that wakes someone.
-SAFE_TOPIC = re.compile(r"[A-Za-z0-9:_-]{1,200}")
+SAFE_TOPIC = re.compile(r"[A-Za-z0-9:/_-]{1,200}")
 NOTIFY = text("SELECT pg_notify(:channel, topic) FROM unnest(CAST(:topics AS text[])) topic")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,10 +18,11 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import update
 
+from pns_server import driver
 from pns_server.db import publish_after_commit
 from pns_server.models import Delivery
 from pns_server.states import DeliveryStatus
-from pns_server.topics import approval_topic
+from pns_server.topics import PUSH_FAILED, PUSH_RETRY, PUSH_SENT, approval_topic
 from tests.pns_server.approvals.helpers import (
     answer,
     move_expiry,
@@ -28,6 +31,13 @@ from tests.pns_server.approvals.helpers import (
     settle_deliveries,
 )
 from tests.support.factories import PairedDevice, RegisteredClient
+
+# The wake-up the dispatcher publishes with each outcome (a lease it takes publishes none).
+KIND_OF_OUTCOME = {
+    DeliveryStatus.SENT: PUSH_SENT,
+    DeliveryStatus.QUEUED: PUSH_RETRY,
+    DeliveryStatus.FAILED: PUSH_FAILED,
+}
 
 
 async def set_delivery(
@@ -41,7 +51,25 @@ async def set_delivery(
             .where(Delivery.approval_id == approval_id)
             .values(status=status, last_error=error, lease_until=lease)
         )
-        publish_after_commit(session, approval_topic(approval_id))
+        if status in KIND_OF_OUTCOME:
+            publish_after_commit(session, approval_topic(approval_id, KIND_OF_OUTCOME[status]))
+
+
+@contextmanager
+def state_reads() -> Iterator[list[str]]:
+    """The approval reads of long-polls meanwhile, whichever task made them: on PostgreSQL
+    the wake-up may come from the LISTEN connection, before the committing task's own."""
+    seen: list[str] = []
+
+    def on_statement(sql: str) -> None:
+        if "AS delivery_queued" in sql:  # the one read a woken long-poll makes
+            seen.append(sql)
+
+    driver.statement_listeners.append(on_statement)
+    try:
+        yield seen
+    finally:
+        driver.statement_listeners.remove(on_statement)
 
 
 async def leased(app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient) -> str:
@@ -133,6 +161,41 @@ class TestUntil:
         )
         assert again.json()["delivery"]["failed"] == 1
         assert time.monotonic() - started < 5
+
+    @pytest.mark.parametrize(
+        ("outcome", "reads"),
+        [
+            (DeliveryStatus.SENT, {"change": 1, "final_or_failed": 0, "final": 0}),
+            (DeliveryStatus.QUEUED, {"change": 1, "final_or_failed": 0, "final": 0}),
+            (DeliveryStatus.FAILED, {"change": 1, "final_or_failed": 1, "final": 0}),
+        ],
+    )
+    async def test_a_wait_reads_again_only_for_the_outcomes_that_can_end_it(
+        self,
+        app: FastAPI,
+        http: httpx.AsyncClient,
+        client: RegisteredClient,
+        phone: PairedDevice,
+        outcome: DeliveryStatus,
+        reads: dict[str, int],
+    ) -> None:
+        """A push's outcome wakes only the long-polls it may end: a woken one reads the
+        approval again, the others stay asleep (their read would be wasted). One wait at a
+        time: waits woken together would share one read."""
+        approval_id = await leased(app, http, client)
+        for until, expected in reads.items():
+            await set_delivery(app, approval_id, DeliveryStatus.SENDING)
+            waiting = poll(http, client, approval_id, until=until)
+            assert await still_waiting(waiting)
+            with state_reads() as seen:
+                await set_delivery(app, approval_id, outcome, "503 ServiceUnavailable")
+                await asyncio.sleep(0.3)
+            assert (until, len(seen)) == (until, expected)
+            if expected:
+                assert (await asyncio.wait_for(waiting, 10)).json()["status"] == "pending"
+            else:
+                assert not waiting.done()
+                waiting.cancel()
 
     async def test_an_expiry_ends_every_kind_of_wait(
         self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice

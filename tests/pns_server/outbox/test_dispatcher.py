@@ -19,6 +19,7 @@ from pns_server.outbox.dispatcher import Dispatcher
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.push.log import LogPushSender
 from tests.pns_server.approvals.helpers import answer, request_approval, runtime_of
+from tests.pns_server.approvals.test_until import poll, state_reads, still_waiting
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
 
 
@@ -656,3 +657,62 @@ async def test_deliveries_with_nothing_to_send_are_finished_with_their_claim(
         assert outbox_statements(seen) == ["claim", "finish"]
     else:
         assert outbox_statements(seen) == ["claim", "claimed rows", "finish"]
+
+
+async def test_a_push_given_up_for_its_token_wakes_the_wait_for_every_push_failing(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    """The phone's token went bad after the approval was created (another push found it
+    out): its delivery is given up at the claim, and a client waiting for every push to
+    fail hears it at once, to offer its one-time password."""
+    body = await request_approval(http, client)
+    async with runtime_of(app).db.session() as session:
+        await session.execute(
+            update(Device).where(Device.id == phone.device_id).values(push_status="invalid_token")
+        )
+    waiting = poll(http, client, body["approval_id"], until="final_or_failed")
+    assert await still_waiting(waiting)
+    await manual.run_once()
+    state = (await asyncio.wait_for(waiting, 10)).json()
+    assert (state["status"], state["delivery"]["failed"]) == ("pending", 1)
+    assert state["delivery"]["last_error"] == "the device has no valid push token"
+
+
+async def test_a_push_sent_wakes_only_the_waits_it_can_end(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    """What the dispatcher publishes with a push delivered: the client that asked for any
+    change hears it; one waiting for the decision or a failure is not even woken to read."""
+    runtime_of(app).senders["apns"] = ScriptedSender(PushResult(Outcome.DELIVERED))
+    body = await request_approval(http, client)
+    for until, reads in (("final_or_failed", 0), ("final", 0)):
+        waiting = poll(http, client, body["approval_id"], until=until)
+        assert await still_waiting(waiting)
+        with state_reads() as seen:
+            assert await manual.run_once() == 1
+            await asyncio.sleep(0.3)
+        assert (until, len(seen), waiting.done()) == (until, reads, False)
+        waiting.cancel()
+        await set_queued(app, body["approval_id"])
+    waiting = poll(http, client, body["approval_id"], until="change")
+    assert await still_waiting(waiting)
+    await manual.run_once()
+    assert (await asyncio.wait_for(waiting, 10)).json()["delivery"]["sent"] == 1
+
+
+async def set_queued(app: FastAPI, approval_id: str) -> None:
+    """Make the approval's push due again, as if it had not gone out yet."""
+    async with runtime_of(app).db.session() as session:
+        await session.execute(
+            update(Delivery)
+            .where(Delivery.approval_id == approval_id)
+            .values(status="queued", lease_until=None, next_attempt_at=datetime.now(UTC))
+        )

@@ -6,7 +6,8 @@ import weakref
 
 import pytest
 
-from pns_server.realtime.base import Deadlines
+from pns_server.realtime.base import Deadlines, LocalFanout, Subscription
+from pns_server.topics import PUSH_FAILED, PUSH_SENT, approval_topic
 
 
 class Waiter:
@@ -74,3 +75,34 @@ class TestDeadlines:
             while not all(waiter.came for waiter in others):
                 await asyncio.sleep(0.01)
         assert "a deadline's waiter failed" in caplog.text
+
+
+class Picky(Subscription):
+    """A waiter that only a push given up concerns (as `until=final_or_failed`)."""
+
+    def wants(self, kind: str) -> bool:
+        return kind == PUSH_FAILED
+
+
+class TestKinds:
+    async def test_a_kind_wakes_only_the_subscribers_that_want_it(self) -> None:
+        fanout = LocalFanout()
+        picky, plain = Picky(approval_topic("a1")), Subscription(approval_topic("a1"))
+        other = Subscription(approval_topic("a2"))
+        for sub in (picky, plain, other):
+            fanout.add(sub)
+        fanout.wake(approval_topic("a1", PUSH_SENT))
+        assert (await picky.wait(0), await plain.wait(0), await other.wait(0)) == (
+            False,
+            True,
+            False,
+        )
+        fanout.wake(approval_topic("a1", PUSH_FAILED))
+        assert (await picky.wait(0), await plain.wait(0)) == (True, True)
+        # The decision names no kind: it wakes everyone subscribed to the approval.
+        fanout.wake(approval_topic("a1"))
+        assert (await picky.wait(0), await plain.wait(0), await other.wait(0)) == (
+            True,
+            True,
+            False,
+        )

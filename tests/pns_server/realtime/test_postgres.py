@@ -10,6 +10,8 @@ import pytest
 from pns_server.config import async_database_url
 from pns_server.db import Database, create_engine, publish_after_commit
 from pns_server.realtime.postgres import PostgresNotifier
+from pns_server.topics import PUSH_FAILED, PUSH_SENT, approval_topic
+from tests.pns_server.realtime.test_base import Picky
 
 pytestmark = pytest.mark.postgres_only
 
@@ -48,6 +50,23 @@ async def test_publish_on_one_replica_wakes_a_waiter_on_another(pair, database_u
         await commit_topics(a, database_url, "approval:1")
         assert await sub.wait(5)
         assert not await other.wait(0.2)
+
+
+async def test_a_kind_reaches_another_replica_and_wakes_only_who_wants_it(
+    pair, database_url: str
+) -> None:
+    a, b = pair
+    picky = Picky(approval_topic("1"))
+    b.add(picky)
+    try:
+        async with b.subscribe(approval_topic("1")) as plain:
+            await commit_topics(a, database_url, approval_topic("1", PUSH_SENT))
+            assert await plain.wait(5)
+            assert not await picky.wait(0.2)
+            await commit_topics(a, database_url, approval_topic("1", PUSH_FAILED))
+            assert await picky.wait(5)
+    finally:
+        b.discard(picky)
 
 
 async def test_a_dropped_listen_connection_wakes_waiters_and_reconnects(
@@ -119,6 +138,10 @@ def test_notify_sql_writes_only_topics_that_cannot_break_out_of_a_literal() -> N
     notifier = PostgresNotifier("postgresql+asyncpg://unused/db")
     assert notifier.notify_sql(["pending:ab12", "approval:ff00"]) == (
         "SELECT pg_notify('pns_events', 'approval:ff00'), pg_notify('pns_events', 'pending:ab12')"
+    )
+    # A push's outcome names its kind after a slash.
+    assert notifier.notify_sql(["approval:ff00/sent"]) == (
+        "SELECT pg_notify('pns_events', 'approval:ff00/sent')"
     )
     for hostile in ["approval:x'); DROP TABLE clients; --", "a b", "", "x" * 201, "é"]:
         assert notifier.notify_sql(["outbox", hostile]) is None
