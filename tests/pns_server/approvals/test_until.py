@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +17,6 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import update
 
-from pns_server import driver
 from pns_server.db import publish_after_commit
 from pns_server.models import Delivery
 from pns_server.states import DeliveryStatus
@@ -31,6 +29,7 @@ from tests.pns_server.approvals.helpers import (
     settle_deliveries,
 )
 from tests.support.factories import PairedDevice, RegisteredClient
+from tests.support.statements import statements_where
 
 # The wake-up the dispatcher publishes with each outcome (a lease it takes publishes none).
 KIND_OF_OUTCOME = {
@@ -55,21 +54,10 @@ async def set_delivery(
             publish_after_commit(session, approval_topic(approval_id, KIND_OF_OUTCOME[status]))
 
 
-@contextmanager
-def state_reads() -> Iterator[list[str]]:
+def state_reads() -> AbstractContextManager[list[str]]:
     """The approval reads of long-polls meanwhile, whichever task made them: on PostgreSQL
     the wake-up may come from the LISTEN connection, before the committing task's own."""
-    seen: list[str] = []
-
-    def on_statement(sql: str) -> None:
-        if "AS delivery_queued" in sql:  # the one read a woken long-poll makes
-            seen.append(sql)
-
-    driver.statement_listeners.append(on_statement)
-    try:
-        yield seen
-    finally:
-        driver.statement_listeners.remove(on_statement)
+    return statements_where(lambda sql: "AS delivery_queued" in sql)  # a woken poll's read
 
 
 async def leased(app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient) -> str:

@@ -6,15 +6,14 @@ a rolled-back creation sending nothing, another dispatcher reclaiming a lapsed l
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
-from pns_server import driver
 from pns_server.db import when_unit_ends
 from pns_server.outbox.dispatcher import Dispatcher
 from pns_server.outbox.repository import CLAIMED_COLUMNS
@@ -28,26 +27,17 @@ from tests.pns_server.outbox.test_dispatcher import (
     wait_for_statuses,
 )
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
+from tests.support.statements import statements_where
 
 
-@contextmanager
-def claims_run() -> Iterator[list[str]]:
+def claims_run() -> AbstractContextManager[list[str]]:
     """The claim statements any dispatcher runs meanwhile."""
-    seen: list[str] = []
-
-    def on_statement(sql: str) -> None:
-        words = " ".join(sql.split())
-        if (
-            words.startswith("UPDATE deliveries SET status=")
-            and "attempts=(deliveries.attempts" in words
-        ):
-            seen.append(words)
-
-    driver.statement_listeners.append(on_statement)
-    try:
-        yield seen
-    finally:
-        driver.statement_listeners.remove(on_statement)
+    return statements_where(
+        lambda sql: (
+            sql.startswith("UPDATE deliveries SET status=")
+            and "attempts=(deliveries.attempts" in sql
+        )
+    )
 
 
 @pytest.fixture
