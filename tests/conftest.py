@@ -6,6 +6,7 @@ database cloned from a migrated template in a throwaway cluster (started once pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import uuid
@@ -83,18 +84,34 @@ def db_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def database_url(
     db_kind: str, tmp_path: Path, sqlite_template: Path, request: pytest.FixtureRequest
-) -> str:
-    """A fresh, migrated database for this test, as the plain URL an operator would write."""
+) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test, as the plain URL an operator would write.
+    A PostgreSQL one is dropped after the test: kept, the suite's databases would fill
+    gigabytes of the cluster's temp dir by the end of the run."""
     if db_kind == "sqlite":
         path = tmp_path / "pns.db"
         shutil.copyfile(sqlite_template, path)
-        return f"sqlite:///{path}"
+        yield f"sqlite:///{path}"
+        return
     cluster: Cluster | None = request.getfixturevalue("pg_cluster")
     if cluster is None:
         pytest.skip("PostgreSQL is not installed here (CI requires it)")
     name = "t_" + uuid.uuid4().hex[:16]
-    await _create_database(cluster.database_url("postgres"), name, template=TEMPLATE_DB)
-    return cluster.database_url(name)
+    admin_url = cluster.database_url("postgres")
+    await _create_database(admin_url, name, template=TEMPLATE_DB)
+    yield cluster.database_url(name)
+    await _drop_database(admin_url, name)
+
+
+async def _drop_database(admin_url: str, name: str) -> None:
+    """Best effort: a test that stopped the cluster, or a server still connected that
+    FORCE cannot end, leaves its database to the cluster's removal at the end."""
+    with contextlib.suppress(OSError, asyncpg.PostgresError):
+        conn = await asyncpg.connect(admin_url, timeout=10)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', timeout=10)
+        finally:
+            await conn.close()
 
 
 def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settings:
