@@ -18,7 +18,7 @@ from pns_server.errors import (
 from pns_server.metrics import Metrics
 from pns_server.rows import ApprovalRow
 from pns_server.states import ApprovalStatus
-from pns_server.topics import approval_topic, now_utc, pending_topic
+from pns_server.topics import approval_topic, now_utc
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,11 @@ async def on_final(
 
 
 def topics_of(outcome: Outcome) -> list[str]:
-    """Whom a final state wakes: the approval's waiters and its client's phones."""
-    return [approval_topic(outcome.approval_id), pending_topic(outcome.client_id)]
+    """Whom a final state wakes: the approval's waiters. Not its client's phones: a phone's
+    wait (`PendingWait`) lasts only while none of its client's approvals is pending, and
+    an approval leaving the pending list cannot end it (on PostgreSQL, one NOTIFY less per
+    decision for every relay to hear)."""
+    return [approval_topic(outcome.approval_id)]
 
 
 def count_final(metrics: Metrics, outcome: Outcome) -> None:

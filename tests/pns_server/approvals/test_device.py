@@ -21,6 +21,7 @@ from tests.pns_server.approvals.helpers import (
     signed_answer,
 )
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
+from tests.support.statements import statements_where
 
 
 async def status_of(http: httpx.AsyncClient, client: RegisteredClient, approval_id: str) -> Any:
@@ -73,6 +74,28 @@ class TestPendingList:
             listed = DeviceApprovalList.model_validate_json(response.content)
             assert [a.approval_id for a in listed.approvals] == [body["approval_id"]]
         assert answers[0].content == answers[1].content == answers[2].content
+
+    async def test_a_decision_does_not_wake_a_waiting_phone(
+        self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
+    ) -> None:
+        """A phone waits only while nothing is pending, so an approval leaving the list (here
+        one past its expiry, recorded as expired by the client's read) cannot end its wait:
+        it is not even woken to read again. A new approval still wakes it."""
+        stale = await request_approval(http, client)
+        await move_expiry(app, stale["approval_id"], -1)
+        waiting = asyncio.create_task(
+            http.get("/v1/device/approvals?wait=30", headers=phone.headers)
+        )
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        with statements_where(lambda sql: "ORDER BY approvals.created_at DESC" in sql) as reads:
+            state = await http.get(f"/v1/approvals/{stale['approval_id']}", headers=client.headers)
+            assert state.json()["status"] == "expired"
+            await asyncio.sleep(0.3)
+        assert (reads, waiting.done()) == ([], False)
+        fresh = await request_approval(http, client)
+        listed = (await asyncio.wait_for(waiting, 10)).json()
+        assert [a["approval_id"] for a in listed["approvals"]] == [fresh["approval_id"]]
 
     async def test_skips_decided_expired_and_other_clients(
         self, app: FastAPI, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice
