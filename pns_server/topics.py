@@ -35,7 +35,8 @@ def split_topic(topic: str) -> tuple[str, str]:
 
 
 def pending_topic(client_id: str) -> str:
-    """Wakes the phones of a client: an approval was created or left the pending list."""
+    """Wakes the phones of a client: an approval was created (an approval leaving the list
+    cannot end a phone's wait, which lasts only while none is pending)."""
     return f"pending:{client_id}"
 
 
