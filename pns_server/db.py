@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 
 from pns_server.driver import DriverUnit
 from pns_server.errors import PnsError
+from pns_server.sqlite_loop import CONNECTION_PRAGMAS, LoopSqlite
 
 TOPICS_KEY = "pns_topics"
 UNIT_END_KEY = "pns_unit_end"
@@ -70,13 +71,8 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         # writers deadlock on the lock upgrade instead of waiting for busy_timeout.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        # The busy timeout first: setting the journal mode takes a lock too, and without it
-        # a connection opened while another process (`pns-server admin`, a checkpoint)
-        # holds one fails at once with "database is locked".
-        cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        for pragma in CONNECTION_PRAGMAS:
+            cursor.execute(pragma)
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
@@ -214,25 +210,25 @@ def _driver_of(connection: AsyncConnection) -> Any:
 class SqliteTurns:
     """SQLite: the driver units' one connection, held open and taken in turns.
 
-    Checking a connection out of SQLAlchemy's pool and back costs two greenlet hand-offs
-    and the pool's bookkeeping: about 130 us of CPU per unit, more than its statements
-    (`bench --only db_layers`), and a login runs nine units. SQLite has one writer at a
-    time anyway, so the units take turns on one connection that stays checked out, of an
-    engine of their own, in arrival order (an asyncio lock wakes its waiters first come,
-    first served). ORM sessions take the same turns on the main engine's connection, so
-    no two of the relay's transactions ever meet on SQLite's lock (see `create_engine`).
+    SQLite has one writer at a time, so the units take turns on one connection that stays
+    open, in arrival order (an asyncio lock wakes its waiters first come, first served),
+    and run their statements on the event loop (`pns_server.sqlite_loop`). ORM sessions
+    take the same turns on the main engine's connection, so no two of the relay's
+    transactions ever meet on SQLite's lock (see `create_engine`).
 
-    A unit cancelled while its statement runs in aiosqlite's thread may leave a
+    A unit cancelled while its statement waits in the connection's thread may leave a
     transaction behind it (its BEGIN IMMEDIATE lands a moment later): the next turn rolls
     back first unless the last one marked the connection settled, as the pool's return
-    does (`_end_stray_transactions`)."""
+    does (`_end_stray_transactions`). A turn that ends with enough rows changed since the
+    last checkpoint runs one, in the thread, before the next turn begins."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._url = engine.url.render_as_string(hide_password=False)
+        database, options = engine.dialect.create_connect_args(engine.url)
+        self._database: str = database[0]
+        self._options = dict(options)
         self._timeout = engine.pool.timeout()  # type: ignore[attr-defined]
         self._lock = asyncio.Lock()
-        self._engine: AsyncEngine | None = None
-        self._held: AsyncConnection | None = None
+        self._held: LoopSqlite | None = None
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -250,41 +246,46 @@ class SqliteTurns:
             ) from None
         try:
             yield
+            held = self._held
+            if held is not None and held.checkpoint_due():
+                await self._checkpoint(held)
         finally:
             self._lock.release()
 
-    async def connection(self) -> AsyncConnection:
+    async def connection(self) -> LoopSqlite:
         """The held connection, settled: call only during a turn."""
         held = self._held
         if held is None or held.invalidated:
-            if held is not None:
-                await held.close()
             held = self._held = await self._open()
         if not held.info.get(SETTLED, False):
-            await _driver_of(held).rollback()
+            await held.rollback()
             held.info[SETTLED] = True
         return held
 
-    async def _open(self) -> AsyncConnection:
-        if self._engine is None:
-            self._engine = create_engine(self._url, pool_timeout=self._timeout)
-        connection = await self._engine.connect()
+    async def _open(self) -> LoopSqlite:
+        connection = await LoopSqlite.open(self._database, **self._options)
         connection.info[SETTLED] = True
         return connection
 
+    @staticmethod
+    async def _checkpoint(held: LoopSqlite) -> None:
+        # The turn's own work is done: a checkpoint that fails is tried again after the next.
+        try:
+            await held.checkpoint_if_due()
+        except Exception:
+            log.warning("SQLite checkpoint failed; tried again later", exc_info=True)
+
     async def dispose(self) -> None:
         """Close the held connection once a unit still on it has ended (waiting as long as
-        for a turn): its aiosqlite thread would otherwise keep the process from exiting."""
+        for a turn): its thread would otherwise keep the process from exiting."""
         with contextlib.suppress(exc.TimeoutError):
             async with self.turn():
                 await self._close_held()
         await self._close_held()  # a unit that outlived the wait: the process is ending
-        if self._engine is not None:
-            await self._engine.dispose()
 
     async def _close_held(self) -> None:
         held, self._held = self._held, None
-        if held is not None:
+        if held is not None and not held.invalidated:
             await held.close()
 
 
@@ -389,9 +390,9 @@ class Database:
                     yield unit
                 finally:
                     if not unit.broken:
-                        # Statements without a transaction (pysqlite's isolation_level
-                        # None): even one cancelled while it waits in aiosqlite's thread
-                        # leaves none behind.
+                        # Statements without a transaction (isolation_level None): even
+                        # one cancelled while it waits in the connection's thread leaves
+                        # none behind.
                         unit.connection.info[SETTLED] = True
             return
         unit = self._driver_unit(await self._open(probe=None))
@@ -433,7 +434,7 @@ class Database:
         return self._turns.turn() if self._turns is not None else contextlib.nullcontext()
 
     @asynccontextmanager
-    async def _unit_connection(self, *, probe: str) -> AsyncIterator[AsyncConnection]:
+    async def _unit_connection(self, *, probe: str) -> AsyncIterator[AsyncConnection | LoopSqlite]:
         """A unit's connection: SQLite's held one during a turn, or one from the pool."""
         if self._turns is not None:
             async with self._turns.turn():
@@ -460,7 +461,9 @@ class Database:
             _PROBE.reset(token)
         return connection
 
-    def _driver_unit(self, connection: AsyncConnection) -> DriverUnit:
+    def _driver_unit(self, connection: AsyncConnection | LoopSqlite) -> DriverUnit:
+        if isinstance(connection, LoopSqlite):
+            return DriverUnit(connection, connection, self.engine.dialect)
         return DriverUnit(connection, _driver_of(connection), self.engine.dialect)
 
     async def _commit_unit(self, unit: DriverUnit) -> None:

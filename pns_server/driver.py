@@ -2,10 +2,12 @@
 
 SQLAlchemy builds and compiles each statement (once per statement and dialect: the SQL,
 the order of its parameters and the type conversions it would apply), and this module runs
-it straight on asyncpg or aiosqlite. What it skips is SQLAlchemy's per-execution machinery,
-which costs several times the database round trip itself (`bench.run --only db_layers`):
+it straight on asyncpg, or on SQLite's own module on the event loop
+(`pns_server.sqlite_loop`). What it skips is SQLAlchemy's per-execution machinery, which
+costs several times the database round trip itself (`bench.run --only db_layers`):
 execution contexts, result metadata, the cursor adapters' greenlet hops, and on SQLite the
-three or four hand-offs to aiosqlite's thread per statement (here: one).
+three or four hand-offs to aiosqlite's thread per statement (here: none, unless the
+statement must wait for a lock).
 
 Only Core statements on tables, built once with `bindparam`s, go through here: an ORM
 entity select, an expanding IN, or an INSERT that would need a Python-side column default
@@ -30,6 +32,8 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert, UpdateBase
 from sqlalchemy.sql.selectable import Select, SelectBase
+
+from pns_server.sqlite_loop import LoopSqlite
 
 Processor = Callable[[Any], Any] | None
 Params = Mapping[str, Any]
@@ -206,7 +210,9 @@ class Rows:
 class DriverUnit:
     """Runs compiled statements on one checked-out connection (see `Database.unit`)."""
 
-    def __init__(self, connection: AsyncConnection, driver: Any, dialect: Dialect) -> None:
+    def __init__(
+        self, connection: AsyncConnection | LoopSqlite, driver: Any, dialect: Dialect
+    ) -> None:
         self.connection = connection
         self.driver = driver
         self.dialect = dialect
@@ -239,6 +245,7 @@ class DriverUnit:
         except sa_exc.OperationalError as error:
             if reconnect is None or not error.connection_invalidated:
                 raise
+            assert not isinstance(self.connection, LoopSqlite), "reconnects are PostgreSQL's"
             self.connection, self.driver = await reconnect(self.connection)
             self.broken = False
             return await self._rows(compiled, arguments)
@@ -292,16 +299,17 @@ class DriverUnit:
         if self.postgres:
             records: Sequence[Sequence[Any]] = await self.driver.fetch(sql, *arguments)
             return records
-        # One hand-off to aiosqlite's thread: execute and fetch together.
-        return list(await self.driver.execute_fetchall(sql, arguments))
+        # On the event loop (`pns_server.sqlite_loop`).
+        rows: list[Sequence[Any]] = await self.driver.execute_fetchall(sql, arguments)
+        return rows
 
     async def _run(self, sql: str, arguments: tuple[Any, ...]) -> int:
         if self.postgres:
             status: str = await self.driver.execute(sql, *arguments)
             last = status.rsplit(" ", 1)[-1]
             return int(last) if last.isdigit() else -1
-        cursor = await self.driver.execute(sql, arguments)
-        return int(cursor.rowcount)
+        changed: int = await self.driver.execute(sql, arguments)
+        return changed
 
     async def _translated(self, error: Exception, sql: str) -> Exception:
         """The driver's error as the SQLAlchemy exception the rest of the relay handles."""

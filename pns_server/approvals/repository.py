@@ -211,8 +211,8 @@ _DROP_QUEUED = (
     .values(status=DeliveryStatus.DROPPED, lease_until=None)
 )
 # Creating an approval.
-# What a creation reads beside its caller's row, in one statement (one round trip, one
-# hand-off to SQLite's thread): the app devices that can answer, in pairing order, and the
+# What a creation reads beside its caller's row, in one statement (one round trip on
+# PostgreSQL): the app devices that can answer, in pairing order, and the
 # client's pending approvals it supersedes. `row` tells them apart.
 _PUSH_FIELDS = (
     devices.c.id,

@@ -290,11 +290,11 @@ async def test_reads_skip_begin_and_commit_on_postgres(database_url: str) -> Non
 async def test_a_unit_cancelled_while_its_begin_waits_leaves_no_transaction(
     tmp_path: Path,
 ) -> None:
-    """SQLite: a unit's BEGIN IMMEDIATE can wait in aiosqlite's thread (another process holds
-    the write lock) when its request is cancelled. Its connection returns to the pool with
-    no transaction yet, and one begins a moment later; a unit that ended its own transaction
-    marks its connection so the pool skips its ROLLBACK, and this one must not be marked:
-    the next unit would find the transaction and fail to begin."""
+    """SQLite: a unit's BEGIN IMMEDIATE can wait in its connection's thread (another
+    process holds the write lock) when its request is cancelled. Its connection is handed
+    back with no transaction yet, and one begins a moment later; a unit that ended its own
+    transaction marks its connection so the next turn skips its ROLLBACK, and this one must
+    not be marked: the next unit would find the transaction and fail to begin."""
     path = tmp_path / "cancelled.db"
     db = Database(create_engine(f"sqlite+aiosqlite:///{path}"))
     try:

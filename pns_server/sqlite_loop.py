@@ -1,0 +1,189 @@
+"""SQLite for the driver units: statements run on the event loop, and only a statement
+that must wait for a lock goes to a thread.
+
+The units' statements are index lookups and small writes that SQLite runs in about 10 us.
+Handing each one to aiosqlite's thread and back cost 80-90 us of CPU more (the thread's
+queue, waking the event loop through its self-pipe, the GIL changing hands twice), and a
+login runs some thirty of them with its BEGINs and COMMITs. So this connection runs them
+right on the event loop, with SQLite's busy timeout at zero: a statement that would wait
+for a lock (another process's write transaction: `pns-server admin`, a migration) fails
+at once with SQLITE_BUSY, having done nothing, and is run again in the connection's own
+thread with the usual busy timeout, where the wait stops no other request. That is what
+SQLite's busy handler would have done, without the event loop standing still meanwhile.
+
+Two more things could hold the event loop, and neither runs there:
+- checkpoints, which copy the write-ahead log into the database and sync both files:
+  SQLite runs one inside the COMMIT that fills the log past its limit. This connection's
+  automatic checkpoints are off; `checkpoint_if_due` runs a passive one in the thread
+  once enough rows have changed, between units;
+- opening the connection (setting WAL mode takes a lock), done in the thread.
+
+What is left on the event loop is the statement itself, which reads pages the operating
+system has cached, and appends to the log at COMMIT without syncing it
+(`synchronous=NORMAL` in WAL mode). For a database much larger than memory, or on a slow
+disk, a read may wait for the disk there: PostgreSQL is the backend for such loads.
+
+The connection is used by one unit at a time (`pns_server.db.SqliteTurns`). A unit
+cancelled while its statement waits in the thread leaves that statement running: every
+call first waits for it to end, so the loop and the thread never use the connection at
+the same time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# How long a statement sent to the thread waits for another connection's lock.
+BUSY_TIMEOUT_MS = 10_000
+# Rows changed between passive checkpoints: a few pages each, so the log stays within a
+# few megabytes (SQLite's own default checkpoints at 1,000 pages, 4 MB).
+CHECKPOINT_EVERY_CHANGES = 256
+
+# The settings of every connection the relay opens on SQLite. The busy timeout comes first:
+# setting the journal mode takes a lock too, and without it a connection opened while
+# another process holds one fails at once with "database is locked".
+CONNECTION_PRAGMAS = (
+    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA synchronous=NORMAL",
+)
+
+_SQLITE_BUSY = 5  # the primary result code; extended codes carry it in their low byte
+
+
+def must_wait(error: sqlite3.OperationalError) -> bool:
+    """The statement failed because another connection holds a lock it needs."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == _SQLITE_BUSY
+
+
+class LoopSqlite:
+    """One SQLite connection for the driver units (see the module's docstring). Also what
+    the units hold as their connection: `info` for their marks, `invalidate()`."""
+
+    def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self._db = connection
+        self._executor = executor
+        self._waiting: Future[Any] | None = None  # a statement still running in the thread
+        self._checkpointed_at = connection.total_changes
+        self.info: dict[str, Any] = {}
+        self.invalidated = False
+        self.waited = 0  # statements sent to the thread to wait for a lock
+
+    @classmethod
+    async def open(cls, database: str, **options: Any) -> LoopSqlite:
+        """Connect to `database` with `sqlite3.connect` options (`uri`, ...)."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pns-sqlite")
+
+        def connect() -> sqlite3.Connection:
+            settings = {**options, "isolation_level": None, "check_same_thread": False}
+            connection: sqlite3.Connection = sqlite3.connect(database, **settings)
+            try:
+                for pragma in CONNECTION_PRAGMAS:
+                    connection.execute(pragma)
+                connection.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint_if_due
+                connection.execute("PRAGMA busy_timeout=0")
+            except BaseException:
+                connection.close()
+                raise
+            return connection
+
+        try:
+            connection = await asyncio.wrap_future(executor.submit(connect))
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(connection, executor)
+
+    async def execute_fetchall(
+        self, sql: str, parameters: Sequence[Any] = ()
+    ) -> list[Sequence[Any]]:
+        """The rows of a statement that returns rows."""
+        return await self._call(lambda db: db.execute(sql, parameters).fetchall())
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> int:
+        """Run a statement that returns no rows; the number of rows it changed."""
+        return await self._call(lambda db: db.execute(sql, parameters).rowcount)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any] | Mapping[str, Any]]) -> int:
+        return await self._call(lambda db: db.executemany(sql, rows).rowcount)
+
+    async def rollback(self) -> None:
+        """End a transaction if one is open (none: nothing to do)."""
+        await self._call(lambda db: db.rollback())
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    def checkpoint_due(self) -> bool:
+        return self._db.total_changes - self._checkpointed_at >= CHECKPOINT_EVERY_CHANGES
+
+    async def checkpoint_if_due(self) -> None:
+        """A passive checkpoint, in the thread, once enough rows changed since the last one
+        and no transaction is open. Passive: it copies what no reader still needs and never
+        waits for a lock."""
+        if self.invalidated or not self.checkpoint_due():
+            return
+        await self._settled()
+        if self._db.in_transaction:
+            return
+        self._checkpointed_at = self._db.total_changes
+        passive = "PRAGMA wal_checkpoint(PASSIVE)"
+        waiting = self._executor.submit(lambda: self._db.execute(passive).fetchall())
+        self._waiting = waiting
+        await asyncio.wrap_future(waiting)
+
+    async def invalidate(self) -> None:
+        """Drop this connection (its transaction, if any, ends with it)."""
+        self.invalidated = True
+        await self.close()
+
+    async def close(self) -> None:
+        """Close once a statement left running in the thread has ended."""
+        await self._settled()
+        try:
+            self._db.close()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` on the event loop; again in the thread if it must wait for a lock."""
+        await self._settled()
+        try:
+            return work(self._db)
+        except sqlite3.OperationalError as error:
+            if not must_wait(error):
+                raise
+        return await self._in_thread(work)
+
+    async def _in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        self.waited += 1
+        waiting = self._executor.submit(self._with_busy_timeout, work)
+        self._waiting = waiting
+        return await asyncio.wrap_future(waiting)
+
+    def _with_busy_timeout(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        try:
+            return work(self._db)
+        finally:
+            self._db.execute("PRAGMA busy_timeout=0")
+
+    async def _settled(self) -> None:
+        """Wait for a statement a cancelled caller left running in the thread."""
+        waiting = self._waiting
+        if waiting is None:
+            return
+        if not waiting.done():
+            # Shielded: a caller cancelled here must not cancel that statement's future.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.wrap_future(waiting))
+        self._waiting = None

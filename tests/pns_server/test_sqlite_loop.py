@@ -1,0 +1,155 @@
+"""SQLite's driver connection: statements on the event loop, a statement that must wait
+for another process's lock in the connection's thread (the loop keeps serving), and
+checkpoints off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+
+from pns_server.db import Database, create_engine
+from pns_server.sqlite_loop import CHECKPOINT_EVERY_CHANGES, LoopSqlite, must_wait
+
+
+def sqlite_database(path: Path) -> Database:
+    return Database(create_engine(f"sqlite+aiosqlite:///{path}"))
+
+
+async def held_connection(db: Database) -> LoopSqlite:
+    async with db.unit_read() as unit:
+        assert isinstance(unit.driver, LoopSqlite)
+        return unit.driver
+
+
+async def test_a_units_statements_run_on_the_event_loop(tmp_path: Path) -> None:
+    """No statement leaves the event loop when nothing holds a lock: the unit does not
+    even yield to another task between its statements (a hand-off to a thread would)."""
+    db = sqlite_database(tmp_path / "loop.db")
+    try:
+        async with db.unit() as unit:
+            await unit.run_sql("CREATE TABLE t (n INTEGER)")
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        async with db.unit() as unit:
+            before = ticks
+            for n in range(20):
+                await unit.run_sql(f"INSERT INTO t VALUES ({n})")
+            assert await unit.scalar(select(func.count()).select_from(text("t"))) == 20
+            assert ticks == before
+        stop.set()
+        await ticking
+        assert (await held_connection(db)).waited == 0
+    finally:
+        await db.dispose()
+
+
+async def test_a_statement_that_must_wait_for_a_lock_waits_off_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the write lock for 0.4 s: the unit's BEGIN IMMEDIATE waits for
+    it in the connection's thread and then commits, while the event loop keeps running
+    other requests (run on the loop, the wait would stop them all, or fail at once with
+    the busy timeout at zero)."""
+    path = tmp_path / "busy.db"
+    db = sqlite_database(path)
+    try:
+        async with db.unit() as unit:
+            await unit.run_sql("CREATE TABLE t (n INTEGER)")
+        other_process = sqlite3.connect(path, isolation_level=None)
+        other_process.execute("BEGIN IMMEDIATE")
+        ticks = 0
+
+        async def write() -> None:
+            async with db.unit() as unit:
+                await unit.run_sql("INSERT INTO t VALUES (1)")
+
+        writing = asyncio.create_task(write())
+        for _ in range(40):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not writing.done()
+        other_process.execute("ROLLBACK")
+        other_process.close()
+        async with asyncio.timeout(10):
+            await writing
+        assert ticks == 40
+        assert (await held_connection(db)).waited == 1
+        async with db.unit_read() as unit:
+            assert await unit.scalar(select(func.count()).select_from(text("t"))) == 1
+    finally:
+        await db.dispose()
+
+
+async def test_errors_other_than_a_lock_are_raised_on_the_event_loop(tmp_path: Path) -> None:
+    """Only SQLITE_BUSY goes to the thread: a wrong statement fails at once, as itself."""
+    db = sqlite_database(tmp_path / "wrong.db")
+    try:
+        with pytest.raises(Exception, match="no such table"):
+            async with db.unit_read() as unit:
+                await unit.execute(text("SELECT n FROM missing"))
+        assert (await held_connection(db)).waited == 0
+    finally:
+        await db.dispose()
+
+
+def test_only_a_busy_database_must_wait() -> None:
+    busy = sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode = 5  # type: ignore[attr-defined]
+    busy_snapshot = sqlite3.OperationalError("database is locked")
+    busy_snapshot.sqlite_errorcode = 5 | (2 << 8)  # type: ignore[attr-defined]
+    locked_table = sqlite3.OperationalError("database table is locked")
+    locked_table.sqlite_errorcode = 6  # type: ignore[attr-defined]
+    assert must_wait(busy) and must_wait(busy_snapshot)
+    assert not must_wait(locked_table)
+    assert not must_wait(sqlite3.OperationalError("no such table: t"))
+
+
+async def test_the_log_is_checkpointed_off_the_loop_after_enough_changes(tmp_path: Path) -> None:
+    """The connection's own automatic checkpoints are off (one would sync files inside a
+    COMMIT on the event loop); enough changed rows bring one in the thread between turns.
+    The database file alone (copied without its log) then holds the rows."""
+    path = tmp_path / "log.db"
+    db = sqlite_database(path)
+
+    copies = iter(range(10))
+
+    def rows_in_the_database_file_alone() -> int:
+        copy = tmp_path / f"copy-{next(copies)}.db"
+        shutil.copyfile(path, copy)
+        connection = sqlite3.connect(copy)
+        try:
+            return int(connection.execute("SELECT count(*) FROM t").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0  # the table itself is still only in the log
+        finally:
+            connection.close()
+
+    try:
+        async with db.unit() as unit:
+            await unit.run_sql("CREATE TABLE t (n INTEGER)")
+        few = CHECKPOINT_EVERY_CHANGES // 2
+        for n in range(few):
+            async with db.unit() as unit:
+                await unit.run_sql(f"INSERT INTO t VALUES ({n})")
+        assert rows_in_the_database_file_alone() == 0
+        for n in range(few, CHECKPOINT_EVERY_CHANGES + 1):
+            async with db.unit() as unit:
+                await unit.run_sql(f"INSERT INTO t VALUES ({n})")
+        assert rows_in_the_database_file_alone() >= CHECKPOINT_EVERY_CHANGES
+        assert (await held_connection(db)).waited == 0
+    finally:
+        await db.dispose()
