@@ -119,10 +119,6 @@ class LoopSqlite:
         """End a transaction if one is open (none: nothing to do)."""
         await self._call(lambda db: db.rollback())
 
-    @property
-    def in_transaction(self) -> bool:
-        return self._db.in_transaction
-
     def checkpoint_due(self) -> bool:
         return self._db.total_changes - self._checkpointed_at >= CHECKPOINT_EVERY_CHANGES
 
@@ -137,9 +133,7 @@ class LoopSqlite:
             return
         self._checkpointed_at = self._db.total_changes
         passive = "PRAGMA wal_checkpoint(PASSIVE)"
-        waiting = self._executor.submit(lambda: self._db.execute(passive).fetchall())
-        self._waiting = waiting
-        await asyncio.wrap_future(waiting)
+        await self._submit(lambda: self._db.execute(passive).fetchall())
 
     async def invalidate(self) -> None:
         """Drop this connection (its transaction, if any, ends with it)."""
@@ -156,7 +150,8 @@ class LoopSqlite:
 
     async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` on the event loop; again in the thread if it must wait for a lock."""
-        await self._settled()
+        if self._waiting is not None:  # rare: no coroutine for it on every statement
+            await self._settled()
         try:
             return work(self._db)
         except sqlite3.OperationalError as error:
@@ -166,7 +161,11 @@ class LoopSqlite:
 
     async def _in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         self.waited += 1
-        waiting = self._executor.submit(self._with_busy_timeout, work)
+        return await self._submit(lambda: self._with_busy_timeout(work))
+
+    async def _submit(self, job: Callable[[], T]) -> T:
+        """Run `job` in the thread, kept as `_waiting` until a later call has seen it end."""
+        waiting = self._executor.submit(job)
         self._waiting = waiting
         return await asyncio.wrap_future(waiting)
 
