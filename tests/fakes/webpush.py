@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import socket
 import struct
 import threading
 import time
@@ -34,8 +35,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-
-from tests.support.postgres import free_port
 
 
 def b64url(data: bytes) -> str:
@@ -161,7 +160,7 @@ class FakeWebPush:
     """Use as `with FakeWebPush() as push:`; `push.subscribe(vapid_key)` makes a subscription."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port = 0  # known once entered: its socket is bound then, so no one can take it
         self.subscriptions: dict[str, Subscription] = {}
         self.replies: dict[str, list[Reply]] = {}
         self.received: list[Received] = []
@@ -251,6 +250,11 @@ class FakeWebPush:
         return Starlette(routes=[Route("/push/{sub_id}", self._push, methods=["POST"])])
 
     def __enter__(self) -> FakeWebPush:
+        # Bound here and handed to uvicorn: a port picked earlier and bound later (this fake
+        # is built when its test module is collected) could be taken by then.
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listening.bind(("127.0.0.1", 0))
+        self.port = listening.getsockname()[1]
         config = uvicorn.Config(
             self._app(),
             host="127.0.0.1",
@@ -260,7 +264,12 @@ class FakeWebPush:
             timeout_graceful_shutdown=0,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="fake-webpush", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [listening]},
+            name="fake-webpush",
+            daemon=True,
+        )
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:
