@@ -1,10 +1,9 @@
-"""Apple Push Notification service over HTTP/2 (httpcore), with provider-token or certificate
-auth.
+"""Apple Push Notification service over HTTP/2, with provider-token or certificate auth.
 
-httpcore (the transport under httpx, `push/transport.py`) rather than aioapns: every
-request here has a timeout, a reset stream fails only that stream, and response bodies are
-read so HTTP/2 flow-control windows are always replenished (aioapns hangs on RST_STREAM and
-stalls after ~64 KiB of error bodies on one connection)."""
+One connection per APNs host (`push/http2.py`, on `h2`) rather than aioapns: every request
+here has a timeout, a reset stream fails only that stream, and response bodies are read so
+HTTP/2 flow-control windows are always replenished (aioapns hangs on RST_STREAM and stalls
+after ~64 KiB of error bodies on one connection)."""
 
 from __future__ import annotations
 
@@ -13,23 +12,20 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpcore
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pns_server.push.base import Outcome, PushMessage, PushResult
+from pns_server.push.http2 import Http2Connection, Http2Error, Response, StreamReset
 from pns_server.push.transport import (
-    TRANSPORT_ERRORS,
-    connection_pool,
     environment_proxy,
     header,
     parse_retry_after,
-    send_timeouts,
     ssl_context,
 )
 
@@ -133,8 +129,11 @@ def build_payload(message: PushMessage) -> bytes | None:
 
 @dataclass
 class _Host:
+    """One APNs host (production or sandbox) and the connection to it, once there is one."""
+
     base_url: str
-    pool: httpcore.AsyncConnectionPool
+    connecting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    connection: Http2Connection | None = None
     last_response_at: float = 0.0
 
 
@@ -168,7 +167,7 @@ class ApnsSender:
             url.rstrip("/"): environment_proxy(url)
             for url in (config.production_url, config.sandbox_url)
         }
-        self._timeouts = send_timeouts(config.timeout)
+        self._proxy_context = ssl_context(config.ca_file)  # an https proxy's own TLS
         # What every push carries, built once; `_headers` adds the push's own.
         self._common_headers = [
             (b"apns-topic", config.topic.encode()),
@@ -183,27 +182,37 @@ class ApnsSender:
         ).rstrip("/")
         host = self._hosts.get(base_url)
         if host is None:
-            host = self._hosts[base_url] = _Host(base_url, self._pool(base_url))
+            host = self._hosts[base_url] = _Host(base_url)
         return host
 
-    def _pool(self, base_url: str) -> httpcore.AsyncConnectionPool:
-        # One connection per host, as Apple asks; sends multiplex over it.
-        return connection_pool(
-            self._proxies.get(base_url),
-            ssl_context=self._context,
-            http1=False,
-            http2=True,
-            max_connections=1,
-            keepalive_expiry=None,
-        )
+    async def _connection(self, host: _Host) -> Http2Connection:
+        """The host's connection; a new one when there is none or it takes no more requests
+        (lost, or Apple said GOAWAY). One connection per host, as Apple asks: sends
+        multiplex over it, and sends arriving while it connects wait for it."""
+        connection = host.connection
+        if connection is not None and connection.usable:
+            return connection
+        async with host.connecting:
+            connection = host.connection
+            if connection is None or not connection.usable:
+                connection = host.connection = await Http2Connection.open(
+                    host.base_url,
+                    self._context,
+                    self._proxies.get(host.base_url),
+                    self._proxy_context,
+                )
+        return connection
 
-    def _recycle(self, host: _Host) -> None:
+    def _recycle(self, host: _Host, connection: Http2Connection) -> None:
         """Drop a connection that answered nothing for a whole send timeout (a black hole)."""
-        if self._hosts.get(host.base_url) is not host:
+        if host.connection is not connection:
             return
-        del self._hosts[host.base_url]
+        host.connection = None
         log.warning("APNs connection to %s answered nothing: reconnecting", host.base_url)
-        closing = asyncio.create_task(host.pool.aclose())
+        self._close_later(connection)
+
+    def _close_later(self, connection: Http2Connection) -> None:
+        closing = asyncio.create_task(connection.close())
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
@@ -237,29 +246,30 @@ class ApnsSender:
         jwt = self._token.current() if self._token is not None else None
         host = self._host(message.environment)
         started = time.monotonic()
+        connection: Http2Connection | None = None
         try:
             async with asyncio.timeout(self.config.timeout):
+                connection = await self._connection(host)
                 # `request` reads the whole body before it returns (flow control).
-                response = await host.pool.request(
-                    "POST",
-                    f"{host.base_url}/3/device/{message.token}",
-                    headers=self._headers(message, jwt),
-                    content=payload,
-                    extensions=self._timeouts,
+                response = await connection.request(
+                    b"POST",
+                    f"/3/device/{message.token}".encode(),
+                    self._headers(message, jwt),
+                    payload,
                 )
-        except (httpcore.TimeoutException, TimeoutError):
-            if host.last_response_at < started:
-                self._recycle(host)
+        except TimeoutError:
+            if connection is not None and host.last_response_at < started:
+                self._recycle(host, connection)
             return PushResult(Outcome.RETRY, "Timeout"), jwt
-        except httpcore.RemoteProtocolError as exc:
+        except StreamReset as exc:
             return PushResult(Outcome.RETRY, f"StreamReset: {exc}"[:200]), jwt
-        except TRANSPORT_ERRORS as exc:
+        except (Http2Error, OSError) as exc:
             return PushResult(Outcome.RETRY, f"{type(exc).__name__}: {exc}"[:200]), jwt
         host.last_response_at = time.monotonic()
         return self.classify(response), jwt
 
     @staticmethod
-    def classify(response: httpcore.Response) -> PushResult:
+    def classify(response: Response) -> PushResult:
         status = response.status
         if status == 200:
             return PushResult(Outcome.DELIVERED, status_code=status)
@@ -275,7 +285,8 @@ class ApnsSender:
     async def close(self) -> None:
         hosts, self._hosts = list(self._hosts.values()), {}
         for host in hosts:
-            await host.pool.aclose()
+            if host.connection is not None:
+                await host.connection.close()
         for task in list(self._closing):
             await task
 

@@ -1,7 +1,7 @@
-"""The HTTP/2 connections the APNs and FCM senders send on: httpcore's pools (the transport
+"""What the push senders' connections share: FCM's are httpcore's pools (the transport
 under httpx) without httpx's client on top, which cost a quarter to a third of a sender's
-CPU per push (docs/benchmarks.md). The connection, its streams, their timeouts and failures
-are httpcore's either way.
+CPU per push (docs/benchmarks.md); APNs has one connection of its own per host
+(`push/http2.py`).
 
 What httpx's client did besides, and a sender still needs, is here: the TLS trust, the
 forward proxy the environment names (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`), the errors
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ssl
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import httpcore
@@ -71,7 +72,14 @@ def send_timeouts(seconds: float) -> dict[str, Any]:
     return {"timeout": {"connect": seconds, "read": None, "write": seconds, "pool": seconds}}
 
 
-def header(response: httpcore.Response, name: bytes) -> str | None:
+class HasHeaders(Protocol):
+    """A response (httpcore's, or `push.http2.Response`)."""
+
+    @property
+    def headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+
+
+def header(response: HasHeaders, name: bytes) -> str | None:
     for key, value in response.headers:
         if key.lower() == name:
             return value.decode("latin-1")

@@ -48,6 +48,9 @@ class Reply:
     retry_after: int | None = None
     hang: bool = False
     reset: bool = False
+    delay: float = 0.0  # seconds before answering
+    goaway: bool = False  # GOAWAY naming the stream before this one as the last processed
+    drop: bool = False  # close the TCP connection without a word
 
     @classmethod
     def unregistered(cls) -> Reply:
@@ -95,6 +98,7 @@ class FakeApns:
         topic: str = "com.example.pns",
         ca: CertificateAuthority | None = None,
         max_concurrent_streams: int = 1000,
+        first_max_concurrent_streams: int | None = None,
     ) -> None:
         self.team_id = team_id
         self.key_id = key_id
@@ -102,6 +106,11 @@ class FakeApns:
         self.signing_key = ec.generate_private_key(ec.SECP256R1())
         self.ca = ca or CertificateAuthority()
         self.max_concurrent_streams = max_concurrent_streams
+        # APNs announces a low stream limit on a new connection and raises it once a
+        # request has been answered: this many until then (None: the full limit at once).
+        self.first_max_concurrent_streams = first_max_concurrent_streams
+        self.most_streams_open = 0  # the most requests in flight at once on one connection
+        self.resets_received = 0  # streams the client reset (requests it gave up on)
         self.replies: dict[str, Reply] = {}
         self.default_reply = Reply()
         self.received: list[Received] = []
@@ -287,8 +296,13 @@ class _Connection:
 
     async def run(self) -> None:
         self.h2.initiate_connection()
+        first = self.fake.first_max_concurrent_streams
+        self.limit_raised = first is None
         self.h2.update_settings(
-            {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.fake.max_concurrent_streams}
+            {
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: first
+                or self.fake.max_concurrent_streams
+            }
         )
         self.flush()
         while data := await self.reader.read(65536):
@@ -300,6 +314,9 @@ class _Connection:
     def handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
             self.streams[event.stream_id] = _Stream(dict(event.headers or []))
+            self.fake.most_streams_open = max(
+                self.fake.most_streams_open, self.h2.open_inbound_streams
+            )
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -313,6 +330,7 @@ class _Connection:
                 task.add_done_callback(self.responders.discard)
         elif isinstance(event, h2.events.StreamReset):
             self.streams.pop(event.stream_id, None)
+            self.fake.resets_received += 1
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self.window_opened.set()
 
@@ -336,7 +354,18 @@ class _Connection:
                 client_cert=self.client_cert,
             )
         )
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
         if reply.hang:
+            return
+        if reply.drop:
+            self.writer.transport.abort()
+            return
+        if reply.goaway:
+            self.h2.close_connection(
+                additional_data=b'{"reason":"Shutdown"}', last_stream_id=stream_id - 2
+            )
+            self.flush()
             return
         if reply.reset:
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -346,6 +375,7 @@ class _Connection:
         headers = [(":status", str(reply.status)), ("apns-id", str(uuid.uuid4()).upper())]
         if reply.status == 200:
             self.h2.send_headers(stream_id, headers, end_stream=True)
+            self.raise_stream_limit()
             self.flush()
             return
         body: dict[str, Any] = {"reason": reply.reason or "InternalServerError"}
@@ -357,6 +387,12 @@ class _Connection:
         headers += [("content-type", "application/json"), ("content-length", str(len(data)))]
         self.h2.send_headers(stream_id, headers)
         await self.send_body(stream_id, data)
+
+    def raise_stream_limit(self) -> None:
+        if not self.limit_raised:
+            self.limit_raised = True
+            limit = self.fake.max_concurrent_streams
+            self.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limit})
 
     async def send_body(self, stream_id: int, data: bytes) -> None:
         """Send respecting the client's flow-control window, as a real server must."""

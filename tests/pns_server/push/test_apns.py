@@ -1,4 +1,4 @@
-"""The APNs sender (real httpcore HTTP/2 client) against the fake APNs."""
+"""The APNs sender (its HTTP/2 connection on h2, `push/http2.py`) against the fake APNs."""
 
 from __future__ import annotations
 

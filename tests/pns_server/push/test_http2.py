@@ -1,0 +1,167 @@
+"""The APNs sender's HTTP/2 connection (`push/http2.py`) against the fake APNs, in the ways
+Apple's servers behave: a stream limit raised after the first answer, GOAWAY, a dropped
+connection, requests given up on; and a server that does not speak HTTP/2."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pns_server.push.apns import ApnsSender
+from pns_server.push.base import Outcome
+from pns_server.push.http2 import Http2Connection
+from pns_server.push.transport import ssl_context
+from tests.fakes.apns import HANG, FakeApns, Reply
+from tests.fakes.tls import CertificateAuthority
+from tests.pns_server.push.conftest import push_message
+from tests.pns_server.push.test_apns import apns_config, provider_token
+
+
+async def eventually(condition: object, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+
+def tokens(count: int) -> list[str]:
+    return [f"{i:064x}" for i in range(1, count + 1)]
+
+
+async def test_the_servers_stream_limit_is_honoured_from_its_first_settings(
+    tmp_path: Path,
+) -> None:
+    """APNs announces one stream on a new connection and raises the limit after the first
+    answer; a client that sends more is refused (here, the fake's h2 breaks the
+    connection)."""
+    async with FakeApns(first_max_concurrent_streams=1, max_concurrent_streams=4) as fake:
+        fake.default_reply = Reply(delay=0.05)
+        sender = ApnsSender(apns_config(fake, tmp_path, timeout=10), provider_token(fake, tmp_path))
+        try:
+            results = await asyncio.gather(*(sender.send(push_message(t)) for t in tokens(24)))
+        finally:
+            await sender.close()
+    assert [r.outcome for r in results] == [Outcome.DELIVERED] * 24
+    assert fake.most_streams_open == 4  # as many as allowed, never more
+    assert fake.connections == 1
+
+
+async def test_requests_sent_before_the_servers_settings_arrive_wait_for_them(
+    tmp_path: Path,
+) -> None:
+    """Until its first SETTINGS, a server's limit is unknown: one stream at a time."""
+    async with FakeApns(first_max_concurrent_streams=1, max_concurrent_streams=3) as fake:
+        fake.default_reply = Reply(delay=0.05)
+        headers = apns_headers(fake, tmp_path)
+        connection = await Http2Connection.open(
+            fake.url, ssl_context(fake.write_ca(tmp_path / "ca.pem"))
+        )
+        try:
+            async with asyncio.timeout(10):
+                responses = await asyncio.gather(
+                    *(
+                        connection.request(b"POST", f"/3/device/{t}".encode(), headers, b"{}")
+                        for t in tokens(9)
+                    )
+                )
+        finally:
+            await connection.close()
+    assert [r.status for r in responses] == [200] * 9
+    assert fake.most_streams_open == 3
+
+
+def apns_headers(fake: FakeApns, tmp_path: Path) -> list[tuple[bytes, bytes]]:
+    token = provider_token(fake, tmp_path).current()
+    return [(b"apns-topic", fake.topic.encode()), (b"authorization", f"bearer {token}".encode())]
+
+
+async def test_a_request_given_up_on_resets_its_stream_and_frees_its_place(
+    tmp_path: Path,
+) -> None:
+    """With room for one stream, a hung request abandoned at its deadline must give its
+    place back, or the connection would take nothing more."""
+    async with FakeApns(max_concurrent_streams=1) as fake:
+        headers = apns_headers(fake, tmp_path)
+        context = ssl_context(fake.write_ca(tmp_path / "ca.pem"))
+        hung, answered = tokens(2)
+        fake.answer(hung, HANG)
+        connection = await Http2Connection.open(fake.url, context)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await connection.request(b"POST", f"/3/device/{hung}".encode(), headers, b"{}")
+            async with asyncio.timeout(5):
+                response = await connection.request(
+                    b"POST", f"/3/device/{answered}".encode(), headers, b"{}"
+                )
+            await eventually(lambda: fake.resets_received == 1)
+        finally:
+            await connection.close()
+    assert response.status == 200
+    assert fake.connections == 1
+    assert connection.in_flight == 0
+
+
+async def test_goaway_fails_the_unprocessed_request_and_the_next_send_connects_again(
+    tmp_path: Path, fake_apns: FakeApns
+) -> None:
+    sender = ApnsSender(apns_config(fake_apns, tmp_path), provider_token(fake_apns, tmp_path))
+    first, refused, after = tokens(3)
+    fake_apns.answer(refused, Reply(goaway=True))
+    try:
+        assert (await sender.send(push_message(first))).ok
+        result = await sender.send(push_message(refused))
+        assert (await sender.send(push_message(after))).ok
+    finally:
+        await sender.close()
+    assert result.outcome is Outcome.RETRY
+    assert result.reason is not None and "GOAWAY" in result.reason
+    assert fake_apns.connections == 2
+
+
+async def test_a_dropped_connection_fails_every_request_on_it_at_once(
+    tmp_path: Path, fake_apns: FakeApns
+) -> None:
+    """Not after the send timeout (30 s here): the moment the connection is gone."""
+    sender = ApnsSender(
+        apns_config(fake_apns, tmp_path, timeout=30), provider_token(fake_apns, tmp_path)
+    )
+    *hung, dropping, after = tokens(5)
+    for token in hung:
+        fake_apns.answer(token, HANG)
+    fake_apns.answer(dropping, Reply(drop=True))
+    try:
+        waiting = [asyncio.create_task(sender.send(push_message(t))) for t in hung]
+        await fake_apns.wait_for(lambda got: len(got) == len(hung))
+        async with asyncio.timeout(5):
+            results = [await sender.send(push_message(dropping)), *await asyncio.gather(*waiting)]
+        assert (await sender.send(push_message(after))).ok
+    finally:
+        await sender.close()
+    assert [r.outcome for r in results] == [Outcome.RETRY] * 4
+    assert all(r.reason is not None and "ConnectionLost" in r.reason for r in results)
+    assert fake_apns.connections == 2
+
+
+async def test_a_server_that_does_not_offer_http2_is_named(tmp_path: Path) -> None:
+    ca = CertificateAuthority()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    with tempfile.TemporaryDirectory() as directory:
+        context = ca.server_context(Path(directory), alpn=["http/1.1"])
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    async with server, FakeApns(ca=ca) as fake:
+        config = apns_config(fake, tmp_path, production_url=f"https://127.0.0.1:{port}")
+        sender = ApnsSender(config, provider_token(fake, tmp_path))
+        try:
+            result = await sender.send(push_message())
+        finally:
+            await sender.close()
+    assert result.outcome is Outcome.RETRY
+    assert result.reason is not None and "does not offer HTTP/2" in result.reason
