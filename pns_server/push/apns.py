@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pns_server.push.base import Outcome, PushMessage, PushResult
-from pns_server.push.http2 import Http2Connection, Http2Error, Response, StreamReset
+from pns_server.push.http2 import Http2Error, Origin, Response, StreamReset
 from pns_server.push.transport import (
     environment_proxy,
     header,
@@ -127,16 +127,6 @@ def build_payload(message: PushMessage) -> bytes | None:
     return encoded if len(encoded) <= MAX_PAYLOAD_BYTES else None
 
 
-@dataclass
-class _Host:
-    """One APNs host (production or sandbox) and the connection to it, once there is one."""
-
-    base_url: str
-    connecting: asyncio.Lock = field(default_factory=asyncio.Lock)
-    connection: Http2Connection | None = None
-    last_response_at: float = 0.0
-
-
 @dataclass(frozen=True)
 class ApnsConfig:
     topic: str
@@ -159,8 +149,8 @@ class ApnsSender:
         self.config = config
         self._token = token
         self._context = ssl_context(config.ca_file, config.cert_file)
-        self._hosts: dict[str, _Host] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        # One connection per host (production, sandbox), as Apple asks: sends multiplex.
+        self._hosts: dict[str, Origin] = {}
         self._in_flight = asyncio.Semaphore(config.max_in_flight)
         # Read once, so that a proxy we cannot use stops the relay at start-up.
         self._proxies = {
@@ -176,45 +166,16 @@ class ApnsSender:
             (b"content-type", b"application/json"),
         ]
 
-    def _host(self, environment: str) -> _Host:
+    def _host(self, environment: str) -> Origin:
         base_url = (
             self.config.sandbox_url if environment == "sandbox" else self.config.production_url
         ).rstrip("/")
         host = self._hosts.get(base_url)
         if host is None:
-            host = self._hosts[base_url] = _Host(base_url)
+            host = self._hosts[base_url] = Origin(
+                base_url, self._context, self._proxies.get(base_url), self._proxy_context
+            )
         return host
-
-    async def _connection(self, host: _Host) -> Http2Connection:
-        """The host's connection; a new one when there is none or it takes no more requests
-        (lost, or Apple said GOAWAY). One connection per host, as Apple asks: sends
-        multiplex over it, and sends arriving while it connects wait for it."""
-        connection = host.connection
-        if connection is not None and connection.usable:
-            return connection
-        async with host.connecting:
-            connection = host.connection
-            if connection is None or not connection.usable:
-                connection = host.connection = await Http2Connection.open(
-                    host.base_url,
-                    self._context,
-                    self._proxies.get(host.base_url),
-                    self._proxy_context,
-                )
-        return connection
-
-    def _recycle(self, host: _Host, connection: Http2Connection) -> None:
-        """Drop a connection that answered nothing for a whole send timeout (a black hole)."""
-        if host.connection is not connection:
-            return
-        host.connection = None
-        log.warning("APNs connection to %s answered nothing: reconnecting", host.base_url)
-        self._close_later(connection)
-
-    def _close_later(self, connection: Http2Connection) -> None:
-        closing = asyncio.create_task(connection.close())
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
 
     def _headers(self, message: PushMessage, jwt: str | None) -> list[tuple[bytes, bytes]]:
         headers = [
@@ -244,28 +205,21 @@ class ApnsSender:
 
     async def _post(self, message: PushMessage, payload: bytes) -> tuple[PushResult, str | None]:
         jwt = self._token.current() if self._token is not None else None
-        host = self._host(message.environment)
-        started = time.monotonic()
-        connection: Http2Connection | None = None
         try:
-            async with asyncio.timeout(self.config.timeout):
-                connection = await self._connection(host)
-                # `request` reads the whole body before it returns (flow control).
-                response = await connection.request(
-                    b"POST",
-                    f"/3/device/{message.token}".encode(),
-                    self._headers(message, jwt),
-                    payload,
-                )
+            # `request` reads the whole body before it returns (flow control).
+            response = await self._host(message.environment).request(
+                b"POST",
+                f"/3/device/{message.token}".encode(),
+                self._headers(message, jwt),
+                payload,
+                self.config.timeout,
+            )
         except TimeoutError:
-            if connection is not None and host.last_response_at < started:
-                self._recycle(host, connection)
             return PushResult(Outcome.RETRY, "Timeout"), jwt
         except StreamReset as exc:
             return PushResult(Outcome.RETRY, f"StreamReset: {exc}"[:200]), jwt
         except (Http2Error, OSError) as exc:
             return PushResult(Outcome.RETRY, f"{type(exc).__name__}: {exc}"[:200]), jwt
-        host.last_response_at = time.monotonic()
         return self.classify(response), jwt
 
     @staticmethod
@@ -285,10 +239,7 @@ class ApnsSender:
     async def close(self) -> None:
         hosts, self._hosts = list(self._hosts.values()), {}
         for host in hosts:
-            if host.connection is not None:
-                await host.connection.close()
-        for task in list(self._closing):
-            await task
+            await host.close()
 
 
 def _reason(content: bytes) -> str | None:

@@ -1,9 +1,10 @@
 """Firebase Cloud Messaging: the FCM HTTP v1 API over HTTP/2, OAuth from google-auth.
 
-One `messages:send` POST per push, on the same kind of connection as APNs (httpcore's,
-`push/transport.py`): every send has a deadline, the dispatcher owns retries (nothing
-retries here), and FCM's error detail decides between "token dead", "try again" and "our
-configuration is wrong".
+One `messages:send` POST per push, on one HTTP/2 connection as APNs's (`push/http2.py`):
+every send has a deadline, the dispatcher owns retries (nothing retries here), and FCM's
+error detail decides between "token dead", "try again" and "our configuration is wrong".
+Where something in between (a TLS-inspecting proxy) does not offer HTTP/2, the sends go
+over HTTP/1.1 on httpcore's pool (the transport under httpx, `push/transport.py`).
 
 The access token comes from google-auth's service-account credentials. Their refresh is a
 blocking call (sign a JWT, POST it to the key file's `token_uri`), so it runs in a worker
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -31,6 +34,7 @@ from google.auth import transport as auth_transport
 from google.oauth2 import service_account
 
 from pns_server.push.base import Outcome, PushMessage, PushResult
+from pns_server.push.http2 import Http2Error, NoHttp2, Origin, Response
 from pns_server.push.transport import (
     TRANSPORT_ERRORS,
     connection_pool,
@@ -40,6 +44,8 @@ from pns_server.push.transport import (
     send_timeouts,
     ssl_context,
 )
+
+log = logging.getLogger("pns.push.fcm")
 
 FCM_HOST = "https://fcm.googleapis.com"
 # The narrowest scope that may send: the key cannot be used for anything else with it.
@@ -126,16 +132,15 @@ class FcmSender:
         self._auth_transport = HttpxAuthTransport(context, timeout)
         self._refresh_lock = asyncio.Lock()
         self._refused_token: str | None = None
-        # httpx's client's pool, as it was: up to 100 connections, 20 kept for 5 s idle.
-        self._pool = connection_pool(
-            proxy,
-            ssl_context=context,
-            http1=True,
-            http2=True,
-            max_connections=100,
-            max_keepalive_connections=20,
-            keepalive_expiry=5.0,
-        )
+        parts = urlsplit(self._send_url)
+        self._send_path = parts.path.encode()
+        origin = f"{parts.scheme}://{parts.netloc}"
+        self._origin = Origin(origin, context, proxy, ssl_context(ca_file))
+        # HTTP/1.1, only once the way to FCM turned out not to offer HTTP/2: httpx's
+        # client's pool, as it was (up to 100 connections, 20 kept for 5 s idle).
+        self._http1: httpcore.AsyncConnectionPool | None = None
+        self._http1_context = ssl_context(ca_file)
+        self._proxy = proxy
         self._timeouts = send_timeouts(timeout)
 
     async def _access_token(self) -> str:
@@ -181,22 +186,16 @@ class FcmSender:
             return PushResult(outcome, f"OAuth: {exc}"[:200])
         except TimeoutError:
             return PushResult(Outcome.RETRY, "OAuth token timeout")
+        headers = [
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"content-type", b"application/json"),
+        ]
+        body = json.dumps(self.body(message), separators=(",", ":")).encode()
         try:
-            async with asyncio.timeout(self._timeout):
-                # `request` reads the whole body before it returns (flow control).
-                response = await self._pool.request(
-                    "POST",
-                    self._send_url,
-                    headers=[
-                        (b"authorization", f"Bearer {token}".encode()),
-                        (b"content-type", b"application/json"),
-                    ],
-                    content=json.dumps(self.body(message), separators=(",", ":")).encode(),
-                    extensions=self._timeouts,
-                )
+            response = await self._post(headers, body)
         except (httpcore.TimeoutException, TimeoutError):
             return PushResult(Outcome.RETRY, "Timeout")
-        except TRANSPORT_ERRORS as exc:
+        except (Http2Error, OSError, *TRANSPORT_ERRORS) as exc:
             result = PushResult(Outcome.RETRY, f"{type(exc).__name__}: {exc}"[:200])
             return result
         result = self.classify(response)
@@ -205,8 +204,38 @@ class FcmSender:
             self._refused_token = token
         return result
 
+    async def _post(
+        self, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Response | httpcore.Response:
+        """The whole response (its body read: flow control), over HTTP/2 unless the way to
+        FCM does not offer it."""
+        if self._http1 is None:
+            try:
+                return await self._origin.request(
+                    b"POST", self._send_path, headers, body, self._timeout
+                )
+            except NoHttp2 as exc:
+                if self._http1 is None:  # sends that failed together switch once
+                    log.warning("FCM: %s; sending over HTTP/1.1 from now on", exc)
+                    self._http1 = self._http1_pool()
+        async with asyncio.timeout(self._timeout):
+            return await self._http1.request(
+                "POST", self._send_url, headers=headers, content=body, extensions=self._timeouts
+            )
+
+    def _http1_pool(self) -> httpcore.AsyncConnectionPool:
+        return connection_pool(
+            self._proxy,
+            ssl_context=self._http1_context,
+            http1=True,
+            http2=False,
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+        )
+
     @staticmethod
-    def classify(response: httpcore.Response) -> PushResult:
+    def classify(response: Response | httpcore.Response) -> PushResult:
         status = response.status
         if status == 200:
             return PushResult(Outcome.DELIVERED, status_code=status)
@@ -224,11 +253,13 @@ class FcmSender:
         return PushResult(Outcome.CONFIG_ERROR, reason, status)
 
     async def close(self) -> None:
-        await self._pool.aclose()
+        await self._origin.close()
+        if self._http1 is not None:
+            await self._http1.aclose()
         self._auth_transport.close()
 
 
-def _error_body(response: httpcore.Response) -> dict[str, Any]:
+def _error_body(response: Response | httpcore.Response) -> dict[str, Any]:
     try:
         body = json.loads(response.content or b"{}")
     except (ValueError, UnicodeDecodeError):
@@ -237,7 +268,7 @@ def _error_body(response: httpcore.Response) -> dict[str, Any]:
     return error if isinstance(error, dict) else {}
 
 
-def _fcm_error(response: httpcore.Response) -> tuple[str | None, str]:
+def _fcm_error(response: Response | httpcore.Response) -> tuple[str | None, str]:
     error = _error_body(response)
     for detail in error.get("details") or []:
         if isinstance(detail, dict) and detail.get("@type") == FCM_ERROR_TYPE:
@@ -245,6 +276,6 @@ def _fcm_error(response: httpcore.Response) -> tuple[str | None, str]:
     return None, str(error.get("message", ""))
 
 
-def _canonical_status(response: httpcore.Response) -> str | None:
+def _canonical_status(response: Response | httpcore.Response) -> str | None:
     status = _error_body(response).get("status")
     return str(status) if status else None

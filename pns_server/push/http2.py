@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +41,8 @@ import h2.exceptions
 import h2.settings
 
 from pns_server.push.transport import Proxy
+
+log = logging.getLogger("pns.push.http2")
 
 READ_SIZE = 65536
 # Room the server may fill before our acknowledgements arrive, as httpcore gives it.
@@ -60,6 +64,10 @@ class ConnectionLost(Http2Error):
 
 class ProxyRefused(Http2Error):
     """The forward proxy did not open a tunnel."""
+
+
+class NoHttp2(ConnectionLost):
+    """The server (or a TLS-inspecting proxy in its place) did not offer HTTP/2."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ class Http2Connection:
         ssl_object = writer.get_extra_info("ssl_object")
         if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
             writer.close()
-            raise ConnectionLost(f"{host}:{port} does not offer HTTP/2 (ALPN h2)")
+            raise NoHttp2(f"{host}:{port} does not offer HTTP/2 (ALPN h2)")
         return cls(reader, writer, f"{host}:{port}" if parts.port else host)
 
     @property
@@ -367,6 +375,83 @@ class Http2Connection:
         with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self._writer.wait_closed()
+
+
+class Origin:
+    """The connection to one origin, opened when a request first needs it and again when
+    it takes no more (lost, or the server said GOAWAY); requests arriving while it
+    connects wait for it, so there is one connection at a time."""
+
+    def __init__(
+        self,
+        url: str,
+        context: ssl.SSLContext,
+        proxy: Proxy | None = None,
+        proxy_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.url = url
+        self._context = context
+        self._proxy = proxy
+        self._proxy_context = proxy_context
+        self._connecting = asyncio.Lock()
+        self._connection: Http2Connection | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._answered_at = 0.0
+
+    async def request(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        timeout: float,
+    ) -> Response:
+        """`Http2Connection.request` with a deadline, connecting first when needed. Raises
+        `Http2Error`, `OSError` (connecting) or `TimeoutError`; after a timeout, a
+        connection that answered nothing since the request began is dropped (a black hole:
+        the next request connects again)."""
+        started = time.monotonic()
+        connection: Http2Connection | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                connection = await self.connection()
+                response = await connection.request(method, path, headers, body)
+        except TimeoutError:
+            if connection is not None and self._answered_at < started and self.drop(connection):
+                log.warning("the connection to %s answered nothing: reconnecting", self.url)
+            raise
+        self._answered_at = time.monotonic()
+        return response
+
+    async def connection(self) -> Http2Connection:
+        connection = self._connection
+        if connection is not None and connection.usable:
+            return connection
+        async with self._connecting:
+            connection = self._connection
+            if connection is None or not connection.usable:
+                connection = self._connection = await Http2Connection.open(
+                    self.url, self._context, self._proxy, self._proxy_context
+                )
+        return connection
+
+    def drop(self, connection: Http2Connection) -> bool:
+        """Close `connection` (its requests fail) so the next request connects again;
+        False when it is no longer this origin's connection."""
+        if self._connection is not connection:
+            return False
+        self._connection = None
+        closing = asyncio.get_running_loop().create_task(connection.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        return True
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+        for task in list(self._closing):
+            await task
 
 
 def _error_name(code: int | None) -> str:

@@ -188,6 +188,7 @@ class FcmReceived:
     access_token: str
     status: int
     http_version: str = ""
+    client_port: int = 0  # tells the client's connections apart
 
     @property
     def message(self) -> dict[str, Any]:
@@ -220,8 +221,14 @@ class FakeFcm:
     """Use as `with FakeFcm() as fcm:`; `fcm.write_credentials(path)` makes the service account."""
 
     def __init__(
-        self, *, project_id: str = "pns-test-project", ca: CertificateAuthority | None = None
+        self,
+        *,
+        project_id: str = "pns-test-project",
+        ca: CertificateAuthority | None = None,
+        alpn: tuple[str, ...] = ("h2", "http/1.1"),
     ) -> None:
+        # ("http/1.1",): what a TLS-inspecting proxy without HTTP/2 offers in Google's place.
+        self.alpn = alpn
         self.project_id = project_id
         self.ca = ca or CertificateAuthority()
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -302,7 +309,7 @@ class FakeFcm:
         config.bind = [f"127.0.0.1:{self.port}"]
         config.certfile = str(server_pem)
         config.keyfile = str(server_pem)
-        config.alpn_protocols = ["h2", "http/1.1"]
+        config.alpn_protocols = list(self.alpn)
         config.accesslog = None
         config.errorlog = None
         config.graceful_timeout = 0
@@ -462,6 +469,7 @@ class FakeFcm:
                 )
                 response = JSONResponse(error, status_code=status, headers=headers)
         version = str(request.scope.get("http_version", ""))
+        client = request.scope.get("client") or ("", 0)
         with self._lock:
             self.state.received.append(
                 FcmReceived(
@@ -470,6 +478,7 @@ class FakeFcm:
                     access_token,
                     response.status_code,
                     version,
+                    int(client[1]),
                 )
             )
             self._lock.notify_all()

@@ -1,10 +1,12 @@
-"""The FCM sender (httpcore HTTP/2 + google-auth service-account OAuth) against the fake FCM."""
+"""The FCM sender (HTTP/2 on h2, HTTP/1.1 on httpcore where HTTP/2 is not offered; google-auth
+service-account OAuth) against the fake FCM."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -70,6 +72,28 @@ class TestDelivered:
         assert got.http_version == "2"
         assert fake_fcm.state.refused_assertions == []
         assert fake_fcm.state.token_scopes[got.access_token] == {FCM_SCOPE}
+
+    async def test_all_on_one_connection(self, sender: FcmSender, fake_fcm: FakeFcm) -> None:
+        results = await asyncio.gather(*(sender.send(fcm_message()) for _ in range(50)))
+        assert all(r.ok for r in results)
+        assert len({r.client_port for r in fake_fcm.received}) == 1
+
+    async def test_over_http1_where_http2_is_not_offered(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A TLS-inspecting proxy without HTTP/2 in Google's place: the sends still go out."""
+        caplog.set_level(logging.WARNING, "pns")
+        with FakeFcm(alpn=("http/1.1",)) as fake:
+            sender = make_sender(fake, tmp_path)
+            try:
+                results = await asyncio.gather(*(sender.send(fcm_message()) for _ in range(5)))
+                results.append(await sender.send(fcm_message()))
+            finally:
+                await sender.close()
+        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 6
+        assert {got.http_version for got in fake.received} == {"1.1"}
+        warnings = [r.getMessage() for r in caplog.records if r.name == "pns.push.fcm"]
+        assert len(warnings) == 1 and "does not offer HTTP/2" in warnings[0]
 
     async def test_the_access_token_is_fetched_once_and_reused(
         self, sender: FcmSender, fake_fcm: FakeFcm
