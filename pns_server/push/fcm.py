@@ -135,7 +135,9 @@ class FcmSender:
         parts = urlsplit(self._send_url)
         self._send_path = parts.path.encode()
         origin = f"{parts.scheme}://{parts.netloc}"
-        self._origin = Origin(origin, context, proxy, ssl_context(ca_file))
+        # Its own TLS context: httpcore sets the ALPN protocols of the context it connects
+        # with, and the token endpoint's client (in a thread) would offer only HTTP/1.1.
+        self._origin = Origin(origin, ssl_context(ca_file), proxy, ssl_context(ca_file))
         # HTTP/1.1, only once the way to FCM turned out not to offer HTTP/2: httpx's
         # client's pool, as it was (up to 100 connections, 20 kept for 5 s idle).
         self._http1: httpcore.AsyncConnectionPool | None = None

@@ -103,7 +103,7 @@ class Http2Connection:
         self._admitted = 0  # let through `_stream_available`, not yet in `_streams`
         self._settings_seen = False
         self._lost: ConnectionLost | None = None
-        self._goaway = False
+        self._refusing: str | None = None  # why the connection takes no new requests
         self._closing: asyncio.Task[None] | None = None
         self._start()
         self._reading = asyncio.create_task(self._read_forever(), name="pns-http2-reader")
@@ -143,7 +143,7 @@ class Http2Connection:
     @property
     def usable(self) -> bool:
         """Takes new requests: not lost, and the server has not said GOAWAY."""
-        return self._lost is None and not self._goaway
+        return self._lost is None and self._refusing is None
 
     @property
     def in_flight(self) -> int:
@@ -154,7 +154,12 @@ class Http2Connection:
     ) -> Response:
         """Send one request and read its whole response. Raises `Http2Error`."""
         await self._stream_available()
-        stream_id = self._h2.get_next_available_stream_id()
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError:
+            # Over a billion requests on one connection: the next connection starts again.
+            self._refuse("this connection has used all its stream ids")
+            raise Http2Error("this connection has used all its stream ids") from None
         stream = self._streams[stream_id] = _Stream(asyncio.get_running_loop().create_future())
         try:
             request_headers = [
@@ -166,7 +171,7 @@ class Http2Connection:
             ]
             self._h2.send_headers(stream_id, request_headers, end_stream=not body)
             if body:
-                await self._send_body(stream_id, body)
+                await self._send_body(stream_id, stream, body)
             else:
                 self._flush()
             return await stream.done
@@ -178,6 +183,8 @@ class Http2Connection:
             del self._streams[stream_id]
             if not stream.done.done() or stream.done.cancelled():
                 self._reset(stream_id)  # given up on: the server and our count forget it
+            else:
+                stream.done.exception()  # seen, even when another error was raised first
             self._admit()
             self._close_if_drained()
 
@@ -234,21 +241,22 @@ class Http2Connection:
     def _raise_if_closing(self) -> None:
         if self._lost is not None:
             raise ConnectionLost(str(self._lost))  # a new one: a raise extends a traceback
-        if self._goaway:
-            raise Http2Error("the server is closing this connection (GOAWAY)")
+        if self._refusing is not None:
+            raise Http2Error(self._refusing)
 
     def _admit(self) -> None:
         """The first requests waiting for a stream go, as many as there is room for (all
         of them, to fail, once the connection takes no more)."""
-        closing = self._lost is not None or self._goaway
+        closing = self._lost is not None or self._refusing is not None
         while self._waiting_for_stream and (closing or self._room() > 0):
             turn = self._waiting_for_stream.popleft()
             turn.set_result(None)
             self._admitted += 1
 
-    async def _send_body(self, stream_id: int, body: bytes) -> None:
-        """`body` within the server's flow-control windows, waiting for them to open."""
-        while True:
+    async def _send_body(self, stream_id: int, stream: _Stream, body: bytes) -> None:
+        """`body` within the server's flow-control windows, waiting for them to open; stops
+        when the stream ends first (reset: `stream.done` says why)."""
+        while not stream.done.done():
             window = min(
                 self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size
             )
@@ -277,9 +285,21 @@ class Http2Connection:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
             self._flush()
 
+    def _refuse(self, why: str) -> None:
+        """No new requests from now on: those waiting for a stream fail, the others finish."""
+        if self._refusing is None:
+            self._refusing = why
+        self._admit()
+        self._close_if_drained()
+
     def _close_if_drained(self) -> None:
-        """After GOAWAY, the connection closes once its last request has its answer."""
-        if self._goaway and not self._streams and self._lost is None and self._closing is None:
+        """A connection refusing new requests closes once its last one has its answer."""
+        if (
+            self._refusing is not None
+            and not self._streams
+            and self._lost is None
+            and self._closing is None
+        ):
             self._closing = asyncio.get_running_loop().create_task(self.close())
 
     def _flush(self) -> None:
@@ -327,6 +347,7 @@ class Http2Connection:
             if stream is not None and not stream.done.done():
                 code = _error_name(event.error_code)
                 stream.done.set_exception(StreamReset(f"the server reset the stream ({code})"))
+                self._windows_opened()  # a body waiting for its window stops
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._server_said_goaway(event)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
@@ -347,7 +368,6 @@ class Http2Connection:
     def _server_said_goaway(self, event: h2.events.ConnectionTerminated) -> None:
         """Requests above the last stream the server processed can be sent again; the rest
         may still be answered."""
-        self._goaway = True
         last = event.last_stream_id if event.last_stream_id is not None else 0
         code = _error_name(event.error_code)
         for stream_id, stream in self._streams.items():
@@ -355,8 +375,8 @@ class Http2Connection:
                 stream.done.set_exception(
                     Http2Error(f"the server closed the connection first (GOAWAY {code})")
                 )
-        self._admit()
-        self._close_if_drained()
+        self._windows_opened()
+        self._refuse(f"the server is closing this connection (GOAWAY {code})")
 
     def _fail_everything(self, lost: ConnectionLost) -> None:
         if self._lost is None:

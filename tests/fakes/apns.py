@@ -116,6 +116,7 @@ class FakeApns:
         self.received: list[Received] = []
         self.revoked_jwts: set[str] = set()
         self.connections = 0
+        self.connections_closed = 0
         self.resets_sent = 0
         self._arrived = asyncio.Condition()
         self._server: asyncio.Server | None = None
@@ -196,6 +197,7 @@ class FakeApns:
             pass
         finally:
             self._tasks.discard(task)
+            self.connections_closed += 1
             connection.cancel()
             writer.close()
 

@@ -12,7 +12,7 @@ import pytest
 
 from pns_server.push.apns import ApnsSender
 from pns_server.push.base import Outcome
-from pns_server.push.http2 import Http2Connection
+from pns_server.push.http2 import Http2Connection, Http2Error
 from pns_server.push.transport import ssl_context
 from tests.fakes.apns import HANG, FakeApns, Reply
 from tests.fakes.tls import CertificateAuthority
@@ -102,6 +102,26 @@ async def test_a_request_given_up_on_resets_its_stream_and_frees_its_place(
     assert response.status == 200
     assert fake.connections == 1
     assert connection.in_flight == 0
+
+
+async def test_a_connection_out_of_stream_ids_takes_no_more_and_closes_when_drained(
+    tmp_path: Path,
+) -> None:
+    async with FakeApns() as fake:
+        headers = apns_headers(fake, tmp_path)
+        context = ssl_context(fake.write_ca(tmp_path / "ca.pem"))
+        connection = await Http2Connection.open(fake.url, context)
+        try:
+            first = await connection.request(b"POST", b"/3/device/" + b"a" * 64, headers, b"{}")
+            # h2's own count of the streams opened: as after a billion requests.
+            connection._h2.highest_outbound_stream_id = 2**31 - 1
+            with pytest.raises(Http2Error, match="used all its stream ids"):
+                await connection.request(b"POST", b"/3/device/" + b"b" * 64, headers, b"{}")
+            assert not connection.usable
+            await eventually(lambda: fake.connections_closed == 1)
+        finally:
+            await connection.close()
+    assert first.status == 200
 
 
 async def test_goaway_fails_the_unprocessed_request_and_the_next_send_connects_again(
