@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -57,10 +59,12 @@ def no_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-async def connect_proxy() -> AsyncIterator[tuple[int, list[bytes]]]:
-    """A forward proxy that tunnels with CONNECT, as Squid does: its port, and the head of
-    each tunnel asked for."""
+@asynccontextmanager
+async def connect_proxy_server(
+    tls: ssl.SSLContext | None = None,
+) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A forward proxy that tunnels with CONNECT, as Squid does (over TLS itself with
+    `tls`: an https proxy): its port, and the head of each tunnel asked for."""
     heads: list[bytes] = []
 
     async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -81,6 +85,12 @@ async def connect_proxy() -> AsyncIterator[tuple[int, list[bytes]]]:
             pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True
         )
 
-    server = await asyncio.start_server(tunnel, "127.0.0.1", 0)
+    server = await asyncio.start_server(tunnel, "127.0.0.1", 0, ssl=tls)
     async with server:
         yield server.sockets[0].getsockname()[1], heads
+
+
+@pytest.fixture
+async def connect_proxy() -> AsyncIterator[tuple[int, list[bytes]]]:
+    async with connect_proxy_server() as proxy:
+        yield proxy

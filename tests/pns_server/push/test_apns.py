@@ -30,7 +30,7 @@ from pns_server.push.apns import (
 from pns_server.push.base import Outcome, PushResult
 from pns_server.push.factory import PushConfigError, build_apns
 from tests.fakes.apns import HANG, RESET, FakeApns, Reply
-from tests.pns_server.push.conftest import push_message
+from tests.pns_server.push.conftest import connect_proxy_server, push_message
 
 
 def apns_config(fake: FakeApns, tmp_path: Path, **overrides: object) -> ApnsConfig:
@@ -491,6 +491,20 @@ class TestThroughAForwardProxy:
         assert head.startswith(f"CONNECT {urlsplit(fake_apns.url).netloc} HTTP/1.1".encode())
         credentials = base64.b64encode(b"relay@corp:s:cret")
         assert b"proxy-authorization: basic " + credentials.lower() in head.lower()
+
+    async def test_an_https_proxy_carries_the_tls_to_apple_inside_its_own(
+        self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        proxy_tls = fake_apns.ca.server_context(tmp_path, alpn=["http/1.1"])
+        async with connect_proxy_server(proxy_tls) as (port, heads):
+            monkeypatch.setenv("HTTPS_PROXY", f"https://127.0.0.1:{port}")
+            apns = ApnsSender(apns_config(fake_apns, tmp_path), provider_token(fake_apns, tmp_path))
+            try:
+                results = await asyncio.gather(*(apns.send(push_message()) for _ in range(3)))
+            finally:
+                await apns.close()
+        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 3
+        assert len(heads) == 1 and len(fake_apns.received) == 3
 
     async def test_a_proxy_refusing_the_tunnel_makes_the_push_a_retry_naming_why(
         self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
