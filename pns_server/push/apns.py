@@ -26,6 +26,7 @@ from pns_server.push.transport import (
     environment_proxy,
     header,
     parse_retry_after,
+    proxy_ssl_context,
     ssl_context,
 )
 
@@ -157,7 +158,6 @@ class ApnsSender:
             url.rstrip("/"): environment_proxy(url)
             for url in (config.production_url, config.sandbox_url)
         }
-        self._proxy_context = ssl_context(config.ca_file)  # an https proxy's own TLS
         # What every push carries, built once; `_headers` adds the push's own.
         self._common_headers = [
             (b"apns-topic", config.topic.encode()),
@@ -172,8 +172,9 @@ class ApnsSender:
         ).rstrip("/")
         host = self._hosts.get(base_url)
         if host is None:
+            proxy = self._proxies.get(base_url)
             host = self._hosts[base_url] = Origin(
-                base_url, self._context, self._proxies.get(base_url), self._proxy_context
+                base_url, self._context, proxy, proxy_ssl_context(proxy, self.config.ca_file)
             )
         return host
 

@@ -41,6 +41,7 @@ from pns_server.push.transport import (
     environment_proxy,
     header,
     parse_retry_after,
+    proxy_ssl_context,
     send_timeouts,
     ssl_context,
 )
@@ -137,11 +138,12 @@ class FcmSender:
         origin = f"{parts.scheme}://{parts.netloc}"
         # Its own TLS context: httpcore sets the ALPN protocols of the context it connects
         # with, and the token endpoint's client (in a thread) would offer only HTTP/1.1.
-        self._origin = Origin(origin, ssl_context(ca_file), proxy, ssl_context(ca_file))
-        # HTTP/1.1, only once the way to FCM turned out not to offer HTTP/2: httpx's
-        # client's pool, as it was (up to 100 connections, 20 kept for 5 s idle).
+        self._origin = Origin(
+            origin, ssl_context(ca_file), proxy, proxy_ssl_context(proxy, ca_file)
+        )
+        # HTTP/1.1, only once the way to FCM turned out not to offer HTTP/2 (`_http1_pool`).
         self._http1: httpcore.AsyncConnectionPool | None = None
-        self._http1_context = ssl_context(ca_file)
+        self._ca_file = ca_file
         self._proxy = proxy
         self._timeouts = send_timeouts(timeout)
 
@@ -226,9 +228,10 @@ class FcmSender:
             )
 
     def _http1_pool(self) -> httpcore.AsyncConnectionPool:
+        """httpx's client's pool, as it was: up to 100 connections, 20 kept for 5 s idle."""
         return connection_pool(
             self._proxy,
-            ssl_context=self._http1_context,
+            ssl_context=ssl_context(self._ca_file),
             http1=True,
             http2=False,
             max_connections=100,

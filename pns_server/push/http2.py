@@ -1,5 +1,5 @@
-"""One HTTP/2 client connection on `h2`, for the APNs sender: many requests in flight on one
-TLS connection, each with an outcome of its own.
+"""One HTTP/2 client connection on `h2`, for the APNs and FCM senders: many requests in
+flight on one TLS connection, each with an outcome of its own.
 
 httpcore (under httpx) did this on the same `h2`, but its machinery around each request
 (the pool's bookkeeping, anyio's locks, events and cancel scopes, a timer per read and
@@ -142,7 +142,7 @@ class Http2Connection:
 
     @property
     def usable(self) -> bool:
-        """Takes new requests: not lost, and the server has not said GOAWAY."""
+        """Takes new requests: not lost, and not refusing them (GOAWAY, stream ids used up)."""
         return self._lost is None and self._refusing is None
 
     @property

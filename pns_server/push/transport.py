@@ -96,6 +96,13 @@ def ssl_context(ca_file: Path | None, cert_file: Path | None = None) -> ssl.SSLC
     return context
 
 
+def proxy_ssl_context(proxy: Proxy | None, ca_file: Path | None) -> ssl.SSLContext | None:
+    """The TLS to an https proxy itself, with the same extra trust; None without one."""
+    if proxy is None or urlsplit(proxy.url).scheme != "https":
+        return None
+    return ssl_context(ca_file)
+
+
 def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None

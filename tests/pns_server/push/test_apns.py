@@ -471,40 +471,27 @@ class TestThroughAForwardProxy:
     def _no_proxy_settings(self, no_proxy_settings: None) -> None:
         pass
 
+    @pytest.mark.parametrize("scheme", ["http", "https"])
     async def test_sends_go_through_one_tunnel_with_the_proxys_credentials(
-        self,
-        fake_apns: FakeApns,
-        tmp_path: Path,
-        connect_proxy: tuple[int, list[bytes]],
-        monkeypatch: pytest.MonkeyPatch,
+        self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str
     ) -> None:
-        port, heads = connect_proxy
-        monkeypatch.setenv("HTTPS_PROXY", f"http://relay%40corp:s%3Acret@127.0.0.1:{port}")
-        apns = ApnsSender(apns_config(fake_apns, tmp_path), provider_token(fake_apns, tmp_path))
-        try:
-            results = await asyncio.gather(*(apns.send(push_message()) for _ in range(3)))
-        finally:
-            await apns.close()
-        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 3
-        assert len(fake_apns.received) == 3
-        [head] = heads
-        assert head.startswith(f"CONNECT {urlsplit(fake_apns.url).netloc} HTTP/1.1".encode())
-        credentials = base64.b64encode(b"relay@corp:s:cret")
-        assert b"proxy-authorization: basic " + credentials.lower() in head.lower()
-
-    async def test_an_https_proxy_carries_the_tls_to_apple_inside_its_own(
-        self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+        """An https proxy carries the TLS to Apple inside its own."""
         proxy_tls = fake_apns.ca.server_context(tmp_path, alpn=["http/1.1"])
-        async with connect_proxy_server(proxy_tls) as (port, heads):
-            monkeypatch.setenv("HTTPS_PROXY", f"https://127.0.0.1:{port}")
+        async with connect_proxy_server(proxy_tls if scheme == "https" else None) as proxy:
+            port, heads = proxy
+            url = f"{scheme}://relay%40corp:s%3Acret@127.0.0.1:{port}"
+            monkeypatch.setenv("HTTPS_PROXY", url)
             apns = ApnsSender(apns_config(fake_apns, tmp_path), provider_token(fake_apns, tmp_path))
             try:
                 results = await asyncio.gather(*(apns.send(push_message()) for _ in range(3)))
             finally:
                 await apns.close()
         assert [r.outcome for r in results] == [Outcome.DELIVERED] * 3
-        assert len(heads) == 1 and len(fake_apns.received) == 3
+        assert len(fake_apns.received) == 3
+        [head] = heads
+        assert head.startswith(f"CONNECT {urlsplit(fake_apns.url).netloc} HTTP/1.1".encode())
+        credentials = base64.b64encode(b"relay@corp:s:cret")
+        assert b"proxy-authorization: basic " + credentials.lower() in head.lower()
 
     async def test_a_proxy_refusing_the_tunnel_makes_the_push_a_retry_naming_why(
         self, fake_apns: FakeApns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
