@@ -60,9 +60,11 @@ browser:
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
 	  else echo "note: $(CHROMIUM) is missing (apt-get install chromium); browser tests will skip"; fi; }
 
-## Linters, then the whole suite on SQLite and a throwaway PostgreSQL cluster.
+## Linters, then the whole suite on SQLite and a throwaway PostgreSQL cluster, in
+## TEST_WORKERS processes (each starts its own cluster); TEST_WORKERS=0 runs it in this one.
+TEST_WORKERS ?= 2
 test: lint browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) $(PYTEST_ARGS)
 
 ## Benchmarks against real relay processes on SQLite and PostgreSQL (docs/benchmarks.md).
 bench: $(DEV_STAMP)

@@ -37,7 +37,12 @@ async def respond(
 
 
 class TestClientNonce:
-    @pytest.mark.parametrize("value", [nonce(15), nonce(65), "a+b/" * 8, "", "é" * 30, 42])
+    @pytest.mark.parametrize(
+        "value",
+        [nonce(15), nonce(65), "a+b/" * 8, "", "é" * 30, 42],
+        # Named, not shown: random values would give each collection different test ids.
+        ids=["15-bytes", "65-bytes", "not-base64url", "empty", "non-ascii", "a-number"],
+    )
     async def test_malformed_nonce_is_refused(
         self, http: httpx.AsyncClient, client: RegisteredClient, phone: PairedDevice, value: Any
     ) -> None:
