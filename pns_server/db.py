@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import (
 
 from pns_server.driver import DriverUnit
 from pns_server.errors import PnsError
-from pns_server.sqlite_loop import CONNECTION_PRAGMAS, LoopSqlite
+from pns_server.sqlite_loop import CONNECTION_PRAGMAS, Checkpointer, LoopSqlite
 
 TOPICS_KEY = "pns_topics"
 UNIT_END_KEY = "pns_unit_end"
@@ -220,7 +220,8 @@ class SqliteTurns:
     transaction behind it (its BEGIN IMMEDIATE lands a moment later): the next turn rolls
     back first unless the last one marked the connection settled, as the pool's return
     does (`_end_stray_transactions`). A turn that ends with enough rows changed since the
-    last checkpoint runs one, in the thread, before the next turn begins."""
+    last checkpoint starts one beside the units (`Checkpointer`): the next turn does not
+    wait for it."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         database, options = engine.dialect.create_connect_args(engine.url)
@@ -229,6 +230,7 @@ class SqliteTurns:
         self._timeout = engine.pool.timeout()  # type: ignore[attr-defined]
         self._lock = asyncio.Lock()
         self._held: LoopSqlite | None = None
+        self._checkpointer = Checkpointer(self._database, self._options)
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -247,10 +249,14 @@ class SqliteTurns:
         try:
             yield
             held = self._held
-            if held is not None and held.checkpoint_due():
-                await self._checkpoint(held)
+            if held is not None and held.checkpoint_due() and self._checkpointer.start():
+                held.checkpoint_started()
         finally:
             self._lock.release()
+
+    @property
+    def checkpoint_running(self) -> bool:
+        return self._checkpointer.running
 
     async def connection(self) -> LoopSqlite:
         """The held connection, settled: call only during a turn."""
@@ -267,14 +273,6 @@ class SqliteTurns:
         connection.info[SETTLED] = True
         return connection
 
-    @staticmethod
-    async def _checkpoint(held: LoopSqlite) -> None:
-        # The turn's own work is done: a checkpoint that fails is tried again after the next.
-        try:
-            await held.checkpoint_if_due()
-        except Exception:
-            log.warning("SQLite checkpoint failed; tried again later", exc_info=True)
-
     async def dispose(self) -> None:
         """Close the held connection once a unit still on it has ended (waiting as long as
         for a turn): its thread would otherwise keep the process from exiting."""
@@ -282,6 +280,7 @@ class SqliteTurns:
             async with self.turn():
                 await self._close_held()
         await self._close_held()  # a unit that outlived the wait: the process is ending
+        await self._checkpointer.close()
 
     async def _close_held(self) -> None:
         held, self._held = self._held, None
@@ -307,6 +306,11 @@ class Database:
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    @property
+    def checkpoint_running(self) -> bool:
+        """A SQLite checkpoint is copying the log into the database beside the units."""
+        return self._turns is not None and self._turns.checkpoint_running
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:

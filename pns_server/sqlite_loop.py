@@ -14,8 +14,8 @@ SQLite's busy handler would have done, without the event loop standing still mea
 Two more things could hold the event loop, and neither runs there:
 - checkpoints, which copy the write-ahead log into the database and sync both files:
   SQLite runs one inside the COMMIT that fills the log past its limit. This connection's
-  automatic checkpoints are off; `checkpoint_if_due` runs a passive one in the thread
-  once enough rows have changed, between units;
+  automatic checkpoints are off; once enough rows have changed, a passive one runs on a
+  connection and in a thread of its own (`Checkpointer`), so the units go on meanwhile;
 - opening the connection (setting WAL mode takes a lock), done in the thread.
 
 What is left on the event loop is the statement itself, which reads pages the operating
@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
+
+log = logging.getLogger("pns.db")
 
 T = TypeVar("T")
 
@@ -88,7 +91,7 @@ class LoopSqlite:
             try:
                 for pragma in CONNECTION_PRAGMAS:
                     connection.execute(pragma)
-                connection.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint_if_due
+                connection.execute("PRAGMA wal_autocheckpoint=0")  # see Checkpointer
                 connection.execute("PRAGMA busy_timeout=0")
             except BaseException:
                 connection.close()
@@ -120,20 +123,13 @@ class LoopSqlite:
         await self._call(lambda db: db.rollback())
 
     def checkpoint_due(self) -> bool:
+        """Enough rows changed through this connection since the last checkpoint began."""
+        if self.invalidated:
+            return False
         return self._db.total_changes - self._checkpointed_at >= CHECKPOINT_EVERY_CHANGES
 
-    async def checkpoint_if_due(self) -> None:
-        """A passive checkpoint, in the thread, once enough rows changed since the last one
-        and no transaction is open. Passive: it copies what no reader still needs and never
-        waits for a lock."""
-        if self.invalidated or not self.checkpoint_due():
-            return
-        await self._settled()
-        if self._db.in_transaction:
-            return
+    def checkpoint_started(self) -> None:
         self._checkpointed_at = self._db.total_changes
-        passive = "PRAGMA wal_checkpoint(PASSIVE)"
-        await self._submit(lambda: self._db.execute(passive).fetchall())
 
     async def invalidate(self) -> None:
         """Drop this connection (its transaction, if any, ends with it)."""
@@ -186,3 +182,82 @@ class LoopSqlite:
             with contextlib.suppress(Exception):
                 await asyncio.shield(asyncio.wrap_future(waiting))
         self._waiting = None
+
+
+class Checkpointer:
+    """Passive checkpoints of one database, on a connection and in a thread of their own.
+
+    Run on the units' connection, a checkpoint held the next unit until it was done: it
+    copies the log into the database and syncs both files, 5-12 ms every 256 changed rows,
+    which was the slowest percent of the decisions (`docs/benchmarks.md`). A passive
+    checkpoint takes no lock that a reader or a writer waits for, and copies only committed
+    pages, so it runs beside the units, whatever transaction they have open. One at a
+    time: a checkpoint due while one runs is started by the first unit to end after it."""
+
+    def __init__(self, database: str, options: Mapping[str, Any]) -> None:
+        self._database = database
+        self._options = dict(options)
+        self._executor: ThreadPoolExecutor | None = None  # made by the first checkpoint
+        self._db: sqlite3.Connection | None = None  # used in the thread only
+        self._running: asyncio.Future[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._running is not None and not self._running.done()
+
+    def start(self) -> bool:
+        """Begin a checkpoint unless one is running; whether one began."""
+        if self.running:
+            return False
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="pns-checkpoint")
+        self._running = asyncio.wrap_future(self._executor.submit(self._checkpoint))
+        self._running.add_done_callback(_report_failed_checkpoint)
+        return True
+
+    async def close(self) -> None:
+        """Close once a running checkpoint has ended (a later one opens again)."""
+        if self._running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._running)
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.wrap_future(executor.submit(self._disconnect))
+        finally:
+            executor.shutdown(wait=False)
+
+    def _checkpoint(self) -> None:
+        if self._db is None:
+            self._db = self._connect()
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except BaseException:
+            self._disconnect()  # the next checkpoint starts from a new connection
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        settings = {**self._options, "isolation_level": None}
+        connection: sqlite3.Connection = sqlite3.connect(self._database, **settings)
+        try:
+            # The units' settings, but for the journal mode: the database is in WAL mode
+            # already, and setting it would take a lock.
+            for pragma in CONNECTION_PRAGMAS:
+                if "journal_mode" not in pragma:
+                    connection.execute(pragma)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _disconnect(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+
+def _report_failed_checkpoint(done: asyncio.Future[None]) -> None:
+    # Nothing is lost: the log keeps the pages, and the next checkpoint copies them.
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("SQLite checkpoint failed; tried again later", exc_info=done.exception())
