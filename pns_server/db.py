@@ -249,14 +249,23 @@ class SqliteTurns:
         try:
             yield
             held = self._held
-            if held is not None and held.checkpoint_due() and self._checkpointer.start():
-                held.checkpoint_started()
+            if held is not None and held.checkpoint_due():
+                await self._checkpoint(held)
         finally:
             self._lock.release()
 
     @property
     def checkpoint_running(self) -> bool:
         return self._checkpointer.running
+
+    async def _checkpoint(self, held: LoopSqlite) -> None:
+        """Start one beside the units; or, once the log is long, run one before the next turn."""
+        checkpointer = self._checkpointer
+        if checkpointer.log_must_start_over:
+            await checkpointer.catch_up()
+        elif not checkpointer.start():
+            return  # one is running: the first turn to end after it starts the next
+        held.checkpoint_started()
 
     async def connection(self) -> LoopSqlite:
         """The held connection, settled: call only during a turn."""

@@ -47,6 +47,9 @@ BUSY_TIMEOUT_MS = 10_000
 # Rows changed between passive checkpoints: a few pages each, so the log stays within a
 # few megabytes (SQLite's own default checkpoints at 1,000 pages, 4 MB).
 CHECKPOINT_EVERY_CHANGES = 256
+# Frames in the log past which a checkpoint runs with no unit beside it (see Checkpointer):
+# 16 MB of 4 KB pages, a few hundred logins' writes.
+RESTART_LOG_AT_FRAMES = 4_096
 
 # The settings of every connection the relay opens on SQLite. The busy timeout comes first:
 # setting the journal mode takes a lock too, and without it a connection opened while
@@ -192,18 +195,50 @@ class Checkpointer:
     which was the slowest percent of the decisions (`docs/benchmarks.md`). A passive
     checkpoint takes no lock that a reader or a writer waits for, and copies only committed
     pages, so it runs beside the units, whatever transaction they have open. One at a
-    time: a checkpoint due while one runs is started by the first unit to end after it."""
+    time: a checkpoint due while one runs is started by the first unit to end after it.
+
+    But the log starts over only at a write that begins once a checkpoint has copied all of
+    it, and under steady writes one running beside the units never catches up: the log
+    grew without end (180 MB after 20,000 small units). So once it passes
+    `RESTART_LOG_AT_FRAMES`, the next checkpoint runs inside a turn (`catch_up`), with no
+    unit writing meanwhile: it copies the few frames the earlier ones left, and the next
+    write starts the log over."""
 
     def __init__(self, database: str, options: Mapping[str, Any]) -> None:
         self._database = database
         self._options = dict(options)
         self._executor: ThreadPoolExecutor | None = None  # made by the first checkpoint
         self._db: sqlite3.Connection | None = None  # used in the thread only
-        self._running: asyncio.Future[None] | None = None
+        # The thread's own future: done as soon as the checkpoint is, even while the event
+        # loop has not yet run the callbacks an asyncio future would wait for.
+        self._running: Future[None] | None = None
+        # The log's length in frames when the last checkpoint began, and whether it copied
+        # them all (beside the units, more were written meanwhile).
+        self.log_frames = 0
+        self._copied_all = False
 
     @property
     def running(self) -> bool:
         return self._running is not None and not self._running.done()
+
+    @property
+    def log_must_start_over(self) -> bool:
+        return self.log_frames >= RESTART_LOG_AT_FRAMES
+
+    async def catch_up(self) -> None:
+        """A checkpoint with no unit beside it: call during a turn. It copies the whole log
+        (unless another process reads an older snapshot), so the next write starts it over.
+        A failure is logged, as one beside the units is: the turn's work is done."""
+        await self._running_ended()
+        self.start()
+        await self._running_ended()
+        if self._copied_all:
+            self.log_frames = 0  # the next write starts the log over
+
+    async def _running_ended(self) -> None:
+        if self._running is not None:
+            with contextlib.suppress(Exception):  # logged by its callback
+                await asyncio.shield(asyncio.wrap_future(self._running))
 
     def start(self) -> bool:
         """Begin a checkpoint unless one is running; whether one began."""
@@ -211,15 +246,13 @@ class Checkpointer:
             return False
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="pns-checkpoint")
-        self._running = asyncio.wrap_future(self._executor.submit(self._checkpoint))
+        self._running = self._executor.submit(self._checkpoint)
         self._running.add_done_callback(_report_failed_checkpoint)
         return True
 
     async def close(self) -> None:
         """Close once a running checkpoint has ended (a later one opens again)."""
-        if self._running is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._running)
+        await self._running_ended()
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -232,7 +265,8 @@ class Checkpointer:
         if self._db is None:
             self._db = self._connect()
         try:
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            _busy, log, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.log_frames, self._copied_all = log, copied == log
         except BaseException:
             self._disconnect()  # the next checkpoint starts from a new connection
             raise
@@ -257,7 +291,7 @@ class Checkpointer:
             db.close()
 
 
-def _report_failed_checkpoint(done: asyncio.Future[None]) -> None:
+def _report_failed_checkpoint(done: Future[None]) -> None:
     # Nothing is lost: the log keeps the pages, and the next checkpoint copies them.
     if not done.cancelled() and done.exception() is not None:
         log.warning("SQLite checkpoint failed; tried again later", exc_info=done.exception())

@@ -13,7 +13,12 @@ import pytest
 from sqlalchemy import func, select, text
 
 from pns_server.db import Database, create_engine
-from pns_server.sqlite_loop import CHECKPOINT_EVERY_CHANGES, LoopSqlite, must_wait
+from pns_server.sqlite_loop import (
+    CHECKPOINT_EVERY_CHANGES,
+    RESTART_LOG_AT_FRAMES,
+    LoopSqlite,
+    must_wait,
+)
 
 
 def sqlite_database(path: Path) -> Database:
@@ -187,5 +192,35 @@ async def test_the_next_unit_runs_while_a_checkpoint_copies_the_log(tmp_path: Pa
         finally:
             connection.close()
         assert (await held_connection(db)).waited == 0
+    finally:
+        await db.dispose()
+
+
+async def test_the_log_starts_over_under_steady_writes(tmp_path: Path) -> None:
+    """The log starts over only at a write that begins once a checkpoint has copied all of
+    it, which one beside steady writes never does: past `RESTART_LOG_AT_FRAMES` a
+    checkpoint runs between two units. Three times that many one-page rows, written one
+    unit after another, leave the log within about that length (without it: all of them)."""
+    path = tmp_path / "steady.db"
+    wal = tmp_path / "steady.db-wal"
+    db = sqlite_database(path)
+    try:
+        async with db.unit() as unit:
+            await unit.run_sql("CREATE TABLE t (b BLOB)")
+        longest = 0
+        for _ in range(3 * RESTART_LOG_AT_FRAMES):
+            async with db.unit() as unit:
+                await unit.run_sql("INSERT INTO t VALUES (randomblob(3000))")
+            longest = max(longest, wal.stat().st_size)
+        await checkpoint_ended(db)
+        connection = sqlite3.connect(path)
+        try:
+            page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+            assert longest < 1.5 * RESTART_LOG_AT_FRAMES * page_size
+            assert connection.execute("SELECT count(*) FROM t").fetchone()[0] == (
+                3 * RESTART_LOG_AT_FRAMES
+            )
+        finally:
+            connection.close()
     finally:
         await db.dispose()
