@@ -62,9 +62,11 @@ browser:
 
 ## Linters, then the whole suite on SQLite and a throwaway PostgreSQL cluster, in
 ## TEST_WORKERS processes (each starts its own cluster); TEST_WORKERS=0 runs it in this one.
+## A test file runs whole in one process: module-scoped fixtures (the web approver's paired
+## browser) carry state from one test to the next, as in a run in one process.
 TEST_WORKERS ?= 2
 test: lint browser
-	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) --dist=loadfile $(PYTEST_ARGS)
 
 ## Benchmarks against real relay processes on SQLite and PostgreSQL (docs/benchmarks.md).
 bench: $(DEV_STAMP)

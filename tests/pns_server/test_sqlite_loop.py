@@ -199,8 +199,10 @@ async def test_the_next_unit_runs_while_a_checkpoint_copies_the_log(tmp_path: Pa
 async def test_the_log_starts_over_under_steady_writes(tmp_path: Path) -> None:
     """The log starts over only at a write that begins once a checkpoint has copied all of
     it, which one beside steady writes never does: past `RESTART_LOG_AT_FRAMES` a
-    checkpoint runs between two units. Three times that many one-page rows, written one
-    unit after another, leave the log within about that length (without it: all of them)."""
+    checkpoint runs between two units. Four times that many one-page rows, written one
+    unit after another, leave the log within a small multiple of that length (the rule
+    acts on the length the last checkpoint saw, and a busy machine slows checkpoints
+    down); without it the log holds every row."""
     path = tmp_path / "steady.db"
     wal = tmp_path / "steady.db-wal"
     db = sqlite_database(path)
@@ -208,7 +210,7 @@ async def test_the_log_starts_over_under_steady_writes(tmp_path: Path) -> None:
         async with db.unit() as unit:
             await unit.run_sql("CREATE TABLE t (b BLOB)")
         longest = 0
-        for _ in range(3 * RESTART_LOG_AT_FRAMES):
+        for _ in range(4 * RESTART_LOG_AT_FRAMES):
             async with db.unit() as unit:
                 await unit.run_sql("INSERT INTO t VALUES (randomblob(3000))")
             longest = max(longest, wal.stat().st_size)
@@ -216,9 +218,9 @@ async def test_the_log_starts_over_under_steady_writes(tmp_path: Path) -> None:
         connection = sqlite3.connect(path)
         try:
             page_size = connection.execute("PRAGMA page_size").fetchone()[0]
-            assert longest < 1.5 * RESTART_LOG_AT_FRAMES * page_size
+            assert longest < 2.5 * RESTART_LOG_AT_FRAMES * page_size
             assert connection.execute("SELECT count(*) FROM t").fetchone()[0] == (
-                3 * RESTART_LOG_AT_FRAMES
+                4 * RESTART_LOG_AT_FRAMES
             )
         finally:
             connection.close()
