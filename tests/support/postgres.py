@@ -5,6 +5,7 @@ As root (CI), initdb refuses to run, so the cluster is created and started as th
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -14,11 +15,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Each test process (a pytest-xdist worker: PYTEST_XDIST_WORKER=gw0, gw1, ...) hands out
+# ports from a range of its own, below Linux's ephemeral ports. A port the kernel picks
+# (bind to port 0) is free only until the socket closes: two processes could both be
+# handed it before either's server binds it, and a health check would then reach the
+# other process's relay.
+FIRST_PORT = 20_000
+PORTS_PER_PROCESS = 1_000
+_handed_out = itertools.count()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, and that no other test process will hand out."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = FIRST_PORT + (int(worker) if worker.isdigit() else 0) * PORTS_PER_PROCESS
+    for _ in range(PORTS_PER_PROCESS):
+        port = base + next(_handed_out) % PORTS_PER_PROCESS
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or a closed connection's TIME_WAIT): the next one
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + PORTS_PER_PROCESS - 1}")
 
 
 def _find(binary: str) -> str | None:
