@@ -221,7 +221,7 @@ class SqliteTurns:
     back first unless the last one marked the connection settled, as the pool's return
     does (`_end_stray_transactions`). A turn that ends with enough rows changed since the
     last checkpoint starts one beside the units (`Checkpointer`): the next turn does not
-    wait for it."""
+    wait for it, unless the log has grown long enough to need one that runs alone."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         database, options = engine.dialect.create_connect_args(engine.url)
@@ -231,6 +231,7 @@ class SqliteTurns:
         self._lock = asyncio.Lock()
         self._held: LoopSqlite | None = None
         self._checkpointer = Checkpointer(self._database, self._options)
+        self._catch_up_due = False
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -247,10 +248,15 @@ class SqliteTurns:
                 "(PNS_DB_POOL_TIMEOUT_SECONDS): every unit before it still running"
             ) from None
         try:
+            if self._catch_up_due:
+                # Here, not as the last turn ended: a cancellation while it runs finds no
+                # unit begun, rather than one committed and not yet waking its waiters.
+                self._catch_up_due = False
+                await self._checkpointer.catch_up()
             yield
             held = self._held
             if held is not None and held.checkpoint_due():
-                await self._checkpoint(held)
+                self._checkpoint(held)
         finally:
             self._lock.release()
 
@@ -258,11 +264,12 @@ class SqliteTurns:
     def checkpoint_running(self) -> bool:
         return self._checkpointer.running
 
-    async def _checkpoint(self, held: LoopSqlite) -> None:
-        """Start one beside the units; or, once the log is long, run one before the next turn."""
+    def _checkpoint(self, held: LoopSqlite) -> None:
+        """Start one beside the units; or, once the log is long, have the next turn begin
+        with one that no unit runs beside (`Checkpointer.catch_up`)."""
         checkpointer = self._checkpointer
         if checkpointer.log_must_start_over:
-            await checkpointer.catch_up()
+            self._catch_up_due = True
         elif not checkpointer.start():
             return  # one is running: the first turn to end after it starts the next
         held.checkpoint_started()
