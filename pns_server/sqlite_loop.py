@@ -64,6 +64,22 @@ CONNECTION_PRAGMAS = (
 _SQLITE_BUSY = 5  # the primary result code; extended codes carry it in their low byte
 
 
+def connect(
+    database: str, options: Mapping[str, Any], pragmas: Sequence[str]
+) -> sqlite3.Connection:
+    """`sqlite3.connect` with `options`, in autocommit mode (BEGIN and COMMIT are the units'
+    own), usable from any one thread at a time, then `pragmas`."""
+    settings = {**options, "isolation_level": None, "check_same_thread": False}
+    connection: sqlite3.Connection = sqlite3.connect(database, **settings)
+    try:
+        for pragma in pragmas:
+            connection.execute(pragma)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
 def must_wait(error: sqlite3.OperationalError) -> bool:
     """The statement failed because another connection holds a lock it needs."""
     code = getattr(error, "sqlite_errorcode", None)
@@ -88,21 +104,15 @@ class LoopSqlite:
         """Connect to `database` with `sqlite3.connect` options (`uri`, ...)."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pns-sqlite")
 
-        def connect() -> sqlite3.Connection:
-            settings = {**options, "isolation_level": None, "check_same_thread": False}
-            connection: sqlite3.Connection = sqlite3.connect(database, **settings)
-            try:
-                for pragma in CONNECTION_PRAGMAS:
-                    connection.execute(pragma)
-                connection.execute("PRAGMA wal_autocheckpoint=0")  # see Checkpointer
-                connection.execute("PRAGMA busy_timeout=0")
-            except BaseException:
-                connection.close()
-                raise
-            return connection
-
+        pragmas = (
+            *CONNECTION_PRAGMAS,
+            "PRAGMA wal_autocheckpoint=0",  # see Checkpointer
+            "PRAGMA busy_timeout=0",
+        )
         try:
-            connection = await asyncio.wrap_future(executor.submit(connect))
+            connection = await asyncio.wrap_future(
+                executor.submit(connect, database, options, pragmas)
+            )
         except BaseException:
             executor.shutdown(wait=False)
             raise
@@ -263,27 +273,16 @@ class Checkpointer:
 
     def _checkpoint(self) -> None:
         if self._db is None:
-            self._db = self._connect()
+            # The units' settings, but for the journal mode: the database is in WAL mode
+            # already, and setting it would take a lock.
+            pragmas = [pragma for pragma in CONNECTION_PRAGMAS if "journal_mode" not in pragma]
+            self._db = connect(self._database, self._options, pragmas)
         try:
-            _busy, log, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self.log_frames, self._copied_all = log, copied == log
+            _busy, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.log_frames, self._copied_all = frames, copied == frames
         except BaseException:
             self._disconnect()  # the next checkpoint starts from a new connection
             raise
-
-    def _connect(self) -> sqlite3.Connection:
-        settings = {**self._options, "isolation_level": None}
-        connection: sqlite3.Connection = sqlite3.connect(self._database, **settings)
-        try:
-            # The units' settings, but for the journal mode: the database is in WAL mode
-            # already, and setting it would take a lock.
-            for pragma in CONNECTION_PRAGMAS:
-                if "journal_mode" not in pragma:
-                    connection.execute(pragma)
-        except BaseException:
-            connection.close()
-            raise
-        return connection
 
     def _disconnect(self) -> None:
         db, self._db = self._db, None

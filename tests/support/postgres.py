@@ -25,19 +25,24 @@ PORTS_PER_PROCESS = 1_000
 _handed_out = itertools.count()
 
 
-def free_port() -> int:
-    """A port nothing listens on now, and that no other test process will hand out."""
+def this_process_ports() -> range:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     base = FIRST_PORT + (int(worker) if worker.isdigit() else 0) * PORTS_PER_PROCESS
-    for _ in range(PORTS_PER_PROCESS):
-        port = base + next(_handed_out) % PORTS_PER_PROCESS
+    return range(base, base + PORTS_PER_PROCESS)
+
+
+def free_port() -> int:
+    """A port nothing listens on now, and that no other test process will hand out."""
+    ports = this_process_ports()
+    for _ in ports:
+        port = ports[next(_handed_out) % len(ports)]
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue  # in use (or a closed connection's TIME_WAIT): the next one
             return port
-    raise RuntimeError(f"no free port in {base}-{base + PORTS_PER_PROCESS - 1}")
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def _find(binary: str) -> str | None:

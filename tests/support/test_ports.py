@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
-from tests.support.postgres import FIRST_PORT, PORTS_PER_PROCESS, free_port
-
-
-def this_process_range() -> range:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-    base = FIRST_PORT + int(worker) * PORTS_PER_PROCESS
-    return range(base, base + PORTS_PER_PROCESS)
+from tests.support.postgres import free_port, this_process_ports
 
 
 def test_ports_come_from_this_process_range_and_are_not_handed_out_twice() -> None:
     ports = [free_port() for _ in range(20)]
     assert len(set(ports)) == len(ports)
-    assert all(port in this_process_range() for port in ports)
+    assert all(port in this_process_ports() for port in ports)
 
 
 def test_a_port_something_listens_on_is_skipped() -> None:
@@ -26,4 +19,4 @@ def test_a_port_something_listens_on_is_skipped() -> None:
         listening.bind(("127.0.0.1", upcoming))
         listening.listen()
         port = free_port()
-        assert port != upcoming and port in this_process_range()
+        assert port != upcoming and port in this_process_ports()
