@@ -250,9 +250,10 @@ class SqliteTurns:
         try:
             if self._catch_up_due:
                 # Here, not as the last turn ended: a cancellation while it runs finds no
-                # unit begun, rather than one committed and not yet waking its waiters.
-                self._catch_up_due = False
+                # unit begun, rather than one committed and not yet waking its waiters. It
+                # stays due until it has run: the next turn begins with it instead.
                 await self._checkpointer.catch_up()
+                self._catch_up_due = False
             yield
             held = self._held
             if held is not None and held.checkpoint_due():

@@ -226,3 +226,64 @@ async def test_the_log_starts_over_under_steady_writes(tmp_path: Path) -> None:
             connection.close()
     finally:
         await db.dispose()
+
+
+def frames_in_the_log(path: Path) -> int:
+    """The log's length in frames, as a passive checkpoint reports it."""
+    connection = sqlite3.connect(path)
+    try:
+        _busy, frames, _copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(frames)
+    finally:
+        connection.close()
+
+
+async def test_a_unit_cancelled_during_the_catch_up_leaves_it_to_the_next_turn(
+    tmp_path: Path,
+) -> None:
+    """A request that goes away while its turn begins with the checkpoint that lets the log
+    start over (`catch_up`): it ends without having begun its unit, the turn is free for
+    the next unit, and that one runs the catch-up instead, so the log still starts over."""
+    path = tmp_path / "cancelled.db"
+    db = sqlite_database(path)
+
+    async def write_16_mb() -> None:
+        async with db.unit() as unit:  # 256 rows of 16 pages: the log passes the limit
+            for _ in range(CHECKPOINT_EVERY_CHANGES):
+                await unit.run_sql("INSERT INTO t VALUES (randomblob(65536))")
+
+    async def write_marker() -> None:
+        async with db.unit() as unit:
+            await unit.run_sql("INSERT INTO t VALUES (x'01')")
+
+    try:
+        async with db.unit() as unit:
+            await unit.run_sql("CREATE TABLE t (b BLOB)")
+        await write_16_mb()  # its checkpoint runs beside and sees the long log
+        await checkpoint_ended(db)
+        await write_16_mb()  # so the next turn begins with the catch-up
+        assert not db.checkpoint_running
+
+        cancelled = asyncio.create_task(write_marker())
+        async with asyncio.timeout(10):
+            while not db.checkpoint_running:
+                await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+
+        async with asyncio.timeout(10):  # the turn was given back
+            async with db.unit() as unit:
+                await unit.run_sql("INSERT INTO t VALUES (x'00')")
+        await checkpoint_ended(db)
+        assert frames_in_the_log(path) < 100  # a few pages: the log started over
+        connection = sqlite3.connect(path)
+        try:
+            assert connection.execute("SELECT count(*) FROM t WHERE b = x'01'").fetchone()[0] == 0
+            assert connection.execute("SELECT count(*) FROM t").fetchone()[0] == (
+                2 * CHECKPOINT_EVERY_CHANGES + 1
+            )
+        finally:
+            connection.close()
+    finally:
+        await db.dispose()
