@@ -266,13 +266,13 @@ class SqliteTurns:
         return self._checkpointer.running
 
     def _checkpoint(self, held: LoopSqlite) -> None:
-        """Start one beside the units; or, once the log is long, have the next turn begin
-        with one that no unit runs beside (`Checkpointer.catch_up`)."""
+        """Start one beside the units; or, once the log is long, or when the one started
+        256 changes ago still runs (the writes outpace it: a slow disk), have the next turn
+        begin with one that no unit runs beside (`Checkpointer.catch_up`): the log stays
+        bounded whatever the disk's speed."""
         checkpointer = self._checkpointer
-        if checkpointer.log_must_start_over:
+        if checkpointer.log_must_start_over or not checkpointer.start():
             self._catch_up_due = True
-        elif not checkpointer.start():
-            return  # one is running: the first turn to end after it starts the next
         held.checkpoint_started()
 
     async def connection(self) -> LoopSqlite:

@@ -205,7 +205,8 @@ class Checkpointer:
     which was the slowest percent of the decisions (`docs/benchmarks.md`). A passive
     checkpoint takes no lock that a reader or a writer waits for, and copies only committed
     pages, so it runs beside the units, whatever transaction they have open. One at a
-    time: a checkpoint due while one runs is started by the first unit to end after it.
+    time: one due while the last still runs means the writes outpace it (a slow disk), and
+    it is run as a catch-up, below.
 
     But the log starts over only at a write that begins once a checkpoint has copied all of
     it, and under steady writes one running beside the units never catches up: the log
