@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from sqlalchemy import event, exc
+from sqlalchemy import QueuePool, event, exc
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from pns_server.connection_queue import ConnectionQueue, driver_of
 from pns_server.driver import DriverUnit
 from pns_server.errors import PnsError
 from pns_server.sqlite_loop import CONNECTION_PRAGMAS, Checkpointer, LoopSqlite
@@ -118,10 +119,13 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
     # 40 logins to come down from 30-40 ms to 12 after such a burst, with PostgreSQL's CPU
     # 2.5x (`bench --only round_trip`). A connection left idle at the bottom is still
     # probed at its checkout.
+    # The relay's units and sessions take these connections through `ConnectionQueue`,
+    # which keeps each one checked out once opened; the one overflow connection is for the
+    # work beside it (the readiness check), closed again on its return.
     engine = create_async_engine(
         url,
         pool_size=2 * pool_size,
-        max_overflow=0,
+        max_overflow=1,
         pool_use_lifo=True,
         pool_timeout=pool_timeout,
         hide_parameters=True,
@@ -194,17 +198,6 @@ def _probe_on_checkout(engine: AsyncEngine) -> None:
             raise exc.InvalidatePoolError(
                 f"connection failed its checkout probe: {error!r}"
             ) from error
-
-
-def _driver_of(connection: AsyncConnection) -> Any:
-    """The asyncpg or aiosqlite connection under a pooled SQLAlchemy one, just checked out.
-
-    Read through the sync connection: its accessor does I/O only to replace a connection
-    invalidated since checkout, which this one cannot be yet, so it needs none of the
-    greenlet hand-off `get_raw_connection()` makes for that case (~20 us per unit)."""
-    sync_connection = connection.sync_connection
-    assert sync_connection is not None, "a started connection"
-    return sync_connection.connection.driver_connection
 
 
 class SqliteTurns:
@@ -319,10 +312,25 @@ class Database:
         self._before_commit = before_commit
         self._notify_sql = notify_sql
         self._turns = SqliteTurns(engine) if engine.dialect.name == "sqlite" else None
+        self._queue: ConnectionQueue | None = None
+        if self._turns is None:
+            pool = engine.pool
+            assert isinstance(pool, QueuePool), "create_engine() makes PostgreSQL's pool"
+            self._queue = ConnectionQueue(
+                lambda probe: self._open(probe=probe), capacity=pool.size(), timeout=pool.timeout()
+            )
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    @property
+    def connections_in_use(self) -> int:
+        """Connections out for work now: not those kept between units (PostgreSQL)."""
+        if self._queue is not None:
+            return self._queue.in_use
+        checked_out: int = self.engine.pool.checkedout()  # type: ignore[attr-defined]
+        return checked_out
 
     @property
     def checkpoint_running(self) -> bool:
@@ -333,7 +341,7 @@ class Database:
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A unit of work: commits when the block succeeds, rolls back when it raises."""
         kept_error: PnsError | None = None
-        async with self.turn(), self.sessionmaker() as session:
+        async with self._session_bind() as bind, self.sessionmaker(bind=bind) as session:
             try:
                 yield session
                 await self._commit(session)
@@ -416,12 +424,15 @@ class Database:
                         # none behind.
                         unit.connection.info[SETTLED] = True
             return
-        unit = self._driver_unit(await self._open(probe=None))
+        assert self._queue is not None
+        unit = self._driver_unit(await self._queue.take(None))
         unit.reconnect = self._reconnect
         try:
             yield unit
-        finally:
-            await unit.connection.close()
+        except BaseException as error:
+            await self._give_back(unit.connection, error)
+            raise
+        await self._give_back(unit.connection, None)
 
     @asynccontextmanager
     async def unit_alone(self) -> AsyncIterator[DriverUnit]:
@@ -444,9 +455,9 @@ class Database:
                     await self._publish(topics)
 
     async def _reconnect(self, dead: AsyncConnection) -> tuple[AsyncConnection, Any]:
-        await dead.close()
-        connection = await self._open(probe="SELECT 1")
-        return connection, _driver_of(connection)
+        assert self._queue is not None
+        connection = await self._queue.replace(dead)
+        return connection, driver_of(connection)
 
     def turn(self) -> contextlib.AbstractAsyncContextManager[None]:
         """SQLite: this process's turn on the database (see `SqliteTurns`), for work on
@@ -465,12 +476,34 @@ class Database:
             yield connection
 
     @asynccontextmanager
+    async def _session_bind(self) -> AsyncIterator[AsyncEngine | AsyncConnection]:
+        """What a session runs on: the engine in SQLite's turn, or a queued connection."""
+        if self._queue is None:
+            async with self.turn():
+                yield self.engine
+            return
+        async with self._connection(probe="SELECT 1") as connection:
+            yield connection
+
+    @asynccontextmanager
     async def _connection(self, *, probe: str | None) -> AsyncIterator[AsyncConnection]:
-        connection = await self._open(probe=probe)
+        assert self._queue is not None
+        connection = await self._queue.take(probe)
         try:
             yield connection
-        finally:
-            await connection.close()
+        except BaseException as error:
+            await self._give_back(connection, error)
+            raise
+        await self._give_back(connection, None)
+
+    async def _give_back(
+        self, connection: AsyncConnection | LoopSqlite, error: BaseException | None
+    ) -> None:
+        """Kept for the next unit after a clean end or a refusal (`PnsError`: the unit rolled
+        back between statements); after anything else a statement may still be running on
+        it, so it goes back to the pool (`ConnectionQueue.give_back`)."""
+        assert self._queue is not None and isinstance(connection, AsyncConnection)
+        await self._queue.give_back(connection, clean=error is None or isinstance(error, PnsError))
 
     async def _open(self, *, probe: str | None) -> AsyncConnection:
         """A pooled connection, checked out with `probe` (PostgreSQL; see `_PROBE`)."""
@@ -485,7 +518,7 @@ class Database:
     def _driver_unit(self, connection: AsyncConnection | LoopSqlite) -> DriverUnit:
         if isinstance(connection, LoopSqlite):
             return DriverUnit(connection, connection, self.engine.dialect)
-        return DriverUnit(connection, _driver_of(connection), self.engine.dialect)
+        return DriverUnit(connection, driver_of(connection), self.engine.dialect)
 
     async def _commit_unit(self, unit: DriverUnit) -> None:
         topics = unit.info.get(TOPICS_KEY)
@@ -519,4 +552,6 @@ class Database:
     async def dispose(self) -> None:
         if self._turns is not None:
             await self._turns.dispose()
+        if self._queue is not None:
+            await self._queue.close_idle()
         await self.engine.dispose()

@@ -83,9 +83,10 @@ async def test_an_exhausted_pool_is_503_with_retry_after(app, http: httpx.AsyncC
     db = app.state.runtime.db
     async with contextlib.AsyncExitStack() as held:
         if db.dialect == "postgresql":
-            # Every connection (the pool holds up to twice its size), as a burst would.
+            # Every connection (the pool holds up to twice its size), as a burst of units
+            # would: the one kept since the last unit, then the pool's.
             for _ in range(2):
-                await held.enter_async_context(db.engine.connect())
+                await held.enter_async_context(db.unit())
         else:
             # SQLite's units take turns on one connection: a unit that does not end.
             await held.enter_async_context(db.unit())

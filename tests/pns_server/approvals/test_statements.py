@@ -262,8 +262,9 @@ async def test_a_login_on_new_connections_sends_only_the_relays_statements(
     query: tens of milliseconds on the first login of every new connection. Every query a
     login makes on connections opened for it is one the relay wrote, or a transaction's
     BEGIN, COMMIT or ROLLBACK."""
-    engine = runtime_of(app).db.engine
-    await engine.dispose()  # the set-up's connections: the login's are opened for it
+    db = runtime_of(app).db
+    engine = db.engine
+    await db.dispose()  # the set-up's connections: the login's are opened for it
     on_the_wire: list[str] = []
 
     def log_queries(dbapi_connection: Any, _record: Any) -> None:

@@ -82,9 +82,9 @@ async def until_waiters(app: FastAPI, count: int) -> None:
 
 async def until_pool_idle(app: FastAPI) -> None:
     """Wait until no connection is checked out; times out if a waiter keeps one."""
-    pool = runtime_of(app).db.engine.pool
+    db = runtime_of(app).db
     async with asyncio.timeout(5):
-        while pool.checkedout() != 0:  # type: ignore[attr-defined]
+        while db.connections_in_use != 0:
             await asyncio.sleep(0.005)
 
 

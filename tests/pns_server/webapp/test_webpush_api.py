@@ -273,13 +273,13 @@ class TestDeviceLongPoll:
     ) -> None:
         client = await register_client(http)
         phone = await pair_app_device(http, client, push=None)
-        pool = app.state.runtime.db.engine.pool
+        db = app.state.runtime.db
         waits = [
             asyncio.create_task(http.get("/v1/device/approvals?wait=3", headers=phone.headers))
             for _ in range(15)
         ]
         await asyncio.sleep(1.0)
-        assert pool.checkedout() == 0
+        assert db.connections_in_use == 0
         for response in await asyncio.gather(*waits):
             assert response.status_code == 200
 
