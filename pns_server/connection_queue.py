@@ -70,10 +70,6 @@ class ConnectionQueue:
         """Connections out for work now (or being opened for it)."""
         return self._places_taken - len(self._idle)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
     async def take(self, probe: str | None) -> AsyncConnection:
         if self._idle:  # then nobody waits: a connection coming back goes to a waiter first
             connection: AsyncConnection | None = self._idle.pop()
@@ -84,17 +80,24 @@ class ConnectionQueue:
             connection = await self._wait()
         if connection is None:
             return await self._open_in_place(probe)
-        if probe is None or await self._passes(connection, probe):
+        if probe is None:
             return connection
-        await self._drop_idle()
-        await _discard(connection)
-        return await self._open_in_place(probe)
+        try:
+            alive = await self._passes(connection, probe)
+            if not alive:
+                await self._drop_idle()
+                await _discard(connection)
+        except BaseException:  # cancelled with the probe in flight, or while dropping
+            await self._free_place(connection)
+            raise
+        return connection if alive else await self._open_in_place(probe)
 
     async def replace(self, dead: AsyncConnection) -> AsyncConnection:
-        """A probed connection in place of one found dead (and every one kept with it)."""
+        """A probed connection in place of one found dead (and every one kept with it).
+        If that fails, `dead` still holds the place: its holder gives it back."""
         await self._drop_idle()
         await _discard(dead)
-        return await self._open_in_place("SELECT 1")
+        return await self._open_connection("SELECT 1")
 
     async def give_back(self, connection: AsyncConnection, *, clean: bool) -> None:
         """Hand `connection` on if `clean` and it is, else back to the pool (see above)."""
@@ -140,6 +143,13 @@ class ConnectionQueue:
         else:
             self._idle.append(connection)
 
+    async def _free_place(self, connection: AsyncConnection) -> None:
+        """Drop a connection whose state is unknown; its place goes to the next waiter."""
+        try:
+            await _discard(connection)
+        finally:
+            self._hand_on(None)
+
     async def _open_in_place(self, probe: str | None) -> AsyncConnection:
         try:
             return await self._open_connection(probe)
@@ -157,8 +167,15 @@ class ConnectionQueue:
     async def _drop_idle(self) -> None:
         idle, self._idle = self._idle, []
         self._places_taken -= len(idle)
-        for connection in idle:
-            await _discard(connection)
+        if idle:
+            # Shielded: a request cancelled meanwhile must not leave some of them open and
+            # checked out of the pool, with their places here free for new ones.
+            await asyncio.shield(_discard_all(idle))
+
+
+async def _discard_all(connections: list[AsyncConnection]) -> None:
+    for connection in connections:
+        await _discard(connection)
 
 
 async def _discard(connection: AsyncConnection) -> None:

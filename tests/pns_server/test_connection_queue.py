@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy import event, exc, func, literal_column, select, text
 from pns_server.config import async_database_url
 from pns_server.db import Database, create_engine
 from pns_server.errors import PnsError
+from tests.support.tcp_proxy import TcpProxy
 
 ONE = select(literal_column("1"))
 
@@ -251,5 +253,65 @@ async def test_a_unit_cancelled_mid_statement_leaves_its_connection_to_the_pool(
             async with db.unit() as unit:
                 assert await unit.scalar(ONE) == 1
         assert len(checkouts) == 2
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.postgres_only
+async def test_a_request_cancelled_while_its_probe_hangs_frees_its_place(
+    database_url: str,
+) -> None:
+    """A kept connection that went silent (a NAT or firewall forgot the flow) hangs the
+    BEGIN that probes it; the request is cancelled (its client left). The connection is
+    dropped and its place freed: the next units open new connections instead of waiting
+    for places that never come back."""
+    parts = urlsplit(database_url)
+    assert parts.hostname is not None and parts.port is not None
+    proxy = await TcpProxy(parts.hostname, parts.port).start()
+    url = async_database_url(proxy.url_for(database_url))
+    db = Database(create_engine(url, pool_size=1, pool_timeout=2))
+    try:
+        async with db.unit() as unit:
+            kept = int(await unit.scalar(select(func.pg_backend_pid())))
+        for _ in range(2):  # as many as there are places: none may stay taken
+            assert proxy.black_hole() >= 1
+            hanging = asyncio.create_task(backend_of_unit(db))
+            await asyncio.sleep(0.3)
+            assert not hanging.done()
+            hanging.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await hanging
+            assert db.connections_in_use == 0
+            async with asyncio.timeout(5):  # on a new connection, forwarded
+                kept_now = await backend_of_unit(db)
+            assert kept_now != kept
+            kept = kept_now
+    finally:
+        await db.dispose()
+        await proxy.close()
+
+
+async def backend_of_unit(db: Database) -> int:
+    async with db.unit() as unit:
+        return int(await unit.scalar(select(func.pg_backend_pid())))
+
+
+@pytest.mark.postgres_only
+async def test_a_read_that_cannot_reconnect_gives_its_place_back_once(database_url: str) -> None:
+    """A read finds its kept connection dead and PostgreSQL unreachable: the read fails
+    with the database's error, and the dead connection's place is freed once, not twice
+    (counted twice, the relay would open more connections than the pool holds)."""
+    parts = urlsplit(database_url)
+    assert parts.hostname is not None and parts.port is not None
+    proxy = await TcpProxy(parts.hostname, parts.port).start()
+    db = Database(create_engine(async_database_url(proxy.url_for(database_url)), pool_size=1))
+    try:
+        async with db.unit_read() as unit:
+            assert await unit.scalar(ONE) == 1
+        await proxy.close()  # every connection through it closed, and no new one taken
+        with pytest.raises((OSError, exc.DBAPIError)):
+            async with db.unit_read() as unit:
+                await unit.scalar(ONE)
+        assert db.connections_in_use == 0
     finally:
         await db.dispose()
