@@ -70,6 +70,14 @@ class ConnectionQueue:
         """Connections out for work now (or being opened for it)."""
         return self._places_taken - len(self._idle)
 
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     async def take(self, probe: str | None) -> AsyncConnection:
         if self._idle:  # then nobody waits: a connection coming back goes to a waiter first
             connection: AsyncConnection | None = self._idle.pop()

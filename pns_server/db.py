@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import QueuePool, event, exc
@@ -200,6 +201,13 @@ def _probe_on_checkout(engine: AsyncEngine) -> None:
             ) from error
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionStats:
+    in_use: int
+    idle: int
+    waiting: int
+
+
 class SqliteTurns:
     """SQLite: the driver units' one connection, held open and taken in turns.
 
@@ -225,14 +233,19 @@ class SqliteTurns:
         self._held: LoopSqlite | None = None
         self._checkpointer = Checkpointer(self._database, self._options)
         self._catch_up_due = False
+        self.waiting = 0  # units and sessions waiting for their turn now
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         """Wait for this process's turn on SQLite, as long as the pool would wait."""
         try:
             if self._lock.locked():
-                async with asyncio.timeout(self._timeout):
-                    await self._lock.acquire()
+                self.waiting += 1
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        await self._lock.acquire()
+                finally:
+                    self.waiting -= 1
             else:
                 await self._lock.acquire()  # free: taken at once (the timer costs ~15 us)
         except TimeoutError:
@@ -257,6 +270,10 @@ class SqliteTurns:
     @property
     def checkpoint_running(self) -> bool:
         return self._checkpointer.running
+
+    @property
+    def in_turn(self) -> bool:
+        return self._lock.locked()
 
     def _checkpoint(self, held: LoopSqlite) -> None:
         """Start one beside the units; or, once the log is long, or when the one started
@@ -331,6 +348,16 @@ class Database:
             return self._queue.in_use
         checked_out: int = self.engine.pool.checkedout()  # type: ignore[attr-defined]
         return checked_out
+
+    def connection_stats(self) -> ConnectionStats:
+        """This process's database connections now, for the metrics. On SQLite, the one
+        connection the turns are taken on, and the requests waiting for their turn."""
+        if self._queue is not None:
+            queue = self._queue
+            return ConnectionStats(in_use=queue.in_use, idle=queue.idle, waiting=queue.waiting)
+        assert self._turns is not None
+        in_turn = int(self._turns.in_turn)
+        return ConnectionStats(in_use=in_turn, idle=1 - in_turn, waiting=self._turns.waiting)
 
     @property
     def checkpoint_running(self) -> bool:

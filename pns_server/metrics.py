@@ -85,6 +85,17 @@ class Metrics:
             "pns_longpoll_waiters", "Long-polls waiting right now", registry=r
         )
         self.devices = Gauge("pns_devices", "Active devices", ["kind", "push"], registry=r)
+        self.db_connections = Gauge(
+            "pns_db_connections",
+            "This process's database connections, in use or idle",
+            ["state"],
+            registry=r,
+        )
+        self.db_waiting = Gauge(
+            "pns_db_waiting",
+            "Requests waiting for a database connection (PostgreSQL) or their turn (SQLite)",
+            registry=r,
+        )
         self.gc_pause_seconds = Histogram(
             "pns_gc_pause_seconds",
             "Garbage collections, by generation: every request in the process waits for one",
@@ -97,7 +108,12 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def refresh_from_database(self, db: Database) -> None:
-        """The database-backed gauges: two cheap COUNT queries."""
+        """The database-backed gauges: two cheap COUNT queries. The connection gauges
+        first: they need no connection, so they are current even when none is free."""
+        stats = db.connection_stats()
+        self.db_connections.labels("in_use").set(stats.in_use)
+        self.db_connections.labels("idle").set(stats.idle)
+        self.db_waiting.set(stats.waiting)
         push = func.coalesce(Device.push_service, "none")
         async with db.session() as session:
             device_rows = (

@@ -83,8 +83,8 @@ async def test_an_exhausted_pool_is_503_with_retry_after(app, http: httpx.AsyncC
     db = app.state.runtime.db
     async with contextlib.AsyncExitStack() as held:
         if db.dialect == "postgresql":
-            # Every connection (the pool holds up to twice its size), as a burst of units
-            # would: the one kept since the last unit, then the pool's.
+            # Every connection the relay holds (up to twice the pool size), as a burst of
+            # units would.
             for _ in range(2):
                 await held.enter_async_context(db.unit())
         else:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import io
 import json
@@ -12,8 +14,11 @@ from pathlib import Path
 import httpx
 import pyotp
 import pytest
+from fastapi import FastAPI
+from sqlalchemy import literal_column, select
 
 from pns_server.config import Settings
+from pns_server.db import Database
 from pns_server.observability import (
     _PATTERNS,
     JsonFormatter,
@@ -177,6 +182,46 @@ class TestHttpMetrics:
         assert 'pns_devices{kind="totp",push="none"} 1.0' in text
         assert "pns_longpoll_waiters 0.0" in text
         assert "pns_outbox_pending" in text
+
+
+@pytest.mark.parametrize("settings_overrides", [{"db_pool_size": 1, "db_pool_timeout_seconds": 10}])
+async def test_connections_in_use_and_requests_waiting_for_one(
+    app: FastAPI, http: httpx.AsyncClient
+) -> None:
+    """`pns_db_connections` and `pns_db_waiting` are read without a connection, so a
+    scrape tells them while every connection is taken (its own database gauges then give
+    up after 2 s)."""
+
+    def gauges(text: str) -> tuple[float, float, float]:
+        values = [
+            re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+            for name in (
+                'pns_db_connections{state="in_use"}',
+                'pns_db_connections{state="idle"}',
+                "pns_db_waiting",
+            )
+        ]
+        assert all(values), text
+        return tuple(float(found.group(1)) for found in values if found)  # type: ignore[return-value]
+
+    db: Database = app.state.runtime.db
+    every = 2 if db.dialect == "postgresql" else 1  # twice the pool; SQLite's one turn
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(every):
+            await held.enter_async_context(db.unit())
+        waiting = asyncio.create_task(held_unit_read(db))
+        await asyncio.sleep(0.05)
+        assert gauges((await http.get("/metrics")).text) == (every, 0, 1)
+    await waiting
+    async with asyncio.timeout(5):  # the dispatcher, which waited too, may still have one
+        while (now := gauges((await http.get("/metrics")).text)) != (0, every, 0):
+            assert now[2] == 0 and now[0] + now[1] == every
+            await asyncio.sleep(0.05)
+
+
+async def held_unit_read(db: Database) -> None:
+    async with db.unit_read() as unit:
+        await unit.execute(select(literal_column("1")))
 
 
 def _appears(secret: str, log: str) -> bool:
