@@ -4,7 +4,9 @@ see `pns_server.driver`). Only `session()` and `unit()` commit. Realtime topics 
 unit go out with the commit: NOTIFY inside the same transaction on PostgreSQL (delivered
 at commit), then `publish` after it (wakes this process's waiters), so a woken long-poll
 always reads the new state and no request waits on a side connection. A unit may also
-hand work on to this process for when it ends (`when_unit_ends`)."""
+hand work on to this process for when it ends (`when_unit_ends`). Units and sessions wait
+for their connection in arrival order: on SQLite for their turn (`SqliteTurns`), on
+PostgreSQL in `ConnectionQueue`, which keeps each connection between requests."""
 
 from __future__ import annotations
 
