@@ -315,3 +315,33 @@ async def test_a_read_that_cannot_reconnect_gives_its_place_back_once(database_u
         assert db.connections_in_use == 0
     finally:
         await db.dispose()
+
+
+@pytest.mark.postgres_only
+async def test_a_session_cancelled_mid_statement_leaves_its_connection_to_the_pool(
+    database_url: str,
+) -> None:
+    """As a unit's: an ORM session cancelled while its statement runs is not kept for the
+    next one; its place is free at once, and the next session runs."""
+    db = Database(create_engine(async_database_url(database_url), pool_size=1, pool_timeout=5))
+    started = asyncio.Event()
+
+    async def sleeps() -> None:
+        async with db.session() as session:
+            started.set()
+            await session.execute(select(func.pg_sleep(5)))
+
+    try:
+        task = asyncio.create_task(sleeps())
+        await started.wait()
+        await asyncio.sleep(0.1)  # the sleep is running on the server
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert db.connections_in_use == 0
+        for _ in range(3):  # more than the two places: none is held by the cancelled one
+            async with asyncio.timeout(4), db.session() as session:
+                assert (await session.execute(ONE)).scalar_one() == 1
+        assert db.connections_in_use == 0
+    finally:
+        await db.dispose()
