@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +33,25 @@ async def test_readyz_ok_at_head(http: httpx.AsyncClient) -> None:
     assert response.status_code == 200
     schema = response.json()["checks"]["schema"]
     assert schema["current"] == schema["head"] is not None
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("settings_overrides", [{"db_pool_size": 1}])
+async def test_readyz_answers_while_every_request_connection_is_taken(
+    app, http: httpx.AsyncClient
+) -> None:
+    """A relay busy with every connection its requests may hold is still ready: the
+    readiness check has a connection of its own beside them, so a load balancer does not
+    take a busy relay out."""
+    db = app.state.runtime.db
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(2):  # twice the pool size
+            await held.enter_async_context(db.unit())
+        assert db.connection_stats().in_use == 2
+        async with asyncio.timeout(4):
+            response = await http.get("/readyz")
+    assert response.status_code == 200
+    assert response.json()["checks"]["database"] == "ok"
 
 
 async def test_readyz_503_when_schema_missing(tmp_path: Path) -> None:
