@@ -25,6 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 # Opens a connection out of the pool, sending `probe` at its checkout (`db._PROBE`).
 Opener = Callable[[str | None], Awaitable[AsyncConnection]]
+# Told how long a request waited, in seconds, when it had to wait (the metrics).
+WaitObserver = Callable[[float], None]
 
 
 def driver_of(connection: AsyncConnection) -> Any:
@@ -56,8 +58,16 @@ class ConnectionQueue:
     on it), goes back to the pool, which ends what it left; its place goes to the next
     waiter, who opens a new one."""
 
-    def __init__(self, open_connection: Opener, *, capacity: int, timeout: float) -> None:
+    def __init__(
+        self,
+        open_connection: Opener,
+        *,
+        capacity: int,
+        timeout: float,
+        waited: WaitObserver | None = None,
+    ) -> None:
         self._open_connection = open_connection
+        self._waited = waited
         self.capacity = capacity
         self.timeout = timeout
         self._idle: list[AsyncConnection] = []
@@ -121,8 +131,10 @@ class ConnectionQueue:
         await self._drop_idle()
 
     async def _wait(self) -> AsyncConnection | None:
-        waiter: asyncio.Future[AsyncConnection | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[AsyncConnection | None] = loop.create_future()
         self._waiters.append(waiter)
+        began = loop.time()
         try:
             async with asyncio.timeout(self.timeout):
                 return await waiter
@@ -138,6 +150,9 @@ class ConnectionQueue:
                     f"({self.capacity} in use; PNS_DB_POOL_SIZE)"
                 ) from None
             raise
+        finally:
+            if self._waited is not None:
+                self._waited(loop.time() - began)
 
     def _hand_on(self, connection: AsyncConnection | None) -> None:
         """To the first waiter still waiting; else kept idle, or its place freed."""

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from pns_server.connection_queue import ConnectionQueue, driver_of
+from pns_server.connection_queue import ConnectionQueue, WaitObserver, driver_of
 from pns_server.driver import DriverUnit
 from pns_server.errors import PnsError
 from pns_server.sqlite_loop import CONNECTION_PRAGMAS, Checkpointer, LoopSqlite
@@ -226,7 +226,7 @@ class SqliteTurns:
     last checkpoint starts one beside the units (`Checkpointer`): the next turn does not
     wait for it, unless the log has grown long enough to need one that runs alone."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, waited: WaitObserver | None = None) -> None:
         database, options = engine.dialect.create_connect_args(engine.url)
         self._database: str = database[0]
         self._options = dict(options)
@@ -236,6 +236,7 @@ class SqliteTurns:
         self._checkpointer = Checkpointer(self._database, self._options)
         self._catch_up_due = False
         self.waiting = 0  # units and sessions waiting for their turn now
+        self._waited = waited
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -243,11 +244,14 @@ class SqliteTurns:
         try:
             if self._lock.locked():
                 self.waiting += 1
+                began = asyncio.get_running_loop().time()
                 try:
                     async with asyncio.timeout(self._timeout):
                         await self._lock.acquire()
                 finally:
                     self.waiting -= 1
+                    if self._waited is not None:
+                        self._waited(asyncio.get_running_loop().time() - began)
             else:
                 await self._lock.acquire()  # free: taken at once (the timer costs ~15 us)
         except TimeoutError:
@@ -330,18 +334,28 @@ class Database:
         self._publish = publish
         self._before_commit = before_commit
         self._notify_sql = notify_sql
-        self._turns = SqliteTurns(engine) if engine.dialect.name == "sqlite" else None
+        # Told how long each request that had to wait for its connection waited (metrics).
+        self.waited: WaitObserver | None = None
+        sqlite = engine.dialect.name == "sqlite"
+        self._turns = SqliteTurns(engine, self._observe_wait) if sqlite else None
         self._queue: ConnectionQueue | None = None
         if self._turns is None:
             pool = engine.pool
             assert isinstance(pool, QueuePool), "create_engine() makes PostgreSQL's pool"
             self._queue = ConnectionQueue(
-                lambda probe: self._open(probe=probe), capacity=pool.size(), timeout=pool.timeout()
+                lambda probe: self._open(probe=probe),
+                capacity=pool.size(),
+                timeout=pool.timeout(),
+                waited=self._observe_wait,
             )
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    def _observe_wait(self, seconds: float) -> None:
+        if self.waited is not None:
+            self.waited(seconds)
 
     @property
     def connections_in_use(self) -> int:

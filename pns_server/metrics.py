@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # Request durations include long-polls, which are held up to 60 s: buckets reach that far.
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60)
 GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# From a turn's hand-over under load (a millisecond) to PNS_DB_POOL_TIMEOUT_SECONDS.
+DB_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The `_created` timestamp series double every counter and histogram (and would name one
 # `pns_approvals_created_created`); rate() needs none of them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -95,6 +97,12 @@ class Metrics:
             "pns_db_waiting",
             "Requests waiting for a database connection (PostgreSQL) or their turn (SQLite)",
             registry=r,
+        )
+        self.db_wait_seconds = Histogram(
+            "pns_db_wait_seconds",
+            "How long the requests that had to wait for a database connection (or turn) waited",
+            registry=r,
+            buckets=DB_WAIT_BUCKETS,
         )
         self.gc_pause_seconds = Histogram(
             "pns_gc_pause_seconds",

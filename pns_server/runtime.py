@@ -133,6 +133,7 @@ async def build_runtime(context: AppContext) -> Runtime:
     notifier = create_notifier(settings.sqlalchemy_url, settings.listen_sqlalchemy_url)
     await notifier.start()
     db = Database(engine, notifier.publish, notifier.before_commit, notifier.notify_sql)
+    db.waited = context.metrics.db_wait_seconds.observe
     runtime = Runtime(
         context=context,
         db=db,

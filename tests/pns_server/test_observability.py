@@ -219,6 +219,33 @@ async def test_connections_in_use_and_requests_waiting_for_one(
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("settings_overrides", [{"db_pool_size": 1, "db_pool_timeout_seconds": 10}])
+async def test_how_long_requests_waited_for_a_connection(
+    app: FastAPI, http: httpx.AsyncClient
+) -> None:
+    """`pns_db_wait_seconds`: a request that waited about 0.3 s for its connection (on
+    SQLite, its turn) lands in the bucket above 0.25 s."""
+
+    def waits_over_a_quarter_second(text: str) -> float:
+        def bucket(le: str) -> float:
+            line = f'pns_db_wait_seconds_bucket{{le="{le}"}}'
+            found = re.search(rf"^{re.escape(line)} (\S+)$", text, re.M)
+            assert found is not None, text
+            return float(found.group(1))
+
+        return bucket("+Inf") - bucket("0.25")
+
+    before = waits_over_a_quarter_second((await http.get("/metrics")).text)
+    db: Database = app.state.runtime.db
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(2 if db.dialect == "postgresql" else 1):
+            await held.enter_async_context(db.unit())
+        waiting = asyncio.create_task(held_unit_read(db))
+        await asyncio.sleep(0.3)
+    await waiting
+    assert waits_over_a_quarter_second((await http.get("/metrics")).text) >= before + 1
+
+
 async def held_unit_read(db: Database) -> None:
     async with db.unit_read() as unit:
         await unit.execute(select(literal_column("1")))
