@@ -110,21 +110,15 @@ def create_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 30.0) 
         _configure_sqlite(engine)
         _end_stray_transactions(engine)
         return engine
-    # At most twice `pool_size` connections, all of them pooled and kept once opened. An
-    # overflow connection (beyond the pool) is closed again on its return, so a load above
-    # the pool opened and closed a connection every few requests: a backend forked and
-    # authenticated, and every statement prepared again on it. PostgreSQL's CPU tripled and
-    # OTP checks at concurrency 32 halved (`bench --only otp`, docs/benchmarks.md).
-    # Last in, first out: the connection handed out is the one used last, so a light load
-    # keeps to the few connections it needs, warm. In arrival order a burst's connections
-    # took turns ever after, and each is cold for a statement it has not run yet (prepared
-    # again, and planned afresh for its first five runs): a round trip one at a time took
-    # 40 logins to come down from 30-40 ms to 12 after such a burst, with PostgreSQL's CPU
-    # 2.5x (`bench --only round_trip`). A connection left idle at the bottom is still
-    # probed at its checkout.
-    # The relay's units and sessions take these connections through `ConnectionQueue`,
-    # which keeps each one checked out once opened; the one overflow connection is for the
-    # work beside it (the readiness check), closed again on its return.
+    # At most twice `pool_size` connections for the relay's units and sessions, each checked
+    # out once and kept by `ConnectionQueue`, which hands out the one used last and makes
+    # requests wait in arrival order; the pool only opens them. None is closed between
+    # requests: under a load above the pool, overflow connections closed on their return
+    # once forked and authenticated a backend every few requests and prepared every
+    # statement again, and PostgreSQL's CPU tripled (`bench --only otp`,
+    # docs/benchmarks.md). The one overflow connection is for the readiness check beside
+    # the queue. The pool's own last-in-first-out order now matters only for connections
+    # given back to it (a cancelled request's), probed at their next checkout.
     engine = create_async_engine(
         url,
         pool_size=2 * pool_size,
@@ -244,14 +238,15 @@ class SqliteTurns:
         try:
             if self._lock.locked():
                 self.waiting += 1
-                began = asyncio.get_running_loop().time()
+                loop = asyncio.get_running_loop()
+                began = loop.time()
                 try:
                     async with asyncio.timeout(self._timeout):
                         await self._lock.acquire()
                 finally:
                     self.waiting -= 1
                     if self._waited is not None:
-                        self._waited(asyncio.get_running_loop().time() - began)
+                        self._waited(loop.time() - began)
             else:
                 await self._lock.acquire()  # free: taken at once (the timer costs ~15 us)
         except TimeoutError:
@@ -328,16 +323,17 @@ class Database:
         publish: Publisher | None = None,
         before_commit: InTransaction | None = None,
         notify_sql: NotifySql | None = None,
+        waited: WaitObserver | None = None,
     ) -> None:
+        """`waited` is told how long each request that had to wait for its connection (on
+        SQLite, its turn) waited: the metrics."""
         self.engine = engine
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
         self._publish = publish
         self._before_commit = before_commit
         self._notify_sql = notify_sql
-        # Told how long each request that had to wait for its connection waited (metrics).
-        self.waited: WaitObserver | None = None
         sqlite = engine.dialect.name == "sqlite"
-        self._turns = SqliteTurns(engine, self._observe_wait) if sqlite else None
+        self._turns = SqliteTurns(engine, waited) if sqlite else None
         self._queue: ConnectionQueue | None = None
         if self._turns is None:
             pool = engine.pool
@@ -346,16 +342,12 @@ class Database:
                 lambda probe: self._open(probe=probe),
                 capacity=pool.size(),
                 timeout=pool.timeout(),
-                waited=self._observe_wait,
+                waited=waited,
             )
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
-
-    def _observe_wait(self, seconds: float) -> None:
-        if self.waited is not None:
-            self.waited(seconds)
 
     @property
     def connections_in_use(self) -> int:

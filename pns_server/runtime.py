@@ -132,8 +132,13 @@ async def build_runtime(context: AppContext) -> Runtime:
             raise
     notifier = create_notifier(settings.sqlalchemy_url, settings.listen_sqlalchemy_url)
     await notifier.start()
-    db = Database(engine, notifier.publish, notifier.before_commit, notifier.notify_sql)
-    db.waited = context.metrics.db_wait_seconds.observe
+    db = Database(
+        engine,
+        notifier.publish,
+        notifier.before_commit,
+        notifier.notify_sql,
+        waited=context.metrics.db_wait_seconds.observe,
+    )
     runtime = Runtime(
         context=context,
         db=db,
