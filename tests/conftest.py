@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -25,6 +26,7 @@ from pns_server.config import Settings
 from pns_server.migrate import upgrade_to_head
 from tests.support.postgres import Cluster, postgres_available, start_cluster
 from tests.support.server import LiveServer
+from tests.support.tcp_proxy import TcpProxy
 
 SECRET_KEY = "test-secret-key-0123456789abcdef"
 ADMIN_TOKEN = "test-admin-token-0123456789abcdefgh"
@@ -101,6 +103,17 @@ async def database_url(
     await _create_database(admin_url, name, template=TEMPLATE_DB)
     yield cluster.database_url(name)
     await _drop_database(admin_url, name)
+
+
+@pytest.fixture
+async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of this test's PostgreSQL database, which can go silent
+    (`TcpProxy.black_hole`) or close: point a connection at `proxy.url_for(database_url)`."""
+    parts = urlsplit(database_url)
+    assert parts.hostname is not None and parts.port is not None
+    tcp = await TcpProxy(parts.hostname, parts.port).start()
+    yield tcp
+    await tcp.close()
 
 
 async def _drop_database(admin_url: str, name: str) -> None:

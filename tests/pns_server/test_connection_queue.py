@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import urlsplit
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import asyncpg
 import pytest
@@ -13,10 +15,32 @@ from sqlalchemy import event, exc, func, literal_column, select, text
 
 from pns_server.config import async_database_url
 from pns_server.db import Database, create_engine
+from pns_server.driver import DriverUnit
 from pns_server.errors import PnsError
 from tests.support.tcp_proxy import TcpProxy
 
 ONE = select(literal_column("1"))
+
+
+BACKEND = select(func.pg_backend_pid())
+
+
+async def backend_of(work: Callable[[], AbstractAsyncContextManager[DriverUnit]]) -> int:
+    """The PostgreSQL backend a unit (`db.unit`, `db.unit_read`, `db.unit_alone`) ran on."""
+    async with work() as unit:
+        return int(await unit.scalar(BACKEND))
+
+
+async def cancel_while_it_runs(work: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Start `work`, let its statement run on the server (it sets the event just before),
+    then cancel it, as a client that goes away would."""
+    started = asyncio.Event()
+    task = asyncio.create_task(work(started))
+    await started.wait()
+    await asyncio.sleep(0.1)  # the statement is running on the server
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 def count_checkouts(db: Database) -> list[object]:
@@ -36,23 +60,22 @@ async def test_units_and_sessions_one_after_another_check_out_of_the_pool_once(
     db = Database(create_engine(async_database_url(database_url), pool_size=2))
     checkouts = count_checkouts(db)
     backends: set[int] = set()
-    backend = select(func.pg_backend_pid())
     try:
         for _ in range(4):
             async with db.unit() as unit:
-                backends.add(int(await unit.scalar(backend)))
+                backends.add(int(await unit.scalar(BACKEND)))
             async with db.unit_read() as unit:
-                backends.add(int(await unit.scalar(backend)))
+                backends.add(int(await unit.scalar(BACKEND)))
             async with db.unit_alone() as unit:
-                backends.add(int(await unit.scalar(backend)))
+                backends.add(int(await unit.scalar(BACKEND)))
             async with db.session() as session:
-                backends.add(int((await session.execute(backend)).scalar_one()))
+                backends.add(int((await session.execute(BACKEND)).scalar_one()))
         with pytest.raises(PnsError):  # refused between statements: the connection is clean
             async with db.unit() as unit:
-                backends.add(int(await unit.scalar(backend)))
+                backends.add(int(await unit.scalar(BACKEND)))
                 raise PnsError("refused")
         async with db.unit_read() as unit:
-            backends.add(int(await unit.scalar(backend)))
+            backends.add(int(await unit.scalar(BACKEND)))
         assert len(checkouts) == 1 and len(backends) == 1
         assert db.connections_in_use == 0
     finally:
@@ -199,24 +222,19 @@ async def test_a_kept_connection_the_server_ended_fails_no_unit_or_session(
     read (its first statement is sent again on a new one)."""
     db = Database(create_engine(async_database_url(database_url), pool_size=2))
     admin = await asyncpg.connect(database_url)
-    backend = select(func.pg_backend_pid())
 
     async def session_backend() -> int:
         async with db.session() as session:
-            return int((await session.execute(backend)).scalar_one())
-
-    async def unit_backend(context: object) -> int:
-        async with context() as unit:  # type: ignore[operator]
-            return int(await unit.scalar(backend))
+            return int((await session.execute(BACKEND)).scalar_one())
 
     try:
         for next_backend in (
-            lambda: unit_backend(db.unit),
-            lambda: unit_backend(db.unit_read),
-            lambda: unit_backend(db.unit_alone),
+            lambda: backend_of(db.unit),
+            lambda: backend_of(db.unit_read),
+            lambda: backend_of(db.unit_alone),
             session_backend,
         ):
-            kept = await unit_backend(db.unit_read)
+            kept = await backend_of(db.unit_read)
             assert await admin.fetchval("SELECT pg_terminate_backend($1)", kept)
             assert await next_backend() != kept
         assert db.connections_in_use == 0
@@ -234,20 +252,14 @@ async def test_a_unit_cancelled_mid_statement_leaves_its_connection_to_the_pool(
     it left and probes it before handing it out again, so the next unit checks out."""
     db = Database(create_engine(async_database_url(database_url), pool_size=2))
     checkouts = count_checkouts(db)
-    started = asyncio.Event()
 
-    async def sleeps() -> None:
+    async def sleeps(started: asyncio.Event) -> None:
         async with db.unit() as unit:
             started.set()
             await unit.scalar(select(func.pg_sleep(5)))
 
     try:
-        task = asyncio.create_task(sleeps())
-        await started.wait()
-        await asyncio.sleep(0.1)  # the sleep is running on the server
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_while_it_runs(sleeps)
         assert db.connections_in_use == 0 and len(checkouts) == 1
         for _ in range(3):
             async with db.unit() as unit:
@@ -259,23 +271,19 @@ async def test_a_unit_cancelled_mid_statement_leaves_its_connection_to_the_pool(
 
 @pytest.mark.postgres_only
 async def test_a_request_cancelled_while_its_probe_hangs_frees_its_place(
-    database_url: str,
+    database_url: str, proxy: TcpProxy
 ) -> None:
     """A kept connection that went silent (a NAT or firewall forgot the flow) hangs the
     BEGIN that probes it; the request is cancelled (its client left). The connection is
     dropped and its place freed: the next units open new connections instead of waiting
     for places that never come back."""
-    parts = urlsplit(database_url)
-    assert parts.hostname is not None and parts.port is not None
-    proxy = await TcpProxy(parts.hostname, parts.port).start()
     url = async_database_url(proxy.url_for(database_url))
     db = Database(create_engine(url, pool_size=1, pool_timeout=2))
     try:
-        async with db.unit() as unit:
-            kept = int(await unit.scalar(select(func.pg_backend_pid())))
+        kept = await backend_of(db.unit)
         for _ in range(2):  # as many as there are places: none may stay taken
             assert proxy.black_hole() >= 1
-            hanging = asyncio.create_task(backend_of_unit(db))
+            hanging = asyncio.create_task(backend_of(db.unit))
             await asyncio.sleep(0.3)
             assert not hanging.done()
             hanging.cancel()
@@ -283,27 +291,20 @@ async def test_a_request_cancelled_while_its_probe_hangs_frees_its_place(
                 await hanging
             assert db.connections_in_use == 0
             async with asyncio.timeout(5):  # on a new connection, forwarded
-                kept_now = await backend_of_unit(db)
+                kept_now = await backend_of(db.unit)
             assert kept_now != kept
             kept = kept_now
     finally:
         await db.dispose()
-        await proxy.close()
-
-
-async def backend_of_unit(db: Database) -> int:
-    async with db.unit() as unit:
-        return int(await unit.scalar(select(func.pg_backend_pid())))
 
 
 @pytest.mark.postgres_only
-async def test_a_read_that_cannot_reconnect_gives_its_place_back_once(database_url: str) -> None:
+async def test_a_read_that_cannot_reconnect_gives_its_place_back_once(
+    database_url: str, proxy: TcpProxy
+) -> None:
     """A read finds its kept connection dead and PostgreSQL unreachable: the read fails
     with the database's error, and the dead connection's place is freed once, not twice
     (counted twice, the relay would open more connections than the pool holds)."""
-    parts = urlsplit(database_url)
-    assert parts.hostname is not None and parts.port is not None
-    proxy = await TcpProxy(parts.hostname, parts.port).start()
     db = Database(create_engine(async_database_url(proxy.url_for(database_url)), pool_size=1))
     try:
         async with db.unit_read() as unit:
@@ -324,20 +325,14 @@ async def test_a_session_cancelled_mid_statement_leaves_its_connection_to_the_po
     """As a unit's: an ORM session cancelled while its statement runs is not kept for the
     next one; its place is free at once, and the next session runs."""
     db = Database(create_engine(async_database_url(database_url), pool_size=1, pool_timeout=5))
-    started = asyncio.Event()
 
-    async def sleeps() -> None:
+    async def sleeps(started: asyncio.Event) -> None:
         async with db.session() as session:
             started.set()
             await session.execute(select(func.pg_sleep(5)))
 
     try:
-        task = asyncio.create_task(sleeps())
-        await started.wait()
-        await asyncio.sleep(0.1)  # the sleep is running on the server
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_while_it_runs(sleeps)
         assert db.connections_in_use == 0
         for _ in range(3):  # more than the two places: none is held by the cancelled one
             async with asyncio.timeout(4), db.session() as session:

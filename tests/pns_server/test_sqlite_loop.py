@@ -168,6 +168,14 @@ async def test_the_log_is_checkpointed_off_the_loop_after_enough_changes(tmp_pat
         await db.dispose()
 
 
+async def write_16_mb(db: Database) -> None:
+    """One unit of 256 rows of 16 pages each: enough changes to start a checkpoint, and a
+    log long enough (past the limit) that copying it takes many milliseconds."""
+    async with db.unit() as unit:
+        for _ in range(CHECKPOINT_EVERY_CHANGES):
+            await unit.run_sql("INSERT INTO t VALUES (randomblob(65536))")
+
+
 async def test_the_next_unit_runs_while_a_checkpoint_copies_the_log(tmp_path: Path) -> None:
     """A checkpoint copies the log into the database and syncs both files (5-12 ms for a
     few hundred rows): the unit after the one that started it does not wait for it, and
@@ -177,9 +185,7 @@ async def test_the_next_unit_runs_while_a_checkpoint_copies_the_log(tmp_path: Pa
     try:
         async with db.unit() as unit:
             await unit.run_sql("CREATE TABLE t (b BLOB)")
-        async with db.unit() as unit:  # 16 MB in the log: a checkpoint of many milliseconds
-            for _ in range(CHECKPOINT_EVERY_CHANGES):
-                await unit.run_sql("INSERT INTO t VALUES (randomblob(65536))")
+        await write_16_mb(db)  # a checkpoint of many milliseconds
         async with db.unit() as unit:
             assert db.checkpoint_running
             await unit.run_sql("INSERT INTO t VALUES (x'00')")
@@ -247,11 +253,6 @@ async def test_a_unit_cancelled_during_the_catch_up_leaves_it_to_the_next_turn(
     path = tmp_path / "cancelled.db"
     db = sqlite_database(path)
 
-    async def write_16_mb() -> None:
-        async with db.unit() as unit:  # 256 rows of 16 pages: the log passes the limit
-            for _ in range(CHECKPOINT_EVERY_CHANGES):
-                await unit.run_sql("INSERT INTO t VALUES (randomblob(65536))")
-
     async def write_marker() -> None:
         async with db.unit() as unit:
             await unit.run_sql("INSERT INTO t VALUES (x'01')")
@@ -259,9 +260,9 @@ async def test_a_unit_cancelled_during_the_catch_up_leaves_it_to_the_next_turn(
     try:
         async with db.unit() as unit:
             await unit.run_sql("CREATE TABLE t (b BLOB)")
-        await write_16_mb()  # its checkpoint runs beside and sees the long log
+        await write_16_mb(db)  # its checkpoint runs beside and sees the long log
         await checkpoint_ended(db)
-        await write_16_mb()  # so the next turn begins with the catch-up
+        await write_16_mb(db)  # so the next turn begins with the catch-up
         assert not db.checkpoint_running
 
         cancelled = asyncio.create_task(write_marker())
@@ -301,9 +302,7 @@ async def test_changes_that_outpace_a_running_checkpoint_make_the_next_turn_wait
     try:
         async with db.unit() as unit:
             await unit.run_sql("CREATE TABLE t (b BLOB)")
-        async with db.unit() as unit:  # 16 MB in the log: a checkpoint of many milliseconds
-            for _ in range(CHECKPOINT_EVERY_CHANGES):
-                await unit.run_sql("INSERT INTO t VALUES (randomblob(65536))")
+        await write_16_mb(db)  # a checkpoint of many milliseconds
         async with db.unit() as unit:  # the next checkpoint's changes, in a moment
             for _ in range(CHECKPOINT_EVERY_CHANGES):
                 await unit.run_sql("INSERT INTO t VALUES (x'00')")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -21,15 +19,6 @@ from tests.support.factories import pair_app_device, register_client
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.postgres_only, pytest.mark.slow]
-
-
-@pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(database_url)
-    assert parts.hostname is not None and parts.port is not None
-    tcp = await TcpProxy(parts.hostname, parts.port).start()
-    yield tcp
-    await tcp.close()
 
 
 @pytest.fixture
