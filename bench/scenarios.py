@@ -453,8 +453,9 @@ async def push_dispatch(dbs: Databases, kind: str, tmp: Path, size: Size) -> lis
             for source in sources:
                 url = await dbs.fresh(kind)
                 [server] = stack.enter_context(relays(url, tmp, 1, source=source, **fakes.env))
+                async with http_client(server.url) as setup:  # see open_rig
+                    parties = await new_parties(setup, size.push_parties, size.push_phones, service)
                 http = await stack.enter_async_context(http_client(server.url))
-                parties = await new_parties(http, size.push_parties, size.push_phones, service)
                 label = "this tree" if source is None else f"compare: {source.name}"
                 sides.append(PushSide(label, server, http, parties, [], {}))
             fake = fakes.apns if service == "apns" else fakes.fcm
@@ -638,9 +639,14 @@ async def open_rig(
 ) -> Rig:
     url = await dbs.fresh(kind)
     [server] = stack.enter_context(relays(url, tmp, 1, source=source, **env))
+    # The set-up's client leaves dozens of keep-alive connections (parties are made 32 at
+    # a time), and httpx checks every idle one on each request until the relay closes them
+    # 5 s later: measured through it, the rig set up last paid up to 0.9 ms more per
+    # request in the load generator, and showed it as latency. So measure on a new client.
+    async with http_client(server.url) as setup:
+        pushing = await new_parties(setup, 1, 1, "apns")
+        quiet = await new_parties(setup, n, 1, "none")
     http = await stack.enter_async_context(http_client(server.url))
-    pushing = await new_parties(http, 1, 1, "apns")
-    quiet = await new_parties(http, n, 1, "none")
     label = "this tree" if source is None else f"compare: {source.name}"
     return Rig(label, server, http, pushing, quiet, [{}] * n, {}, {}, {})
 
