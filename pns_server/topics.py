@@ -28,6 +28,13 @@ def approval_topic(approval_id: str, kind: str | None = None) -> str:
     return topic if kind is None else f"{topic}{KIND_SEPARATOR}{kind}"
 
 
+def approval_topic_around(kind: str) -> tuple[str, str]:
+    """What comes before and after the approval's id in `approval_topic(id, kind)`: for a
+    statement that NOTIFYs the topic of every approval it changes, building each itself."""
+    before, after = approval_topic("\0", kind).split("\0")
+    return before, after
+
+
 def split_topic(topic: str) -> tuple[str, str]:
     """The topic subscribed to, and the kind of change ("" when none is named)."""
     subscribed, _, kind = topic.partition(KIND_SEPARATOR)

@@ -14,12 +14,25 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    String,
+    Update,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from pns_server.driver import DriverUnit, ValueList
 from pns_server.models import Approval, Base, Client, Delivery, Device
+from pns_server.realtime.postgres import CHANNEL as NOTIFY_CHANNEL
 from pns_server.rows import ClaimedRow
 from pns_server.states import DeliveryStatus
+from pns_server.topics import PUSH_SENT, approval_topic_around
 
 _deliveries = Base.metadata.tables[Delivery.__tablename__]
 _devices = Base.metadata.tables[Device.__tablename__]
@@ -95,18 +108,33 @@ _UNDER_LEASE = (
     _deliveries.c.status == DeliveryStatus.SENDING,
     _deliveries.c.lease_until == bindparam("lease"),
 )
-# The common outcome, whole; the others name their status and error.
-_FINISH_SENT = _IDS.statements(
-    lambda ids: (
+
+
+def _finish_sent(ids: ColumnElement[bool]) -> Update:
+    """The common outcome, whole; the others name their status and error."""
+    return (
         update(_deliveries)
         .where(ids, *_UNDER_LEASE)
         .values(
             status=DeliveryStatus.SENT, last_error=None, lease_until=None, sent_at=bindparam("at")
         )
         .returning(_deliveries.c.approval_id)
-    ),
-    _deliveries.c.id,
-)
+    )
+
+
+def _finish_sent_notifying(ids: ColumnElement[bool]) -> Select[Any]:
+    """PostgreSQL: `_finish_sent` that also NOTIFYs every process of each approval whose
+    push it marks sent (`approval_topic(id, PUSH_SENT)`, built from `topic_before` and
+    `topic_after`), delivered by its own commit: a statement that needs no transaction."""
+    sent = _finish_sent(ids).cte("sent")
+    topic = bindparam("topic_before", type_=String) + sent.c.approval_id
+    topic = topic + bindparam("topic_after", type_=String)
+    notify = func.pg_notify(bindparam("notify_channel", type_=String), topic)
+    return select(sent.c.approval_id, notify.label("notified"))
+
+
+_FINISH_SENT = _IDS.statements(_finish_sent, _deliveries.c.id)
+_FINISH_SENT_NOTIFYING = _IDS.statements(_finish_sent_notifying, _deliveries.c.id)
 _FINISH_ALL = _IDS.statements(
     lambda ids: (
         update(_deliveries)
@@ -161,6 +189,29 @@ class DeliveryRepository:
         for size, named in _IDS.chunks(delivery_ids):
             params = {**named, "lease": lease_until, "at": at}
             finished.update(await self.unit.scalars(_FINISH_SENT[size], params))
+        return finished
+
+    async def finish_sent_notifying(
+        self, delivery_ids: Sequence[str], lease_until: datetime, at: datetime
+    ) -> set[str]:
+        """PostgreSQL, each statement alone (`Database.unit_alone`): `finish_sent`, with the
+        NOTIFY of the approvals' `PUSH_SENT` topic in the statement itself, so the finish is
+        one round trip instead of three (BEGIN, the UPDATE, the NOTIFY with the COMMIT).
+        Sent again on a new connection when the first finds its connection dead, it may run
+        twice: the second finds nothing under the lease and changes nothing, and the first's
+        NOTIFY, if it committed, reached every process, this one included."""
+        before, after = approval_topic_around(PUSH_SENT)
+        finished: set[str] = set()
+        for size, named in _IDS.chunks(delivery_ids):
+            params = {
+                **named,
+                "lease": lease_until,
+                "at": at,
+                "notify_channel": NOTIFY_CHANNEL,
+                "topic_before": before,
+                "topic_after": after,
+            }
+            finished.update(await self.unit.scalars(_FINISH_SENT_NOTIFYING[size], params))
         return finished
 
     async def finish_all(

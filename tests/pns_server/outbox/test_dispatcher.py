@@ -7,17 +7,21 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from pns_server import driver
 from pns_server.models import Delivery, Device
 from pns_server.outbox.dispatcher import Dispatcher
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.push.log import LogPushSender
+from pns_server.realtime.postgres import CHANNEL, asyncpg_dsn
+from pns_server.topics import PUSH_SENT, approval_topic
 from tests.pns_server.approvals.helpers import answer, request_approval, runtime_of
 from tests.pns_server.approvals.test_until import poll, state_reads, still_waiting
 from tests.support.factories import PairedDevice, RegisteredClient, pair_app_device, register_client
@@ -599,10 +603,13 @@ async def statements_of(
 
 
 def outbox_statements(seen: list[str]) -> list[str]:
-    """`claim`, `claimed rows` (SQLite's second read), `finish`, `notify`."""
+    """`claim`, `claimed rows` (SQLite's second read), `finish`, `notify`, and `finish and
+    notify` (PostgreSQL's finish that NOTIFYs by itself)."""
     names = []
     for sql in seen:
-        if "pg_notify" in sql:
+        if sql.startswith("WITH sent AS (UPDATE deliveries") and "pg_notify" in sql:
+            names.append("finish and notify")
+        elif "pg_notify" in sql:
             names.append("notify")
         elif sql.startswith("UPDATE deliveries") and "LIMIT" in sql:
             names.append("claim")
@@ -632,10 +639,109 @@ async def test_a_batch_is_claimed_in_one_statement_on_postgresql_and_recorded_in
     assert len(sender.sent) == 3
     assert [d.status for d in await deliveries(app, body["approval_id"])] == ["sent"] * 3
     if runtime_of(app).db.dialect == "postgresql":
-        # The approval's long-polls are woken by the NOTIFY sent with the finish's commit.
-        assert outbox_statements(seen) == ["claim", "finish", "notify"]
+        # The approval's long-polls are woken by the NOTIFY the finish sends by itself.
+        assert outbox_statements(seen) == ["claim", "finish and notify"]
     else:
         assert outbox_statements(seen) == ["claim", "claimed rows", "finish"]
+
+
+@pytest.mark.postgres_only
+async def test_a_delivered_push_is_recorded_in_one_round_trip_on_postgresql(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+) -> None:
+    """What goes over the wire for a push sent and recorded: the claim's transaction, then
+    the finish alone, with no BEGIN or COMMIT of its own (before, a transaction of three
+    round trips: BEGIN, the finish, the NOTIFY with the COMMIT)."""
+    await pair_app_device(http, client, name="iPad")
+    runtime_of(app).senders["apns"] = ScriptedSender(PushResult(Outcome.DELIVERED))
+    body = await request_approval(http, client)
+    db = runtime_of(app).db
+    await db.dispose()  # the set-up's connections: the round's are opened for it
+    on_the_wire: list[str] = []
+
+    def log_queries(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(
+            lambda logged: on_the_wire.append(" ".join(logged.query.split()))
+        )
+
+    event.listen(db.engine.sync_engine, "connect", log_queries)
+    try:
+        assert await manual.run_once() == 2
+        await asyncio.sleep(0.1)  # asyncpg calls its query loggers soon after, not at once
+        round_trips = list(on_the_wire)  # the reads below go over the same connections
+    finally:
+        event.remove(db.engine.sync_engine, "connect", log_queries)
+    assert [d.status for d in await deliveries(app, body["approval_id"])] == ["sent"] * 2
+    assert [query.split()[0] for query in round_trips] == ["BEGIN", "UPDATE", "COMMIT", "WITH"]
+    assert round_trips[-1].startswith("WITH sent AS (UPDATE deliveries")
+
+
+@pytest.mark.postgres_only
+async def test_the_finish_alone_notifies_every_process_with_the_topic_waiters_subscribe_to(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+    database_url: str,
+) -> None:
+    """The finish builds each approval's topic in SQL: another process, listening as a
+    relay does, hears exactly `approval_topic(id, PUSH_SENT)`, once per approval however
+    many of its phones the statement marks sent."""
+    await pair_app_device(http, client, name="iPad")
+    runtime_of(app).senders["apns"] = ScriptedSender(PushResult(Outcome.DELIVERED))
+    body = await request_approval(http, client)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await listener.add_listener(CHANNEL, lambda *args: heard.put_nowait(args[-1]))
+        assert await manual.run_once() == 2
+        first = await asyncio.wait_for(heard.get(), 10)
+        await asyncio.sleep(0.2)
+    finally:
+        await listener.close()
+    assert first == approval_topic(body["approval_id"], PUSH_SENT)
+    assert heard.empty()
+
+
+@pytest.mark.postgres_only
+async def test_a_finish_alone_whose_connection_died_during_the_send_runs_on_a_new_one(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    client: RegisteredClient,
+    phone: PairedDevice,
+    manual: Dispatcher,
+    database_url: str,
+) -> None:
+    """PostgreSQL restarted while the push was with its provider: every connection the
+    relay keeps is dead when the outcome is recorded. The finish, the first statement of
+    its block, is sent again on a new connection, and the client waiting hears the push
+    went out."""
+    body = await request_approval(http, client)
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+
+    class EndingEveryConnection(ScriptedSender):
+        async def send(self, message: PushMessage) -> PushResult:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            return await super().send(message)
+
+    runtime_of(app).senders["apns"] = EndingEveryConnection(PushResult(Outcome.DELIVERED))
+    try:
+        waiting = poll(http, client, body["approval_id"], until="change")
+        assert await still_waiting(waiting)
+        assert await manual.run_once() == 1
+        state = (await asyncio.wait_for(waiting, 10)).json()
+    finally:
+        await admin.close()
+    assert (state["status"], state["delivery"]["sent"]) == ("pending", 1)
+    assert [d.status for d in await deliveries(app, body["approval_id"])] == ["sent"]
 
 
 async def test_deliveries_with_nothing_to_send_are_finished_with_their_claim(
