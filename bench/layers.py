@@ -4,24 +4,29 @@ Runs in this process (no relay): the token lookup every authenticated request ma
 in CPU per operation through the driver alone, through the relay's units on the driver
 connection (`Database.unit()`, `unit_read()`), through SQLAlchemy Core on a connection,
 and through the ORM session the cold routes use (`Database.session()`), plus the cost of
-one more statement inside each kind of unit. It separates what the database round trip
+one more statement inside each kind of unit, and on PostgreSQL a delivered push recorded
+in a unit of work against a statement alone. It separates what the database round trip
 costs from what the layers above it cost."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 import asyncpg
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, insert, select
 
 from pns_server.config import async_database_url
-from pns_server.db import Database, create_engine
+from pns_server.db import Database, create_engine, publish_after_commit
 from pns_server.models import Base, Client
-from pns_server.security import hash_token
+from pns_server.outbox.repository import DeliveryRepository
+from pns_server.realtime.factory import create_notifier
+from pns_server.security import hash_token, new_id
+from pns_server.topics import PUSH_SENT, approval_topic
 
 if TYPE_CHECKING:
     from bench.harness import Databases
@@ -139,13 +144,70 @@ async def sqlalchemy_figures(db: Database, count: int) -> dict[str, float]:
     }
 
 
+async def sending_deliveries(db: Database, count: int, lease: datetime) -> list[str]:
+    """`count` deliveries out with their provider under `lease`, each of its own approval."""
+    now = datetime.now(UTC)
+    tables = Base.metadata.tables
+    device = {"id": "d" * 32, "client_id": "c" * 32, "kind": "app", "name": "phone"}
+    approvals, deliveries = [], []
+    for _ in range(count):
+        approval_id = new_id()
+        approvals.append({"id": approval_id, "client_id": "c" * 32, "status": "pending"})
+        approvals[-1] |= {"request_hash": "-", "username": "u", "hostname": "h", "action": "x"}
+        approvals[-1] |= {"created_at": now, "expires_at": now + timedelta(hours=1)}
+        deliveries.append({"id": new_id(), "approval_id": approval_id, "device_id": "d" * 32})
+        deliveries[-1] |= {"service": "apns", "status": "sending", "attempts": 1}
+        deliveries[-1] |= {"lease_until": lease, "next_attempt_at": now, "created_at": now}
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            insert(tables["devices"]), [device | {"token_hash": "-", "totp_secret": "-"}]
+        )
+        await conn.execute(insert(tables["approvals"]), approvals)
+        await conn.execute(insert(tables["deliveries"]), deliveries)
+    return [delivery["id"] for delivery in deliveries]
+
+
+async def record_figures(db: Database, count: int) -> dict[str, float]:
+    """PostgreSQL: one delivered push recorded in a unit of work (BEGIN, the finish, the
+    NOTIFY with the COMMIT: SQLite's way, and PostgreSQL's before the seventeenth round)
+    against the finish alone, which NOTIFYs by itself (the dispatcher's way now)."""
+    lease = datetime.now(UTC) + timedelta(hours=1)
+    ids = iter(await sending_deliveries(db, 2 * (count + min(100, count)), lease))
+
+    async def in_unit() -> None:
+        async with db.unit() as unit:
+            for approval_id in await DeliveryRepository(unit).finish_sent(
+                [next(ids)], lease, lease
+            ):
+                publish_after_commit(unit, approval_topic(approval_id, PUSH_SENT))
+
+    async def alone() -> None:
+        async with db.unit_alone() as unit:
+            repo = DeliveryRepository(unit)
+            for approval_id in await repo.finish_sent_notifying([next(ids)], lease, lease):
+                publish_after_commit(unit, approval_topic(approval_id, PUSH_SENT))
+
+    return {
+        "record_delivered_push_in_unit": await cpu_ms_per_op(in_unit, count),
+        "record_delivered_push_alone": await cpu_ms_per_op(alone, count),
+    }
+
+
 async def db_layers(dbs: Databases, kind: str, tmp: Path, size: Size) -> list[dict[str, Any]]:
     count = 4 * size.route_requests  # 800 quick, 2,000 full
     url = await dbs.fresh(kind)
-    db = Database(create_engine(async_database_url(url)))
+    notifier = create_notifier(async_database_url(url))  # not started: no LISTEN needed
+    db = Database(
+        create_engine(async_database_url(url)),
+        notifier.publish,
+        notifier.before_commit,
+        notifier.notify_sql,
+    )
     try:
         await seeded(db)
         figures = await sqlalchemy_figures(db, count)
+        if kind == "postgres":
+            figures |= await record_figures(db, count)
     finally:
         await db.dispose()
     figures = {**await driver_figures(kind, url, count), **figures}
