@@ -471,15 +471,15 @@ class Database:
 
     @asynccontextmanager
     async def unit_alone(self) -> AsyncIterator[DriverUnit]:
-        """PostgreSQL: `unit_read` whose statements after the first may also write, each
-        its own transaction (autocommit), so a write must be whole in one statement (data-
+        """PostgreSQL: `unit_read` whose statements after the first may also write, each its
+        own transaction (autocommit), so a write must be whole in one statement (data-
         modifying CTEs). The first must be a read, or a write that may run twice (one
-        conditional on what it changes): it alone is sent again on a new connection when
-        it finds this one dead, and may have run before the connection died. Topics queued with `publish_after_commit`
-        wake this process's waiters when the block ends, even by an error: queue one only
-        once the statement it announces has run (and committed), and NOTIFY the other
-        processes in that statement itself. Not on SQLite, whose writers take the write
-        lock at BEGIN (`_configure_sqlite`)."""
+        conditional on what it changes): it alone is sent again on a new connection when it
+        finds this one dead, and may have run before the connection died. Topics queued with
+        `publish_after_commit` wake this process's waiters when the block ends, even by an
+        error: queue one only once the statement it announces has run (and committed), and
+        NOTIFY the other processes in that statement itself. Not on SQLite, whose writers
+        take the write lock at BEGIN (`_configure_sqlite`)."""
         if self.dialect != "postgresql":
             raise RuntimeError("unit_alone() is for PostgreSQL; use unit() on SQLite")
         async with self.unit_read() as unit:
