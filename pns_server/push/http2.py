@@ -15,7 +15,9 @@ the fake APNs (tests/pns_server/push/test_http2.py and test_apns.py):
 - the server's SETTINGS_MAX_CONCURRENT_STREAMS is honoured (APNs starts a connection low
   and raises it): requests over it wait for a stream to end, first come, first served;
 - a lost connection fails every request on it at once; GOAWAY fails those the server says
-  it never processed, lets the others finish, and the connection takes no new ones.
+  it never processed, lets the others finish, and the connection takes no new ones;
+- a request refused by GOAWAY, or lost with a connection that had been answering, is sent
+  again once, at once, on a new connection (`Origin.request`).
 
 The caller owns deadlines: an `asyncio.timeout` around `request`. A forward proxy (an
 `HTTPS_PROXY`) is reached with CONNECT, and TLS to the server runs inside its tunnel."""
@@ -62,6 +64,11 @@ class ConnectionLost(Http2Error):
     """The connection ended (closed, broken, or the server broke the protocol)."""
 
 
+class Refused(Http2Error):
+    """The server said it never processed the request (a GOAWAY naming an earlier stream
+    as its last): it can be sent again at once, on a new connection."""
+
+
 class ProxyRefused(Http2Error):
     """The forward proxy did not open a tunnel."""
 
@@ -105,6 +112,7 @@ class Http2Connection:
         self._lost: ConnectionLost | None = None
         self._refusing: str | None = None  # why the connection takes no new requests
         self._closing: asyncio.Task[None] | None = None
+        self.answered = 0  # requests answered whole on this connection
         self._start()
         self._reading = asyncio.create_task(self._read_forever(), name="pns-http2-reader")
 
@@ -342,6 +350,7 @@ class Http2Connection:
             if stream is not None and not stream.done.done():
                 response = Response(stream.status, stream.headers, bytes(stream.body))
                 stream.done.set_result(response)
+                self.answered += 1
         elif isinstance(event, h2.events.StreamReset):
             stream = self._streams.get(event.stream_id)
             if stream is not None and not stream.done.done():
@@ -373,7 +382,7 @@ class Http2Connection:
         for stream_id, stream in self._streams.items():
             if stream_id > last and not stream.done.done():
                 stream.done.set_exception(
-                    Http2Error(f"the server closed the connection first (GOAWAY {code})")
+                    Refused(f"the server closed the connection first (GOAWAY {code})")
                 )
         self._windows_opened()
         self._refuse(f"the server is closing this connection (GOAWAY {code})")
@@ -429,13 +438,21 @@ class Origin:
         """`Http2Connection.request` with a deadline, connecting first when needed. Raises
         `Http2Error`, `OSError` (connecting) or `TimeoutError`; after a timeout, a
         connection that answered nothing since the request began is dropped (a black hole:
-        the next request connects again)."""
+        the next request connects again). A request its connection failed in a way a new
+        connection may not (`worth_sending_again`) is sent again once, at once, within the
+        same deadline."""
         started = time.monotonic()
         connection: Http2Connection | None = None
         try:
             async with asyncio.timeout(timeout):
                 connection = await self.connection()
-                response = await connection.request(method, path, headers, body)
+                try:
+                    response = await connection.request(method, path, headers, body)
+                except Http2Error as exc:
+                    if not worth_sending_again(exc, connection):
+                        raise
+                    connection = await self.connection()
+                    response = await connection.request(method, path, headers, body)
         except TimeoutError:
             if connection is not None and self._answered_at < started and self.drop(connection):
                 log.warning("the connection to %s answered nothing: reconnecting", self.url)
@@ -472,6 +489,24 @@ class Origin:
             await connection.close()
         for task in list(self._closing):
             await task
+
+
+def worth_sending_again(error: Http2Error, connection: Http2Connection) -> bool:
+    """A request the server refused unprocessed (GOAWAY), or one in flight when a
+    connection that had been answering was lost (a server that restarts, or closes its
+    connections after so many requests): on a new connection it will most likely go
+    through, and the outbox's backoff (a second or more) would hold the push up for
+    nothing. The server may have taken a lost request before it went: sent again, the
+    push may arrive twice, as it may when the outbox sends it again (APNs collapses them
+    by `apns-collapse-id`). Not when the lost connection never answered: the server may
+    be failing, and the outbox's backoff is the better pace."""
+    if isinstance(error, Refused):
+        return True
+    return (
+        isinstance(error, ConnectionLost)
+        and not isinstance(error, NoHttp2)
+        and connection.answered > 0
+    )
 
 
 def _error_name(code: int | None) -> str:

@@ -99,6 +99,7 @@ class FakeApns:
         ca: CertificateAuthority | None = None,
         max_concurrent_streams: int = 1000,
         first_max_concurrent_streams: int | None = None,
+        requests_per_connection: int | None = None,
     ) -> None:
         self.team_id = team_id
         self.key_id = key_id
@@ -109,6 +110,10 @@ class FakeApns:
         # APNs announces a low stream limit on a new connection and raises it once a
         # request has been answered: this many until then (None: the full limit at once).
         self.first_max_concurrent_streams = first_max_concurrent_streams
+        # A server that ends a connection after so many requests, as hypercorn's HTTP/2 does
+        # (`keep_alive_max_requests`): at the one after, GOAWAY naming the last received and
+        # the connection closed, the requests in flight unanswered (None: never).
+        self.requests_per_connection = requests_per_connection
         self.most_streams_open = 0  # the most requests in flight at once on one connection
         self.resets_received = 0  # streams the client reset (requests it gave up on)
         self.replies: dict[str, Reply] = {}
@@ -286,6 +291,7 @@ class _Connection:
         self.window_opened = asyncio.Event()
         self.responders: set[asyncio.Task[None]] = set()
         self.client_cert = writer.get_extra_info("peercert") is not None
+        self.requests = 0
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -315,6 +321,14 @@ class _Connection:
 
     def handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
+            self.requests += 1
+            limit = self.fake.requests_per_connection
+            if limit is not None and self.requests > limit:
+                self.h2.close_connection()
+                self.flush()
+                self.cancel()
+                self.writer.close()
+                return
             self.streams[event.stream_id] = _Stream(dict(event.headers or []))
             self.fake.most_streams_open = max(
                 self.fake.most_streams_open, self.h2.open_inbound_streams
@@ -365,7 +379,7 @@ class _Connection:
             return
         if reply.goaway:
             self.h2.close_connection(
-                additional_data=b'{"reason":"Shutdown"}', last_stream_id=stream_id - 2
+                additional_data=b'{"reason":"Shutdown"}', last_stream_id=max(0, stream_id - 2)
             )
             self.flush()
             return

@@ -124,9 +124,13 @@ async def test_a_connection_out_of_stream_ids_takes_no_more_and_closes_when_drai
     assert first.status == 200
 
 
-async def test_goaway_fails_the_unprocessed_request_and_the_next_send_connects_again(
+async def test_a_request_goaway_refuses_is_sent_again_at_once_on_a_new_connection(
     tmp_path: Path, fake_apns: FakeApns
 ) -> None:
+    """A server that says GOAWAY naming an earlier stream as its last never processed the
+    requests after it: each is sent again at once, on a new connection (RFC 9113, 6.8),
+    not left for the outbox's backoff. Here the fake refuses this token on every
+    connection: sent twice, then a retry for the outbox; the next send connects again."""
     sender = ApnsSender(apns_config(fake_apns, tmp_path), provider_token(fake_apns, tmp_path))
     first, refused, after = tokens(3)
     fake_apns.answer(refused, Reply(goaway=True))
@@ -138,7 +142,56 @@ async def test_goaway_fails_the_unprocessed_request_and_the_next_send_connects_a
         await sender.close()
     assert result.outcome is Outcome.RETRY
     assert result.reason is not None and "GOAWAY" in result.reason
-    assert fake_apns.connections == 2
+    assert [r.connection for r in fake_apns.for_token(refused)] == [1, 2]
+    assert fake_apns.connections == 3
+
+
+async def test_a_request_in_flight_behind_a_goaway_goes_through_on_the_next_connection(
+    tmp_path: Path, fake_apns: FakeApns
+) -> None:
+    """The push that ran into another's GOAWAY is delivered, on the next connection, without
+    waiting for the outbox (before, it came back as a retry, sent a second or more later)."""
+    sender = ApnsSender(apns_config(fake_apns, tmp_path), provider_token(fake_apns, tmp_path))
+    first, refusing, behind = tokens(3)
+    fake_apns.answer(refusing, Reply(goaway=True, delay=0.2))
+    fake_apns.answer(behind, Reply(delay=0.4))
+    try:
+        assert (await sender.send(push_message(first))).ok
+        async with asyncio.timeout(5):
+            sends = asyncio.gather(
+                sender.send(push_message(refusing)), sender.send(push_message(behind))
+            )
+            await fake_apns.wait_for(lambda got: any(r.token == refusing for r in got))
+            fake_apns.answer(refusing, Reply())  # a server that refuses once, then takes it
+            results = await sends
+    finally:
+        await sender.close()
+    assert [r.outcome for r in results] == [Outcome.DELIVERED] * 2
+    assert [r.connection for r in fake_apns.for_token(behind)] == [1, 2]
+    assert [r.connection for r in fake_apns.for_token(refusing)] == [1, 2]
+
+
+async def test_requests_lost_with_a_connection_that_was_answering_are_sent_again_at_once(
+    tmp_path: Path,
+) -> None:
+    """A server that ends its connections after so many requests (hypercorn's HTTP/2, in
+    front of the fake FCM, after 1,000) drops the requests in flight with it: on a
+    connection that had been answering, each is sent again at once on a new one. The
+    guard stays: a connection that never answered (the dropped-connection test above)
+    sends nothing again."""
+    async with FakeApns(requests_per_connection=3) as fake:
+        sender = ApnsSender(apns_config(fake, tmp_path), provider_token(fake, tmp_path))
+        answered, *lost = tokens(4)
+        try:
+            assert (await sender.send(push_message(answered))).ok
+            fake.default_reply = Reply(delay=0.2)
+            async with asyncio.timeout(5):
+                results = await asyncio.gather(*(sender.send(push_message(t)) for t in lost))
+        finally:
+            await sender.close()
+    assert [r.outcome for r in results] == [Outcome.DELIVERED] * 3
+    assert fake.connections == 2
+    assert [fake.for_token(t)[-1].connection for t in lost] == [2, 2, 2]
 
 
 async def test_a_dropped_connection_fails_every_request_on_it_at_once(
