@@ -149,15 +149,35 @@ async def sending_deliveries(db: Database, count: int, lease: datetime) -> list[
     now = datetime.now(UTC)
     tables = Base.metadata.tables
     device = {"id": "d" * 32, "client_id": "c" * 32, "kind": "app", "name": "phone"}
-    approvals, deliveries = [], []
-    for _ in range(count):
-        approval_id = new_id()
-        approvals.append({"id": approval_id, "client_id": "c" * 32, "status": "pending"})
-        approvals[-1] |= {"request_hash": "-", "username": "u", "hostname": "h", "action": "x"}
-        approvals[-1] |= {"created_at": now, "expires_at": now + timedelta(hours=1)}
-        deliveries.append({"id": new_id(), "approval_id": approval_id, "device_id": "d" * 32})
-        deliveries[-1] |= {"service": "apns", "status": "sending", "attempts": 1}
-        deliveries[-1] |= {"lease_until": lease, "next_attempt_at": now, "created_at": now}
+    approval_ids = [new_id() for _ in range(count)]
+    approvals = [
+        {
+            "id": approval_id,
+            "client_id": "c" * 32,
+            "status": "pending",
+            "request_hash": "-",
+            "username": "u",
+            "hostname": "h",
+            "action": "x",
+            "created_at": now,
+            "expires_at": now + timedelta(hours=1),
+        }
+        for approval_id in approval_ids
+    ]
+    deliveries = [
+        {
+            "id": new_id(),
+            "approval_id": approval_id,
+            "device_id": "d" * 32,
+            "service": "apns",
+            "status": "sending",
+            "attempts": 1,
+            "lease_until": lease,
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for approval_id in approval_ids
+    ]
     async with db.engine.begin() as conn:
         await conn.execute(
             insert(tables["devices"]), [device | {"token_hash": "-", "totp_secret": "-"}]
