@@ -19,6 +19,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hpack import NeverIndexedHeaderTuple
 
 from pns_server.push.base import Outcome, PushMessage, PushResult
 from pns_server.push.http2 import Http2Error, Origin, Response, StreamReset
@@ -179,10 +180,14 @@ class ApnsSender:
         return host
 
     def _headers(self, message: PushMessage, jwt: str | None) -> list[tuple[bytes, bytes]]:
+        # Apple asks that what changes from push to push stay out of its header table
+        # ("Sending notification requests to APNs"); h2 never indexes `authorization`.
         headers = [
             *self._common_headers,
-            (b"apns-expiration", b"%d" % int(message.expires_at.timestamp())),
-            (b"apns-collapse-id", message.approval_id.encode()),
+            NeverIndexedHeaderTuple(
+                b"apns-expiration", b"%d" % int(message.expires_at.timestamp())
+            ),
+            NeverIndexedHeaderTuple(b"apns-collapse-id", message.approval_id.encode()),
         ]
         if jwt is not None:
             headers.append((b"authorization", f"bearer {jwt}".encode()))

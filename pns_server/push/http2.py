@@ -31,7 +31,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -41,6 +41,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 
 from pns_server.push.transport import Proxy
 
@@ -50,6 +51,29 @@ READ_SIZE = 65536
 # Room the server may fill before our acknowledgements arrive, as httpcore gives it.
 CONNECTION_WINDOW_INCREMENT = 2**24
 CLOSE_TIMEOUT = 1.0
+
+# What `hpack.Encoder.encode` takes.
+HpackHeaders = (
+    Iterable[
+        hpack.HeaderTuple
+        | tuple[bytes | str, bytes | str]
+        | tuple[bytes | str, bytes | str, bool | None]
+    ]
+    | dict[bytes | str, bytes | str]
+)
+
+
+class PlainEncoder(hpack.Encoder):
+    """HPACK without Huffman coding, as netty's and .NET's HTTP/2 clients send it.
+
+    `h2` has no setting for it, so the connection's encoder is replaced by this one. In
+    pure Python, Huffman coding a value costs about 0.2 µs a byte, and a push has some 400
+    bytes that are new on every request (the provider token, never indexed; the device's
+    path): 60-90 µs of the relay's CPU per push. It saves about a quarter of
+    those bytes on the wire."""
+
+    def encode(self, headers: HpackHeaders, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 class Http2Error(Exception):
@@ -104,6 +128,7 @@ class Http2Connection:
         self._h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
+        self._h2.encoder = PlainEncoder()
         self._streams: dict[int, _Stream] = {}
         self._waiting_for_stream: deque[asyncio.Future[None]] = deque()
         self._waiting_for_window: list[asyncio.Future[None]] = []
@@ -174,7 +199,9 @@ class Http2Connection:
                 (b":method", method),
                 (b":scheme", b"https"),
                 (b":authority", self._authority),
-                (b":path", path),
+                # Apple asks for the path (the device's token) never to enter its header
+                # table; FCM's is one short path.
+                hpack.NeverIndexedHeaderTuple(b":path", path),
                 *headers,
             ]
             self._h2.send_headers(stream_id, request_headers, end_stream=not body)

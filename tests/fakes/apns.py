@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from hpack import HeaderTuple
 
 from tests.fakes.tls import CertificateAuthority
 
@@ -70,6 +71,8 @@ class Received:
     connection: int
     jwt: str | None = None
     client_cert: bool = False
+    # The fields the client sent as HPACK never-indexed literals (RFC 7541 §6.2.3).
+    never_indexed: frozenset[str] = frozenset()
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -80,6 +83,7 @@ class Received:
 @dataclass
 class _Stream:
     headers: dict[str, str]
+    never_indexed: frozenset[str] = frozenset()
     body: bytearray = field(default_factory=bytearray)
 
 
@@ -329,7 +333,11 @@ class _Connection:
                 self.cancel()
                 self.writer.close()
                 return
-            self.streams[event.stream_id] = _Stream(dict(event.headers or []))
+            headers = event.headers or []
+            self.streams[event.stream_id] = _Stream(
+                dict(headers),
+                frozenset(h[0] for h in headers if isinstance(h, HeaderTuple) and not h.indexable),
+            )
             self.fake.most_streams_open = max(
                 self.fake.most_streams_open, self.h2.open_inbound_streams
             )
@@ -368,6 +376,7 @@ class _Connection:
                 connection=self.number,
                 jwt=jwt,
                 client_cert=self.client_cert,
+                never_indexed=stream.never_indexed,
             )
         )
         if reply.delay:

@@ -80,6 +80,21 @@ class TestDelivered:
             "approval_id": message.approval_id,
         }
 
+    async def test_what_changes_from_push_to_push_stays_out_of_the_header_tables(
+        self, sender: ApnsSender, fake_apns: FakeApns
+    ) -> None:
+        """Apple asks that the path, the provider token, the expiry and the collapse id
+        not fill its small HPACK table; the headers every push shares may."""
+        for token in (f"{1:064x}", f"{2:064x}"):
+            assert (await sender.send(push_message(token=token))).ok
+        for got in fake_apns.received:
+            assert got.never_indexed == {
+                ":path",
+                "authorization",
+                "apns-expiration",
+                "apns-collapse-id",
+            }
+
     async def test_environment_picks_the_host(self, fake_apns: FakeApns, tmp_path: Path) -> None:
         async with FakeApns(
             team_id=fake_apns.team_id, key_id=fake_apns.key_id, ca=fake_apns.ca

@@ -238,3 +238,30 @@ async def test_a_server_that_does_not_offer_http2_is_named(tmp_path: Path) -> No
             await sender.close()
     assert result.outcome is Outcome.RETRY
     assert result.reason is not None and "does not offer HTTP/2" in result.reason
+
+
+async def test_header_values_go_out_as_they_are_not_huffman_coded() -> None:
+    """Huffman coding every push's token and path costs the relay more CPU than the bytes
+    it saves are worth (`PlainEncoder`): the header block carries the values as they are.
+    A server over plain TCP that reads the bytes and answers nothing is enough."""
+    received = bytearray()
+    value = b"bearer " + b"a1B2c3D4" * 32
+
+    async def read_everything(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.extend(data)
+
+    server = await asyncio.start_server(read_everything, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        connection = Http2Connection(reader, writer, f"127.0.0.1:{port}")
+        path = f"/3/device/{tokens(1)[0]}".encode()
+        request = asyncio.create_task(
+            connection.request(b"POST", path, [(b"authorization", value)], b"")
+        )
+        try:
+            await eventually(lambda: path in received and value in received)
+        finally:
+            request.cancel()
+            await connection.close()
