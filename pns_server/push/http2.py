@@ -137,6 +137,7 @@ class Http2Connection:
         self._lost: ConnectionLost | None = None
         self._refusing: str | None = None  # why the connection takes no new requests
         self._closing: asyncio.Task[None] | None = None
+        self._flush_due = False
         self.answered = 0  # requests answered whole on this connection
         self._start()
         self._reading = asyncio.create_task(self._read_forever(), name="pns-http2-reader")
@@ -228,7 +229,7 @@ class Http2Connection:
         if self._lost is None:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.close_connection()
-                self._flush()
+                self._flush_now()
         self._reading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reading
@@ -338,8 +339,17 @@ class Http2Connection:
             self._closing = asyncio.get_running_loop().create_task(self.close())
 
     def _flush(self) -> None:
+        """Write what `h2` has queued at the end of this turn of the event loop, so that
+        the requests a dispatcher's batch starts together leave in one write (one TLS
+        record, one system call), not one each."""
+        if not self._flush_due and self._lost is None:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
         data = self._h2.data_to_send()
-        if data and self._lost is None:
+        if data and self._lost is None and not self._writer.is_closing():
             self._writer.write(data)
 
     # --- receiving -----------------------------------------------------------------------
@@ -355,7 +365,7 @@ class Http2Connection:
         except OSError as exc:
             lost = ConnectionLost(f"{type(exc).__name__}: {exc}")
         except h2.exceptions.ProtocolError as exc:
-            self._flush()  # h2's GOAWAY saying why
+            self._flush_now()  # h2's GOAWAY saying why
             lost = ConnectionLost(f"the server broke HTTP/2: {type(exc).__name__}: {exc}")
         finally:
             self._fail_everything(lost)

@@ -265,3 +265,55 @@ async def test_header_values_go_out_as_they_are_not_huffman_coded() -> None:
         finally:
             request.cancel()
             await connection.close()
+
+
+class CountingWriter:
+    """The connection's `StreamWriter`, counting the writes made through it."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.writer.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.writer, name)
+
+
+async def test_requests_started_together_leave_in_one_write() -> None:
+    """A dispatcher's batch goes out in one write (one TLS record, one system call), not
+    one per request. The server here says only its (empty) SETTINGS, then reads."""
+    received = bytearray()
+    empty_settings = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # RFC 9113 §6.5: length 0, type 4
+
+    async def settings_then_read(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(empty_settings)
+        while data := await reader.read(65536):
+            received.extend(data)
+
+    server = await asyncio.start_server(settings_then_read, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        counting = CountingWriter(writer)
+        connection = Http2Connection(
+            reader,
+            counting,  # type: ignore[arg-type]
+            f"127.0.0.1:{port}",
+        )
+        await eventually(lambda: counting.writes == 2)  # our preface, then the SETTINGS ack
+        paths = [f"/3/device/{t}".encode() for t in tokens(20)]
+        requests = [
+            asyncio.create_task(connection.request(b"POST", path, [], b"{}")) for path in paths
+        ]
+        try:
+            await eventually(lambda: all(path in received for path in paths))
+            assert counting.writes == 3
+        finally:
+            for request in requests:
+                request.cancel()
+            await connection.close()
